@@ -1,0 +1,159 @@
+"""The fold math, in one place: y = s*x + t with s = gamma/sqrt(var+eps), t = beta - s*mean.
+
+After a layer:  W' = W * s[out(W)],   b' = s*b + t.
+Before a layer: W' = W * s[in(W)],    b' = b + sum(W * t[in(W)]) per output channel (exact only
+without zero padding).
+Everything is computed in float64 and rounded once to the model's dtype; a value that does not fit
+that dtype raises Skip(DTYPE_OVERFLOW) and nothing is written. Passes never do this arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decisions import Reason, Skip
+from .layouts import Layout
+
+
+@dataclass
+class Folded:
+    """New layer parameters in the model's dtypes."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+def _f64(x: np.ndarray | float | None, name: str) -> np.ndarray | None:
+    if x is None:
+        return None
+    return np.asarray(x).astype(np.float64)
+
+
+def bn_scale_shift(gamma: np.ndarray | None, beta: np.ndarray | None, mean: np.ndarray | None,
+                   var: np.ndarray | None, eps: float, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (s, t) in float64 for an inference BatchNorm. None means the affine default
+    (gamma=1, beta=0) or, for mean/var, 0 and 1. Raises Skip(NON_FINITE_PARAM) on bad statistics."""
+    parts = [p for p in (gamma, beta, mean, var) if p is not None]
+    n = channels if channels is not None else (np.asarray(parts[0]).size if parts else None)
+    if n is None:
+        raise ValueError("cannot tell the channel count of a BatchNorm with no parameters")
+
+    def vec(x: np.ndarray | None, default: float, what: str) -> np.ndarray:
+        if x is None:
+            return np.full(n, default, np.float64)
+        v = np.asarray(x).astype(np.float64).reshape(-1)
+        if v.size == 1 and n != 1:
+            v = np.full(n, v[0])
+        if v.size != n:
+            raise Skip(Reason.AXIS_MISMATCH, f"BatchNorm {what} has {v.size} values for {n} channels")
+        return v
+
+    g = vec(gamma, 1.0, "scale")
+    b = vec(beta, 0.0, "bias")
+    m = vec(mean, 0.0, "mean")
+    v = vec(var, 1.0, "variance")
+    if not (np.isfinite(g).all() and np.isfinite(b).all() and np.isfinite(m).all() and np.isfinite(v).all()
+            and np.isfinite(eps)):
+        raise Skip(Reason.NON_FINITE_PARAM, "a BatchNorm parameter is NaN or Inf")
+    denom = v + float(eps)
+    if (denom <= 0).any():
+        bad = int(np.argmax(denom <= 0))
+        raise Skip(Reason.NON_FINITE_PARAM, f"variance + epsilon is not positive (channel {bad}: {denom[bad]:g})")
+    s = g / np.sqrt(denom)
+    t = b - s * m
+    return s, t
+
+
+def round_to(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Round a float64 array once to `dtype`; raise Skip(DTYPE_OVERFLOW) if a finite value does not fit."""
+    dtype = np.dtype(dtype)
+    if not np.isfinite(x).all():
+        raise Skip(Reason.DTYPE_OVERFLOW, f"folded {what} is not finite even in float64")
+    if dtype == np.float64:
+        return x.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x.astype(dtype)
+    finite = np.isfinite(y.astype(np.float64)) if dtype.kind == "V" or dtype.name == "bfloat16" else np.isfinite(y)
+    if not finite.all():
+        idx = np.unravel_index(int(np.argmin(finite.reshape(-1))), x.shape) if x.ndim else ()
+        raise Skip(Reason.DTYPE_OVERFLOW,
+                   f"folded {what} {float(x[idx]):.4g} at {tuple(int(i) for i in idx)} exceeds {dtype.name}")
+    return y
+
+
+def _check(weight: np.ndarray, layout: Layout, channels: int, want: str) -> None:
+    why = layout.check(tuple(weight.shape))
+    if why:
+        raise Skip(Reason.AXIS_MISMATCH, why)
+    have = layout.out_channels(weight.shape) if want == "out" else layout.in_channels(weight.shape)
+    if have != channels:
+        raise Skip(Reason.AXIS_MISMATCH,
+                   f"BatchNorm has {channels} channels but the layer has {have} {want}put channels")
+
+
+def fold_after(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+               layout: Layout, bias_scale: float = 1.0, bias_dtype: np.dtype | None = None) -> Folded:
+    """Fold y = s*x + t applied to the layer's output into its weight and bias.
+
+    `bias` (None if absent) broadcasts against the channel vector on its last axis (Conv (M,), Gemm
+    (N,), (1, N), (M, N) or a scalar). `bias_scale` multiplies the bias inside the layer (Gemm beta).
+    """
+    channels = scale.shape[0]
+    _check(weight, layout, channels, "out")
+    w64 = weight.astype(np.float64)
+    w_new = w64 * scale[layout.out_index(weight.shape)]
+    if bias is None:
+        b_new = shift.copy()
+    else:
+        b64 = bias.astype(np.float64) * float(bias_scale)
+        b_new = scale * b64 + shift
+    bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else weight.dtype)
+    return Folded(round_to(w_new, weight.dtype, "weight"), round_to(b_new, bdt, "bias"))
+
+
+def fold_before(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+                layout: Layout, bias_scale: float = 1.0, bias_dtype: np.dtype | None = None) -> Folded:
+    """Fold y = s*x + t applied to the layer's *input* into its weight and bias.
+
+    Exact for Linear/Gemm/MatMul and for convolutions that never read zero padding. The returned bias
+    is a vector over output channels (bias_scale is the layer's own multiplier of its bias).
+    """
+    channels = scale.shape[0]
+    _check(weight, layout, channels, "in")
+    w64 = weight.astype(np.float64)
+    in_idx = layout.in_index(weight.shape)
+    w_new = w64 * scale[in_idx]
+    contrib = w64 * shift[in_idx]
+    nd = weight.ndim
+    o = layout.out_axis % nd
+    if layout.out_within_group:
+        out_idx = np.broadcast_to(layout.out_index(weight.shape), weight.shape).reshape(-1)
+        per_out = np.bincount(out_idx, weights=np.broadcast_to(contrib, weight.shape).reshape(-1),
+                              minlength=layout.out_channels(weight.shape))
+    else:
+        per_out = contrib.sum(axis=tuple(a for a in range(nd) if a != o))
+    if bias is None:
+        b_new = per_out
+    else:
+        b64 = bias.astype(np.float64) * float(bias_scale)
+        b_new = b64 + per_out
+    bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else weight.dtype)
+    return Folded(round_to(w_new, weight.dtype, "weight"), round_to(b_new, bdt, "bias"))
+
+
+def affine(scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A standalone BN as per-channel (scale, shift) constants in `dtype`."""
+    return round_to(scale, dtype, "scale"), round_to(shift, dtype, "shift")
+
+
+def compose_affine(scale: np.ndarray, shift: np.ndarray, mul: np.ndarray | None = None,
+                   add: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) followed by x*mul + add, in float64: returns the combined per-channel (s, t)."""
+    s, t = scale, shift
+    if mul is not None:
+        m = np.asarray(mul, np.float64)
+        s, t = s * m, t * m
+    if add is not None:
+        t = t + np.asarray(add, np.float64)
+    return s, t

@@ -1,0 +1,436 @@
+"""ONNX pass: Conv/ConvTranspose/Gemm/MatMul(+Add) -> BatchNormalization becomes one layer.
+
+Math (kernel.py): W' = W * s[out], b' = s*b + t with s = gamma/sqrt(var+eps), t = beta - s*mean.
+Each BN goes through match (who produces its input) -> check (may we?) -> rewrite (new weights, the
+layer writes the BN's output name). The graph is indexed once; rewrites keep the index current, so a
+chain Conv->BN->BN folds in one pass and the cost grows linearly with the number of nodes. Dead BN
+nodes and initializers are swept once at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import kernel, layouts
+from ..decisions import Decision, Reason, Skip
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A node's name, or a stable stand-in built from its op and first output."""
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+def subgraph_free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scopes (used but not defined inside it)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer} if hasattr(graph, "sparse_initializer") else set()
+    used: set[str] = set()
+    for n in graph.node:
+        defined.update(o for o in n.output if o)
+        used.update(i for i in n.input if i)
+        for a in n.attribute:
+            for g in _graphs_of(a):
+                used |= subgraph_free_names(g)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def _graphs_of(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if a.type == onnx.AttributeProto.GRAPH:
+        return [a.g]
+    if a.type == onnx.AttributeProto.GRAPHS:
+        return list(a.graphs)
+    return []
+
+
+@dataclass
+class GraphIndex:
+    """Producer and consumer maps of one graph, kept current while rewriting."""
+
+    graph: onnx.GraphProto
+    ir_version: int
+    outer_consts: Callable[[str], np.ndarray | None] | None = None
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
+    const_cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, graph: onnx.GraphProto, ir_version: int,
+              outer_consts: Callable[[str], np.ndarray | None] | None = None) -> "GraphIndex":
+        ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts)
+        ix.inits = {t.name: t for t in graph.initializer}
+        ix.graph_inputs = {i.name for i in graph.input}
+        ix.graph_outputs = {o.name for o in graph.output}
+        ix.names = set(ix.inits) | ix.graph_inputs | ix.graph_outputs | {v.name for v in graph.value_info}
+        for n in graph.node:
+            for o in n.output:
+                if o:
+                    ix.producer[o] = n
+                    ix.names.add(o)
+            for i in n.input:
+                if i:
+                    ix.consumers.setdefault(i, []).append(n)
+            for a in n.attribute:
+                for g in _graphs_of(a):
+                    for name in subgraph_free_names(g):
+                        ix.consumers.setdefault(name, []).append(n)
+        return ix
+
+    def uses(self, name: str) -> int:
+        return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
+
+    def unique(self, base: str) -> str:
+        name, k = f"{base}_bnfold", 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_bnfold{k}"
+        self.names.add(name)
+        return name
+
+    def overridable(self, name: str) -> bool:
+        # From IR 4 on, an initializer that is also a graph input can be replaced by the caller.
+        return name in self.graph_inputs and self.ir_version >= 4
+
+    def const(self, name: str, role: str) -> np.ndarray:
+        """The constant value of tensor `name`, or Skip(NON_CONSTANT_PARAM) naming it."""
+        if name in self.const_cache:
+            return self.const_cache[name]
+        if name in self.inits:
+            if self.overridable(name):
+                raise Skip(Reason.NON_CONSTANT_PARAM, f"{role} {name!r} is an initializer that is also a graph input (overridable)")
+            value = numpy_helper.to_array(self.inits[name])
+        elif name in self.producer and self.producer[name].op_type == "Constant" and self.producer[name].domain in ONNX_DOMAINS:
+            value = _constant_node_value(self.producer[name])
+            if value is None:
+                raise Skip(Reason.NON_CONSTANT_PARAM, f"{role} {name!r} comes from an unsupported Constant")
+        elif name in self.graph_inputs:
+            raise Skip(Reason.NON_CONSTANT_PARAM, f"{role} {name!r} is a graph input")
+        elif name not in self.producer and self.outer_consts is not None and self.outer_consts(name) is not None:
+            value = self.outer_consts(name)
+        else:
+            src = self.producer.get(name)
+            raise Skip(Reason.NON_CONSTANT_PARAM,
+                       f"{role} {name!r} is computed at run time" + (f" by {node_label(src)}" if src else ""))
+        self.const_cache[name] = value
+        return value
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+    return None
+
+
+@dataclass
+class Match:
+    """What a BN folds into: the producing layer, the weight/bias inputs and how to read them."""
+
+    pattern: str
+    layer: onnx.NodeProto           # node whose weight/bias change
+    tail: onnx.NodeProto            # node whose output feeds the BN (layer, or the Add after MatMul)
+    layout: layouts.Layout
+    weight_name: str
+    bias_name: str | None           # existing bias tensor, if any
+    bias_slot: tuple[onnx.NodeProto, int] | None  # where a bias lives / goes; None -> insert an Add
+    bias_scale: float = 1.0         # Gemm beta
+
+
+class OnnxFolder:
+    """Folds every BatchNormalization of one graph; collects one Decision per BN."""
+
+    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, opset: int,
+                 outer_consts: Callable[[str], np.ndarray | None] | None = None, scope: str = "") -> None:
+        self.model = model
+        self.opset = opset
+        self.scope = scope
+        self.ix = GraphIndex.build(graph, model.ir_version, outer_consts)
+        # Node identity (id()) is used for bookkeeping; holding every wrapper keeps ids stable.
+        self._nodes = list(graph.node)
+        self.decisions: list[Decision] = []
+        self.dead_nodes: set[int] = set()
+        self.maybe_dead_inits: set[str] = set()
+        self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after node, new node)
+        self.dead_values: set[str] = set()
+        self._rank_cache: dict[str, int] | None = None
+
+    # -- driver ---------------------------------------------------------------------------------
+    def run(self) -> list[Decision]:
+        for node in list(self.ix.graph.node):
+            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+                label = self.scope + node_label(node)
+                try:
+                    self.decisions.append(self._fold_one(node, label))
+                except Skip as s:
+                    self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
+        self._sweep()
+        return self.decisions
+
+    # -- check ----------------------------------------------------------------------------------
+    def _bn_params(self, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+        if self.opset < 7 and _attr(bn, "is_test", 0) == 0:
+            raise Skip(Reason.TRAINING_MODE, "is_test=0: the BatchNorm computes batch statistics")
+        if _attr(bn, "training_mode", 0) == 1:
+            raise Skip(Reason.TRAINING_MODE, "training_mode=1: the BatchNorm uses batch statistics")
+        extra = [o for o in bn.output[1:] if o and self.ix.uses(o)]
+        if extra:
+            raise Skip(Reason.TRAINING_MODE, f"the BatchNorm's training outputs are used ({', '.join(extra)})")
+        if self.opset < 9 and _attr(bn, "spatial", 1) == 0:
+            raise Skip(Reason.SPATIAL_MODE)
+        if len(bn.input) < 5 or not all(bn.input[1:5]):
+            raise Skip(Reason.NO_RUNNING_STATS, "the BatchNorm has no running mean/variance inputs")
+        roles = ("scale", "bias", "running mean", "running variance")
+        gamma, beta, mean, var = (self.ix.const(n, f"BatchNorm {r}") for n, r in zip(bn.input[1:5], roles))
+        eps = float(_attr(bn, "epsilon", 1e-5))
+        channels = int(np.asarray(gamma).size)
+        if np.asarray(gamma).ndim > 1 or any(np.asarray(p).size != channels for p in (beta, mean, var)):
+            raise Skip(Reason.AXIS_MISMATCH, "BatchNorm parameters are not per-channel vectors of one length")
+        s, t = kernel.bn_scale_shift(gamma, beta, mean, var, eps)
+        return s, t, np.asarray(gamma).dtype
+
+    def _rank(self, name: str) -> int | None:
+        if self._rank_cache is None:
+            self._rank_cache = {}
+            g = self.ix.graph
+            vis = list(g.input) + list(g.output) + list(g.value_info)
+            if not any(v.name == name and v.type.tensor_type.HasField("shape") for v in vis) and not self.scope:
+                try:
+                    inferred = onnx.shape_inference.infer_shapes(self.model)
+                    vis += list(inferred.graph.value_info)
+                except Exception:  # noqa: BLE001 - inference is best effort; unknown rank is handled
+                    pass
+            for v in vis:
+                tt = v.type.tensor_type
+                if tt.HasField("shape"):
+                    self._rank_cache[v.name] = len(tt.shape.dim)
+        if name in self.ix.inits:
+            return len(self.ix.inits[name].dims)
+        return self._rank_cache.get(name)
+
+    def _single_use(self, value: str, producer: onnx.NodeProto) -> None:
+        if value in self.ix.graph_outputs:
+            raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{node_label(producer)} output {value!r} is a graph output",
+                       producer=node_label(producer))
+        users = self.ix.consumers.get(value, [])
+        if len(users) > 1:
+            others = [node_label(u) for u in users][:4]
+            raise Skip(Reason.PRODUCER_FANOUT,
+                       f"{node_label(producer)} output {value!r} also feeds {', '.join(others)}",
+                       producer=node_label(producer))
+
+    def _match(self, bn: onnx.NodeProto) -> Match:
+        x = bn.input[0]
+        prod = self.ix.producer.get(x)
+        if prod is None:
+            what = "a graph input" if x in self.ix.graph_inputs else "a constant" if x in self.ix.inits else "an outer-scope value"
+            raise Skip(Reason.NO_PRODUCER, f"the BatchNorm's input {x!r} is {what}")
+        if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}",
+                       producer=node_label(prod))
+        label = node_label(prod)
+        if prod.op_type in ("Conv", "ConvTranspose"):
+            if len(prod.input) < 2:
+                raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has no weight input", producer=label)
+            g = int(_attr(prod, "group", 1))
+            lay = layouts.conv(g) if prod.op_type == "Conv" else layouts.conv_transpose(g)
+            bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+            return Match(f"{prod.op_type}->BN", prod, prod, lay, prod.input[1], bias, (prod, 2))
+        if prod.op_type == "Gemm":
+            bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+            beta = float(_attr(prod, "beta", 1.0))
+            return Match("Gemm->BN", prod, prod, layouts.gemm(bool(_attr(prod, "transB", 0))), prod.input[1], bias,
+                         (prod, 2), bias_scale=beta if bias else 1.0)
+        if prod.op_type == "MatMul":
+            self._check_matmul(prod)
+            return Match("MatMul->BN", prod, prod, layouts.matmul(), prod.input[1], None, None)
+        # Add: MatMul + constant bias
+        mm, bias = None, None
+        for k in (0, 1):
+            cand = self.ix.producer.get(prod.input[k])
+            if cand is not None and cand.op_type == "MatMul" and cand.domain in ONNX_DOMAINS:
+                mm, bias = cand, prod.input[1 - k]
+                break
+        if mm is None:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from Add {label!r}, not MatMul + bias",
+                       producer=label)
+        self.ix.const(bias, f"{label} bias")
+        self._check_matmul(mm)
+        self._single_use(mm.output[0], mm)
+        return Match("MatMul+Add->BN", mm, prod, layouts.matmul(), mm.input[1], bias,
+                     (prod, list(prod.input).index(bias)))
+
+    def _check_matmul(self, mm: onnx.NodeProto) -> None:
+        label = node_label(mm)
+        w = self.ix.const(mm.input[1], f"{label} right operand")
+        if w.ndim != 2:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} right operand has rank {w.ndim}, not 2", producer=label)
+        rank = self._rank(mm.input[0])
+        if rank != 2:
+            raise Skip(Reason.AXIS_MISMATCH,
+                       f"{label} input has rank {rank if rank is not None else 'unknown'}: the BatchNorm's channel "
+                       "axis 1 is not the MatMul's feature axis", producer=label)
+
+    # -- rewrite --------------------------------------------------------------------------------
+    def _fold_one(self, bn: onnx.NodeProto, label: str) -> Decision:
+        s, t, _ = self._bn_params(bn)
+        m = self._match(bn)
+        layer_label = node_label(m.layer)
+        try:
+            self._single_use(bn.input[0], m.tail)
+            weight = self.ix.const(m.weight_name, f"{layer_label} weight")
+            bias = self.ix.const(m.bias_name, f"{layer_label} bias") if m.bias_name else None
+            if m.pattern == "MatMul+Add->BN" and bias is not None and bias.ndim and bias.shape[-1] not in (1, s.size):
+                raise Skip(Reason.AXIS_MISMATCH, f"bias of shape {bias.shape} does not broadcast over {s.size} features")
+            folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=weight.dtype)
+        except Skip as e:
+            e.producer = e.producer or layer_label
+            raise
+        self._rewrite(bn, m, folded)
+        return Decision.folded(label, self.scope + layer_label, m.pattern, "after")
+
+    def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
+        """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""
+        ix = self.ix
+        if name in ix.inits and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
+            ix.inits[name].CopyFrom(numpy_helper.from_array(value, name))
+            ix.const_cache[name] = value
+            return name
+        new = ix.unique(name or "bias")
+        t = numpy_helper.from_array(value, new)
+        ix.graph.initializer.append(t)
+        ix.inits[new] = ix.graph.initializer[-1]
+        ix.const_cache[new] = value
+        return new
+
+    def _replace_input(self, node: onnx.NodeProto, slot: int, new: str) -> None:
+        ix = self.ix
+        while len(node.input) <= slot:
+            node.input.append("")
+        old = node.input[slot]
+        if old == new:
+            return
+        if old:
+            users = ix.consumers.get(old, [])
+            if node in users:
+                users.remove(node)
+            self.maybe_dead_inits.add(old)
+        node.input[slot] = new
+        ix.consumers.setdefault(new, []).append(node)
+
+    def _rewrite(self, bn: onnx.NodeProto, m: Match, f: kernel.Folded) -> None:
+        ix = self.ix
+        new_w = self._write_const(m.weight_name, f.weight, m.layer)
+        self._replace_input(m.layer, 1, new_w)
+        if m.bias_slot is not None:
+            node, slot = m.bias_slot
+            new_b = self._write_const(m.bias_name or f"{node_label(m.layer)}_bias", f.bias, node)
+            self._replace_input(node, slot, new_b)
+            if m.pattern == "Gemm->BN":
+                _set_attr(m.layer, "beta", 1.0)
+        else:
+            # MatMul without bias: the shift needs an Add right after it.
+            mid = ix.unique(m.layer.output[0])
+            b_name = self._write_const(f"{node_label(m.layer)}_bias", f.bias, None)  # type: ignore[arg-type]
+            add = helper.make_node("Add", [mid, b_name], [bn.output[0]], name=ix.unique(node_label(m.layer) + "_add"))
+            old_out = m.layer.output[0]
+            m.layer.output[0] = mid
+            ix.producer[mid] = m.layer
+            ix.consumers.setdefault(mid, []).append(add)
+            ix.consumers.setdefault(b_name, []).append(add)
+            self.inserted.append((m.layer, add))
+            ix.producer[bn.output[0]] = add
+            self._drop_bn(bn, old_out)
+            return
+        old_out = m.tail.output[0]
+        m.tail.output[0] = bn.output[0]
+        ix.producer[bn.output[0]] = m.tail
+        self._drop_bn(bn, old_out)
+
+    def _drop_bn(self, bn: onnx.NodeProto, old_out: str) -> None:
+        ix = self.ix
+        self.dead_nodes.add(id(bn))
+        for name in bn.input:
+            if name:
+                users = ix.consumers.get(name, [])
+                if bn in users:
+                    users.remove(bn)
+                self.maybe_dead_inits.add(name)
+        ix.producer.pop(old_out, None)
+        ix.consumers.pop(old_out, None)
+        self.dead_values.add(old_out)
+        for o in bn.output[1:]:
+            if o:
+                self.dead_values.add(o)
+
+    # -- cleanup --------------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """Remove folded BNs and initializers nothing reads any more, without copying tensors."""
+        g, ix = self.ix.graph, self.ix
+        dead = set(self.dead_nodes)
+        for n in self.maybe_dead_inits:
+            src = ix.producer.get(n)
+            if src is not None and src.op_type == "Constant" and ix.uses(n) == 0:
+                dead.add(id(src))
+        if self.inserted or dead:
+            pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(g.node)}
+            for after, new in self.inserted:
+                g.node.append(new)  # appending copies: key the stored message, not `new`
+                pos[id(g.node[-1])] = pos[id(after)] + 0.5
+            # one pointer sort: live nodes in order (inserted ones right after their anchor), dead last
+            g.node.sort(key=lambda n: (id(n) in dead, pos[id(n)]))
+            if dead:
+                del g.node[len(g.node) - len(dead):]
+        dead_inits = {n for n in self.maybe_dead_inits
+                      if n in ix.inits and ix.uses(n) == 0 and n not in ix.graph_inputs}
+        if dead_inits:
+            g.initializer.sort(key=lambda t: t.name in dead_inits)
+            del g.initializer[len(g.initializer) - len(dead_inits):]
+        gone = self.dead_values | dead_inits
+        if gone:
+            stale = {v.name for v in g.value_info if v.name in gone}
+            if stale:
+                g.value_info.sort(key=lambda v: v.name in stale)
+                del g.value_info[len(g.value_info) - len(stale):]
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset of a model (1 when absent, as the spec says)."""
+    for o in model.opset_import:
+        if o.domain in ONNX_DOMAINS:
+            return int(o.version)
+    return 1
+
+
+def fold_model(model: onnx.ModelProto) -> list[Decision]:
+    """Fold every foldable BatchNormalization of `model` in place; one Decision per BN."""
+    folder = OnnxFolder(model, model.graph, model_opset(model))
+    return folder.run()

@@ -1,0 +1,1 @@
+"""Verification: feeds (inputs.py), runners (runners.py) and the judgement (compare.py)."""

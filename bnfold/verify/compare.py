@@ -1,0 +1,122 @@
+"""Comparing outputs with a tolerance derived from the model's own numeric noise.
+
+The noise of a model is how much its outputs move when every weight is nudged by about one unit in
+the last place of its dtype (a rounding-sized perturbation, see `perturbation_eps`): the reference is
+the unfolded original, the noise run is the same original with nudged weights, on the same provider.
+A candidate passes an output when its max |candidate - reference| is at most
+    atol = max(NOISE_MULTIPLE * noise_max_abs, FLOOR_ULPS * eps(dtype) * max|reference|)
+or the user's --atol/--rtol. A non-finite candidate value where the reference is finite always fails.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+NOISE_MULTIPLE = 10.0
+FLOOR_ULPS = 4.0
+
+
+def unit_roundoff(dtype: Any) -> float:
+    """Machine epsilon of a float dtype (bf16 included); 0 for non-float outputs (exact match)."""
+    dt = np.dtype(dtype)
+    if dt.name == "bfloat16":
+        return 2.0 ** -7
+    if dt.kind != "f":
+        return 0.0
+    return float(np.finfo(dt).eps)
+
+
+def perturbation_eps(dtype: Any) -> float:
+    """Relative size of the nudge used to measure noise for weights of `dtype` (one ulp)."""
+    return unit_roundoff(dtype)
+
+
+def perturb(arr: np.ndarray, rng: np.random.Generator, eps: float | None = None) -> np.ndarray:
+    """Return `arr` with every element moved by a random relative amount in [-eps, eps], in float64
+    and rounded once to the array's dtype."""
+    e = perturbation_eps(arr.dtype) if eps is None else eps
+    x = arr.astype(np.float64)
+    y = x * (1.0 + rng.uniform(-e, e, size=x.shape))
+    return y.astype(arr.dtype)
+
+
+def stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    """max/mean/p99 absolute error and max relative error of cand against ref (finite parts)."""
+    r = np.asarray(ref, dtype=np.float64)
+    c = np.asarray(cand, dtype=np.float64)
+    if r.shape != c.shape:
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "mean_abs": float("inf"), "p99_abs": float("inf")}
+    if r.size == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "p99_abs": 0.0}
+    both = np.isfinite(r) & np.isfinite(c)
+    d = np.abs(np.where(both, c - r, 0.0))
+    same_nonfinite = (~both) & ((r == c) | (np.isnan(r) & np.isnan(c)))
+    bad = ~both & ~same_nonfinite
+    if bad.any():
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "mean_abs": float("inf"), "p99_abs": float("inf"),
+                "non_finite": int(bad.sum())}
+    scale = np.abs(np.where(both, r, 0.0))
+    tiny = max(float(scale.max()) * 1e-6, 1e-30)
+    return {
+        "max_abs": float(d.max()),
+        "max_rel": float((d / np.maximum(scale, tiny)).max()),
+        "mean_abs": float(d.mean()),
+        "p99_abs": float(np.quantile(d, 0.99)),
+    }
+
+
+def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+          noise_runs: list[Mapping[str, np.ndarray]], atol: float | Mapping[str, float] | None = None,
+          rtol: float | None = None, floor_multiplier: float = 1.0) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Compare every output of `candidate` with `reference`. Returns (passed, per-output dict).
+
+    `noise_runs` are outputs of the reference model with nudged weights (or of another execution
+    path); the largest deviation among them is the noise. `atol` may be global or per output name;
+    when neither atol nor rtol is given the tolerance is derived (how = "auto").
+    """
+    passed = True
+    out: dict[str, dict[str, Any]] = {}
+    for name, ref in reference.items():
+        ref = np.asarray(ref)
+        if name not in candidate:
+            out[name] = {"passed": False, "why": "missing in candidate"}
+            passed = False
+            continue
+        cand = np.asarray(candidate[name])
+        s = stats(ref, cand)
+        r64 = np.asarray(ref, np.float64)
+        finite = r64[np.isfinite(r64)]
+        ref_max = float(np.abs(finite).max()) if finite.size else 0.0
+        noise = 0.0
+        for run in noise_runs:
+            if name in run:
+                ns = stats(ref, np.asarray(run[name]))
+                if np.isfinite(ns["max_abs"]):
+                    noise = max(noise, ns["max_abs"])
+        user_atol = atol.get(name) if isinstance(atol, Mapping) else atol
+        if user_atol is None and rtol is None:
+            floor = FLOOR_ULPS * floor_multiplier * unit_roundoff(ref.dtype) * ref_max
+            tol_abs = max(NOISE_MULTIPLE * noise, floor)
+            ok = s["max_abs"] <= tol_abs
+            how = "auto"
+            tol_rel = 0.0
+        else:
+            tol_abs = float(user_atol or 0.0)
+            tol_rel = float(rtol or 0.0)
+            d = np.abs(np.asarray(cand, np.float64) - r64) if ref.shape == cand.shape else None
+            if d is None or "non_finite" in s:
+                ok = False
+            else:
+                with np.errstate(invalid="ignore"):
+                    lim = tol_abs + tol_rel * np.abs(r64)
+                    ok = bool(np.all((d <= lim) | (np.isfinite(r64) == False) & (r64 == np.asarray(cand, np.float64))))  # noqa: E712
+            how = "user"
+        if ref.dtype.kind in "iub" and user_atol is None and rtol is None:
+            ok = s["max_abs"] == 0.0
+        entry: dict[str, Any] = dict(s)
+        entry.update({"noise_max_abs": noise, "atol": tol_abs, "rtol": tol_rel, "how": how,
+                      "needed_atol": s["max_abs"], "ref_max_abs": ref_max, "passed": bool(ok)})
+        out[name] = entry
+        passed = passed and bool(ok)
+    return passed, out

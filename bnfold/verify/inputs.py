@@ -1,0 +1,95 @@
+"""Feeds for verification: seeded random data by declared dtype and shape, user shapes, or .npz data."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import BnfoldError
+
+MAX_ELEMENTS = 1 << 28  # one input of more than 268M elements (1 GiB of float32) is refused
+INT_RANGE = (0, 4)       # small non-negative ints are valid indices/sizes for most integer inputs
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """--input NAME:SHAPE[:DTYPE]; a shape entry of None keeps the model's own dimension."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str | None = None
+
+
+_SPEC = re.compile(r"^(?P<name>.+?):(?P<shape>\[?[0-9x,\s]*\]?)(?::(?P<dtype>[a-z0-9]+))?$")
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """Parse 'name:1x3x224x224', 'name:[1,3,224,224]:float16' or 'name:1,3,224,224'."""
+    m = _SPEC.match(text.strip())
+    if not m:
+        raise BnfoldError(f"--input {text!r}: expected NAME:SHAPE[:DTYPE], e.g. input:1x3x224x224:float32")
+    raw = m.group("shape").strip("[] ")
+    parts = [p for p in re.split(r"[x,\s]+", raw) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise BnfoldError(f"--input {text!r}: shape must be integers") from None
+    if any(d < 0 for d in shape):
+        raise BnfoldError(f"--input {text!r}: negative dimension")
+    dtype = m.group("dtype")
+    if dtype is not None:
+        try:
+            np.dtype(_np_dtype(dtype))
+        except TypeError:
+            raise BnfoldError(f"--input {text!r}: unknown dtype {dtype!r}") from None
+    return InputSpec(m.group("name"), shape, dtype)
+
+
+def _np_dtype(name: str) -> Any:
+    if name in ("bfloat16", "bf16"):
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return {"fp32": "float32", "fp16": "float16", "fp64": "float64"}.get(name, name)
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """Read user data from an .npz file (a dict of input name -> array)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise BnfoldError("no such file", path) from None
+    except Exception as e:  # noqa: BLE001 - any unreadable npz is the user's input problem
+        raise BnfoldError(f"cannot read inputs: {e}", path) from None
+
+
+def random_array(shape: tuple[int, ...], dtype: Any, rng: np.random.Generator, name: str = "") -> np.ndarray:
+    """Seeded data for one input: normal floats, small ints, random bools."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if n > MAX_ELEMENTS:
+        raise BnfoldError(f"input {name!r} of shape {list(shape)} has {n:,} elements; give a smaller shape "
+                          f"with --input {name}:SHAPE")
+    dt = np.dtype(dtype)
+    if dt == np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if dt.kind in "iu":
+        return rng.integers(*INT_RANGE, size=shape).astype(dt)
+    if dt.kind == "f" or dt.name == "bfloat16":
+        return rng.standard_normal(size=shape).astype(np.float32).astype(dt)
+    raise BnfoldError(f"input {name!r} has dtype {dt.name}, which bnfold cannot generate; pass --inputs FILE.npz")
+
+
+def resolve_shape(name: str, declared: list[int | str | None], specs: dict[str, InputSpec]) -> tuple[int, ...]:
+    """The concrete shape for an input: the user's --input, else declared dims with unknowns set to 1."""
+    if name in specs and specs[name].shape:
+        user = specs[name].shape
+        if declared and len(user) != len(declared):
+            raise BnfoldError(f"--input {name}: shape {list(user)} has rank {len(user)}, the model declares rank "
+                              f"{len(declared)} {declared}")
+        for u, d in zip(user, declared):
+            if isinstance(d, int) and d > 0 and u != d:
+                raise BnfoldError(f"--input {name}: dimension {u} conflicts with the model's fixed {d}")
+        return tuple(user)
+    return tuple(d if isinstance(d, int) and d > 0 else 1 for d in declared)

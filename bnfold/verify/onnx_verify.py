@@ -1,0 +1,243 @@
+"""Are two ONNX models the same function? Reference = the unfolded original, optimisations off.
+
+For each provider: run original, candidate and a noise model (the original with every weight nudged
+one ulp) on the same feeds; judge the candidate against the noise (compare.judge). On CUDA with TF32
+the original is also run with TF32 toggled, since TF32 rounding dominates the noise there. When an
+output fails, the culprit search compares intermediate tensors present in both models, in topological
+order, and names the earliest one that diverges.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import BnfoldError
+from ..results import ProviderResult, Verification
+from . import compare, inputs as inp, runners
+
+WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul",
+              "InstanceNormalization", "LayerNormalization", "PRelu"}
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (not initializers listed as inputs)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _declared(vi: onnx.ValueInfoProto) -> tuple[Any, list[int | str | None]]:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        raise BnfoldError(f"input {vi.name!r} is not a tensor; pass --inputs FILE.npz")
+    dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+    dims: list[int | str | None] = []
+    for d in tt.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return dt, dims
+
+
+def make_feeds(model: onnx.ModelProto, specs: Sequence[inp.InputSpec] = (), npz: str | None = None,
+               seed: int = 0, batches: int = 1) -> list[dict[str, np.ndarray]]:
+    """`batches` feed dicts for the model: .npz data when given, else seeded random data."""
+    ins = model_inputs(model)
+    by_name = {s.name: s for s in specs}
+    unknown = set(by_name) - {i.name for i in ins}
+    if unknown:
+        raise BnfoldError(f"--input names {sorted(unknown)} are not inputs of the model "
+                          f"(inputs: {[i.name for i in ins]})")
+    if npz:
+        data = inp.load_npz(npz)
+        missing = [i.name for i in ins if i.name not in data]
+        if missing:
+            raise BnfoldError(f"no data for inputs {missing}", npz)
+        feeds = {}
+        for i in ins:
+            dt, _ = _declared(i)
+            feeds[i.name] = np.asarray(data[i.name]).astype(dt, copy=False)
+        return [feeds]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(max(1, batches)):
+        feeds = {}
+        for i in ins:
+            dt, dims = _declared(i)
+            spec = by_name.get(i.name)
+            if spec is not None and spec.dtype:
+                dt = np.dtype(inp._np_dtype(spec.dtype))
+            feeds[i.name] = inp.random_array(inp.resolve_shape(i.name, dims, by_name), dt, rng, i.name)
+        out.append(feeds)
+    return out
+
+
+def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+    """A copy of `model` whose weights (float initializers / Constants read by weight ops) move by ~1 ulp."""
+    rng = np.random.default_rng(seed + 7919)
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, set()).add(n.op_type)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+
+    def nudge(t: onnx.TensorProto) -> None:
+        if not (readers.get(t.name, set()) & WEIGHT_OPS):
+            return
+        a = numpy_helper.to_array(t)
+        if a.size < 2 or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+            return  # scalars (exponents, clip bounds) are not weights; nudging them can change semantics
+        t.CopyFrom(numpy_helper.from_array(compare.perturb(a, rng), t.name))
+
+    for t in m.graph.initializer:
+        nudge(t)
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.t is not None:
+                    a.t.name = n.output[0]
+                    nudge(a.t)
+                    a.t.name = ""
+    return m
+
+
+def _same_signature(original: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    a = [i.name for i in model_inputs(original)]
+    b = [i.name for i in model_inputs(candidate)]
+    if sorted(a) != sorted(b):
+        raise BnfoldError(f"the models have different inputs: {a} vs {b}")
+    oa = [o.name for o in original.graph.output]
+    ob = {o.name for o in candidate.graph.output}
+    missing = [o for o in oa if o not in ob]
+    if missing:
+        raise BnfoldError(f"the candidate lacks outputs {missing} of the original")
+
+
+def _requested(providers: Sequence[str] | None) -> tuple[list[str], bool]:
+    if not providers:
+        return list(runners.DEFAULT_ORDER[:2]), False
+    return [runners.provider_name(p) for p in providers], True
+
+
+def _options(provider: str, tf32: bool | None = None) -> dict[str, Any]:
+    if provider == "CUDAExecutionProvider" and tf32 is not None:
+        return {"use_tf32": "1" if tf32 else "0"}
+    return {}
+
+
+def _run_all(model: onnx.ModelProto | str, provider: str, feeds: list[dict[str, np.ndarray]], label: str,
+             options: Mapping[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
+    r = runners.OrtRunner(model, provider, options, label)
+    return [r.run(f, label) for f in feeds]
+
+
+def _concat(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(runs) == 1:
+        return runs[0]
+    return {k: np.concatenate([np.asarray(r[k]).reshape(-1) for r in runs]) for k in runs[0]}
+
+
+def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, providers: Sequence[str] | None = None,
+                atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
+                input_specs: Sequence[inp.InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
+                culprit: bool = True, original_path: str | None = None,
+                progress: Callable[[str], None] | None = None) -> Verification:
+    """Compare `candidate` with `original` on every requested (or available) provider."""
+    say = progress or (lambda _msg: None)
+    _same_signature(original, candidate)
+    feeds = make_feeds(original, input_specs, inputs_npz, seed, batches)
+    names, explicit = _requested(providers)
+    noise_model = perturbed(original, seed)
+    ver = Verification(tolerance=_tolerance_doc(atol, rtol))
+    failing: str | None = None
+    for name in names:
+        ok, why = runners.availability(name)
+        if not ok:
+            if explicit:
+                raise BnfoldError(f"provider {name} was requested but cannot run: {why}")
+            ver.providers[name] = ProviderResult(name, ran=False, why=why)
+            continue
+        say(f"verifying on {name}")
+        notes: dict[str, Any] = {}
+        ref = _run_all(original_path or original, name, feeds, "original")
+        cand = _run_all(candidate, name, feeds, "candidate")
+        noise = [_concat(_run_all(noise_model, name, feeds, "noise model"))]
+        if name == "CUDAExecutionProvider":
+            notes["tf32"] = True  # onnxruntime's CUDA EP default; the noise run below measures its effect
+            noise.append(_concat(_run_all(original, name, feeds, "original (TF32 off)", _options(name, tf32=False))))
+            notes["noise_sources"] = ["weights nudged one ulp", "TF32 on vs off"]
+        else:
+            notes["noise_sources"] = ["weights nudged one ulp"]
+        passed, outs = compare.judge(_concat(ref), _concat(cand), noise, atol=atol, rtol=rtol)
+        ver.providers[name] = ProviderResult(name, ran=True, passed=passed, outputs=outs, notes=notes)
+        if not passed and failing is None:
+            failing = name
+    if failing is not None and culprit:
+        say("locating the first diverging tensor")
+        ver.first_divergence = first_divergence(original, candidate, noise_model, failing, feeds[0], atol, rtol)
+    return ver
+
+
+def _tolerance_doc(atol: Any, rtol: float | None) -> dict[str, Any]:
+    if atol is None and rtol is None:
+        return {"atol": None, "rtol": None, "how": "auto",
+                "rule": f"max|cand-ref| <= max({compare.NOISE_MULTIPLE:g} x noise, {compare.FLOOR_ULPS:g} ulp x max|ref|)"}
+    return {"atol": dict(atol) if isinstance(atol, Mapping) else atol, "rtol": rtol, "how": "user"}
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    return m
+
+
+def first_divergence(original: onnx.ModelProto, candidate: onnx.ModelProto, noise_model: onnx.ModelProto,
+                     provider: str, feeds: dict[str, np.ndarray], atol: Any, rtol: float | None) -> dict[str, Any] | None:
+    """The earliest tensor (original's topological order) present in both models that differs."""
+    cand_prod = {o: n for n in candidate.graph.node for o in n.output if o}
+    orig_prod = {}
+    order: list[str] = []
+    for n in original.graph.node:
+        for o in n.output:
+            if o and o in cand_prod:
+                orig_prod[o] = n
+                order.append(o)
+    for o in original.graph.output:
+        if o.name not in orig_prod and o.name in cand_prod:
+            order.append(o.name)
+    if not order:
+        return None
+    try:
+        ref = runners.OrtRunner(with_outputs(original, order), provider, label="original").run(feeds)
+        cand = runners.OrtRunner(with_outputs(candidate, order), provider, label="candidate").run(feeds)
+        noise = runners.OrtRunner(with_outputs(noise_model, order), provider, label="noise model").run(feeds)
+    except BnfoldError as e:
+        print(f"bnfold: culprit search skipped: {e}", file=sys.stderr)
+        return None
+    for name in order:
+        if name not in ref or name not in cand:
+            continue
+        user_atol = atol if not isinstance(atol, Mapping) else None
+        passed, outs = compare.judge({name: ref[name]}, {name: cand[name]}, [{name: noise.get(name, ref[name])}],
+                                     atol=user_atol, rtol=rtol)
+        if not passed:
+            st = outs[name]
+            cn = cand_prod.get(name)
+            on = orig_prod.get(name)
+            return {"tensor": name, "node": _label(cn), "op": cn.op_type if cn is not None else None,
+                    "original_node": _label(on), "provider": provider,
+                    "max_abs": st.get("max_abs"), "max_rel": st.get("max_rel"), "atol": st.get("atol")}
+    return None
+
+
+def _label(n: onnx.NodeProto | None) -> str | None:
+    if n is None:
+        return None
+    return n.name or f"{n.op_type}:{n.output[0]}"
