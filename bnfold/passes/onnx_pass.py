@@ -430,7 +430,10 @@ def model_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def fold_model(model: onnx.ModelProto) -> list[Decision]:
+def fold_model(model: onnx.ModelProto, standalone: str = "keep") -> list[Decision]:
     """Fold every foldable BatchNormalization of `model` in place; one Decision per BN."""
+    if standalone != "keep":
+        from ..errors import BnfoldError
+        raise BnfoldError("--standalone affine is not implemented yet for ONNX models")
     folder = OnnxFolder(model, model.graph, model_opset(model))
     return folder.run()

@@ -1,0 +1,260 @@
+"""Command line: argument parsing and exit codes only (0 ok, 1 not equivalent, 2 bad input/usage)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import BnfoldError
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
+
+FOLD_EPILOG = """\
+examples:
+  bnfold model.onnx                          fold, verify on every available provider, write model.folded.onnx
+  bnfold model.onnx -o deploy.onnx --json    the report as JSON on stdout
+  bnfold model.onnx --dry-run                list every BatchNorm and what would happen, write nothing
+  bnfold model.onnx --input images:1x3x224x224     shape for a dynamic input
+  bnfold check original.onnx candidate.onnx  are two models the same function? (exit 0/1/2)
+  bnfold export model.pt2 --to onnx          fold a PyTorch/Keras model, export ONNX, verify it
+
+exit codes: 0 ok · 1 verification failed (nothing written) · 2 bad input or usage (nothing written)
+"""
+
+
+def _common(p: argparse.ArgumentParser, verify_opts: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout, nothing else")
+    p.add_argument("--trust", action="store_true",
+                   help="allow formats that run code when loaded (pickled PyTorch modules, Keras Lambda layers)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    if not verify_opts:
+        return
+    g = p.add_argument_group("verification")
+    g.add_argument("--providers", metavar="LIST",
+                   help="comma-separated: cpu,cuda,tensorrt (default: every available one; an explicitly requested "
+                        "provider that cannot run is an error)")
+    g.add_argument("--atol", action="append", metavar="[NAME:]VALUE",
+                   help="absolute tolerance instead of the derived one, globally or per output (repeatable)")
+    g.add_argument("--rtol", type=float, metavar="VALUE", help="relative tolerance instead of the derived one")
+    g.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
+    g.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
+                   help="shape (and dtype) of an input, e.g. images:1x3x224x224 (dynamic dims default to 1)")
+    g.add_argument("--inputs", metavar="FILE.npz", help="real input data: an .npz with one array per input name")
+    g.add_argument("--batches", type=int, default=1, metavar="N", help="number of random input batches (default 1)")
+
+
+def _fold_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnfold", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FOLD_EPILOG,
+        description="Fold inference BatchNorm into neighbouring layers of ONNX, PyTorch and Keras models, "
+                    "and prove the folded model computes the same function.\n"
+                    "Other commands: 'bnfold check --help', 'bnfold export --help'.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help=".onnx, .pt2, TorchScript .pt, .keras, .h5 or a SavedModel directory")
+    p.add_argument("-o", "--output", metavar="OUT", help="output path (one MODEL only; default <stem>.folded<ext>)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
+    p.add_argument("--dry-run", action="store_true", help="decide and report, write nothing")
+    p.add_argument("--standalone", choices=["keep", "affine"], default="keep",
+                   help="a BatchNorm with no layer to fold into: keep it, or rewrite it as Mul+Add (default keep)")
+    p.add_argument("--version", action="version", version=f"bnfold {__version__}")
+    _common(p)
+    return p
+
+
+def _check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnfold check", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Verify that CANDIDATE computes the same function as ORIGINAL (any two ONNX models with the "
+                    "same inputs and outputs, or a PyTorch/Keras original against its export).",
+        epilog="exit codes: 0 equivalent · 1 not equivalent · 2 bad input or usage")
+    p.add_argument("original", metavar="ORIGINAL")
+    p.add_argument("candidate", metavar="CANDIDATE")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (one test case per output and provider)")
+    _common(p)
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnfold export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fold a PyTorch or Keras model, export it to ONNX and verify the ONNX on onnxruntime against "
+                    "the original framework model.",
+        epilog="exit codes: 0 ok · 1 verification failed (nothing written) · 2 bad input or usage")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--to", choices=["onnx"], required=True, help="target format")
+    p.add_argument("-o", "--output", metavar="OUT", help="output path (default <stem>.folded.onnx)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
+    _common(p)
+    return p
+
+
+def _parse_atol(values: list[str] | None) -> Any:
+    if not values:
+        return None
+    glob: float | None = None
+    per: dict[str, float] = {}
+    for v in values:
+        name, sep, num = v.rpartition(":")
+        try:
+            f = float(num)
+        except ValueError:
+            raise BnfoldError(f"--atol {v!r}: expected VALUE or NAME:VALUE") from None
+        if sep:
+            per[name] = f
+        else:
+            glob = f
+    if per:
+        if glob is not None:
+            return _DefaultDict(per, glob)
+        return per
+    return glob
+
+
+class _DefaultDict(dict):
+    """Per-output tolerances with a default for the other outputs."""
+
+    def __init__(self, per: dict[str, float], default: float) -> None:
+        super().__init__(per)
+        self.default = default
+
+    def get(self, key: Any, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key, self.default)
+
+
+def _verify_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    from .verify.inputs import parse_input_spec
+    if a.batches < 1:
+        raise BnfoldError("--batches must be at least 1")
+    return {
+        "providers": [p for p in a.providers.split(",") if p.strip()] if a.providers else None,
+        "atol": _parse_atol(a.atol),
+        "rtol": a.rtol,
+        "seed": a.seed,
+        "input_specs": [parse_input_spec(s) for s in a.input],
+        "inputs_npz": a.inputs,
+        "batches": a.batches,
+    }
+
+
+def _progress(a: argparse.Namespace):
+    if a.quiet or a.json or not sys.stderr.isatty():
+        return None
+    return lambda msg: print(f"bnfold: {msg}...", file=sys.stderr, flush=True)
+
+
+def _emit(a: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
+    from .report import json_safe, to_json
+    print(to_json(json_safe(doc)) if a.json else text)
+
+
+def cmd_fold(a: argparse.Namespace) -> int:
+    from . import api, report
+    from .io import check_output_path, default_output
+    if a.output and len(a.models) > 1:
+        raise BnfoldError("-o/--output needs exactly one MODEL")
+    kw = _verify_kwargs(a)
+    if a.no_verify and (kw["atol"] is not None or kw["rtol"] is not None):
+        raise BnfoldError("--atol/--rtol make no sense with --no-verify")
+    docs, texts, code = [], [], EXIT_OK
+    outs = []
+    for m in a.models:
+        out = a.output or default_output(m)
+        if not a.dry_run:
+            check_output_path(out, a.models)
+        outs.append(out)
+    for m, out in zip(a.models, outs):
+        res = api.fold(m, verify=not a.no_verify, standalone=a.standalone, trust=a.trust, dry_run=a.dry_run,
+                       progress=_progress(a), **kw)
+        rep = res.report
+        rep.model = m
+        ver = rep.verification
+        failed = not a.no_verify and (ver is None or ver.passed is not True)
+        if failed:
+            code = max(code, EXIT_DIFFERENT)
+        elif not a.dry_run:
+            import time
+            t = time.perf_counter()
+            api.save(res, out)
+            rep.timing_s["save"] = time.perf_counter() - t
+        docs.append(rep.to_dict())
+        texts.append(report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
+    doc = docs[0] if len(docs) == 1 else {"schema": 1, "reports": docs}
+    _emit(a, doc, "\n\n".join(texts))
+    return code
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from . import api, report
+    for p in (a.original, a.candidate):
+        if not os.path.exists(p):
+            raise BnfoldError("no such file", p)
+    if a.junit:
+        from .io import check_output_path
+        check_output_path(a.junit, [a.original, a.candidate])
+    kw = _verify_kwargs(a)
+    ver = api.check(a.original, a.candidate, trust=a.trust, progress=_progress(a), **kw)
+    doc = {"schema": 1, "original": a.original, "candidate": a.candidate, "verification": ver.to_dict()}
+    text = f"{a.original} vs {a.candidate}\n" + "\n".join(report.verification_lines(ver))
+    if a.junit:
+        from .junit import write_junit
+        write_junit(ver, a.junit, suite=f"bnfold check {os.path.basename(a.candidate)}")
+    _emit(a, doc, text)
+    return EXIT_OK if ver.passed is True else EXIT_DIFFERENT
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from . import api, report
+    from .io import check_output_path, framework_of
+    from pathlib import Path
+    fw = framework_of(a.model)
+    if fw == "onnx":
+        raise BnfoldError("is already ONNX; fold it with 'bnfold MODEL'", a.model)
+    p = Path(a.model)
+    out = a.output or str(p.with_name(f"{p.stem if p.is_file() else p.name}.folded.onnx"))
+    check_output_path(out, [a.model])
+    kw = _verify_kwargs(a)
+    model = api.load(a.model, trust=a.trust)
+    fp = api.framework_pass(fw)
+    example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype or "float32")
+                                                        for s in kw["input_specs"]],
+                                    inputs_npz=kw["inputs_npz"], seed=kw["seed"])
+    res = fp.export_onnx(model, out, example_inputs=example, verify=not a.no_verify, providers=kw["providers"],
+                         atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
+    rep = res.report
+    rep.model = a.model
+    ver = rep.verification
+    failed = not a.no_verify and (ver is None or ver.passed is not True)
+    if failed and os.path.exists(out):
+        os.unlink(out)  # the export wrote it before verifying; a failed proof leaves nothing behind
+        rep.output = None
+    _emit(a, rep.to_dict(), report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
+    return EXIT_DIFFERENT if failed else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "check":
+        parser, cmd, rest = _check_parser(), cmd_check, args[1:]
+    elif args and args[0] == "export":
+        parser, cmd, rest = _export_parser(), cmd_export, args[1:]
+    else:
+        parser, cmd, rest = _fold_parser(), cmd_fold, args
+    a = parser.parse_args(rest)
+    try:
+        return cmd(a)
+    except BnfoldError as e:
+        print(f"bnfold: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("bnfold: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

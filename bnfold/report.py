@@ -1,0 +1,93 @@
+"""Rendering of reports: a short text table a person reads at a glance, and the JSON document."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from .results import Report, Verification
+
+
+def to_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False, default=_default, allow_nan=False)
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def json_safe(doc: Any) -> Any:
+    """Replace non-finite floats (not valid JSON) by strings."""
+    if isinstance(doc, dict):
+        return {k: json_safe(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [json_safe(v) for v in doc]
+    if isinstance(doc, float) and doc != doc:
+        return "nan"
+    if isinstance(doc, float) and doc in (float("inf"), float("-inf")):
+        return "inf" if doc > 0 else "-inf"
+    return doc
+
+
+def _g(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, (int, float)) else str(x)
+
+
+def verification_lines(v: Verification | None) -> list[str]:
+    if v is None or v.skipped_reason is not None:
+        return [f"verification   not run ({v.skipped_reason if v else 'off'})"]
+    lines = []
+    verdict = {True: "PASSED", False: "FAILED", None: "NOT RUN (no provider could run)"}[v.passed]
+    lines.append(f"verification   {verdict}")
+    for name, p in v.providers.items():
+        if not p.ran:
+            lines.append(f"  {name:<26} not run: {p.why}")
+            continue
+        worst = max(p.outputs.items(), key=lambda kv: (not kv[1].get("passed", False),
+                                                       kv[1].get("max_abs", 0) / (kv[1].get("atol") or 1e-300)))
+        oname, st = worst
+        tag = "ok " if p.passed else "BAD"
+        lines.append(f"  {name:<26} {tag} {len(p.outputs)} output(s); worst {oname!r}: max abs {_g(st.get('max_abs'))}"
+                     f" (rel {_g(st.get('max_rel'))}) vs atol {_g(st.get('atol'))}"
+                     f" [{st.get('how')}; noise {_g(st.get('noise_max_abs'))}]")
+        if p.notes.get("tf32"):
+            lines.append("  " + " " * 26 + " TF32 convolutions on: tolerance includes the TF32 on/off difference")
+    if v.first_divergence:
+        fd = v.first_divergence
+        lines.append(f"  first divergence: tensor {fd.get('tensor')!r} from {fd.get('op') or ''} {fd.get('node')!r}"
+                     f" (max abs {_g(fd.get('max_abs'))} > atol {_g(fd.get('atol'))}, {fd.get('provider')})")
+    return lines
+
+
+def text(report: Report) -> str:
+    """The human summary of one fold."""
+    out = []
+    src = report.model or "(in-memory model)"
+    dst = report.output or ("nothing written" if report.info.get("dry_run") else "not written")
+    out.append(f"{src} -> {dst}   [{report.framework}]")
+    n = len(report.decisions)
+    out.append(f"BatchNorm      {n} found")
+    by_pattern = Counter(d.pattern for d in report.folded)
+    dirs = Counter(d.direction for d in report.folded)
+    extra = "" if set(dirs) <= {"after"} else f" ({', '.join(f'{k} {v}' for k, v in dirs.items())})"
+    out.append(f"folded         {len(report.folded)}" + (
+        "   " + " · ".join(f"{p} {c}" for p, c in by_pattern.most_common()) if by_pattern else "") + extra)
+    out.append(f"skipped        {len(report.skipped)}")
+    by_reason: dict[str, list] = {}
+    for d in report.skipped:
+        by_reason.setdefault(d.reason.value if d.reason else "?", []).append(d)
+    for reason, ds in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = "; ".join(f"{d.bn}: {d.detail}" for d in ds[:3])
+        more = f"; +{len(ds) - 3} more" if len(ds) > 3 else ""
+        out.append(f"  {reason:<26} {len(ds):>3}  {shown}{more}")
+    for k, v in report.info.items():
+        if k not in ("dry_run",):
+            out.append(f"{k:<14} {v}")
+    out.extend(verification_lines(report.verification))
+    if report.timing_s:
+        out.append("time           " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timing_s.items()))
+    return "\n".join(out)
