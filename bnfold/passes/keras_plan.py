@@ -1,0 +1,263 @@
+"""Decide, for every BatchNormalization of a Keras graph, whether and where it folds.
+
+Match: BN whose input comes from a Conv/ConvTranspose/Depthwise/Separable/Dense call (fold after), or
+BN whose only reader is a Dense or a padding="valid" Conv (fold before).
+Check: plain inference BN, one call site, producer linear and not shared, its output read only by
+the BN, the BN normalising the producer's channel axis, folded values fitting the compute dtype.
+The new weights are computed here, by bnfold.kernel, so that a Skip leaves nothing half-done; the
+rebuild step only copies them into fresh layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import kernel
+from ..decisions import Decision, Reason, Skip
+from ..errors import BnfoldError
+from .keras_graph import GraphView, channel_axis, main_input, role_of, slots_for
+
+
+@dataclass
+class LayerEdit:
+    """New weights for one producer layer; `add_bias` when it had use_bias=False."""
+
+    layer: Any
+    weights: list[np.ndarray]
+    add_bias: bool = False
+
+
+@dataclass
+class Plan:
+    """Everything the rebuild needs for one (possibly nested) model."""
+
+    model: Any
+    graph: Any                                   # the Functional whose nodes were examined
+    decisions: list[Decision] = field(default_factory=list)
+    removed: set[int] = field(default_factory=set)           # ids of BN layers that disappear
+    edits: dict[int, LayerEdit] = field(default_factory=dict)  # id(layer) -> new weights
+    nested: dict[int, "Plan"] = field(default_factory=dict)    # id(inner model) -> its plan
+    after_target: dict[int, Any] = field(default_factory=dict)  # id(folded BN) -> layer it went into
+
+    def all_decisions(self) -> list[Decision]:
+        out = list(self.decisions)
+        for p in self.nested.values():
+            out.extend(p.all_decisions())
+        return out
+
+
+def functional_of(model: Any) -> Any:
+    """The Functional graph of a functional or built Sequential model (BnfoldError if unbuilt)."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise BnfoldError(f"Sequential model {model.name!r} is not built (no input shape): "
+                              "give it a keras.Input or call it once before folding")
+        return fn
+    return model
+
+
+def is_graph_model(model: Any) -> bool:
+    """True for models whose layer graph Keras records (functional, Sequential)."""
+    import keras
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, (keras.Sequential, Functional))
+
+
+def plan_model(model: Any, prefix: str = "", graph: Any = None,
+               opaque: Any = None) -> Plan:
+    """Examine `graph` (default: the model's own Functional) and decide every BN in it.
+
+    `opaque(model, prefix)` returns decisions for a nested model whose graph cannot be seen.
+    """
+    import keras
+
+    fn = graph if graph is not None else functional_of(model)
+    view = GraphView(fn)
+    plan = Plan(model=model, graph=fn)
+    seen: set[int] = set()
+    for node in view.nodes:
+        op = node.operation
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        if isinstance(op, keras.Model):
+            if is_graph_model(op):
+                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque)
+            elif opaque is not None:
+                plan.decisions.extend(opaque(op, f"{prefix}{op.name}/"))
+            continue
+        if isinstance(op, keras.layers.BatchNormalization):
+            name = prefix + op.name
+            try:
+                plan.decisions.append(_decide(view, node, plan, name, prefix))
+            except Skip as s:
+                plan.decisions.append(Decision.skipped(name, s.reason, s.detail, s.producer))
+            continue
+        for sub in op._flatten_layers(include_self=False) if hasattr(op, "_flatten_layers") else []:
+            if isinstance(sub, keras.layers.BatchNormalization):
+                plan.decisions.append(Decision.skipped(
+                    f"{prefix}{op.name}/{sub.name}", Reason.UNSUPPORTED_PRODUCER,
+                    f"inside custom layer {op.name!r} ({type(op).__name__}), whose call() bnfold cannot rewrite"))
+    return plan
+
+
+def _bn_params(bn: Any) -> tuple[np.ndarray | None, ...]:
+    import keras
+
+    def arr(v: Any) -> np.ndarray | None:
+        return None if v is None else np.asarray(keras.ops.convert_to_numpy(v))
+
+    return (arr(bn.gamma) if bn.scale else None, arr(bn.beta) if bn.center else None,
+            arr(bn.moving_mean), arr(bn.moving_variance))
+
+
+def _check_bn(view: GraphView, node: Any, bn: Any) -> None:
+    import keras
+
+    if type(bn) is not keras.layers.BatchNormalization:
+        raise Skip(Reason.UNSUPPORTED_BN_MODE, f"{type(bn).__name__} is a BatchNormalization subclass; "
+                                               "its call() may differ from the plain affine map")
+    if getattr(bn, "renorm", False):
+        raise Skip(Reason.UNSUPPORTED_BN_MODE, "renorm=True")
+    if getattr(bn, "synchronized", False):
+        raise Skip(Reason.UNSUPPORTED_BN_MODE, "synchronized=True")
+    if node.arguments.kwargs.get("training") is True:
+        raise Skip(Reason.TRAINING_MODE, f"{bn.name} is called with training=True, so it uses batch statistics")
+    if bn.moving_mean is None or bn.moving_variance is None:
+        raise Skip(Reason.NO_RUNNING_STATS, f"{bn.name} is not built")
+    if view.calls[id(bn)] > 1:
+        raise Skip(Reason.SHARED_PRODUCER,
+                   f"BatchNorm {bn.name} itself is called at {view.calls[id(bn)]} places")
+
+
+def _decide(view: GraphView, node: Any, plan: Plan, name: str, prefix: str) -> Decision:
+    bn = node.operation
+    _check_bn(view, node, bn)
+    x = main_input(node)
+    if x is None or len(node.input_tensors) != 1:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{bn.name} is called on several tensors")
+    rank = len(x.shape)
+    axis = bn.axis % rank
+    s, t = kernel.bn_scale_shift(*_bn_params(bn), bn.epsilon)
+    try:
+        return _fold_after(view, bn, x, rank, axis, s, t, plan, name, prefix)
+    except Skip as fwd:
+        try:
+            return _fold_before(view, node, bn, rank, axis, s, t, plan, name, prefix)
+        except Skip as bwd:
+            if bwd.reason in (Reason.PADDING_BREAKS_BACKWARD_FOLD, Reason.DTYPE_OVERFLOW):
+                raise Skip(bwd.reason, f"{fwd.detail}; {bwd.detail}", bwd.producer) from None
+            raise fwd from None
+
+
+def _check_producer(view: GraphView, layer: Any, what: str) -> None:
+    if getattr(layer, "quantization_mode", None):
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{what} {layer.name} is quantized ({layer.quantization_mode})",
+                   layer.name)
+    if getattr(layer, "lora_enabled", False):
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{what} {layer.name} has LoRA enabled", layer.name)
+    if view.calls[id(layer)] > 1:
+        raise Skip(Reason.SHARED_PRODUCER, f"{what} {layer.name} is called at {view.calls[id(layer)]} places",
+                   layer.name)
+
+
+def _check_single_use(view: GraphView, tensor: Any, layer_name: str) -> None:
+    uses = view.uses(tensor)
+    if len(uses) > 1:
+        others = [u for u in uses]
+        reason = Reason.INTERMEDIATE_IS_OUTPUT if "model output" in uses else Reason.PRODUCER_FANOUT
+        raise Skip(reason, f"{layer_name} output feeds {', '.join(others)}", layer_name)
+
+
+def _fold_after(view: GraphView, bn: Any, x: Any, rank: int, axis: int, s: np.ndarray, t: np.ndarray,
+                plan: Plan, name: str, prefix: str) -> Decision:
+    import keras
+
+    pnode = view.producer_node(x)
+    if pnode is None:
+        raise Skip(Reason.NO_PRODUCER, f"{bn.name} reads model input {x.name}")
+    prod = pnode.operation
+    if isinstance(prod, keras.layers.BatchNormalization) and id(prod) in plan.after_target:
+        # BN -> BN: the first one already lives in the layer before it; fold the second there too.
+        _check_single_use(view, x, prod.name)
+        prod = plan.after_target[id(prod)]
+    else:
+        role = role_of(prod)
+        if role is None:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{bn.name} follows {type(prod).__name__} {prod.name}",
+                       prod.name)
+        _check_producer(view, prod, "layer")
+        act = prod.get_config().get("activation")
+        if act not in (None, "linear"):
+            raise Skip(Reason.NONLINEAR_PRODUCER, f"{prod.name} applies activation {act!r}", prod.name)
+        _check_single_use(view, x, prod.name)
+    ch = channel_axis(prod, rank)
+    if axis != ch:
+        raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {prod.name}'s channels are "
+                                         f"on axis {ch}", prod.name)
+    _apply(plan, prod, s, t, after=True)
+    plan.removed.add(id(bn))
+    plan.after_target[id(bn)] = prod
+    return Decision.folded(name, prefix + prod.name, f"{type(prod).__name__}->BatchNormalization", "after")
+
+
+def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: np.ndarray, t: np.ndarray,
+                 plan: Plan, name: str, prefix: str) -> Decision:
+    y = node.outputs[0]
+    readers = view.consumers.get(id(y), [])
+    if id(y) in view.output_ids or len(readers) != 1:
+        raise Skip(Reason.PRODUCER_FANOUT, f"{bn.name} output has {len(readers)} readers")
+    cnode = readers[0]
+    cons = cnode.operation
+    role = role_of(cons)
+    if role not in ("dense", "conv") or main_input(cnode) is not y or len(cnode.input_tensors) != 1:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{bn.name} is read by {type(cons).__name__} {cons.name}")
+    _check_producer(view, cons, "following layer")
+    if role == "conv" and cons.padding != "valid":
+        raise Skip(Reason.PADDING_BREAKS_BACKWARD_FOLD,
+                   f"the following {cons.name} has padding={cons.padding!r}", cons.name)
+    ch = channel_axis(cons, rank)
+    if axis != ch:
+        raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {cons.name} reads channels on "
+                                         f"axis {ch}", cons.name)
+    _apply(plan, cons, s, t, after=False)
+    plan.removed.add(id(bn))
+    return Decision.folded(name, prefix + cons.name, f"BatchNormalization->{type(cons).__name__}", "before")
+
+
+def _apply(plan: Plan, layer: Any, s: np.ndarray, t: np.ndarray, after: bool) -> None:
+    """Fold (s, t) into the layer's current weights; raises Skip before changing anything."""
+    edit = plan.edits.get(id(layer)) or LayerEdit(layer, [np.asarray(w) for w in layer.get_weights()])
+    slots = slots_for(layer, edit.weights)
+    w = edit.weights[slots.kernel]
+    b = edit.weights[slots.bias] if slots.bias is not None else None
+    fold = kernel.fold_after if after else kernel.fold_before
+    f = fold(w, b, s, t, slots.layout)
+    compute = np.dtype(_np_dtype(layer.compute_dtype))
+    if compute.itemsize < f.weight.dtype.itemsize:
+        # mixed precision keeps float32 variables but computes in float16/bfloat16: must fit that too.
+        kernel.round_to(f.weight.astype(np.float64), compute, "weight")
+        kernel.round_to(f.bias.astype(np.float64), compute, "bias")
+    new = list(edit.weights)
+    new[slots.kernel] = f.weight
+    if slots.bias is None:
+        new.append(f.bias)  # the bias is the last weight of every supported layer
+        edit.add_bias = True
+    else:
+        new[slots.bias] = f.bias
+    edit.weights = new
+    plan.edits[id(layer)] = edit
+
+
+def _np_dtype(name: str) -> Any:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)

@@ -1,0 +1,145 @@
+"""Run Keras models on CPU / GPU and judge a candidate against the original.
+
+The noise of the original is measured by running clones of it whose float weights were nudged by
+one ulp (compare.perturb) on the same device; mixed-precision models are nudged by one ulp of their
+16-bit compute dtype, since that is where their rounding happens.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import compare
+from ..errors import BnfoldError
+from ..results import ProviderResult, Verification
+
+NOISE_RUNS = 2
+DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0", "cuda": "/GPU:0"}
+
+
+def _tf() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def gpu_available() -> bool:
+    """Whether TensorFlow sees a GPU."""
+    return bool(_tf().config.list_physical_devices("GPU"))
+
+
+def output_names(model: Any) -> list[str]:
+    """Names of the model's flattened outputs (dict keys, else Keras' output names, else output_i)."""
+    import keras
+
+    struct = getattr(model, "_outputs_struct", None)
+    if isinstance(struct, dict):
+        return sorted(str(k) for k in struct)  # keras.tree flattens a dict in sorted key order
+    names = list(getattr(model, "output_names", None) or [])
+    n = len(keras.tree.flatten(struct)) if struct is not None else len(names)
+    return names if names and len(names) == n else [f"output_{i}" for i in range(max(n, 1))]
+
+
+def pack_inputs(model: Any, feeds: Sequence[np.ndarray]) -> Any:
+    """Feeds in the structure the model's call expects."""
+    import keras
+
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is not None:
+        return keras.tree.pack_sequence_as(struct, list(feeds))
+    return feeds[0] if len(feeds) == 1 else list(feeds)
+
+
+def run(model: Any, feeds: Sequence[np.ndarray], device: str = "cpu") -> list[np.ndarray]:
+    """Outputs of `model` (inference mode) on `device`, flattened, as numpy arrays."""
+    import keras
+
+    tf = _tf()
+    with tf.device(DEVICES[device]):
+        out = model(pack_inputs(model, feeds), training=False)
+    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+
+
+def _perturb_eps(model: Any) -> float | None:
+    """One ulp of the lowest-precision compute dtype when the model computes in 16 bits."""
+    low = {layer.compute_dtype for layer in model._flatten_layers()
+           if getattr(layer, "compute_dtype", "float32") in ("float16", "bfloat16")}
+    if not low:
+        return None
+    return 2.0 ** -7 if "bfloat16" in low else compare.unit_roundoff(np.float16)
+
+
+def _nudged(weights: list[np.ndarray], rng: np.random.Generator, eps: float | None) -> list[np.ndarray]:
+    out = []
+    for w in weights:
+        w = np.asarray(w)
+        is_float = w.dtype.kind == "f" or w.dtype.name == "bfloat16"
+        out.append(compare.perturb(w, rng, eps) if is_float and w.size else w)
+    return out
+
+
+def noise_outputs(original: Any, feeds: Sequence[np.ndarray], device: str, seed: int,
+                  runs: int = NOISE_RUNS) -> list[list[np.ndarray]]:
+    """Outputs of `runs` one-ulp-nudged copies of `original` (the original itself is left as it was)."""
+    import keras
+
+    weights = original.get_weights()
+    eps = _perturb_eps(original)
+    try:
+        clone = keras.models.clone_model(original)
+        run(clone, feeds, device)  # builds a clone of a subclassed model
+        own = True
+    except Exception:
+        # Models that cannot be cloned are nudged in place and restored bit for bit afterwards.
+        clone, own = original, False
+    results = []
+    try:
+        for k in range(runs):
+            clone.set_weights(_nudged(weights, np.random.default_rng(seed + 1 + k), eps))
+            results.append(run(clone, feeds, device))
+    finally:
+        if not own:
+            original.set_weights(weights)
+    return results
+
+
+def normalise_providers(providers: Sequence[str] | None) -> list[str]:
+    """['cpu', 'gpu'] by default; 'cuda' is accepted as another name for 'gpu'."""
+    if providers is None:
+        return ["cpu", "gpu"]
+    out = []
+    for p in providers:
+        key = str(p).strip().lower()
+        key = {"cuda": "gpu", "cpuexecutionprovider": "cpu", "cudaexecutionprovider": "gpu"}.get(key, key)
+        if key not in ("cpu", "gpu"):
+            raise BnfoldError(f"unknown provider {p!r} for a Keras model; use cpu or gpu")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def verify(original: Any, candidate: Any, feeds: Sequence[np.ndarray], providers: Sequence[str] | None = None,
+           atol: float | None = None, rtol: float | None = None, seed: int = 0) -> Verification:
+    """Run original and candidate on each device and judge the candidate with compare.judge."""
+    names = output_names(original)
+    ver = Verification(tolerance={"atol": atol, "rtol": rtol,
+                                  "how": "user" if atol is not None or rtol is not None else "auto"})
+    for dev in normalise_providers(providers):
+        key = f"keras-{dev}"
+        if dev == "gpu" and not gpu_available():
+            ver.providers[key] = ProviderResult(key, ran=False, why="TensorFlow sees no GPU")
+            continue
+        ref = dict(zip(names, run(original, feeds, dev)))
+        cand_out = run(candidate, feeds, dev)
+        if len(cand_out) != len(names):
+            ver.providers[key] = ProviderResult(key, ran=True, passed=False, outputs={
+                "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
+            continue
+        cand = dict(zip(names, cand_out))
+        noise = [dict(zip(names, o)) for o in noise_outputs(original, feeds, dev, seed)]
+        ok, per_output = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
+        ver.providers[key] = ProviderResult(key, ran=True, passed=ok, outputs=per_output)
+    return ver
