@@ -50,7 +50,8 @@ def stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     if r.size == 0:
         return {"max_abs": 0.0, "max_rel": 0.0, "mean_abs": 0.0, "p99_abs": 0.0}
     both = np.isfinite(r) & np.isfinite(c)
-    d = np.abs(np.where(both, c - r, 0.0))
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(np.where(both, c - r, 0.0))
     same_nonfinite = (~both) & ((r == c) | (np.isnan(r) & np.isnan(c)))
     bad = ~both & ~same_nonfinite
     if bad.any():
