@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from .. import kernel, layouts
 from ..decisions import Decision, Reason, Skip
+from .onnx_const import ConstEvaluator
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -78,15 +79,20 @@ class GraphIndex:
     graph_outputs: set[str] = field(default_factory=set)
     names: set[str] = field(default_factory=set)
     const_cache: dict[str, np.ndarray] = field(default_factory=dict)
+    opset: int = 13
+    evaluator: ConstEvaluator | None = None
 
     @classmethod
     def build(cls, graph: onnx.GraphProto, ir_version: int,
-              outer_consts: Callable[[str], np.ndarray | None] | None = None) -> "GraphIndex":
-        ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts)
+              outer_consts: Callable[[str], np.ndarray | None] | None = None, opset: int = 13,
+              names: set[str] | None = None) -> "GraphIndex":
+        ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts, opset=opset)
+        if names is not None:
+            ix.names = names  # shared across scopes: a name made here must not shadow or repeat another scope's
         ix.inits = {t.name: t for t in graph.initializer}
         ix.graph_inputs = {i.name for i in graph.input}
         ix.graph_outputs = {o.name for o in graph.output}
-        ix.names = set(ix.inits) | ix.graph_inputs | ix.graph_outputs | {v.name for v in graph.value_info}
+        ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
         for n in graph.node:
             for o in n.output:
                 if o:
@@ -120,35 +126,14 @@ class GraphIndex:
         """The constant value of tensor `name`, or Skip(NON_CONSTANT_PARAM) naming it."""
         if name in self.const_cache:
             return self.const_cache[name]
-        if name in self.inits:
-            if self.overridable(name):
-                raise Skip(Reason.NON_CONSTANT_PARAM, f"{role} {name!r} is an initializer that is also a graph input (overridable)")
-            value = numpy_helper.to_array(self.inits[name])
-        elif name in self.producer and self.producer[name].op_type == "Constant" and self.producer[name].domain in ONNX_DOMAINS:
-            value = _constant_node_value(self.producer[name])
-            if value is None:
-                raise Skip(Reason.NON_CONSTANT_PARAM, f"{role} {name!r} comes from an unsupported Constant")
-        elif name in self.graph_inputs:
-            raise Skip(Reason.NON_CONSTANT_PARAM, f"{role} {name!r} is a graph input")
-        elif name not in self.producer and self.outer_consts is not None and self.outer_consts(name) is not None:
-            value = self.outer_consts(name)
-        else:
-            src = self.producer.get(name)
+        if self.evaluator is None:
+            self.evaluator = ConstEvaluator(self, self.opset)
+        value = self.evaluator.value(name)
+        if value is None:
+            why = self.evaluator.why(name)
             raise Skip(Reason.NON_CONSTANT_PARAM,
-                       f"{role} {name!r} is computed at run time" + (f" by {node_label(src)}" if src else ""))
-        self.const_cache[name] = value
+                       f"{role} {why}" if why.startswith(repr(name)) else f"{role} {name!r} depends on {why}")
         return value
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for a in node.attribute:
-        if a.name == "value":
-            return numpy_helper.to_array(a.t)
-        if a.name == "value_float":
-            return np.array(a.f, np.float32)
-        if a.name == "value_floats":
-            return np.array(list(a.floats), np.float32)
-    return None
 
 
 @dataclass
@@ -169,11 +154,13 @@ class OnnxFolder:
     """Folds every BatchNormalization of one graph; collects one Decision per BN."""
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, opset: int,
-                 outer_consts: Callable[[str], np.ndarray | None] | None = None, scope: str = "") -> None:
+                 outer_consts: Callable[[str], np.ndarray | None] | None = None, scope: str = "",
+                 names: set[str] | None = None, standalone: str = "keep") -> None:
         self.model = model
         self.opset = opset
         self.scope = scope
-        self.ix = GraphIndex.build(graph, model.ir_version, outer_consts)
+        self.standalone = standalone
+        self.ix = GraphIndex.build(graph, model.ir_version, outer_consts, opset, names)
         # Node identity (id()) is used for bookkeeping; holding every wrapper keeps ids stable.
         self._nodes = list(graph.node)
         self.decisions: list[Decision] = []
@@ -392,14 +379,41 @@ class OnnxFolder:
                 self.dead_values.add(o)
 
     # -- cleanup --------------------------------------------------------------------------------
+    def _dead_constants(self, dead: set[int]) -> set[str]:
+        """Add to `dead` every constant-only node nobody reads any more (transitively, starting from the
+        names folding released); return the initializers nobody reads any more."""
+        ix = self.ix
+        const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
+        work, seen, dead_inits = list(self.maybe_dead_inits), set(), set()
+        while work:
+            n = work.pop()
+            if n in seen or ix.uses(n):
+                continue
+            seen.add(n)
+            if n in ix.inits:
+                if n not in ix.graph_inputs:
+                    dead_inits.add(n)
+                continue
+            src = ix.producer.get(n)
+            if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
+                continue
+            if id(src) not in const_nodes and not (src.op_type == "Constant" and src.domain in ONNX_DOMAINS):
+                continue
+            dead.add(id(src))
+            self.dead_values.update(o for o in src.output if o)
+            for i in src.input:
+                if i:
+                    users = ix.consumers.get(i, [])
+                    if src in users:
+                        users.remove(src)
+                    work.append(i)
+        return dead_inits
+
     def _sweep(self) -> None:
         """Remove folded BNs and initializers nothing reads any more, without copying tensors."""
         g, ix = self.ix.graph, self.ix
         dead = set(self.dead_nodes)
-        for n in self.maybe_dead_inits:
-            src = ix.producer.get(n)
-            if src is not None and src.op_type == "Constant" and ix.uses(n) == 0:
-                dead.add(id(src))
+        dead_inits = self._dead_constants(dead)
         if self.inserted or dead:
             pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(g.node)}
             for after, new in self.inserted:
@@ -409,8 +423,6 @@ class OnnxFolder:
             g.node.sort(key=lambda n: (id(n) in dead, pos[id(n)]))
             if dead:
                 del g.node[len(g.node) - len(dead):]
-        dead_inits = {n for n in self.maybe_dead_inits
-                      if n in ix.inits and ix.uses(n) == 0 and n not in ix.graph_inputs}
         if dead_inits:
             g.initializer.sort(key=lambda t: t.name in dead_inits)
             del g.initializer[len(g.initializer) - len(dead_inits):]
