@@ -81,7 +81,7 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
         from .passes.onnx_fold import fold_onnx
         res = fold_onnx(model, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed,
                         input_specs=input_specs, inputs_npz=inputs_npz, batches=batches, standalone=standalone,
-                        dry_run=dry_run, original_path=path, progress=progress)
+                        dry_run=dry_run, original_path=path, progress=progress, copy=path is None)
     else:
         p = framework_pass(fw)
         if example_inputs is None and (input_specs or inputs_npz or path is not None):

@@ -33,13 +33,37 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         except Exception as e:  # noqa: BLE001
             raise BnfoldError(f"cannot read external data: {_short(e)}", path) from None
     try:
-        onnx.checker.check_model(path if not _has_external(model) and os.path.getsize(path) < TWO_GB else model,
-                                 full_check=False)
+        onnx.checker.check_model(structure_only(model), full_check=False)
     except onnx.checker.ValidationError as e:
         raise BnfoldError(f"invalid ONNX model: {_short(e)}", path) from None
     except Exception as e:  # noqa: BLE001
         raise BnfoldError(f"invalid ONNX model: {_short(e)}", path) from None
     return model
+
+
+def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` without weight data, for the checker: initializers become typed graph inputs.
+
+    Checking the structure this way costs the size of the node list, not of the weights (re-reading a
+    100 MB file just to check it doubled the load time).
+    """
+    m = onnx.ModelProto()
+    g = model.graph
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    mg = m.graph
+    mg.name = g.name
+    mg.doc_string = g.doc_string
+    mg.node.extend(g.node)
+    mg.input.extend(g.input)
+    mg.output.extend(g.output)
+    mg.value_info.extend(g.value_info)
+    have = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.name not in have:
+            mg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
@@ -49,7 +73,7 @@ def _has_external(model: onnx.ModelProto) -> bool:
 
 def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = None) -> None:
     """Write `model` atomically; models over 2 GB (or when asked) keep their weights in `<name>.data`."""
-    big = model.ByteSize() > TWO_GB if external_data is None else external_data
+    big = _probably_big(model) if external_data is None else external_data
 
     def write(tmp: str) -> None:
         if big:
@@ -63,6 +87,14 @@ def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = No
             onnx.save_model(model, tmp)
 
     atomic_write(path, write)
+
+
+def _probably_big(model: onnx.ModelProto) -> bool:
+    # ByteSize() walks every byte of a large model; the weights' raw bytes decide it unless close to 2 GB.
+    raw = sum(len(t.raw_data) for t in model.graph.initializer)
+    if raw < TWO_GB * 0.9:
+        return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and model.ByteSize() > TWO_GB
+    return model.ByteSize() > TWO_GB
 
 
 def _short(e: BaseException) -> str:

@@ -15,11 +15,18 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
               atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
               input_specs: Sequence[InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
               standalone: str = "keep", dry_run: bool = False, original_path: str | None = None,
-              progress: Callable[[str], None] | None = None) -> FoldResult:
-    """Fold a copy of `model`; verify it unless told not to. `model` itself is never changed."""
+              progress: Callable[[str], None] | None = None, copy: bool = True) -> FoldResult:
+    """Fold a copy of `model`; verify it unless told not to. `model` itself is never changed.
+
+    copy=False folds `model` in place: only for a model nobody else holds and that needs no
+    verification against itself (the CLI's freshly loaded file with --no-verify).
+    """
     t0 = time.perf_counter()
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
+    if copy or verify or dry_run:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    else:
+        folded = model
     decisions = fold_model(folded, standalone=standalone)
     t_fold = time.perf_counter() - t0
     report = Report(model=original_path, framework="onnx", decisions=decisions)
