@@ -1,0 +1,122 @@
+"""Fold a Keras model, export it to ONNX with Keras' own exporter, verify the ONNX against the original.
+
+Keras 3 on TensorFlow exports through tf2onnx (model.export(path, format="onnx")). The reference is
+the original Keras model on CPU; the noise is the same one-ulp weight nudge as for Keras-vs-Keras,
+plus the unfolded model exported the same way and run on onnxruntime with every optimisation off,
+which measures how far onnxruntime's kernels alone move the outputs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BnfoldError, MissingExtraError
+from ..io import atomic_write
+from ..results import FoldResult, ProviderResult, Verification
+from ..verify import compare, keras_runner
+
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+
+
+def _need_tf2onnx() -> None:
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError as e:
+        raise MissingExtraError("tf2onnx (Keras' ONNX exporter on TensorFlow)", "keras") from e
+
+
+def _export(model: Any, path: str, feeds: list[np.ndarray]) -> None:
+    import logging
+
+    keras_runner.run(model, feeds)  # Keras refuses to export a functional model that was never called
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    try:
+        model.export(path, format="onnx", verbose=False)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise BnfoldError(f"Keras' ONNX export failed ({type(e).__name__}: {first})") from None
+
+
+def _ort_run(path: str, feeds: list[np.ndarray], provider: str, optimise: bool) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimise:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=[provider])
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(feeds):
+        raise BnfoldError(f"the exported ONNX has {len(names)} inputs, the Keras model {len(feeds)}", path)
+    return [np.asarray(o) for o in sess.run(None, dict(zip(names, feeds)))]
+
+
+def export_onnx(model: Any, out_path: str, *, example_inputs: Any = None, verify: bool = True,
+                providers: Sequence[str] | None = None, atol: float | None = None, rtol: float | None = None,
+                seed: int = 0) -> FoldResult:
+    """Fold, export to ONNX with Keras' own exporter, verify the ONNX on onnxruntime against the original."""
+    from .keras_pass import _feeds, fold
+
+    _need_tf2onnx()
+    low = sorted({layer.compute_dtype for layer in model._flatten_layers()} - {"float32"})
+    if low:
+        raise BnfoldError(f"Keras' ONNX export needs a float32 model; this one computes in {', '.join(low)}")
+    feeds = _feeds(model, example_inputs, seed)
+    result = fold(model, example_inputs=feeds, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed)
+    report = result.report
+    report.output = out_path
+    if verify and not report.verification:
+        return result  # the Keras fold itself failed: nothing is written
+    t0 = time.perf_counter()
+    atomic_write(out_path, lambda tmp: _export(result.model, tmp, feeds), suffix=".onnx")
+    report.timing_s["save"] = time.perf_counter() - t0
+    if verify:
+        t1 = time.perf_counter()
+        try:
+            onnx_ver = _verify_onnx(model, out_path, feeds, providers, atol, rtol, seed)
+        except BaseException:
+            os.unlink(out_path)
+            raise
+        merged = Verification(providers={**report.verification.providers, **onnx_ver.providers},
+                              tolerance=onnx_ver.tolerance)
+        report.verification = merged
+        report.timing_s["verify"] = report.timing_s.get("verify", 0.0) + time.perf_counter() - t1
+        if not merged:
+            os.unlink(out_path)  # a failed verification writes nothing
+    return result
+
+
+def _verify_onnx(original: Any, onnx_path: str, feeds: list[np.ndarray], providers: Sequence[str] | None,
+                 atol: float | None, rtol: float | None, seed: int) -> Verification:
+    import onnxruntime as ort
+
+    names = keras_runner.output_names(original)
+    ref = dict(zip(names, keras_runner.run(original, feeds, "cpu")))
+    keras_noise = [dict(zip(names, o)) for o in keras_runner.noise_outputs(original, feeds, "cpu", seed)]
+    ver = Verification(tolerance={"atol": atol, "rtol": rtol,
+                                  "how": "user" if atol is not None or rtol is not None else "auto"})
+    available = ort.get_available_providers()
+    with tempfile.TemporaryDirectory() as tmp:
+        unfolded = os.path.join(tmp, "unfolded.onnx")
+        _export(original, unfolded, feeds)
+        for dev in keras_runner.normalise_providers(providers):
+            prov = ORT_PROVIDERS[dev]
+            if prov not in available:
+                ver.providers[prov] = ProviderResult(prov, ran=False, why=f"{prov} is not available in this "
+                                                     "onnxruntime (onnxruntime-gpu not installed or no device)")
+                continue
+            cand_out = _ort_run(onnx_path, feeds, prov, optimise=True)
+            if len(cand_out) != len(names):
+                ver.providers[prov] = ProviderResult(prov, ran=True, passed=False, outputs={
+                    "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
+                continue
+            backend_noise = dict(zip(names, _ort_run(unfolded, feeds, prov, optimise=False)))
+            ok, per_output = compare.judge(ref, dict(zip(names, cand_out)), keras_noise + [backend_noise],
+                                           atol=atol, rtol=rtol)
+            ver.providers[prov] = ProviderResult(prov, ran=True, passed=ok, outputs=per_output,
+                                                 notes={"reference": "original Keras model on CPU"})
+    return ver
