@@ -1,0 +1,166 @@
+"""Verification in PyTorch: the original against a candidate on CPU and, when present, CUDA.
+
+Same rules as the ONNX verifier (compare.judge): the reference is the unfolded original; its noise is
+measured by running the original with every floating parameter and buffer nudged one ulp
+(compare.perturb); on CUDA a second noise run toggles TF32, which PyTorch enables for convolutions by
+default. Each model runs on the example inputs and on two variants of them (negated, fresh random), so
+a branch the first input does not take is still exercised.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten
+
+from ..errors import BnfoldError
+from ..results import ProviderResult, Verification
+from . import compare
+
+DEVICES = ("cpu", "cuda")
+
+
+def requested_devices(providers: Sequence[str] | None) -> tuple[list[str], bool]:
+    """(devices, explicit) from --providers; 'CPUExecutionProvider'-style names are accepted too."""
+    if not providers:
+        return list(DEVICES), False
+    out = []
+    for p in providers:
+        key = p.strip().lower().replace("executionprovider", "")
+        key = {"gpu": "cuda", "torch-cpu": "cpu", "torch-cuda": "cuda"}.get(key, key)
+        if key not in DEVICES:
+            raise BnfoldError(f"--providers: {p!r} is not a PyTorch device; use cpu or cuda")
+        if key not in out:
+            out.append(key)
+    return out, True
+
+
+def cuda_why_not() -> str:
+    """Empty when a CUDA device is usable from PyTorch, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to PyTorch (torch.cuda.is_available() is False)"
+    return ""
+
+
+def as_callable(model: Any) -> Any:
+    """Something callable with the example inputs (an ExportedProgram runs through .module())."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()
+    return model
+
+
+def on_device(model: Any, device: str) -> Any:
+    """A private copy of `model` on `device`; the caller's model is never moved or mutated."""
+    if isinstance(model, torch.export.ExportedProgram):
+        m = model.module()
+        return m.to(device) if device != "cpu" else m
+    if isinstance(model, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(model, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location=device)
+    return copy.deepcopy(model).to(device)
+
+
+def perturbed(model: Any, seed: int) -> None:
+    """Nudge every floating parameter and buffer of `model` (a private copy) by about one ulp."""
+    from ..passes.torch_rules import from_numpy, to_numpy
+    rng = np.random.default_rng(seed + 1)
+    with torch.no_grad():
+        tensors = list(model.named_parameters()) + list(model.named_buffers())
+        for _, t in tensors:
+            if t.is_floating_point() and t.numel():
+                t.copy_(from_numpy(compare.perturb(to_numpy(t), rng), t))
+
+
+def outputs(result: Any) -> dict[str, np.ndarray]:
+    """Named numpy copies of every tensor in a (nested) model output."""
+    from ..passes.torch_rules import to_numpy
+    leaves = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+    if len(leaves) == 1:
+        return {"output": to_numpy(leaves[0])}
+    return {f"output.{i}": to_numpy(t) for i, t in enumerate(leaves)}
+
+
+def run(model: Any, inputs: Sequence[tuple], device: str) -> dict[str, np.ndarray]:
+    """Run `model` (already on `device`) on each input tuple; outputs concatenated per name."""
+    runs = []
+    with torch.no_grad():
+        for args in inputs:
+            moved = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+            runs.append(outputs(model(*moved)))
+    if len(runs) == 1:
+        return runs[0]
+    return {k: np.concatenate([np.asarray(r[k]).reshape(-1) for r in runs]) for k in runs[0]}
+
+
+class _TF32:
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = self.on
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def tolerance_doc(atol: Any, rtol: float | None) -> dict[str, Any]:
+    if atol is None and rtol is None:
+        return {"atol": None, "rtol": None, "how": "auto",
+                "rule": f"max|cand-ref| <= max({compare.NOISE_MULTIPLE:g} x noise, {compare.FLOOR_ULPS:g} ulp x max|ref|)"}
+    return {"atol": dict(atol) if isinstance(atol, Mapping) else atol, "rtol": rtol, "how": "user"}
+
+
+def reference_runs(original: Any, inputs: Sequence[tuple], device: str,
+                   seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], dict[str, Any]]:
+    """(reference outputs, noise runs, notes) of the original on `device`."""
+    ref_model = on_device(original, device)
+    ref = run(as_callable(ref_model), inputs, device)
+    noisy = on_device(original, device)
+    noisy = as_callable(noisy)
+    perturbed(noisy, seed)
+    noise = [run(noisy, inputs, device)]
+    notes: dict[str, Any] = {"noise_sources": ["parameters and buffers nudged one ulp"]}
+    if device == "cuda":
+        notes["tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        with _TF32(not torch.backends.cudnn.allow_tf32):
+            noise.append(run(as_callable(ref_model), inputs, device))
+        notes["noise_sources"].append("TF32 on vs off")
+    return ref, noise, notes
+
+
+def verify_torch(original: Any, candidate: Any, inputs: Sequence[tuple], *, providers: Sequence[str] | None = None,
+                 atol: float | Mapping[str, float] | None = None, rtol: float | None = None,
+                 seed: int = 0, candidate_runner: Callable[[str], tuple[str, Callable[[], dict[str, np.ndarray]]]] | None = None
+                 ) -> Verification:
+    """Compare `candidate` (a torch model, or `candidate_runner(device)` -> (key, run)) with `original`."""
+    devices, explicit = requested_devices(providers)
+    ver = Verification(tolerance=tolerance_doc(atol, rtol))
+    for dev in devices:
+        key = f"torch-{dev}"
+        why = cuda_why_not() if dev == "cuda" else ""
+        if why:
+            if explicit:
+                raise BnfoldError(f"device cuda was requested but cannot run: {why}")
+            ver.providers[key] = ProviderResult(key, ran=False, why=why)
+            continue
+        ref, noise, notes = reference_runs(original, inputs, dev, seed)
+        if candidate_runner is not None:
+            key, run_candidate = candidate_runner(dev)
+            if not key:
+                ver.providers[f"onnxruntime-{dev}"] = ProviderResult(f"onnxruntime-{dev}", ran=False, why=run_candidate)  # type: ignore[arg-type]
+                continue
+            cand = run_candidate()
+            cand = {rk: cand[ck] for rk, ck in zip(ref, cand)} if len(cand) == len(ref) else cand
+            notes["reference"] = f"torch-{dev}"
+        else:
+            cand = run(as_callable(on_device(candidate, dev)), inputs, dev)
+        passed, outs = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
+        ver.providers[key] = ProviderResult(key, ran=True, passed=passed, outputs=outs, notes=notes)
+    return ver
