@@ -36,14 +36,15 @@ def load(path: str, *, trust: bool = False) -> Any:
     if p.is_dir():
         try:
             return keras.saving.load_model(path, safe_mode=not trust)
-        except Exception as e:
+        except Exception:
             raise BnfoldError(
                 "is a TensorFlow SavedModel, which Keras 3 cannot turn back into layers (it keeps traced "
-                "functions, not the BatchNorm layers to fold); save it as .keras with the Keras that "
-                f"wrote it ({_first_line(e)})", path) from None
+                "functions, not the BatchNorm layers to fold); save the model as .keras or .h5 with the "
+                "Keras that wrote it", path) from None
     if p.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise BnfoldError(f"not a Keras model file (expected .keras or .h5, got {p.suffix or 'no extension'!r})",
                           path)
+    _check_container(p)
     try:
         return keras.saving.load_model(path, safe_mode=not trust)
     except Exception as e:
@@ -52,6 +53,19 @@ def load(path: str, *, trust: bool = False) -> Any:
             raise BnfoldError("contains a Lambda layer, whose Python code would run when loaded; "
                               "pass --trust to load it if you trust this file", path) from None
         raise BnfoldError(f"cannot be read as a Keras model ({_first_line(e)})", path) from None
+
+
+def _check_container(p: Path) -> None:
+    """Name a damaged file plainly: Keras reports a non-zip .keras file as 'File not found'."""
+    import zipfile
+
+    if p.suffix.lower() == ".keras" and not zipfile.is_zipfile(p):
+        raise BnfoldError("is not a .keras archive (not a zip file); it may be truncated or corrupt", str(p))
+    if p.suffix.lower() in (".h5", ".hdf5"):
+        import h5py
+
+        if not h5py.is_hdf5(str(p)):
+            raise BnfoldError("is not an HDF5 file; it may be truncated or corrupt", str(p))
 
 
 def save(model: Any, path: str) -> None:
