@@ -59,7 +59,7 @@ def load(path: str, trust: bool = False) -> Any:
 def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, providers: Sequence[str] | None = None,
          *, atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
          input_specs: Sequence[InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
-         standalone: str = "keep", trust: bool = False, dry_run: bool = False,
+         outputs_only: bool = False, standalone: str = "keep", trust: bool = False, dry_run: bool = False,
          progress: Callable[[str], None] | None = None) -> FoldResult:
     """Fold every foldable BatchNorm and verify the result against the unfolded model.
 
@@ -81,6 +81,7 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
         from .passes.onnx_fold import fold_onnx
         res = fold_onnx(model, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed,
                         input_specs=input_specs, inputs_npz=inputs_npz, batches=batches, standalone=standalone,
+                        outputs_only=outputs_only,
                         dry_run=dry_run, original_path=path, progress=progress, copy=path is None)
     else:
         p = framework_pass(fw)
@@ -102,7 +103,7 @@ def _spec_tuples(specs: Sequence[InputSpec]):
 def check(original: Any, candidate: Any, *, providers: Sequence[str] | None = None,
           atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
           input_specs: Sequence[InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
-          example_inputs: Any = None, trust: bool = False,
+          outputs_only: bool = False, example_inputs: Any = None, trust: bool = False,
           progress: Callable[[str], None] | None = None) -> Verification:
     """Are `original` and `candidate` the same function? Truthy Verification when they are.
 
@@ -118,7 +119,7 @@ def check(original: Any, candidate: Any, *, providers: Sequence[str] | None = No
             raise BnfoldError("an ONNX original can only be checked against an ONNX candidate")
         from .verify.onnx_verify import verify_onnx
         return verify_onnx(orig, cand, providers=providers, atol=atol, rtol=rtol, seed=seed, input_specs=input_specs,
-                           inputs_npz=inputs_npz, batches=batches, progress=progress)
+                           inputs_npz=inputs_npz, batches=batches, outputs_only=outputs_only, progress=progress)
     p = framework_pass(fw)
     if example_inputs is None:
         example_inputs = p.example_inputs_for(orig, input_specs=list(_spec_tuples(input_specs)),

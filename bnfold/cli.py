@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser, verify_opts: bool = True) -> None:
                    help="shape (and dtype) of an input, e.g. images:1x3x224x224 (dynamic dims default to 1)")
     g.add_argument("--inputs", metavar="FILE.npz", help="real input data: an .npz with one array per input name")
     g.add_argument("--batches", type=int, default=1, metavar="N", help="number of random input batches (default 1)")
+    g.add_argument("--outputs-only", action="store_true",
+                   help="only the model outputs decide; by default every tensor both models compute under the same "
+                        "name must agree too (catches errors a ReLU masks on the test inputs)")
 
 
 def _fold_parser() -> argparse.ArgumentParser:
@@ -135,6 +138,7 @@ def _verify_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         "input_specs": [parse_input_spec(s) for s in a.input],
         "inputs_npz": a.inputs,
         "batches": a.batches,
+        "outputs_only": a.outputs_only,
     }
 
 
@@ -217,6 +221,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     kw = _verify_kwargs(a)
     model = api.load(a.model, trust=a.trust)
     fp = api.framework_pass(fw)
+    kw.pop("outputs_only")
     example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype or "float32")
                                                         for s in kw["input_specs"]],
                                     inputs_npz=kw["inputs_npz"], seed=kw["seed"])

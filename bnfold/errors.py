@@ -19,5 +19,5 @@ class MissingExtraError(BnfoldError):
         )
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(AssertionError):
     """Raised by library helpers (bnfold.testing) when two models are not the same function."""

@@ -15,7 +15,8 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
               atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
               input_specs: Sequence[InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
               standalone: str = "keep", dry_run: bool = False, original_path: str | None = None,
-              progress: Callable[[str], None] | None = None, copy: bool = True) -> FoldResult:
+              progress: Callable[[str], None] | None = None, copy: bool = True,
+              outputs_only: bool = False) -> FoldResult:
     """Fold a copy of `model`; verify it unless told not to. `model` itself is never changed.
 
     copy=False folds `model` in place: only for a model nobody else holds and that needs no
@@ -37,7 +38,7 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
         from ..verify.onnx_verify import verify_onnx
         report.verification = verify_onnx(model, folded, providers=providers, atol=atol, rtol=rtol, seed=seed,
                                           input_specs=input_specs, inputs_npz=inputs_npz, batches=batches,
-                                          progress=progress)
+                                          outputs_only=outputs_only, progress=progress)
     report.timing_s = {"fold": t_fold, "verify": time.perf_counter() - t1}
     if dry_run:
         report.info["dry_run"] = True

@@ -8,7 +8,6 @@ order, and names the earliest one that diverges.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -142,16 +141,27 @@ def _concat(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, providers: Sequence[str] | None = None,
                 atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
                 input_specs: Sequence[inp.InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
-                culprit: bool = True, original_path: str | None = None,
+                outputs_only: bool = False, original_path: str | None = None,
                 progress: Callable[[str], None] | None = None) -> Verification:
-    """Compare `candidate` with `original` on every requested (or available) provider."""
+    """Compare `candidate` with `original` on every requested (or available) provider.
+
+    Besides the graph outputs, every tensor both models compute under the same name is compared:
+    a wrong fold whose effect is masked downstream on these inputs (a ReLU that happens to cut the
+    damaged channel) still fails, and the earliest diverging tensor is named. With
+    `outputs_only=True` only the graph outputs decide (for candidates that reuse a tensor name for a
+    different value); a failure is still traced to the earliest diverging tensor.
+    """
     say = progress or (lambda _msg: None)
     _same_signature(original, candidate)
     feeds = make_feeds(original, input_specs, inputs_npz, seed, batches)
     names, explicit = _requested(providers)
     noise_model = perturbed(original, seed)
+    inner = common_tensors(original, candidate)
+    models = (original, candidate, noise_model)
+    if inner:
+        models = tuple(with_outputs(m, inner) for m in models)
     ver = Verification(tolerance=_tolerance_doc(atol, rtol))
-    failing: str | None = None
+    out_names = [o.name for o in original.graph.output]
     for name in names:
         ok, why = runners.availability(name)
         if not ok:
@@ -160,24 +170,83 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
             ver.providers[name] = ProviderResult(name, ran=False, why=why)
             continue
         say(f"verifying on {name}")
-        notes: dict[str, Any] = {}
-        ref = _run_all(original_path or original, name, feeds, "original")
-        cand = _run_all(candidate, name, feeds, "candidate")
-        noise = [_concat(_run_all(noise_model, name, feeds, "noise model"))]
+        notes: dict[str, Any] = {"noise_sources": ["weights nudged one ulp"]}
+        try:
+            ref, cand, noise1 = (_concat(_run_all(m, name, feeds, lbl))
+                                 for m, lbl in zip(models, ("original", "candidate", "noise model")))
+        except BnfoldError:
+            if not inner:
+                raise
+            # some intermediate cannot be an output (e.g. a sequence); compare the outputs only
+            inner, models = [], (original, candidate, noise_model)
+            ref, cand, noise1 = (_concat(_run_all(m, name, feeds, lbl))
+                                 for m, lbl in zip(models, ("original", "candidate", "noise model")))
+        noise = [noise1]
         if name == "CUDAExecutionProvider":
             notes["tf32"] = True  # onnxruntime's CUDA EP default; the noise run below measures its effect
-            noise.append(_concat(_run_all(original, name, feeds, "original (TF32 off)", _options(name, tf32=False))))
-            notes["noise_sources"] = ["weights nudged one ulp", "TF32 on vs off"]
-        else:
-            notes["noise_sources"] = ["weights nudged one ulp"]
-        passed, outs = compare.judge(_concat(ref), _concat(cand), noise, atol=atol, rtol=rtol)
+            noise.append(_concat(_run_all(models[0], name, feeds, "original (TF32 off)", _options(name, tf32=False))))
+            notes["noise_sources"].append("TF32 on vs off")
+        pick = lambda d, keys: {k: d[k] for k in keys if k in d}  # noqa: E731
+        passed, outs = compare.judge(pick(ref, out_names), pick(cand, out_names), [pick(n, out_names) for n in noise],
+                                     atol=atol, rtol=rtol)
+        if inner:
+            notes["intermediates_compared"] = len(inner)
+            div = _first_divergence(inner, ref, cand, noise, atol, rtol)
+            if div is not None:
+                div.update(_who(original, candidate, div["tensor"]), provider=name)
+                if outputs_only and passed:
+                    notes["ignored_divergence"] = div  # reported, not decisive, as asked
+                    div = None
+            if div is not None:
+                if passed:
+                    notes["masked_divergence"] = (
+                        "the outputs agree on these inputs, but an intermediate tensor diverges: the error is "
+                        "masked downstream (e.g. a ReLU cut the damaged channel) and shows on other inputs")
+                passed = False
+                if ver.first_divergence is None:
+                    ver.first_divergence = div
         ver.providers[name] = ProviderResult(name, ran=True, passed=passed, outputs=outs, notes=notes)
-        if not passed and failing is None:
-            failing = name
-    if failing is not None and culprit:
-        say("locating the first diverging tensor")
-        ver.first_divergence = first_divergence(original, candidate, noise_model, failing, feeds[0], atol, rtol)
+        if not passed and ver.first_divergence is None:
+            worst = max(outs, key=lambda k: outs[k].get("max_abs", 0) / (outs[k].get("atol") or 1e-300))
+            ver.first_divergence = {"tensor": worst, **_who(original, candidate, worst), "provider": name,
+                                    "max_abs": outs[worst].get("max_abs"), "atol": outs[worst].get("atol")}
     return ver
+
+
+def common_tensors(original: onnx.ModelProto, candidate: onnx.ModelProto) -> list[str]:
+    """Tensors computed by nodes of both models under the same name, in the original's node order
+    (graph outputs excluded: they are compared anyway)."""
+    cand = {o for n in candidate.graph.node for o in n.output if o}
+    outs = {o.name for o in original.graph.output}
+    seen: set[str] = set()
+    order = []
+    for n in original.graph.node:
+        for o in n.output:
+            if o and o in cand and o not in outs and o not in seen:
+                seen.add(o)
+                order.append(o)
+    return order
+
+
+def _first_divergence(order: Sequence[str], ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray],
+                      noise: list[Mapping[str, np.ndarray]], atol: Any, rtol: float | None) -> dict[str, Any] | None:
+    user_atol = atol if not isinstance(atol, Mapping) else None
+    for name in order:
+        if name not in ref or name not in cand:
+            continue
+        ok, st = compare.judge({name: ref[name]}, {name: cand[name]}, [{name: n[name]} for n in noise if name in n],
+                               atol=user_atol, rtol=rtol)
+        if not ok:
+            e = st[name]
+            return {"tensor": name, "max_abs": e.get("max_abs"), "max_rel": e.get("max_rel"), "atol": e.get("atol"),
+                    "noise_max_abs": e.get("noise_max_abs")}
+    return None
+
+
+def _who(original: onnx.ModelProto, candidate: onnx.ModelProto, tensor: str) -> dict[str, Any]:
+    cn = next((n for n in candidate.graph.node if tensor in n.output), None)
+    on = next((n for n in original.graph.node if tensor in n.output), None)
+    return {"node": _label(cn), "op": cn.op_type if cn is not None else None, "original_node": _label(on)}
 
 
 def _tolerance_doc(atol: Any, rtol: float | None) -> dict[str, Any]:
@@ -196,45 +265,6 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
         if n not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=n))
     return m
-
-
-def first_divergence(original: onnx.ModelProto, candidate: onnx.ModelProto, noise_model: onnx.ModelProto,
-                     provider: str, feeds: dict[str, np.ndarray], atol: Any, rtol: float | None) -> dict[str, Any] | None:
-    """The earliest tensor (original's topological order) present in both models that differs."""
-    cand_prod = {o: n for n in candidate.graph.node for o in n.output if o}
-    orig_prod = {}
-    order: list[str] = []
-    for n in original.graph.node:
-        for o in n.output:
-            if o and o in cand_prod:
-                orig_prod[o] = n
-                order.append(o)
-    for o in original.graph.output:
-        if o.name not in orig_prod and o.name in cand_prod:
-            order.append(o.name)
-    if not order:
-        return None
-    try:
-        ref = runners.OrtRunner(with_outputs(original, order), provider, label="original").run(feeds)
-        cand = runners.OrtRunner(with_outputs(candidate, order), provider, label="candidate").run(feeds)
-        noise = runners.OrtRunner(with_outputs(noise_model, order), provider, label="noise model").run(feeds)
-    except BnfoldError as e:
-        print(f"bnfold: culprit search skipped: {e}", file=sys.stderr)
-        return None
-    for name in order:
-        if name not in ref or name not in cand:
-            continue
-        user_atol = atol if not isinstance(atol, Mapping) else None
-        passed, outs = compare.judge({name: ref[name]}, {name: cand[name]}, [{name: noise.get(name, ref[name])}],
-                                     atol=user_atol, rtol=rtol)
-        if not passed:
-            st = outs[name]
-            cn = cand_prod.get(name)
-            on = orig_prod.get(name)
-            return {"tensor": name, "node": _label(cn), "op": cn.op_type if cn is not None else None,
-                    "original_node": _label(on), "provider": provider,
-                    "max_abs": st.get("max_abs"), "max_rel": st.get("max_rel"), "atol": st.get("atol")}
-    return None
 
 
 def _label(n: onnx.NodeProto | None) -> str | None:
