@@ -41,7 +41,7 @@ def fold_verified(model: onnx.ModelProto, rel: float = 1e-4, **kw) -> bnfold.Fol
     res = bnfold.fold(model, **kw)
     assert model.SerializeToString() == before, "the input model was mutated"
     ver = res.report.verification
-    assert ver is not None and ver.passed is True, ver.to_dict() if ver else None
+    assert ver is not None and ver.passed is True, ver.to_dict() if ver is not None else None
     onnx.checker.check_model(res.model, full_check=True)
     assert [o.name for o in res.model.graph.output] == [o.name for o in model.graph.output]
     assert_same_function(model, res.model, rel=rel)

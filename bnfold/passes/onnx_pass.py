@@ -8,6 +8,7 @@ nodes and initializers are swept once at the end.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,9 @@ from onnx import helper, numpy_helper
 from .. import kernel, layouts
 from ..decisions import Decision, Reason, Skip
 from .onnx_const import ConstEvaluator
+from .onnx_standalone import BnView, absorb_affine_chain, as_mul_add
+from .onnx_backward import fold_before
+from .onnx_layout import LAYOUT_OPS, match_through_layout
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -148,6 +152,7 @@ class Match:
     bias_name: str | None           # existing bias tensor, if any
     bias_slot: tuple[onnx.NodeProto, int] | None  # where a bias lives / goes; None -> insert an Add
     bias_scale: float = 1.0         # Gemm beta
+    changed: list[onnx.NodeProto] = field(default_factory=list)  # nodes before `tail` whose output value changes
 
 
 class OnnxFolder:
@@ -155,7 +160,8 @@ class OnnxFolder:
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, opset: int,
                  outer_consts: Callable[[str], np.ndarray | None] | None = None, scope: str = "",
-                 names: set[str] | None = None, standalone: str = "keep") -> None:
+                 names: set[str] | None = None, standalone: str = "keep",
+                 shapes: dict[str, tuple[list | None, int]] | None = None) -> None:
         self.model = model
         self.opset = opset
         self.scope = scope
@@ -168,7 +174,7 @@ class OnnxFolder:
         self.maybe_dead_inits: set[str] = set()
         self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after node, new node)
         self.dead_values: set[str] = set()
-        self._rank_cache: dict[str, int] | None = None
+        self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
@@ -204,24 +210,30 @@ class OnnxFolder:
         s, t = kernel.bn_scale_shift(gamma, beta, mean, var, eps)
         return s, t, np.asarray(gamma).dtype
 
-    def _rank(self, name: str) -> int | None:
-        if self._rank_cache is None:
-            self._rank_cache = {}
-            g = self.ix.graph
-            vis = list(g.input) + list(g.output) + list(g.value_info)
-            if not any(v.name == name and v.type.tensor_type.HasField("shape") for v in vis) and not self.scope:
-                try:
-                    inferred = onnx.shape_inference.infer_shapes(self.model)
-                    vis += list(inferred.graph.value_info)
-                except Exception:  # noqa: BLE001 - inference is best effort; unknown rank is handled
-                    pass
-            for v in vis:
-                tt = v.type.tensor_type
-                if tt.HasField("shape"):
-                    self._rank_cache[v.name] = len(tt.shape.dim)
+    def dims(self, name: str) -> list | None:
+        """Static dims of a value (None entries for dynamic ones), or None when even the rank is unknown."""
         if name in self.ix.inits:
-            return len(self.ix.inits[name].dims)
-        return self._rank_cache.get(name)
+            return list(self.ix.inits[name].dims)
+        info = self.shapes.get(name)
+        if info is not None and info[0] is not None:
+            return list(info[0])
+        prod = self.ix.producer.get(name)
+        if prod is not None and prod.op_type in ("Conv", "ConvTranspose") and len(prod.input) > 1:
+            w = prod.input[1]
+            if w in self.ix.inits:
+                return [None] * len(self.ix.inits[w].dims)  # a conv's output has its weight's rank
+        return None
+
+    def _rank(self, name: str) -> int | None:
+        d = self.dims(name)
+        return None if d is None else len(d)
+
+    def elem_type(self, name: str) -> int:
+        """ONNX element type of a value, 0 when unknown."""
+        if name in self.ix.inits:
+            return self.ix.inits[name].data_type
+        info = self.shapes.get(name)
+        return info[1] if info is not None else 0
 
     def _single_use(self, value: str, producer: onnx.NodeProto) -> None:
         if value in self.ix.graph_outputs:
@@ -240,6 +252,8 @@ class OnnxFolder:
         if prod is None:
             what = "a graph input" if x in self.ix.graph_inputs else "a constant" if x in self.ix.inits else "an outer-scope value"
             raise Skip(Reason.NO_PRODUCER, f"the BatchNorm's input {x!r} is {what}")
+        if prod.domain in ONNX_DOMAINS and prod.op_type in LAYOUT_OPS:
+            return match_through_layout(self, bn)
         if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
             raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}",
                        producer=node_label(prod))
@@ -273,7 +287,7 @@ class OnnxFolder:
         self._check_matmul(mm)
         self._single_use(mm.output[0], mm)
         return Match("MatMul+Add->BN", mm, prod, layouts.matmul(), mm.input[1], bias,
-                     (prod, list(prod.input).index(bias)))
+                     (prod, list(prod.input).index(bias)), changed=[mm])
 
     def _check_matmul(self, mm: onnx.NodeProto) -> None:
         label = node_label(mm)
@@ -289,26 +303,48 @@ class OnnxFolder:
     # -- rewrite --------------------------------------------------------------------------------
     def _fold_one(self, bn: onnx.NodeProto, label: str) -> Decision:
         s, t, _ = self._bn_params(bn)
+        view = absorb_affine_chain(self, bn, s, t)
+        try:
+            return self._fold_after(bn, label, view)  # preferred: it never depends on padding
+        except Skip as e:
+            first = e
+        try:
+            return fold_before(self, bn, label, view)
+        except Skip as e:
+            # the backward check names a real layer: its reason says more than "no layer before"
+            if e.producer and first.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
+                first = e
+        if self.standalone == "affine":
+            return as_mul_add(self, bn, label, view, first)
+        raise first
+
+    def _fold_after(self, bn: onnx.NodeProto, label: str, view: BnView) -> Decision:
+        s, t = view.scale, view.shift
         m = self._match(bn)
         layer_label = node_label(m.layer)
         try:
             self._single_use(bn.input[0], m.tail)
             weight = self.ix.const(m.weight_name, f"{layer_label} weight")
             bias = self.ix.const(m.bias_name, f"{layer_label} bias") if m.bias_name else None
-            if m.pattern == "MatMul+Add->BN" and bias is not None and bias.ndim and bias.shape[-1] not in (1, s.size):
+            if m.layer.op_type == "MatMul" and bias is not None and bias.ndim and bias.shape[-1] not in (1, s.size):
                 raise Skip(Reason.AXIS_MISMATCH, f"bias of shape {bias.shape} does not broadcast over {s.size} features")
             folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=weight.dtype)
         except Skip as e:
             e.producer = e.producer or layer_label
             raise
-        self._rewrite(bn, m, folded)
-        return Decision.folded(label, self.scope + layer_label, m.pattern, "after")
+        self._rewrite(bn, m, folded, view)
+        return Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
 
     def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
         """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""
         ix = self.ix
         if name in ix.inits and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
-            ix.inits[name].CopyFrom(numpy_helper.from_array(value, name))
+            t = ix.inits[name]
+            if (t.HasField("raw_data") and list(t.dims) == list(value.shape) and sys.byteorder == "little"
+                    and value.dtype.kind == "f" and t.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)):
+                t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
+            else:
+                t.CopyFrom(numpy_helper.from_array(value, name))
             ix.const_cache[name] = value
             return name
         new = ix.unique(name or "bias")
@@ -333,50 +369,106 @@ class OnnxFolder:
         node.input[slot] = new
         ix.consumers.setdefault(new, []).append(node)
 
-    def _rewrite(self, bn: onnx.NodeProto, m: Match, f: kernel.Folded) -> None:
-        ix = self.ix
+    def _rewrite(self, bn: onnx.NodeProto, m: Match, f: kernel.Folded, view: BnView) -> None:
+        ix, out = self.ix, view.out
+        if m.tail is not m.layer:
+            self._rename_path(m.layer, m.tail)
         new_w = self._write_const(m.weight_name, f.weight, m.layer)
         self._replace_input(m.layer, 1, new_w)
         if m.bias_slot is not None:
             node, slot = m.bias_slot
             new_b = self._write_const(m.bias_name or f"{node_label(m.layer)}_bias", f.bias, node)
             self._replace_input(node, slot, new_b)
-            if m.pattern == "Gemm->BN":
+            if m.layer.op_type == "Gemm":
                 _set_attr(m.layer, "beta", 1.0)
         else:
-            # MatMul without bias: the shift needs an Add right after it.
-            mid = ix.unique(m.layer.output[0])
-            b_name = self._write_const(f"{node_label(m.layer)}_bias", f.bias, None)  # type: ignore[arg-type]
-            add = helper.make_node("Add", [mid, b_name], [bn.output[0]], name=ix.unique(node_label(m.layer) + "_add"))
-            old_out = m.layer.output[0]
-            m.layer.output[0] = mid
-            ix.producer[mid] = m.layer
-            ix.consumers.setdefault(mid, []).append(add)
-            ix.consumers.setdefault(b_name, []).append(add)
-            self.inserted.append((m.layer, add))
-            ix.producer[bn.output[0]] = add
-            self._drop_bn(bn, old_out)
-            return
+            # MatMul without bias: the shift needs an Add right after it (before any layout ops).
+            old_layer_out = m.layer.output[0]
+            self.insert_add(m.layer, f.bias, out if m.tail is m.layer else old_layer_out)
+            if m.tail is m.layer:
+                self.drop_bn(bn, view, old_out=old_layer_out)
+                return
+            self.rename_value(old_layer_out)  # the Add writes it now, with the folded value
+        for node in m.changed:
+            self.rename_value(node.output[0])
         old_out = m.tail.output[0]
-        m.tail.output[0] = bn.output[0]
-        ix.producer[bn.output[0]] = m.tail
-        self._drop_bn(bn, old_out)
+        m.tail.output[0] = out
+        ix.producer[out] = m.tail
+        self.drop_bn(bn, view, old_out=old_out)
 
-    def _drop_bn(self, bn: onnx.NodeProto, old_out: str) -> None:
+    def _rename_path(self, start: onnx.NodeProto, stop: onnx.NodeProto) -> None:
+        """Tensors between a folded layer and its BN change value: give them fresh names, so a tensor
+        name never means two different values in the original and the folded model (the verifier
+        compares same-named intermediates)."""
+        ix, node = self.ix, start
+        while node is not stop:
+            old = node.output[0]
+            users = ix.consumers.get(old, [])
+            if len(users) != 1:
+                return
+            nxt, new = users[0], ix.unique(old)
+            node.output[0] = new
+            for i, name in enumerate(nxt.input):
+                if name == old:
+                    nxt.input[i] = new
+            ix.producer.pop(old, None)
+            ix.producer[new] = node
+            ix.consumers[new] = ix.consumers.pop(old)
+            self.dead_values.add(old)
+            node = nxt
+
+    def rename_value(self, value: str) -> str:
+        """Give a single-use intermediate whose content a fold changes a fresh name (a name never
+        changes meaning, so the verifier can compare every tensor both models share)."""
         ix = self.ix
-        self.dead_nodes.add(id(bn))
-        for name in bn.input:
-            if name:
-                users = ix.consumers.get(name, [])
-                if bn in users:
-                    users.remove(bn)
-                self.maybe_dead_inits.add(name)
-        ix.producer.pop(old_out, None)
-        ix.consumers.pop(old_out, None)
-        self.dead_values.add(old_out)
-        for o in bn.output[1:]:
-            if o:
-                self.dead_values.add(o)
+        prod = ix.producer[value]
+        new = ix.unique(value)
+        prod.output[list(prod.output).index(value)] = new
+        ix.producer[new] = prod
+        readers = ix.consumers.pop(value, [])
+        for r in readers:
+            for k, name in enumerate(r.input):
+                if name == value:
+                    r.input[k] = new
+        ix.consumers[new] = readers
+        ix.producer.pop(value, None)
+        self.dead_values.add(value)
+        return new
+
+    def insert_add(self, layer: onnx.NodeProto, bias: np.ndarray, out: str) -> onnx.NodeProto:
+        """Make `layer` write a fresh name and an Add of `bias` to it write `out` (placed right after `layer`)."""
+        ix = self.ix
+        mid = ix.unique(layer.output[0])
+        b_name = self._write_const(f"{node_label(layer)}_bias", bias, None)  # type: ignore[arg-type]
+        add = helper.make_node("Add", [mid, b_name], [out], name=ix.unique(node_label(layer) + "_add"))
+        layer.output[0] = mid
+        ix.producer[mid] = layer
+        ix.consumers[mid] = [add]
+        ix.consumers.setdefault(b_name, []).append(add)
+        self.inserted.append((layer, add))
+        ix.producer[out] = add
+        return add
+
+    def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
+        """Mark the BN and its absorbed Mul/Add chain dead; `view.out` stays alive when someone now writes it."""
+        ix = self.ix
+        for node in (bn, *view.chain):
+            self.dead_nodes.add(id(node))
+            for name in node.input:
+                if name:
+                    users = ix.consumers.get(name, [])
+                    if node in users:
+                        users.remove(node)
+                    self.maybe_dead_inits.add(name)
+            for o in node.output:
+                if o and not (o == view.out and ix.producer.get(o) is not node):
+                    self.dead_values.add(o)
+                    if ix.producer.get(o) is node:
+                        ix.producer.pop(o)
+        if old_out is not None:
+            ix.producer.pop(old_out, None)
+            ix.consumers.pop(old_out, None)
+            self.dead_values.add(old_out)
 
     # -- cleanup --------------------------------------------------------------------------------
     def _dead_constants(self, dead: set[int]) -> set[str]:
@@ -444,8 +536,5 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 def fold_model(model: onnx.ModelProto, standalone: str = "keep") -> list[Decision]:
     """Fold every foldable BatchNormalization of `model` in place; one Decision per BN."""
-    if standalone != "keep":
-        from ..errors import BnfoldError
-        raise BnfoldError("--standalone affine is not implemented yet for ONNX models")
-    folder = OnnxFolder(model, model.graph, model_opset(model))
-    return folder.run()
+    from .onnx_scopes import fold_all_scopes
+    return fold_all_scopes(model, standalone)

@@ -1,0 +1,110 @@
+"""Looking through layout ops: MatMul(+Add) -> Reshape/Transpose/... -> BatchNormalization.
+
+A MatMul's features live on the last axis of its output. Layout ops move that axis; the BN scales
+axis 1 of what it sees. The fold is exact only when the MatMul's feature axis provably *is* the BN's
+channel axis after every layout op: a Transpose moves it to perm.index(axis); a reshape keeps
+feature f at position f of some output axis b exactly when that axis has the same size and the same
+number of elements after it (static dims needed for both). An equal channel count on another axis
+does not count: that is AXIS_MISMATCH, where onnxruntime's own fusion is fooled.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from .. import layouts
+from ..decisions import Reason, Skip
+
+if TYPE_CHECKING:
+    from .onnx_pass import Match, OnnxFolder
+
+ONNX_DOMAINS = ("", "ai.onnx")
+LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+MAX_DEPTH = 6
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+def _static_tail(dims: list, start: int) -> int | None:
+    tail = dims[start:]
+    return None if any(d is None for d in tail) else int(np.prod(tail, dtype=np.int64))
+
+
+def _moved_axis(f: "OnnxFolder", node: onnx.NodeProto, axis: int) -> int:
+    """Where the feature axis `axis` of node's input lands in its output; Skip(AXIS_MISMATCH) when unproven."""
+    label = _label(node)
+    in_dims = f.dims(node.input[0])
+    if node.op_type == "Transpose":
+        perm = None
+        for a in node.attribute:
+            if a.name == "perm":
+                perm = list(a.ints)
+        if perm is None:
+            if in_dims is None:
+                raise Skip(Reason.AXIS_MISMATCH, f"{label} reverses axes of unknown rank", producer=label)
+            perm = list(range(len(in_dims)))[::-1]
+        return perm.index(axis)
+    out_dims = f.dims(node.output[0])
+    if in_dims is None or out_dims is None or in_dims[axis] is None:
+        raise Skip(Reason.AXIS_MISMATCH, f"cannot prove where {label} puts the features: shapes unknown",
+                   producer=label)
+    feat, after = in_dims[axis], _static_tail(in_dims, axis + 1)
+    if after is not None:
+        for b, d in enumerate(out_dims):
+            if d == feat and _static_tail(out_dims, b + 1) == after:
+                return b
+    raise Skip(Reason.AXIS_MISMATCH, f"{label} reshapes {in_dims} to {out_dims}: the {feat} features do not stay "
+               "one axis", producer=label)
+
+
+def match_through_layout(f: "OnnxFolder", bn: onnx.NodeProto) -> "Match":
+    """Match MatMul[+Add] -> layout ops -> BN, or raise Skip saying why not."""
+    from .onnx_pass import Match
+    ix = f.ix
+    chain: list[onnx.NodeProto] = []  # layout nodes, BN side first
+    value = bn.input[0]
+    node = ix.producer.get(value)
+    while node is not None and node.op_type in LAYOUT_OPS and node.domain in ONNX_DOMAINS and len(chain) < MAX_DEPTH:
+        chain.append(node)
+        value = node.input[0]
+        node = ix.producer.get(value)
+    first = _label(chain[-1])
+    if node is None or node.domain not in ONNX_DOMAINS or node.op_type not in ("MatMul", "Add"):
+        what = f"{node.op_type} {_label(node)!r}" if node is not None else f"{value!r}"
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {first} after {what}", producer=first)
+    add, mm, bias_slot, bias = None, node, None, None
+    if node.op_type == "Add":
+        add = node
+        for k in (0, 1):
+            cand = ix.producer.get(node.input[k])
+            if cand is not None and cand.op_type == "MatMul" and cand.domain in ONNX_DOMAINS:
+                mm, bias, bias_slot = cand, node.input[1 - k], (node, 1 - k)
+                break
+        if mm is add:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {first} after an Add that is not "
+                       "MatMul + bias", producer=first)
+        ix.const(bias, f"{_label(add)} bias")
+    label = _label(mm)
+    w = ix.const(mm.input[1], f"{label} right operand")
+    if w.ndim != 2:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} right operand has rank {w.ndim}, not 2", producer=label)
+    # every value between the MatMul and the BN must be read by the next op only
+    for n in [mm] + ([add] if add is not None else []) + chain[:0:-1]:
+        f._single_use(n.output[0], n)
+    start = f.dims(mm.output[0])
+    if start is None:
+        raise Skip(Reason.AXIS_MISMATCH, f"the rank of {label}'s output is unknown", producer=label)
+    axis = len(start) - 1
+    for n in reversed(chain):
+        axis = _moved_axis(f, n, axis)
+    if axis != 1:
+        raise Skip(Reason.AXIS_MISMATCH, f"{label}'s features end up on axis {axis} after "
+                   f"{'->'.join(n.op_type for n in reversed(chain))}; the BatchNorm normalises axis 1",
+                   producer=label)
+    pattern = f"MatMul{'+Add' if add else ''}->" + "".join(f"{n.op_type}->" for n in reversed(chain)) + "BN"
+    changed = [mm] + ([add] if add is not None else []) + chain[:0:-1]
+    return Match(pattern, mm, chain[0], layouts.matmul(), mm.input[1], bias, bias_slot, changed=changed)

@@ -1,0 +1,128 @@
+"""Every scope of a model: the main graph, If/Loop/Scan bodies (any depth) and model-local functions.
+
+A body may read its enclosing scopes' values; a BN there folds when its parameters are constants of
+some enclosing scope (outer initializers, Constant nodes or constant subgraphs, looked up through the
+parent's evaluator). Bodies fold before their parent, so the parent's sweep sees which outer
+initializers no body reads any more. New names come from one model-wide set, so nothing created in
+a body shadows or repeats a name of another scope (ONNX requires names to be unique across scopes).
+Functions have no initializers: what a fold creates there becomes Constant nodes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..decisions import Decision
+from .onnx_const import ConstEvaluator
+from .onnx_pass import OnnxFolder, _graphs_of, model_opset, node_label, subgraph_free_names
+from .onnx_shapes import needs_shapes, value_types
+
+Lookup = Callable[[str], "np.ndarray | None"]
+
+
+def _all_graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            for sub in _graphs_of(a):
+                yield from _all_graphs(sub)
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    """Every value and node name in every graph and function of `model`."""
+    names: set[str] = set()
+    graphs = list(_all_graphs(model.graph))
+    for f in model.functions:
+        names.update(f.input)
+        names.update(f.output)
+        for n in f.node:
+            names.update(o for o in n.output if o)
+            names.add(n.name)
+            for a in n.attribute:
+                for sub in _graphs_of(a):
+                    graphs.extend(_all_graphs(sub))
+    for g in graphs:
+        names.update(v.name for v in g.input)
+        names.update(v.name for v in g.output)
+        names.update(v.name for v in g.value_info)
+        names.update(t.name for t in g.initializer)
+        for n in g.node:
+            names.update(o for o in n.output if o)
+            names.add(n.name)
+    names.discard("")
+    return names
+
+
+def _has_bn(graph_nodes) -> bool:
+    for n in graph_nodes:
+        if n.op_type == "BatchNormalization":
+            return True
+        for a in n.attribute:
+            for sub in _graphs_of(a):
+                if _has_bn(sub.node):
+                    return True
+    return False
+
+
+def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer: Lookup | None, scope: str,
+               names: set[str], standalone: str, shapes: dict) -> list[Decision]:
+    """Fold `graph` and, first, every subgraph of its nodes; returns the decisions of all of them."""
+    folder = OnnxFolder(model, graph, opset, outer, scope, names, standalone, shapes)
+    ix = folder.ix
+    decisions: list[Decision] = []
+    for node in list(graph.node):
+        subs = [(a.name, g) for a in node.attribute for g in _graphs_of(a)]
+        if not subs or not any(_has_bn(g.node) for _, g in subs):
+            continue
+        if ix.evaluator is None:
+            ix.evaluator = ConstEvaluator(ix, opset)
+        before = set().union(*(subgraph_free_names(g) for _, g in subs))
+        for aname, g in subs:
+            decisions += fold_graph(model, g, opset, ix.evaluator.value, f"{scope}{node_label(node)}/{aname}/",
+                                    names, standalone, shapes)
+        after = set().union(*(subgraph_free_names(g) for _, g in subs))
+        for name in before - after:
+            # the bodies stopped reading this outer value: the parent's sweep may drop it
+            users = ix.consumers.get(name, [])
+            users[:] = [u for u in users if u is not node]
+            folder.maybe_dead_inits.add(name)
+    return decisions + folder.run()
+
+
+def _function_opset(model: onnx.ModelProto, fn: onnx.FunctionProto) -> int:
+    for o in fn.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return model_opset(model)
+
+
+def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str], standalone: str,
+                  shapes: dict) -> list[Decision]:
+    """Fold the BNs of a model-local function; new constants become Constant nodes inside it."""
+    g = onnx.GraphProto()
+    g.node.extend(fn.node)
+    g.input.extend(onnx.ValueInfoProto(name=i) for i in fn.input)
+    g.output.extend(onnx.ValueInfoProto(name=o) for o in fn.output)
+    decisions = fold_graph(model, g, _function_opset(model, fn), None, f"{fn.domain}.{fn.name}/" if fn.domain
+                           else f"{fn.name}/", names, standalone, shapes)
+    if any(d.is_folded for d in decisions):
+        consts = [helper.make_node("Constant", [], [t.name], name=f"{t.name}_const", value=t) for t in g.initializer]
+        for c in consts:
+            c.attribute[0].t.name = ""
+        del fn.node[:]
+        fn.node.extend(consts + list(g.node))
+    return decisions
+
+
+def fold_all_scopes(model: onnx.ModelProto, standalone: str = "keep") -> list[Decision]:
+    """Fold every BN of every scope of `model` in place; one Decision per BN."""
+    names = all_names(model)
+    shapes = value_types(model) if needs_shapes(model) else {}
+    decisions = fold_graph(model, model.graph, model_opset(model), None, "", names, standalone, shapes)
+    for fn in model.functions:
+        if _has_bn(fn.node):
+            decisions += fold_function(model, fn, names, standalone, shapes)
+    return decisions
