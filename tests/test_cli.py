@@ -210,3 +210,13 @@ def test_onnx_cli_does_not_import_frameworks(work):
     r = subprocess.run([sys.executable, "-c", code, str(work / "resnet_block.onnx")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.path.dirname(SAMPLES)})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_several_models_in_one_call(work, capsys):
+    a, b = str(work / "mlp.onnx"), str(work / "decoder.onnx")
+    assert main([a, b, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in doc["reports"]] == [a, b]
+    assert os.path.exists(work / "mlp.folded.onnx") and os.path.exists(work / "decoder.folded.onnx")
+    assert main([a, b, "-o", str(work / "x.onnx")]) == 2
+    assert "exactly one MODEL" in capsys.readouterr().err

@@ -116,7 +116,9 @@ def _same_signature(original: onnx.ModelProto, candidate: onnx.ModelProto) -> No
 
 def _requested(providers: Sequence[str] | None) -> tuple[list[str], bool]:
     if not providers:
-        return list(runners.DEFAULT_ORDER[:2]), False
+        # CPU and CUDA are always reported (CUDA as "not run" where it cannot); TensorRT only when present
+        trt = runners.DEFAULT_ORDER[2]
+        return list(runners.DEFAULT_ORDER[:2]) + ([trt] if runners.availability(trt)[0] else []), False
     return [runners.provider_name(p) for p in providers], True
 
 
