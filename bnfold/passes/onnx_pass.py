@@ -510,6 +510,7 @@ class OnnxFolder:
             pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(g.node)}
             for after, new in self.inserted:
                 g.node.append(new)  # appending copies: key the stored message, not `new`
+                self._nodes.append(g.node[-1])  # and keep its wrapper alive so its id() stays its own
                 pos[id(g.node[-1])] = pos[id(after)] + 0.5
             # one pointer sort: live nodes in order (inserted ones right after their anchor), dead last
             g.node.sort(key=lambda n: (id(n) in dead, pos[id(n)]))
