@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import BnfoldError
@@ -25,6 +26,7 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         raise BnfoldError("not a valid ONNX model (no graph or IR version; truncated or not ONNX?)", path)
     if load_external and _has_external(model):
         base = str(Path(path).resolve().parent)
+        _check_external_files(model, base, path)
         try:
             from onnx.external_data_helper import load_external_data_for_model
             load_external_data_for_model(model, base)
@@ -66,35 +68,133 @@ def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _check_external_files(model: onnx.ModelProto, base: str, path: str) -> None:
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if not loc or not os.path.isfile(os.path.join(base, loc)):
+            raise BnfoldError(f"external data file {loc!r} (weights of {t.name!r}) is missing next to the model",
+                              path)
+
+
 def _has_external(model: onnx.ModelProto) -> bool:
     from onnx.external_data_helper import uses_external_data
     return any(uses_external_data(t) for t in model.graph.initializer)
 
 
-def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = None) -> None:
-    """Write `model` atomically; models over 2 GB (or when asked) keep their weights in `<name>.data`."""
+def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = None, *, location: str | None = None,
+              size_threshold: int = 1024, all_tensors_to_one_file: bool = True) -> None:
+    """Write `model` atomically; models over 2 GB (or when asked) keep their weights in external data
+    files (`<name>.data` unless `location` says otherwise), with onnx's layout options."""
     big = _probably_big(model) if external_data is None else external_data
-
-    def write(tmp: str) -> None:
-        if big:
-            loc = Path(path).name + ".data"
-            data_tmp = Path(tmp).parent / loc
-            if data_tmp.exists():
-                data_tmp.unlink()
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=loc, size_threshold=1024)
-        else:
-            onnx.save_model(model, tmp)
-
-    atomic_write(path, write)
+    if not big:
+        atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+        return
+    save_external(model, path, location or Path(path).name + ".data", size_threshold, all_tensors_to_one_file)
 
 
-def _probably_big(model: onnx.ModelProto) -> bool:
-    # ByteSize() walks every byte of a large model; the weights' raw bytes decide it unless close to 2 GB.
-    raw = sum(len(t.raw_data) for t in model.graph.initializer)
+def _nbytes(t: onnx.TensorProto) -> int:
+    # from the header alone: reading raw_data (or ByteSize()) would copy or encode the whole tensor
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def _stub(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    s = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims), doc_string=t.doc_string,
+                         data_location=onnx.TensorProto.EXTERNAL)
+    s.metadata_props.extend(t.metadata_props)
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = s.external_data.add()
+        e.key, e.value = k, v
+    return s
+
+
+def _raw(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    from onnx import numpy_helper
+    a = numpy_helper.to_array(t)
+    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def save_external(model: onnx.ModelProto, path: str, location: str, size_threshold: int = 1024,
+                  all_tensors_to_one_file: bool = True) -> None:
+    """Write `model` with its large initializers in external data files, atomically and without
+    touching `model`: the written proto holds stubs, the bytes go straight from each tensor to the
+    data file (one tensor in flight, so peak memory stays near one copy of the weights). Data files
+    are renamed into place before the model file, so a reader never sees a model without its data."""
+    import tempfile
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if "/" in location or "\\" in location or location in ("", ".", ".."):
+        raise BnfoldError(f"external data location must be a plain file name, not {location!r}", path)
+    light = structure_only(model)  # nodes, inputs, outputs; initializers come next, stubbed or small
+    del light.graph.input[len(model.graph.input):]
+    light.graph.doc_string = model.graph.doc_string
+    light.graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, f, getattr(model, f))
+    light.metadata_props.extend(model.metadata_props)
+    pending: list[tuple[str, Path]] = []  # (temporary file, final name)
+    files: dict[str, tuple[object, str, int]] = {}
+    try:
+        for i, t in enumerate(model.graph.initializer):
+            n = _nbytes(t)
+            if n < size_threshold or t.data_type == onnx.TensorProto.STRING:
+                light.graph.initializer.append(t)
+                continue
+            loc = location if all_tensors_to_one_file else f"{location}.{i}"
+            if loc not in files:
+                fd, tmp = tempfile.mkstemp(prefix=f".{loc}.", suffix=".tmp", dir=str(folder))
+                files[loc] = (os.fdopen(fd, "wb"), tmp, 0)
+                pending.append((tmp, folder / loc))
+            fh, tmp, offset = files[loc]
+            pad = (-offset) % 4096 if n >= 1 << 20 else 0  # page-aligned big tensors can be mmapped
+            fh.write(b"\0" * pad)  # type: ignore[attr-defined]
+            offset += pad
+            raw = _raw(t)
+            fh.write(raw)  # type: ignore[attr-defined]
+            light.graph.initializer.append(_stub(t, loc, offset, len(raw)))
+            files[loc] = (fh, tmp, offset + len(raw))
+            del raw
+        for fh, _, _ in files.values():
+            fh.flush()  # type: ignore[attr-defined]
+            os.fsync(fh.fileno())  # type: ignore[attr-defined]
+            fh.close()  # type: ignore[attr-defined]
+        files.clear()
+        fd, model_tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(folder))
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(light.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        pending.append((model_tmp, target))
+        for tmp, final in pending:
+            os.replace(tmp, final)
+        pending.clear()
+    finally:
+        for fh, _, _ in files.values():
+            fh.close()  # type: ignore[attr-defined]
+        for tmp, _ in pending:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def over_two_gb(model: onnx.ModelProto) -> bool:
+    """True when `model` cannot be serialised as one protobuf (over 2 GB)."""
+    # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
+    raw = sum(_nbytes(t) for t in model.graph.initializer)
     if raw < TWO_GB * 0.9:
         return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and model.ByteSize() > TWO_GB
-    return model.ByteSize() > TWO_GB
+    return raw > TWO_GB or model.ByteSize() > TWO_GB
+
+
+_probably_big = over_two_gb
 
 
 def _short(e: BaseException) -> str:

@@ -8,7 +8,10 @@ import onnx
 
 from ..results import FoldResult, Report, Verification
 from ..verify.inputs import InputSpec
+from ..errors import BnfoldError
+from ..onnx_io import over_two_gb
 from .onnx_pass import fold_model
+from .onnx_scopes import neighbourhoods
 
 
 def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequence[str] | None = None,
@@ -22,6 +25,9 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
     copy=False folds `model` in place: only for a model nobody else holds and that needs no
     verification against itself (the CLI's freshly loaded file with --no-verify).
     """
+    if verify and over_two_gb(model):
+        raise BnfoldError("the model is over 2 GB: onnxruntime cannot be handed one that large from memory, so it "
+                          "cannot be verified yet; fold it with --no-verify (external data is written)", original_path)
     t0 = time.perf_counter()
     if copy or verify or dry_run:
         folded = onnx.ModelProto()
@@ -42,4 +48,9 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
     report.timing_s = {"fold": t_fold, "verify": time.perf_counter() - t1}
     if dry_run:
         report.info["dry_run"] = True
+        # what a reader needs to judge each decision: who feeds the BN and whom it feeds
+        around = neighbourhoods(model)
+        for d in decisions:
+            if d.bn in around:
+                d.extra.setdefault("neighbourhood", around[d.bn])
     return FoldResult(model=folded if not dry_run else model, report=report)

@@ -126,3 +126,37 @@ def fold_all_scopes(model: onnx.ModelProto, standalone: str = "keep") -> list[De
         if _has_bn(fn.node):
             decisions += fold_function(model, fn, names, standalone, shapes)
     return decisions
+
+
+def neighbourhoods(model: onnx.ModelProto) -> dict[str, dict[str, object]]:
+    """BN label (as in its Decision) -> the node feeding it and the nodes reading it, in every scope."""
+    out: dict[str, dict[str, object]] = {}
+
+    def walk(graph: onnx.GraphProto, scope: str) -> None:
+        producer = {o: n for n in graph.node for o in n.output if o}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        outputs = {o.name for o in graph.output}
+        for n in graph.node:
+            for a in n.attribute:
+                for sub in _graphs_of(a):
+                    walk(sub, f"{scope}{node_label(n)}/{a.name}/")
+            if n.op_type != "BatchNormalization" or not n.input:
+                continue
+            src = producer.get(n.input[0])
+            feeds = [f"{r.op_type} {node_label(r)}" for r in readers.get(n.output[0], [])]
+            if n.output[0] in outputs:
+                feeds.append("graph output")
+            out[scope + node_label(n)] = {
+                "input": f"{src.op_type} {node_label(src)}" if src is not None else f"{n.input[0]} (no producer)",
+                "feeds": feeds}
+
+    walk(model.graph, "")
+    for fn in model.functions:
+        g = onnx.GraphProto()
+        g.node.extend(fn.node)
+        g.output.extend(onnx.ValueInfoProto(name=o) for o in fn.output)
+        walk(g, f"{fn.domain}.{fn.name}/" if fn.domain else f"{fn.name}/")
+    return out
