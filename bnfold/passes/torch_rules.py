@@ -52,8 +52,10 @@ def bn_name(op: Op) -> str:
 # Tensors by path ---------------------------------------------------------------------------------
 
 def get_tensor(root: nn.Module, path: str) -> torch.Tensor:
-    owner, _, attr = path.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, attr)
+    obj: Any = root
+    for part in path.split("."):  # plain getattr: ScriptModules have no get_submodule
+        obj = getattr(obj, part)
+    return obj
 
 
 def set_tensor(root: nn.Module, path: str, value: torch.Tensor) -> None:
@@ -234,14 +236,13 @@ def layer_layout(layer: Op) -> layouts.Layout:
     return layouts.linear()
 
 
-def _identity_stats(root: nn.Module, bn: Op) -> Callable[[], None]:
-    """Values that make a functional batch_norm an exact identity, checked by running it."""
-    var = get_tensor(root, bn.params["running_var"])
-    eps = bn.attrs["eps"]
+def identity_var(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """A running_var that makes batch_norm with mean 0, weight 1, bias 0 an exact identity, found by
+    running it (the kernel's own arithmetic decides); Skip(UNSUPPORTED_BN_MODE) if none exists."""
     c = var.numel()
     probe = torch.randn(3, c, generator=torch.Generator().manual_seed(0)).to(var.dtype)
-    mean = torch.zeros_like(var)
-    ones = torch.ones_like(var)
+    zeros = torch.zeros(c, dtype=var.dtype)
+    ones = torch.ones(c, dtype=var.dtype)
     base = torch.tensor(1.0 - eps, dtype=var.dtype)
     cands = [base]
     for direction in (2.0, 0.0):
@@ -251,20 +252,24 @@ def _identity_stats(root: nn.Module, bn: Op) -> Callable[[], None]:
             cands.append(x)
     for v in cands:
         vv = v.expand(c).clone()
-        y = F.batch_norm(probe, mean.cpu(), vv.cpu(), ones.cpu(), torch.zeros_like(ones).cpu(), False, 0.0, eps)
-        if torch.equal(y, probe):
-            def write(vv: torch.Tensor = vv) -> None:
-                set_tensor(root, bn.params["running_mean"], mean)
-                set_tensor(root, bn.params["running_var"], vv.to(var.device))
-                if bn.params.get("weight"):
-                    w = get_tensor(root, bn.params["weight"])
-                    set_tensor(root, bn.params["weight"], torch.ones_like(w))
-                if bn.params.get("bias"):
-                    b = get_tensor(root, bn.params["bias"])
-                    set_tensor(root, bn.params["bias"], torch.zeros_like(b))
-            return write
-    raise Skip(Reason.UNSUPPORTED_BN_MODE, "this F.batch_norm call cannot be made an exact identity "
-                                           f"(eps={eps:g}, {var.dtype})")
+        if torch.equal(F.batch_norm(probe, zeros, vv, ones, zeros, False, 0.0, eps), probe):
+            return vv.to(var.device)
+    raise Skip(Reason.UNSUPPORTED_BN_MODE, f"this batch_norm call cannot be made an exact identity (eps={eps:g}, {var.dtype})")
+
+
+def _identity_stats(root: nn.Module, bn: Op) -> Callable[[], None]:
+    """A writer that turns a functional batch_norm into an exact identity."""
+    var = get_tensor(root, bn.params["running_var"])
+    vv = identity_var(var, bn.attrs["eps"])
+
+    def write() -> None:
+        set_tensor(root, bn.params["running_mean"], torch.zeros_like(var))
+        set_tensor(root, bn.params["running_var"], vv)
+        if bn.params.get("weight"):
+            set_tensor(root, bn.params["weight"], torch.ones_like(get_tensor(root, bn.params["weight"])))
+        if bn.params.get("bias"):
+            set_tensor(root, bn.params["bias"], torch.zeros_like(get_tensor(root, bn.params["bias"])))
+    return write
 
 
 def _removal(root: nn.Module, bn: Op, surgery: bool) -> tuple[Callable[[], None], str | None]:
