@@ -158,3 +158,4 @@ def test_wrong_fold_fails_verification(rng):
     assert ver.passed is False and not ver
     out = ver.providers["keras-cpu"].outputs["head"]
     assert out["max_abs"] > out["atol"] > 0
+    assert ver.first_divergence["layer"] == "two_c"  # the layer a user must look at

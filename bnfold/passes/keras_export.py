@@ -1,14 +1,14 @@
 """Fold a Keras model, export it to ONNX with Keras' own exporter, verify the ONNX against the original.
 
 Keras 3 on TensorFlow exports through tf2onnx (model.export(path, format="onnx")). The reference is
-the original Keras model on CPU; the noise is the same one-ulp weight nudge as for Keras-vs-Keras,
-plus the unfolded model exported the same way and run on onnxruntime with every optimisation off,
-which measures how far onnxruntime's kernels alone move the outputs.
+the original Keras model on CPU; the noise is the same one-ulp weight nudge as for Keras-vs-Keras.
+onnxruntime's own kernels move the outputs by about that much (ResNet50: 1.6e-5 against a noise of
+2.2e-5), so no wider tolerance is granted for the change of runtime: a broken export cannot hide
+behind a noise figure that it produced itself.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -41,13 +41,11 @@ def _export(model: Any, path: str, feeds: list[np.ndarray]) -> None:
         raise BnfoldError(f"Keras' ONNX export failed ({type(e).__name__}: {first})") from None
 
 
-def _ort_run(path: str, feeds: list[np.ndarray], provider: str, optimise: bool) -> list[np.ndarray]:
+def _ort_run(path: str, feeds: list[np.ndarray], provider: str) -> list[np.ndarray]:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if not optimise:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(path, so, providers=[provider])
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(feeds):
@@ -100,23 +98,18 @@ def _verify_onnx(original: Any, onnx_path: str, feeds: list[np.ndarray], provide
     ver = Verification(tolerance={"atol": atol, "rtol": rtol,
                                   "how": "user" if atol is not None or rtol is not None else "auto"})
     available = ort.get_available_providers()
-    with tempfile.TemporaryDirectory() as tmp:
-        unfolded = os.path.join(tmp, "unfolded.onnx")
-        _export(original, unfolded, feeds)
-        for dev in keras_runner.normalise_providers(providers):
-            prov = ORT_PROVIDERS[dev]
-            if prov not in available:
-                ver.providers[prov] = ProviderResult(prov, ran=False, why=f"{prov} is not available in this "
-                                                     "onnxruntime (onnxruntime-gpu not installed or no device)")
-                continue
-            cand_out = _ort_run(onnx_path, feeds, prov, optimise=True)
-            if len(cand_out) != len(names):
-                ver.providers[prov] = ProviderResult(prov, ran=True, passed=False, outputs={
-                    "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
-                continue
-            backend_noise = dict(zip(names, _ort_run(unfolded, feeds, prov, optimise=False)))
-            ok, per_output = compare.judge(ref, dict(zip(names, cand_out)), keras_noise + [backend_noise],
-                                           atol=atol, rtol=rtol)
-            ver.providers[prov] = ProviderResult(prov, ran=True, passed=ok, outputs=per_output,
-                                                 notes={"reference": "original Keras model on CPU"})
+    for dev in keras_runner.normalise_providers(providers):
+        prov = ORT_PROVIDERS[dev]
+        if prov not in available:
+            ver.providers[prov] = ProviderResult(prov, ran=False, why=f"{prov} is not available in this "
+                                                 "onnxruntime (onnxruntime-gpu not installed or no device)")
+            continue
+        cand_out = _ort_run(onnx_path, feeds, prov)
+        if len(cand_out) != len(names):
+            ver.providers[prov] = ProviderResult(prov, ran=True, passed=False, outputs={
+                "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
+            continue
+        ok, per_output = compare.judge(ref, dict(zip(names, cand_out)), keras_noise, atol=atol, rtol=rtol)
+        ver.providers[prov] = ProviderResult(prov, ran=True, passed=ok, outputs=per_output,
+                                             notes={"reference": "original Keras model on CPU"})
     return ver

@@ -42,8 +42,6 @@ class Rebuilder:
             layer.set_weights(weights)
 
     def op(self, op: Any, plan: Plan) -> Any:
-        import keras
-
         key = id(op)
         if key in self.new_ops:
             return self.new_ops[key]

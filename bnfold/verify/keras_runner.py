@@ -142,4 +142,70 @@ def verify(original: Any, candidate: Any, feeds: Sequence[np.ndarray], providers
         noise = [dict(zip(names, o)) for o in noise_outputs(original, feeds, dev, seed)]
         ok, per_output = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
         ver.providers[key] = ProviderResult(key, ran=True, passed=ok, outputs=per_output)
+        if not ok and ver.first_divergence is None:
+            try:
+                ver.first_divergence = first_divergence(original, candidate, feeds, dev, seed)
+            except Exception as e:  # locating the layer is a diagnosis; it must not hide the verdict
+                ver.first_divergence = {"layer": None, "why": f"could not be located ({type(e).__name__}: {e})"}
     return ver
+
+
+def _probe_tensors(functional: Any, names: set[str]) -> dict[str, Any]:
+    """Output tensor of every single-call layer named in `names`. Where the layer's only reader is a
+    BatchNorm missing from `names` (folded away), the BN's output stands for it: that is the value
+    the folded layer now computes."""
+    from ..passes.keras_graph import GraphView
+
+    view = GraphView(functional)
+    out: dict[str, Any] = {}
+    for node in view.nodes:
+        name = node.operation.name
+        if name not in names or view.calls[id(node.operation)] > 1 or len(node.outputs) != 1:
+            continue
+        t = node.outputs[0]
+        while True:
+            readers = view.consumers.get(id(t), [])
+            if len(readers) != 1 or readers[0].operation.name in names or id(t) in view.output_ids:
+                break
+            if type(readers[0].operation).__name__ != "BatchNormalization":
+                break
+            t = readers[0].outputs[0]
+        out[name] = t
+    return out
+
+
+def first_divergence(original: Any, candidate: Any, feeds: Sequence[np.ndarray], device: str = "cpu",
+                     seed: int = 0) -> dict[str, Any] | None:
+    """The earliest layer of `candidate` whose output differs from the original's beyond its noise."""
+    import keras
+
+    from ..passes.keras_plan import functional_of, is_graph_model
+
+    if not (is_graph_model(original) and is_graph_model(candidate)):
+        return None
+    fo, fc = functional_of(original), functional_of(candidate)
+    from ..passes.keras_graph import GraphView
+
+    order = [n.operation.name for n in GraphView(fc).nodes]
+    cand_t = _probe_tensors(fc, set(order))
+    orig_t = _probe_tensors(fo, set(order))
+    common = [n for n in order if n in cand_t and n in orig_t and cand_t[n].shape == orig_t[n].shape]
+    if not common:
+        return None
+    clone = keras.models.clone_model(original)
+    clone.set_weights(_nudged(original.get_weights(), np.random.default_rng(seed + 1), _perturb_eps(original)))
+    noise_t = _probe_tensors(functional_of(clone), set(common))
+    common = [n for n in common if n in noise_t]
+
+    def probe(fn: Any, tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+        m = keras.Model(fn.inputs, [tensors[n] for n in common])
+        return dict(zip(common, run(m, feeds, device)))
+
+    ref, cand = probe(fo, orig_t), probe(fc, cand_t)
+    noise = probe(functional_of(clone), noise_t)
+    _, per = compare.judge(ref, cand, [noise])
+    for name in common:
+        if not per[name]["passed"]:
+            s = per[name]
+            return {"layer": name, "device": device, "max_abs": s["max_abs"], "atol": s["atol"]}
+    return None
