@@ -70,6 +70,14 @@ def test_savedmodel_directory_is_written_and_explained_on_load(tmp_path, rng):
     with pytest.raises(BnfoldError, match="SavedModel") as err:
         keras_pass.load(str(target))
     assert str(target) in str(err.value)
+    keras_pass.save(folded, str(target))  # an existing SavedModel is replaced
+    assert sorted(os.listdir(tmp_path)) == ["exported"] and (target / "saved_model.pb").exists()
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(BnfoldError, match="not a SavedModel"):
+        keras_pass.save(folded, str(other))
+    assert os.listdir(other) == ["keep.txt"]
 
 
 @pytest.mark.parametrize("content", [b"", b"not a model at all", b"PK\x03\x04truncated"])

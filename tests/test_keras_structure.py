@@ -3,11 +3,13 @@ the input model is never mutated, and a wrong fold fails verification."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from keras_build import (L, assert_same_function, bn_names, decision, keras, node_counts, randomise,
                          weights_snapshot)
 
 from bnfold.decisions import Reason
+from bnfold.errors import BnfoldError
 from bnfold.passes import keras_pass
 
 
@@ -159,3 +161,48 @@ def test_wrong_fold_fails_verification(rng):
     out = ver.providers["keras-cpu"].outputs["head"]
     assert out["max_abs"] > out["atol"] > 0
     assert ver.first_divergence["layer"] == "two_c"  # the layer a user must look at
+
+
+class _Block(keras.layers.Layer):
+    """A custom layer holding a Conv and a BN: its call() is code bnfold does not rewrite."""
+
+    def __init__(self, filters=3, **kw):
+        super().__init__(**kw)
+        self.filters = filters
+        self.conv = L.Conv2D(filters, 3, padding="same", name="inner_c")
+        self.bn = L.BatchNormalization(name="inner_bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+class _NoConfig(_Block):
+    def __init__(self, factor, **kw):  # a required argument its config does not carry
+        super().__init__(**kw)
+        self.factor = factor
+
+
+def test_custom_layer_with_a_bn_inside_is_reported_and_copied(rng):
+    inp = keras.Input((6, 6, 3))
+    model = keras.Model(inp, _Block(name="blk")(_block(inp, "a")))
+    feeds = _feeds(model, rng)
+    model(feeds[0])
+    randomise(model, rng)
+    result = keras_pass.fold(model, example_inputs=feeds)
+    assert decision(result, "a_bn").is_folded
+    d = decision(result, "blk/inner_bn")
+    assert d.reason is Reason.UNSUPPORTED_PRODUCER and "custom layer" in d.detail
+    assert result.report.verification.passed is True
+    assert result.model.get_layer("blk") is not model.get_layer("blk")
+    assert_same_function(model, result.model, feeds)
+
+
+def test_layer_that_cannot_be_recreated_is_a_clear_error(rng):
+    inp = keras.Input((6, 6, 3))
+    model = keras.Model(inp, _NoConfig(2.0, name="odd")(_block(inp, "a")))
+    randomise(model, rng)
+    with pytest.raises(BnfoldError, match="'odd'.*get_config"):
+        keras_pass.fold(model, verify=False)

@@ -83,6 +83,8 @@ def save(model: Any, path: str) -> None:
 
 
 def _save_saved_model(model: Any, target: Path) -> None:
+    if target.exists() and not (target / "saved_model.pb").exists():
+        raise BnfoldError("is an existing directory that is not a SavedModel; it is left as it is", str(target))
     parent = target.parent if str(target.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent)))
     old = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import BnfoldError
 from .keras_plan import Plan
 
 _DROP = object()  # stands in for a folded BN during the rebuild: its input passes straight through
@@ -63,10 +64,17 @@ class Rebuilder:
             new = keras.layers.Lambda(op.function, output_shape=op._output_shape, mask=op.mask,
                                       arguments=op.arguments, name=op.name, dtype=op.dtype_policy)
         else:
-            cfg = op.get_config()
-            if edit is not None and edit.add_bias:
-                cfg["use_bias"] = True
-            new = type(op).from_config(cfg)
+            try:
+                cfg = op.get_config()
+                if edit is not None and edit.add_bias:
+                    cfg["use_bias"] = True
+                new = type(op).from_config(cfg)
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise BnfoldError(
+                    f"layer {op.name!r} ({type(op).__name__}) cannot be re-created from its config, so the "
+                    f"folded model cannot be built without sharing it with the input model ({type(e).__name__}: "
+                    f"{first}); give the class a get_config() that its __init__ accepts") from None
         weights = edit.weights if edit is not None else (op.get_weights() if isinstance(op, keras.layers.Layer) else [])
         if weights:
             self.weights_of.append((new, weights))
