@@ -151,3 +151,27 @@ def test_export_onnx_is_verified_on_onnxruntime(tmp_path, rng):
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     ref = outputs(model, [x])[0]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def _dense_as_onnx(kernel: np.ndarray, bias: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"])], "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, kernel.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, kernel.shape[1]])],
+        [numpy_helper.from_array(kernel, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_check_keras_original_against_an_onnx_candidate(rng):
+    inp = keras.Input((6,))
+    model = keras.Model(inp, L.BatchNormalization(name="bn")(L.Dense(4, name="d")(inp)))
+    randomise(model, rng)
+    folded = keras_pass.fold(model, verify=False).model
+    kernel_, bias = folded.get_layer("d").get_weights()
+    feeds = [rng.standard_normal((3, 6)).astype("float32")]
+    ver = keras_pass.check(model, _dense_as_onnx(kernel_, bias), example_inputs=feeds)
+    assert ver.passed is True and ver.providers["CPUExecutionProvider"].ran
+    kernel_[:, 1] *= np.float32(1.002)
+    assert keras_pass.check(model, _dense_as_onnx(kernel_, bias), example_inputs=feeds).passed is False

@@ -41,15 +41,17 @@ def _export(model: Any, path: str, feeds: list[np.ndarray]) -> None:
         raise BnfoldError(f"Keras' ONNX export failed ({type(e).__name__}: {first})") from None
 
 
-def _ort_run(path: str, feeds: list[np.ndarray], provider: str) -> list[np.ndarray]:
+def _ort_run(onnx_model: Any, feeds: list[np.ndarray], provider: str) -> list[np.ndarray]:
+    """Run an ONNX file path or ModelProto; inputs are matched to the Keras feeds by position."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(path, so, providers=[provider])
+    src = onnx_model if isinstance(onnx_model, str) else onnx_model.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=[provider])
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(feeds):
-        raise BnfoldError(f"the exported ONNX has {len(names)} inputs, the Keras model {len(feeds)}", path)
+        raise BnfoldError(f"the ONNX model has {len(names)} inputs, the Keras model {len(feeds)}")
     return [np.asarray(o) for o in sess.run(None, dict(zip(names, feeds)))]
 
 
@@ -66,16 +68,16 @@ def export_onnx(model: Any, out_path: str, *, example_inputs: Any = None, verify
     feeds = _feeds(model, example_inputs, seed)
     result = fold(model, example_inputs=feeds, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed)
     report = result.report
-    report.output = out_path
     if verify and not report.verification:
         return result  # the Keras fold itself failed: nothing is written
     t0 = time.perf_counter()
     atomic_write(out_path, lambda tmp: _export(result.model, tmp, feeds), suffix=".onnx")
+    report.output = out_path
     report.timing_s["save"] = time.perf_counter() - t0
     if verify:
         t1 = time.perf_counter()
         try:
-            onnx_ver = _verify_onnx(model, out_path, feeds, providers, atol, rtol, seed)
+            onnx_ver = verify_onnx(model, out_path, feeds, providers, atol, rtol, seed)
         except BaseException:
             os.unlink(out_path)
             raise
@@ -85,11 +87,13 @@ def export_onnx(model: Any, out_path: str, *, example_inputs: Any = None, verify
         report.timing_s["verify"] = report.timing_s.get("verify", 0.0) + time.perf_counter() - t1
         if not merged:
             os.unlink(out_path)  # a failed verification writes nothing
+            report.output = None
     return result
 
 
-def _verify_onnx(original: Any, onnx_path: str, feeds: list[np.ndarray], providers: Sequence[str] | None,
-                 atol: float | None, rtol: float | None, seed: int) -> Verification:
+def verify_onnx(original: Any, onnx_model: Any, feeds: list[np.ndarray], providers: Sequence[str] | None = None,
+                atol: float | None = None, rtol: float | None = None, seed: int = 0) -> Verification:
+    """Judge an ONNX model (path or ModelProto) on onnxruntime against the original Keras model on CPU."""
     import onnxruntime as ort
 
     names = keras_runner.output_names(original)
@@ -104,7 +108,7 @@ def _verify_onnx(original: Any, onnx_path: str, feeds: list[np.ndarray], provide
             ver.providers[prov] = ProviderResult(prov, ran=False, why=f"{prov} is not available in this "
                                                  "onnxruntime (onnxruntime-gpu not installed or no device)")
             continue
-        cand_out = _ort_run(onnx_path, feeds, prov)
+        cand_out = _ort_run(onnx_model, feeds, prov)
         if len(cand_out) != len(names):
             ver.providers[prov] = ProviderResult(prov, ran=True, passed=False, outputs={
                 "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})

@@ -140,8 +140,13 @@ def fold(model: Any, *, example_inputs: Any = None, verify: bool = True, provide
 
 def check(original: Any, candidate: Any, *, example_inputs: Any = None, providers: Sequence[str] | None = None,
           atol: float | None = None, rtol: float | None = None, seed: int = 0) -> Verification:
-    """Are two Keras models the same function? Judged with the original's own numeric noise."""
+    """Is `candidate` (a Keras model, or an ONNX ModelProto run on onnxruntime) the same function as the
+    Keras `original`? Judged with the original's own numeric noise."""
     feeds = _feeds(original, example_inputs, seed)
+    if type(candidate).__module__.startswith("onnx") and hasattr(candidate, "SerializeToString"):
+        from .keras_export import verify_onnx
+
+        return verify_onnx(original, candidate, feeds, providers, atol, rtol, seed)
     n_orig, n_cand = len(model_input_specs(original)), len(model_input_specs(candidate))
     if n_orig != n_cand:
         raise BnfoldError(f"the models take different numbers of inputs ({n_orig} vs {n_cand})")
