@@ -125,7 +125,7 @@ def test_verification_off_and_dry_run(rng):
     off = keras_pass.fold(model, verify=False)
     assert off.report.verification.skipped_reason == "verification off" and off.report.folded
     dry = keras_pass.fold(model, dry_run=True)
-    assert dry.model is model and len(dry.report.folded) == 1
+    assert dry.model is model and len(dry.report.folded) == 1 and dry.report.verification.passed is True
     assert off.report.to_dict()["framework"] == "keras"
 
 

@@ -120,21 +120,23 @@ def fold(model: Any, *, example_inputs: Any = None, verify: bool = True, provide
             decisions += [Decision.skipped(path, Reason.UNSUPPORTED_PRODUCER, "not called in the model's layer graph")
                           for path, _ in all_batchnorms(model) if path not in named]
         report.decisions = decisions
-        if dry_run:
-            new = model
-        elif plan is None or not any(d.is_folded for d in decisions):
+        if plan is None or not any(d.is_folded for d in decisions):
             new = _copy(model)
         else:
             new = rebuild(model, plan)
     finally:
         undo()
     report.timing_s["fold"] = time.perf_counter() - t0
-    if verify and not dry_run:
+    if verify:
         t1 = time.perf_counter()
         report.verification = keras_runner.verify(model, new, feeds, providers, atol, rtol, seed)
         report.timing_s["verify"] = time.perf_counter() - t1
     else:
-        report.verification = Verification(skipped_reason="verification off" if not verify else "dry run")
+        report.verification = Verification(skipped_reason="verification off")
+    if dry_run:
+        # Decided, built and verified like a real run, so the report says what a fold would do.
+        report.info["dry_run"] = True
+        return FoldResult(model=model, report=report)
     return FoldResult(model=new, report=report)
 
 
