@@ -5,8 +5,9 @@ from the graph and the layers get new parameters, then the module is exported ag
 program's example inputs and the same dynamic dimensions, giving a new ExportedProgram.
 
 ONNX export uses torch.onnx.export(dynamo=True, optimize=False): the optimizer would fuse the BNs that
-bnfold deliberately kept (its own rules, not bnfold's), and the report must describe the file. The
-ONNX is then run on onnxruntime and compared with the *original* PyTorch model on the same device kind.
+bnfold deliberately kept (its own rules, not bnfold's), and the report must describe the file.
+TorchScript modules, which torch.export cannot take, go through the TorchScript-based exporter with
+constant folding off (on, it fuses Conv+BN itself). The ONNX is then run on onnxruntime and compared with the *original* PyTorch model on the same device kind.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -80,24 +81,40 @@ def _quiet() -> Any:
             lg.setLevel(lv)
 
 
-def to_onnx(model: Any, example_inputs: tuple, path: str) -> None:
-    """Export `model` (folded) to `path` atomically, keeping every remaining BN as BatchNormalization."""
+def _onnx_bytes_dynamo(model: Any, example_inputs: tuple, tmp: str) -> None:
     import onnx
+    prog = torch.onnx.export(model, tuple(example_inputs), dynamo=True, optimize=False, external_data=False)
+    onnx.save(prog.model_proto, tmp)
 
-    def write(tmp: str) -> None:
-        with _quiet():
-            prog = torch.onnx.export(model, tuple(example_inputs), dynamo=True, optimize=False,
-                                     external_data=False)
-        proto = prog.model_proto
-        onnx.save(proto, tmp)
 
-    try:
-        atomic_write(path, write)
-    except BnfoldError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the exporter raises many types; the user needs the first line
-        raise BnfoldError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
-                          path) from None
+def _onnx_bytes_legacy(model: Any, example_inputs: tuple, tmp: str) -> None:
+    # constant folding in the TorchScript exporter fuses Conv+BN on its own; off, the BNs bnfold kept stay
+    torch.onnx.export(model, tuple(example_inputs), tmp, dynamo=False, do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.EVAL)
+
+
+def _clean(e: BaseException) -> str:
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
+
+
+def to_onnx(model: Any, example_inputs: tuple, path: str) -> str:
+    """Export `model` (folded) to `path` atomically, keeping every remaining BN as BatchNormalization.
+    Returns the exporter used: torch.export-based (dynamo) first, the TorchScript-based one for
+    TorchScript modules or when the first fails."""
+    tries = [] if isinstance(model, torch.jit.ScriptModule) else [("dynamo", _onnx_bytes_dynamo)]
+    if not isinstance(model, torch.export.ExportedProgram):
+        tries.append(("torchscript", _onnx_bytes_legacy))
+    errors = []
+    for name, how in tries:
+        try:
+            with _quiet():
+                atomic_write(path, lambda tmp: how(model, example_inputs, tmp))
+            return name
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types; try the next, then report
+            errors.append(f"{name}: {_clean(e)}")
+    raise BnfoldError("torch.onnx.export failed: " + "; ".join(errors), path)
 
 
 def _ort_runs(onnx_model: Any, inputs: Sequence[tuple], provider: str) -> dict[str, np.ndarray]:
@@ -164,11 +181,12 @@ def export_onnx(model: Any, out_path: str, *, example_inputs: tuple | None, veri
     ex = example_inputs if example_inputs is not None else example_inputs_for(model, seed=seed)
     res = fold(model, example_inputs=ex, verify=False, seed=seed)
     t0 = time.perf_counter()
-    to_onnx(res.model, ex, out_path)
+    exporter = to_onnx(res.model, ex, out_path)
     t1 = time.perf_counter()
     rep = res.report
     rep.output = out_path
-    rep.info["onnx_export"] = "torch.onnx.export(dynamo=True, optimize=False)"
+    rep.info["onnx_export"] = {"dynamo": "torch.onnx.export(dynamo=True, optimize=False)",
+                               "torchscript": "torch.onnx.export(dynamo=False, do_constant_folding=False)"}[exporter]
     rep.timing_s["save"] = t1 - t0
     if verify:
         rep.verification = verify_onnx_against_torch(model, out_path, ex, providers=providers, atol=atol, rtol=rtol,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -137,9 +137,8 @@ def reference_runs(original: Any, inputs: Sequence[tuple], device: str,
 
 def verify_torch(original: Any, candidate: Any, inputs: Sequence[tuple], *, providers: Sequence[str] | None = None,
                  atol: float | Mapping[str, float] | None = None, rtol: float | None = None,
-                 seed: int = 0, candidate_runner: Callable[[str], tuple[str, Callable[[], dict[str, np.ndarray]]]] | None = None
-                 ) -> Verification:
-    """Compare `candidate` (a torch model, or `candidate_runner(device)` -> (key, run)) with `original`."""
+                 seed: int = 0) -> Verification:
+    """Compare torch model `candidate` with `original` on every requested (or available) device."""
     devices, explicit = requested_devices(providers)
     ver = Verification(tolerance=tolerance_doc(atol, rtol))
     for dev in devices:
@@ -151,16 +150,66 @@ def verify_torch(original: Any, candidate: Any, inputs: Sequence[tuple], *, prov
             ver.providers[key] = ProviderResult(key, ran=False, why=why)
             continue
         ref, noise, notes = reference_runs(original, inputs, dev, seed)
-        if candidate_runner is not None:
-            key, run_candidate = candidate_runner(dev)
-            if not key:
-                ver.providers[f"onnxruntime-{dev}"] = ProviderResult(f"onnxruntime-{dev}", ran=False, why=run_candidate)  # type: ignore[arg-type]
-                continue
-            cand = run_candidate()
-            cand = {rk: cand[ck] for rk, ck in zip(ref, cand)} if len(cand) == len(ref) else cand
-            notes["reference"] = f"torch-{dev}"
-        else:
-            cand = run(as_callable(on_device(candidate, dev)), inputs, dev)
+        cand = run(as_callable(on_device(candidate, dev)), inputs, dev)
         passed, outs = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
         ver.providers[key] = ProviderResult(key, ran=True, passed=passed, outputs=outs, notes=notes)
+        if not passed and ver.first_divergence is None:
+            ver.first_divergence = first_divergence(original, candidate, tuple(inputs[0]), dev, seed, atol, rtol)
     return ver
+
+
+def _module_outputs(model: Any, args: tuple, device: str) -> tuple[list[str], dict[str, dict[str, np.ndarray]]]:
+    """Every submodule's first output on `args`, by path, in call order."""
+    order: list[str] = []
+    seen: dict[str, dict[str, np.ndarray]] = {}
+    handles = []
+
+    def hook(path: str) -> Any:
+        def record(mod: Any, inp: Any, out: Any) -> None:
+            if path not in seen:
+                try:
+                    seen[path] = outputs(out)
+                    order.append(path)
+                except (TypeError, RuntimeError):
+                    pass
+        return record
+
+    for path, m in model.named_modules():
+        if path:
+            handles.append(m.register_forward_hook(hook(path)))
+    try:
+        run(model, [args], device)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, seen
+
+
+def first_divergence(original: Any, candidate: Any, args: tuple, device: str, seed: int, atol: Any = None,
+                     rtol: float | None = None) -> dict[str, Any] | None:
+    """The earliest module (in the original's call order) whose output differs beyond tolerance.
+
+    Only modules of the same class at the same path in both models are compared, and not the layers a
+    BN may have been folded into (their outputs legitimately differ) nor the BN slots themselves.
+    """
+    import torch.nn as nn
+    from ..passes.torch_capture import module_kind
+    if not (isinstance(original, nn.Module) and isinstance(candidate, nn.Module)) or isinstance(
+            original, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+        return None
+    ref_model, cand_model, noisy = on_device(original, device), on_device(candidate, device), on_device(original, device)
+    perturbed(noisy, seed)
+    order, ref = _module_outputs(ref_model, args, device)
+    _, cand = _module_outputs(cand_model, args, device)
+    _, noise = _module_outputs(noisy, args, device)
+    cand_mods = dict(cand_model.named_modules())
+    for path in order:
+        om, cm = ref_model.get_submodule(path), cand_mods.get(path)
+        if cm is None or type(om) is not type(cm) or module_kind(om) is not None or path not in cand:
+            continue
+        ok, stats = compare.judge(ref[path], cand[path], [noise.get(path, {})], atol=atol, rtol=rtol)
+        if not ok:
+            worst = max(stats.values(), key=lambda s: s.get("max_abs", 0.0))
+            return {"layer": path, "module": type(om).__name__, "device": device,
+                    "max_abs": worst.get("max_abs"), "atol": worst.get("atol")}
+    return None
