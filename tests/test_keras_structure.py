@@ -206,3 +206,37 @@ def test_layer_that_cannot_be_recreated_is_a_clear_error(rng):
     randomise(model, rng)
     with pytest.raises(BnfoldError, match="'odd'.*get_config"):
         keras_pass.fold(model, verify=False)
+
+
+def test_gpu_is_reported_as_run_only_when_tensorflow_sees_one(rng):
+    from bnfold.verify import keras_runner
+
+    inp = keras.Input((6, 6, 3))
+    model = keras.Model(inp, _block(inp, "a"))
+    randomise(model, rng)
+    ver = keras_pass.fold(model).report.verification
+    gpu = ver.providers["keras-gpu"]
+    assert gpu.ran is keras_runner.gpu_available()
+    assert gpu.ran or "GPU" in gpu.why
+    assert ver.passed is True and ver.providers["keras-cpu"].ran
+    with pytest.raises(BnfoldError, match="tpu"):
+        keras_pass.fold(model, providers=["tpu"])
+
+
+@pytest.mark.cuda
+def test_gpu_verification_passes_a_fold_and_fails_a_planted_error(rng):
+    from bnfold.verify import keras_runner
+
+    if not keras_runner.gpu_available():
+        pytest.skip("TensorFlow sees no GPU")
+    inp = keras.Input((16, 16, 3))
+    model = keras.Model(inp, L.Conv2D(8, 3, name="head")(_block(_block(inp, "one"), "two")))
+    randomise(model, rng)
+    feeds = _feeds(model, rng)
+    result = keras_pass.fold(model, example_inputs=feeds, providers=["gpu"])
+    gpu = result.report.verification.providers["keras-gpu"]
+    assert gpu.ran and gpu.passed, gpu.to_dict()
+    kernel_, bias = result.model.get_layer("two_c").get_weights()
+    kernel_[..., 1] *= np.float32(1.01)  # well above TF32's rounding
+    result.model.get_layer("two_c").set_weights([kernel_, bias])
+    assert keras_pass.check(model, result.model, example_inputs=feeds, providers=["gpu"]).passed is False

@@ -106,6 +106,7 @@ def fold(model: Any, *, example_inputs: Any = None, verify: bool = True, provide
     keras = import_keras()
     if not isinstance(model, keras.Model):
         raise BnfoldError(f"expected a keras.Model, got {type(model).__name__}")
+    keras_runner.normalise_providers(providers)  # reject bad names before any work
     report = Report(framework="keras")
     t0 = time.perf_counter()
     feeds = _feeds(model, example_inputs, seed) if (example_inputs is not None or verify) else None

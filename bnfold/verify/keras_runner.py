@@ -31,6 +31,14 @@ def gpu_available() -> bool:
     return bool(_tf().config.list_physical_devices("GPU"))
 
 
+TF32_EPS = 2.0 ** -11
+
+
+def tf32_enabled() -> bool:
+    """Whether TensorFlow may run float32 matmuls/convolutions in TF32 on the GPU (its default)."""
+    return bool(_tf().config.experimental.tensor_float_32_execution_enabled())
+
+
 def output_names(model: Any) -> list[str]:
     """Names of the model's flattened outputs (dict keys, else Keras' output names, else output_i)."""
     import keras
@@ -72,6 +80,15 @@ def _perturb_eps(model: Any) -> float | None:
     return 2.0 ** -7 if "bfloat16" in low else compare.unit_roundoff(np.float16)
 
 
+def _noise_eps(model: Any, device: str) -> float | None:
+    eps = _perturb_eps(model)
+    if device == "gpu" and eps is None and tf32_enabled():
+        # TF32 rounds float32 operands to a 10-bit mantissa on the GPU: a nudge of that size is the
+        # noise the device itself adds (a one-ulp float32 nudge would mostly vanish in that rounding).
+        return TF32_EPS
+    return eps
+
+
 def _nudged(weights: list[np.ndarray], rng: np.random.Generator, eps: float | None) -> list[np.ndarray]:
     out = []
     for w in weights:
@@ -87,7 +104,7 @@ def noise_outputs(original: Any, feeds: Sequence[np.ndarray], device: str, seed:
     import keras
 
     weights = original.get_weights()
-    eps = _perturb_eps(original)
+    eps = _noise_eps(original, device)
     try:
         clone = keras.models.clone_model(original)
         run(clone, feeds, device)  # builds a clone of a subclassed model
@@ -141,7 +158,8 @@ def verify(original: Any, candidate: Any, feeds: Sequence[np.ndarray], providers
         cand = dict(zip(names, cand_out))
         noise = [dict(zip(names, o)) for o in noise_outputs(original, feeds, dev, seed)]
         ok, per_output = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
-        ver.providers[key] = ProviderResult(key, ran=True, passed=ok, outputs=per_output)
+        notes = {"tf32": True} if dev == "gpu" and tf32_enabled() else {}
+        ver.providers[key] = ProviderResult(key, ran=True, passed=ok, outputs=per_output, notes=notes)
         if not ok and ver.first_divergence is None:
             try:
                 ver.first_divergence = first_divergence(original, candidate, feeds, dev, seed)
@@ -193,7 +211,8 @@ def first_divergence(original: Any, candidate: Any, feeds: Sequence[np.ndarray],
     if not common:
         return None
     clone = keras.models.clone_model(original)
-    clone.set_weights(_nudged(original.get_weights(), np.random.default_rng(seed + 1), _perturb_eps(original)))
+    clone.set_weights(_nudged(original.get_weights(), np.random.default_rng(seed + 1),
+                               _noise_eps(original, device)))
     noise_t = _probe_tensors(functional_of(clone), set(common))
     common = [n for n in common if n in noise_t]
 
