@@ -26,6 +26,8 @@ NOT_CONSTANT_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
                     "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap"}
 # A computed "constant" this large would be a second copy of a big weight just to look at it.
 MAX_ELEMENTS = 1 << 28
+# initializers above this many elements are read again when needed instead of memoised
+KEEP_ELEMENTS = 1 << 16
 
 
 class NotConstant(Exception):
@@ -149,6 +151,7 @@ class ConstEvaluator:
         self.ix = ix
         self.opset = opset
         self.refused: dict[str, str] = {}   # name -> why it is not constant
+        self._transient: list[str] = []     # big initializers read during one value() call
         self.const_nodes: set[int] = set()  # id() of nodes evaluated here (removable once unused)
 
     def leaf(self, name: str) -> np.ndarray | None:
@@ -158,7 +161,10 @@ class ConstEvaluator:
             if ix.overridable(name):
                 self.refused[name] = f"{name!r} is an initializer that is also a graph input (overridable)"
                 return None
-            return numpy_helper.to_array(ix.inits[name])
+            t = ix.inits[name]
+            if int(np.prod(t.dims, dtype=np.int64)) > KEEP_ELEMENTS:
+                self._transient.append(name)
+            return numpy_helper.to_array(t)
         if name in ix.graph_inputs:
             self.refused[name] = f"{name!r} is a graph input"
             return None
@@ -215,7 +221,12 @@ class ConstEvaluator:
             else:
                 self._evaluate(node)
             stack.pop()
-        return cache.get(name)
+        value = cache.get(name)
+        # a big weight is read where it is used, not kept: the cache would be a second copy of the model
+        for big in self._transient:
+            cache.pop(big, None)
+        self._transient.clear()
+        return value
 
     def why(self, name: str) -> str:
         return self.refused.get(name, f"{name!r} is not a constant")

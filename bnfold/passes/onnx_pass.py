@@ -345,13 +345,12 @@ class OnnxFolder:
                 t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
-            ix.const_cache[name] = value
+            ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
             return name
         new = ix.unique(name or "bias")
         t = numpy_helper.from_array(value, new)
         ix.graph.initializer.append(t)
         ix.inits[new] = ix.graph.initializer[-1]
-        ix.const_cache[new] = value
         return new
 
     def _replace_input(self, node: onnx.NodeProto, slot: int, new: str) -> None:
