@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -178,8 +179,43 @@ class WeightStandardized(nn.Conv2d):
 
 def test_conv_subclass_with_own_forward_is_not_folded() -> None:
     res, x = _fold(Seq(WeightStandardized(3, 4, 3), nn.BatchNorm2d(4)), 2, 3, 6, 6)
-    assert not _by_bn(res)["1"].is_folded
+    assert _by_bn(res)["1"].reason is Reason.NON_CONSTANT_PARAM
     assert res.report.verification.passed is True
+
+
+class FunctionalConv(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        self.b = nn.Parameter(torch.randn(6)) if bias else None
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.conv2d(x, self.w, self.b, padding=1))
+
+
+def test_functional_conv_producer() -> None:
+    model = FunctionalConv(bias=True)
+    res, x = _fold(model, 2, 3, 6, 6)
+    d = _by_bn(res)["bn"]
+    assert d.is_folded and d.producer == "w" and res.report.verification.passed
+    _assert_close(model, res.model, x)
+    # without a bias argument the user's code has nowhere to put the shift
+    res, x = _fold(FunctionalConv(bias=False), 2, 3, 6, 6)
+    assert _by_bn(res)["bn"].reason is Reason.UNSUPPORTED_PRODUCER
+    assert res.report.verification.passed is True
+
+
+def test_public_api_folds_torch_modules(tmp_path) -> None:
+    import bnfold
+    model = Seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    randomize_bn(model, 4)
+    x = torch.randn(1, 3, 6, 6)
+    res = bnfold.fold(model, example_inputs=(x,))
+    assert res.report.framework == "torch" and len(res.report.folded) == 1 and res.report.verification.passed
+    path = str(tmp_path / "m.pt")
+    bnfold.save(res, path)
+    assert os.path.exists(path) and res.report.output == path
 
 
 class FunctionalBN(nn.Module):

@@ -302,7 +302,7 @@ def functional_op(name: str, fk: tuple[str, str], args: tuple, kwargs: dict, pat
         pad = arg(args, kwargs, sig, "padding")
         attrs.update({"groups": int(arg(args, kwargs, sig, "groups")), "padding": pad, "padding_mode": "zeros"})
     if kind != "bn" and params.get("weight"):
-        name = params["weight"].rpartition(".")[0] or name  # the layer's owner reads better than a node name
+        name = params["weight"].rpartition(".")[0] or params["weight"]  # the layer's owner reads better than a node name
     return Op(name, kind, inputs, outputs, params=params, attrs=attrs, node=node)
 
 
