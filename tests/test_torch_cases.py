@@ -318,6 +318,32 @@ def test_data_dependent_control_flow_uses_module_hooks() -> None:
         assert torch_pass.check(model, res.model, example_inputs=(inp,)).passed is True
 
 
+class ShapeBranch(nn.Module):
+    """Branches on a shape: torch.fx cannot trace it, torch.export can (it specialises the shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc, self.bn_fc = nn.Linear(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(x)))
+        if x.shape[-1] > 4:
+            y = F.max_pool2d(y, 2)
+        return self.bn_fc(self.fc(y.mean((2, 3))))
+
+
+def test_untraceable_by_fx_uses_torch_export() -> None:
+    model = ShapeBranch()
+    res, x = _fold(model, 2, 3, 8, 8)
+    assert res.report.info["capture"] == "export" and res.report.info["capture_fallbacks"][0].startswith("fx")
+    d = _by_bn(res)
+    assert d["bn"].producer == "conv" and d["bn_fc"].producer == "fc"
+    assert isinstance(res.model.bn, nn.Identity) and type(res.model) is ShapeBranch
+    assert res.report.verification.passed is True
+    _assert_close(model, res.model, x)
+
+
 class ReadsConvOutput(nn.Module):
     def __init__(self) -> None:
         super().__init__()
