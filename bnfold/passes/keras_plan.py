@@ -35,16 +35,17 @@ class Plan:
 
     model: Any
     graph: Any                                   # the Functional whose nodes were examined
-    decisions: list[Decision] = field(default_factory=list)
+    decisions: list[Any] = field(default_factory=list)      # Decisions, and nested Plans where they sit
     removed: set[int] = field(default_factory=set)           # ids of BN layers that disappear
     edits: dict[int, LayerEdit] = field(default_factory=dict)  # id(layer) -> new weights
     nested: dict[int, "Plan"] = field(default_factory=dict)    # id(inner model) -> its plan
     after_target: dict[int, Any] = field(default_factory=dict)  # id(folded BN) -> layer it went into
 
     def all_decisions(self) -> list[Decision]:
-        out = list(self.decisions)
-        for p in self.nested.values():
-            out.extend(p.all_decisions())
+        """Every decision, nested models' included, in graph order."""
+        out: list[Decision] = []
+        for item in self.decisions:
+            out.extend(item.all_decisions() if isinstance(item, Plan) else [item])
         return out
 
 
@@ -89,6 +90,7 @@ def plan_model(model: Any, prefix: str = "", graph: Any = None,
         if isinstance(op, keras.Model):
             if is_graph_model(op):
                 plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque)
+                plan.decisions.append(plan.nested[id(op)])
             elif opaque is not None:
                 plan.decisions.extend(opaque(op, f"{prefix}{op.name}/"))
             continue
