@@ -11,6 +11,7 @@ reference evaluator for that one node.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -162,7 +163,7 @@ class ConstEvaluator:
                 self.refused[name] = f"{name!r} is an initializer that is also a graph input (overridable)"
                 return None
             t = ix.inits[name]
-            if int(np.prod(t.dims, dtype=np.int64)) > KEEP_ELEMENTS:
+            if math.prod(t.dims) > KEEP_ELEMENTS:
                 self._transient.append(name)
             return numpy_helper.to_array(t)
         if name in ix.graph_inputs:

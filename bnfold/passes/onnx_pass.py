@@ -18,126 +18,14 @@ from onnx import helper, numpy_helper
 
 from .. import kernel, layouts
 from ..decisions import Decision, Reason, Skip
-from .onnx_const import ConstEvaluator
+from .onnx_const import ConstEvaluator  # noqa: F401 - re-exported for callers of the pass
+from .onnx_index import (GraphIndex, _attr, _graphs_of, _set_attr, node_label,  # noqa: F401 - re-exported
+                         subgraph_free_names)
 from .onnx_standalone import BnView, absorb_affine_chain, as_mul_add
 from .onnx_backward import fold_before
 from .onnx_layout import LAYOUT_OPS, match_through_layout
 
 ONNX_DOMAINS = ("", "ai.onnx")
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
-def node_label(node: onnx.NodeProto) -> str:
-    """A node's name, or a stable stand-in built from its op and first output."""
-    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
-
-
-def subgraph_free_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads from its enclosing scopes (used but not defined inside it)."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.name for t in graph.sparse_initializer} if hasattr(graph, "sparse_initializer") else set()
-    used: set[str] = set()
-    for n in graph.node:
-        defined.update(o for o in n.output if o)
-        used.update(i for i in n.input if i)
-        for a in n.attribute:
-            for g in _graphs_of(a):
-                used |= subgraph_free_names(g)
-    used.update(o.name for o in graph.output)
-    return used - defined
-
-
-def _graphs_of(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if a.type == onnx.AttributeProto.GRAPH:
-        return [a.g]
-    if a.type == onnx.AttributeProto.GRAPHS:
-        return list(a.graphs)
-    return []
-
-
-@dataclass
-class GraphIndex:
-    """Producer and consumer maps of one graph, kept current while rewriting."""
-
-    graph: onnx.GraphProto
-    ir_version: int
-    outer_consts: Callable[[str], np.ndarray | None] | None = None
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
-    inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
-    graph_inputs: set[str] = field(default_factory=set)
-    graph_outputs: set[str] = field(default_factory=set)
-    names: set[str] = field(default_factory=set)
-    const_cache: dict[str, np.ndarray] = field(default_factory=dict)
-    opset: int = 13
-    evaluator: ConstEvaluator | None = None
-
-    @classmethod
-    def build(cls, graph: onnx.GraphProto, ir_version: int,
-              outer_consts: Callable[[str], np.ndarray | None] | None = None, opset: int = 13,
-              names: set[str] | None = None) -> "GraphIndex":
-        ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts, opset=opset)
-        if names is not None:
-            ix.names = names  # shared across scopes: a name made here must not shadow or repeat another scope's
-        ix.inits = {t.name: t for t in graph.initializer}
-        ix.graph_inputs = {i.name for i in graph.input}
-        ix.graph_outputs = {o.name for o in graph.output}
-        ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
-        for n in graph.node:
-            for o in n.output:
-                if o:
-                    ix.producer[o] = n
-                    ix.names.add(o)
-            for i in n.input:
-                if i:
-                    ix.consumers.setdefault(i, []).append(n)
-            for a in n.attribute:
-                for g in _graphs_of(a):
-                    for name in subgraph_free_names(g):
-                        ix.consumers.setdefault(name, []).append(n)
-        return ix
-
-    def uses(self, name: str) -> int:
-        return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
-
-    def unique(self, base: str) -> str:
-        name, k = f"{base}_bnfold", 1
-        while name in self.names:
-            k += 1
-            name = f"{base}_bnfold{k}"
-        self.names.add(name)
-        return name
-
-    def overridable(self, name: str) -> bool:
-        # From IR 4 on, an initializer that is also a graph input can be replaced by the caller.
-        return name in self.graph_inputs and self.ir_version >= 4
-
-    def const(self, name: str, role: str) -> np.ndarray:
-        """The constant value of tensor `name`, or Skip(NON_CONSTANT_PARAM) naming it."""
-        if name in self.const_cache:
-            return self.const_cache[name]
-        if self.evaluator is None:
-            self.evaluator = ConstEvaluator(self, self.opset)
-        value = self.evaluator.value(name)
-        if value is None:
-            why = self.evaluator.why(name)
-            raise Skip(Reason.NON_CONSTANT_PARAM,
-                       f"{role} {why}" if why.startswith(repr(name)) else f"{role} {name!r} depends on {why}")
-        return value
 
 
 @dataclass

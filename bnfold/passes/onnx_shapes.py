@@ -7,6 +7,7 @@ size of the weights. It runs once, before any rewrite, and only for models that 
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -49,7 +50,7 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     g.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
     for t in src.initializer:
-        if int(np.prod(t.dims, dtype=np.int64)) <= SMALL_INIT:
+        if math.prod(t.dims) <= SMALL_INIT:
             g.initializer.append(t)
         elif t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
