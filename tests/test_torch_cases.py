@@ -419,3 +419,18 @@ def test_training_mode() -> None:
     d = _by_bn(res)
     assert d["1"].is_folded and d["3"].reason is Reason.TRAINING_MODE
     assert res.model[3].training and res.report.verification.passed is True
+
+
+def test_shared_conv_in_a_graph_module_is_cloned_for_the_bn_call_site() -> None:
+    model = randomize_bn(ConvTwice(), 3)
+    x = torch.randn(2, 4, 6, 6)
+    gm = torch.fx.symbolic_trace(model)
+    res = torch_pass.fold(gm, example_inputs=(x,))
+    d = _by_bn(res)["bn"]
+    assert d.is_folded and "own copy" in d.extra["note"]
+    assert res.report.verification.passed is True
+    _assert_close(model, res.model, x)
+    # the same through torch.export, where the two calls share one weight tensor
+    ep = torch.export.export(model, (x,))
+    res = torch_pass.fold(ep)
+    assert _by_bn(res)["bn"].is_folded and res.report.verification.passed is True

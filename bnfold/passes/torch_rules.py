@@ -122,6 +122,11 @@ def _check_layer(cap: Capture, layer: Op, can_add_bias: bool) -> None:
     if "non_constant" in layer.attrs:
         raise Skip(Reason.NON_CONSTANT_PARAM, f"{layer.name}'s {', '.join(layer.attrs['non_constant'])} is computed",
                    producer=layer.name)
+    shared = (layer.module is not None and cap.module_calls[layer.module] > 1) or any(
+        p and cap.param_uses[p] > 1 for p in layer.params.values())
+    if shared and can_add_bias and layer.node is not None:
+        layer.attrs["clone"] = True  # an editable graph: this call site gets its own copy of the layer
+        return
     if layer.module is not None and cap.module_calls[layer.module] > 1:
         raise Skip(Reason.SHARED_PRODUCER, f"{layer.module} is called at {cap.module_calls[layer.module]} places; "
                                            "folding would change the other calls too", producer=layer.name)
@@ -308,6 +313,32 @@ def _add_bias(root: nn.Module, layer: Op, bias: torch.Tensor, surgery: bool) -> 
         node.args = tuple(node.args) + (getter,)
 
 
+def _clone_layer(root: nn.Module, layer: Op, bn: str) -> None:
+    """Point this call site (an fx node) at a private copy of a shared layer or its parameters."""
+    import copy
+    node = layer.node
+    tag = "_bnfold_" + bn.replace(".", "_")
+    if node.op == "call_module":
+        new = node.target.replace(".", "_") + tag
+        root.add_submodule(new, copy.deepcopy(root.get_submodule(node.target)))
+        node.target = new
+        layer.module = new
+        layer.params = {k: (f"{new}.{k}" if v else None) for k, v in layer.params.items()}
+        layer.name = new
+        return
+    for role, path in list(layer.params.items()):
+        if not path:
+            continue
+        new = path.replace(".", "_") + tag
+        root.register_parameter(new, nn.Parameter(get_tensor(root, path).detach().clone(), requires_grad=False))
+        with node.graph.inserting_before(node):
+            getter = node.graph.get_attr(new)
+        old = next(a for a in node.all_input_nodes if a.op == "get_attr" and a.target == path)
+        node.replace_input_with(old, getter)
+        layer.params[role] = new
+    layer.name = layer.params["weight"] or layer.name
+
+
 def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
     """Fold `plan` into `root` (all values computed first, so a Skip leaves `root` untouched)."""
     bn, layer = plan.bn, plan.layer
@@ -320,6 +351,9 @@ def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
     new_w = from_numpy(res.weight, w)
     new_b = from_numpy(res.bias, b if b is not None else w)
     remove, note = _removal(root, bn, surgery)
+    if layer.attrs.get("clone"):
+        _clone_layer(root, layer, plan.name)
+        note = f"{layer.name} is shared, so this call site got its own copy"
     set_tensor(root, layer.params["weight"], new_w)
     if b is not None:
         set_tensor(root, layer.params["bias"], new_b)
