@@ -5,7 +5,9 @@ b' = b + W.t. A BN folds *after* the layer that produces its input when that out
 else; otherwise *before* the single layer it feeds, when that layer reads no zero padding. The rewrite
 sets new parameters on the layer (a fresh Parameter: the old tensor may be shared) and removes the BN:
 nn.Identity in place of a BN module, the node erased from a GraphModule, or, for an `F.batch_norm`
-call written in user code, statistics that make that call an exact identity.
+call written in user code, statistics that make that call an exact identity. In an editable graph
+(GraphModule, torch.export program) a layer shared by several call sites is cloned for the one that
+gets the BN; in a user's module it cannot be, and the BN is skipped with SHARED_PRODUCER.
 """
 from __future__ import annotations
 
