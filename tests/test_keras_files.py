@@ -130,7 +130,12 @@ def test_verification_off_and_dry_run(rng):
 
 
 def test_export_onnx_is_verified_on_onnxruntime(tmp_path, rng):
-    model = _model(rng)
+    inp = keras.Input((6, 6, 3), name="img")
+    # Normalization keeps its statistics as plain tensors, which a bare tf2onnx export turns into inputs.
+    x = L.Normalization(mean=[0.5, -1.0, 2.0], variance=[4.0, 0.25, 1.0], name="norm")(inp)
+    x = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, use_bias=False, name="c")(x))
+    model = keras.Model(inp, L.Dense(2, name="d")(L.GlobalAveragePooling2D()(L.ReLU()(x))), name="net")
+    randomise(model, rng)
     out = tmp_path / "net.onnx"
     try:
         import tf2onnx  # noqa: F401
@@ -148,6 +153,7 @@ def test_export_onnx_is_verified_on_onnxruntime(tmp_path, rng):
     assert len(result.report.folded) == 1
     x = rng.standard_normal((1, 6, 6, 3)).astype("float32")
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert len(sess.get_inputs()) == 1
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     ref = outputs(model, [x])[0]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

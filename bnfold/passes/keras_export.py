@@ -32,13 +32,47 @@ def _need_tf2onnx() -> None:
 def _export(model: Any, path: str, feeds: list[np.ndarray]) -> None:
     import logging
 
+    import onnx
+
     keras_runner.run(model, feeds)  # Keras refuses to export a functional model that was never called
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     try:
         model.export(path, format="onnx", verbose=False)
+        graph = onnx.load(path, load_external_data=False).graph
+        inits = {i.name for i in graph.initializer}
+        if len([i for i in graph.input if i.name not in inits]) > len(feeds):
+            _export_frozen(model, path)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise BnfoldError(f"Keras' ONNX export failed ({type(e).__name__}: {first})") from None
+
+
+def _export_frozen(model: Any, path: str) -> None:
+    """Keras' export hands tf2onnx a function whose captured constant tensors (e.g. a Normalization
+    layer's mean and variance) become extra graph inputs. Freezing the same concrete function first
+    turns them into constants, so the ONNX file runs on its own."""
+    import tensorflow as tf
+    import tf2onnx
+    from keras.src.export.export_utils import get_input_signature, make_tf_tensor_spec
+    from keras.src.export.onnx import get_concrete_fn
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    import keras
+
+    sig = keras.tree.map_structure(make_tf_tensor_spec, get_input_signature(model))
+    fn = get_concrete_fn(model, sig)
+    if not hasattr(fn, "inputs"):
+        fn = fn.get_concrete_function(*sig)
+    level = tf.get_logger().level
+    tf.get_logger().setLevel("ERROR")
+    try:
+        frozen = convert_variables_to_constants_v2(fn)
+        patch_tf2onnx()  # Keras' own numpy 2 fixes for tf2onnx
+        tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+                                       output_names=[t.name for t in frozen.outputs], output_path=path)
+    finally:
+        tf.get_logger().setLevel(level)
 
 
 def _ort_run(onnx_model: Any, feeds: list[np.ndarray], provider: str) -> list[np.ndarray]:
