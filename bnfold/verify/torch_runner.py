@@ -55,8 +55,11 @@ def as_callable(model: Any) -> Any:
 def on_device(model: Any, device: str) -> Any:
     """A private copy of `model` on `device`; the caller's model is never moved or mutated."""
     if isinstance(model, torch.export.ExportedProgram):
-        m = model.module()
-        return m.to(device) if device != "cpu" else m
+        if all(t.device.type == device for t in model.state_dict.values()):
+            return model.module()
+        from torch.export.passes import move_to_device_pass
+        # the pass moves in place (and rewrites devices baked into the graph): give it a private copy
+        return move_to_device_pass(copy.deepcopy(model), device).module()
     if isinstance(model, torch.jit.ScriptModule):
         buf = io.BytesIO()
         torch.jit.save(model, buf)
