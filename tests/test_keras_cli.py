@@ -67,3 +67,13 @@ def test_bad_keras_file_exits_2(tmp_path, capsys):
     assert main([str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.keras"]
+
+
+def test_check_against_a_model_with_other_inputs_is_not_equivalent(tmp_path, rng, capsys):
+    _, src = _write(tmp_path, rng)
+    inp = keras.Input((5,))
+    other = tmp_path / "other.keras"
+    keras_pass.save(keras.Model(inp, L.Dense(3)(inp)), str(other))
+    assert main(["check", str(src), str(other), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verification"]["passed"] is False

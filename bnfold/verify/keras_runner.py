@@ -16,6 +16,7 @@ from ..errors import BnfoldError
 from ..results import ProviderResult, Verification
 
 NOISE_RUNS = 2
+TF32_EPS = 2.0 ** -11  # unit roundoff of TF32's 10-bit mantissa
 DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0", "cuda": "/GPU:0"}
 
 
@@ -29,9 +30,6 @@ def _tf() -> Any:
 def gpu_available() -> bool:
     """Whether TensorFlow sees a GPU."""
     return bool(_tf().config.list_physical_devices("GPU"))
-
-
-TF32_EPS = 2.0 ** -11
 
 
 def tf32_enabled() -> bool:
@@ -150,7 +148,13 @@ def verify(original: Any, candidate: Any, feeds: Sequence[np.ndarray], providers
             ver.providers[key] = ProviderResult(key, ran=False, why="TensorFlow sees no GPU")
             continue
         ref = dict(zip(names, run(original, feeds, dev)))
-        cand_out = run(candidate, feeds, dev)
+        try:
+            cand_out = run(candidate, feeds, dev)
+        except Exception as e:  # a candidate that cannot even take the original's inputs is not equivalent
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            ver.providers[key] = ProviderResult(key, ran=True, passed=False, outputs={
+                "_": {"passed": False, "why": f"the candidate fails on the inputs ({type(e).__name__}: {first})"}})
+            continue
         if len(cand_out) != len(names):
             ver.providers[key] = ProviderResult(key, ran=True, passed=False, outputs={
                 "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
