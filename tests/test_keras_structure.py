@@ -240,3 +240,13 @@ def test_gpu_verification_passes_a_fold_and_fails_a_planted_error(rng):
     kernel_[..., 1] *= np.float32(1.01)  # well above TF32's rounding
     result.model.get_layer("two_c").set_weights([kernel_, bias])
     assert keras_pass.check(model, result.model, example_inputs=feeds, providers=["gpu"]).passed is False
+
+
+def test_unbuilt_sequential_is_a_clear_error_and_built_one_folds(rng):
+    model = keras.Sequential([L.Dense(3, name="d"), L.BatchNormalization(name="bn")], name="lazy")
+    with pytest.raises(BnfoldError, match="not built"):
+        keras_pass.fold(model, verify=False)
+    model.build((None, 4))
+    randomise(model, rng)
+    result = keras_pass.fold(model, example_inputs=[rng.standard_normal((2, 4)).astype("float32")])
+    assert decision(result, "bn").is_folded and result.report.verification.passed is True
