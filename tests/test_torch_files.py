@@ -27,7 +27,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_exported_program_fold_save_load(resnet, tmp_path) -> None:
     model, x = resnet
     ep = torch.export.export(model, (x,))
+    before = {k: v.clone() for k, v in ep.state_dict.items()}
     res = torch_pass.fold(ep)
+    assert all(torch.equal(before[k], v) for k, v in ep.state_dict.items())
     assert isinstance(res.model, torch.export.ExportedProgram)
     assert len(res.report.folded) == 9 and not res.report.skipped
     assert res.report.verification.passed is True

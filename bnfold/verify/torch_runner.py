@@ -55,11 +55,12 @@ def as_callable(model: Any) -> Any:
 def on_device(model: Any, device: str) -> Any:
     """A private copy of `model` on `device`; the caller's model is never moved or mutated."""
     if isinstance(model, torch.export.ExportedProgram):
-        if all(t.device.type == device for t in model.state_dict.values()):
-            return model.module()
+        # .module() shares the program's tensors, and the noise run nudges them in place: copy first
+        private = copy.deepcopy(model)
+        if all(t.device.type == device for t in private.state_dict.values()):
+            return private.module()
         from torch.export.passes import move_to_device_pass
-        # the pass moves in place (and rewrites devices baked into the graph): give it a private copy
-        return move_to_device_pass(copy.deepcopy(model), device).module()
+        return move_to_device_pass(private, device).module()  # also rewrites devices baked into the graph
     if isinstance(model, torch.jit.ScriptModule):
         buf = io.BytesIO()
         torch.jit.save(model, buf)
