@@ -12,7 +12,6 @@ constant folding off (on, it fuses Conv+BN itself). The ONNX is then run on onnx
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -48,10 +47,11 @@ def fold_exported(ep: torch.export.ExportedProgram, *, example_inputs: tuple | N
                   providers: Sequence[str] | None, atol: Any, rtol: float | None, seed: int) -> FoldResult:
     """Fold the BN ops of an ExportedProgram; returns a new ExportedProgram."""
     from .torch_files import example_inputs_for
+    from ..verify.torch_runner import copy_program
     from .torch_pass import fold_module, verify_result
     t0 = time.perf_counter()
     ex = example_inputs if example_inputs is not None else example_inputs_for(ep, seed=seed)
-    gm = copy.deepcopy(ep).module()  # .module() shares the program's tensors; the input stays untouched
+    gm = copy_program(ep).module()  # .module() shares the program's tensors; the input stays untouched
     decisions, info = fold_module(gm, ex, seed)
     try:
         new_ep = torch.export.export(gm, tuple(ex), dynamic_shapes=_dynamic_shapes(ep, tuple(ex)), strict=False)

@@ -52,11 +52,19 @@ def as_callable(model: Any) -> Any:
     return model
 
 
+def copy_program(ep: Any) -> Any:
+    """A deep copy of an ExportedProgram (torch's own pytree code warns about itself while copying)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(ep)
+
+
 def on_device(model: Any, device: str) -> Any:
     """A private copy of `model` on `device`; the caller's model is never moved or mutated."""
     if isinstance(model, torch.export.ExportedProgram):
         # .module() shares the program's tensors, and the noise run nudges them in place: copy first
-        private = copy.deepcopy(model)
+        private = copy_program(model)
         if all(t.device.type == device for t in private.state_dict.values()):
             return private.module()
         from torch.export.passes import move_to_device_pass
