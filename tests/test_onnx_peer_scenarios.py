@@ -103,6 +103,14 @@ def test_onnxoptimizer_bn_opset6_training_is_kept(rng):
     assert decisions(res) == {"bn": Reason.TRAINING_MODE}
 
 
+def test_onnxoptimizer_simple_5x5_conv_with_bias_no_padding(rng):
+    g = G(rng)
+    g.node("Conv", ["x", g.weight("W", (3, 2, 5, 5)), g.weight("B", (3,))], ["c"], name="conv")
+    g.bn("bn", "c", 3, out="y")
+    res = fold_verified(g.model([("x", [1, 2, 9, 9])], [("y", [1, 3, 5, 5])]))
+    assert decisions(res) == {"bn": "Conv->BN"} and ops(res.model) == ["Conv"]
+
+
 def test_onnxoptimizer_fp16(rng):
     res = fold_verified(conv_bn(rng, dtype=np.float16).model([X4], [("y", [1, 8, 6, 6])]), rel=5e-3)
     assert decisions(res) == {"bn": "Conv->BN"}
