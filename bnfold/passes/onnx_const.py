@@ -31,10 +31,6 @@ MAX_ELEMENTS = 1 << 28
 KEEP_ELEMENTS = 1 << 16
 
 
-class NotConstant(Exception):
-    """A value depends on a graph input, an overridable initializer or a run-time op."""
-
-
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node, or None for forms that are not plain values (ref_attr, sparse)."""
     for a in node.attribute:

@@ -5,6 +5,11 @@ Each BN goes through match (who produces its input) -> check (may we?) -> rewrit
 layer writes the BN's output name). The graph is indexed once; rewrites keep the index current, so a
 chain Conv->BN->BN folds in one pass and the cost grows linearly with the number of nodes. Dead BN
 nodes and initializers are swept once at the end.
+
+Per BN, in order of preference: fold into the layer before it (here, also through layout ops:
+onnx_layout), else into the layer after it (onnx_backward), else, with standalone="affine", become
+Mul + Add (onnx_standalone). Per-channel Mul/Add-by-constant ops right after the BN join its affine
+map first. Parameters may be any constant subgraph (onnx_const); every scope is folded (onnx_scopes).
 """
 from __future__ import annotations
 
