@@ -127,3 +127,23 @@ def test_evaluator_memoises_and_is_linear_on_a_long_identity_chain(rng):
     out = ev.value(name)
     assert out is not None and np.array_equal(out, numpy_helper.to_array(g.inits[0]))
     assert len(ev.const_nodes) == 20000
+
+
+def test_constant_roots_name_every_source_a_noise_model_must_nudge(rng):
+    from bnfold.passes.onnx_const import constant_roots
+    g = G(rng)
+    const_node(g, "w_half", rng.normal(size=(4, 3, 3, 3)).astype(np.float16))
+    g.node("Cast", ["w_half"], ["w_cast"], name="cast", to=TensorProto.FLOAT)
+    g.node("Identity", ["w_cast"], ["w"], name="dedup")
+    g.node("ConstantOfShape", [g.init("bshape", np.array([4]), np.int64)], ["b"], name="fill",
+           value=numpy_helper.from_array(np.array([0.25], np.float32)))
+    g.node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    g.node("Relu", ["c"], ["r"], name="relu")  # a run-time value read by the BN: not a root
+    g.bn("bn", "r", 4, out="y")
+    body = helper.make_graph([helper.make_node("Mul", ["y", "outer_gain"], ["z"], name="gain")], "body", [],
+                             [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    g.init("outer_gain", rng.normal(size=(4, 1, 1)))
+    g.node("If", ["cond"], ["out"], name="iff", then_branch=body, else_branch=body)
+    graph = helper.make_graph(g.nodes, "g", [], [], g.inits)
+    roots = constant_roots(graph, {"Conv", "BatchNormalization", "Mul"})
+    assert roots == {"w_half", "b", "bn_gamma", "bn_beta", "bn_mean", "bn_var", "outer_gain"}

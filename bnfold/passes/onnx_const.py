@@ -259,3 +259,47 @@ class ConstEvaluator:
 
 def _label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+def constant_roots(graph: onnx.GraphProto, readers: set[str] | frozenset[str]) -> set[str]:
+    """Where the constant inputs of `readers` ops come from, in `graph` and every subgraph of it.
+
+    Returns the names of initializers, Constant outputs and ConstantOfShape outputs from which some
+    input of a node whose op_type is in `readers` is computed through constant-only ops (Identity,
+    Cast, Reshape...). A verifier nudges exactly these to measure a model's own numeric noise: a
+    weight behind Identity/Cast, a ConstantOfShape fill, or an outer initializer read by a body is as
+    much a weight as a plain initializer. Each value is visited once (linear in the graph size).
+    """
+    roots: set[str] = set()
+    seen: set[str] = set()
+
+    def walk(g: onnx.GraphProto, outer_producers: list[dict[str, onnx.NodeProto]], outer_inits: list[set[str]]) -> None:
+        producer = {o: n for n in g.node for o in n.output if o}
+        inits = {t.name for t in g.initializer}
+        scopes_p, scopes_i = [producer] + outer_producers, [inits] + outer_inits
+        for n in g.node:
+            for a in n.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) \
+                    if a.type == onnx.AttributeProto.GRAPHS else []
+                for sub in subs:
+                    walk(sub, scopes_p, scopes_i)
+            if n.op_type in readers:
+                stack = [i for i in n.input if i]
+                while stack:
+                    name = stack.pop()
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    if any(name in s for s in scopes_i):
+                        roots.add(name)
+                        continue
+                    src = next((p[name] for p in scopes_p if name in p), None)
+                    if src is None or src.domain not in ONNX_DOMAINS or src.op_type in NOT_CONSTANT_OPS:
+                        continue
+                    if src.op_type in ("Constant", "ConstantOfShape"):
+                        roots.add(name)
+                    elif src.op_type in HAND or src.op_type in ("Expand", "Tile", "Gather", "Slice", "Split"):
+                        stack.extend(i for i in src.input if i)
+
+    walk(graph, [], [])
+    return roots
