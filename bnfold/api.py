@@ -86,8 +86,13 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
     else:
         p = framework_pass(fw)
         if example_inputs is None and (input_specs or inputs_npz or path is not None):
-            example_inputs = p.example_inputs_for(model, input_specs=list(_spec_tuples(input_specs)),
-                                                  inputs_npz=inputs_npz, seed=seed)
+            try:
+                example_inputs = p.example_inputs_for(model, input_specs=list(_spec_tuples(input_specs)),
+                                                      inputs_npz=inputs_npz, seed=seed)
+            except BnfoldError as e:
+                if e.path is None and path is not None:
+                    raise BnfoldError(str(e), path) from None
+                raise
         res = p.fold(model, example_inputs=example_inputs, verify=verify, providers=providers, atol=atol,
                      rtol=rtol, seed=seed, dry_run=dry_run)
     res.report.model = path if path is not None else res.report.model

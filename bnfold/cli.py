@@ -222,9 +222,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     model = api.load(a.model, trust=a.trust)
     fp = api.framework_pass(fw)
     kw.pop("outputs_only")
-    example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype or "float32")
-                                                        for s in kw["input_specs"]],
-                                    inputs_npz=kw["inputs_npz"], seed=kw["seed"])
+    try:
+        example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype or "float32")
+                                                            for s in kw["input_specs"]],
+                                        inputs_npz=kw["inputs_npz"], seed=kw["seed"])
+    except BnfoldError as e:
+        raise (BnfoldError(str(e), a.model) if e.path is None else e) from None
     res = fp.export_onnx(model, out, example_inputs=example, verify=not a.no_verify, providers=kw["providers"],
                          atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
     rep = res.report
