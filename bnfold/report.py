@@ -83,7 +83,15 @@ def text(report: Report) -> str:
     for reason, ds in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         shown = "; ".join(f"{d.bn}: {d.detail}" for d in ds[:3])
         more = f"; +{len(ds) - 3} more" if len(ds) > 3 else ""
-        out.append(f"  {reason:<26} {len(ds):>3}  {shown}{more}")
+        out.append(f"  {reason:<28} {len(ds):>3}  {shown}{more}")
+    if report.info.get("dry_run"):
+        out.append("every BatchNorm (--dry-run):")
+        for d in report.decisions:
+            nb = d.extra.get("neighbourhood") or {}
+            where = f"   [{nb.get('input', '?')} -> BN -> {', '.join(nb.get('feeds', [])) or '?'}]" if nb else ""
+            what = (f"folds into {d.producer} ({d.pattern}, {d.direction})" if d.is_folded
+                    else f"kept: {d.reason.value if d.reason else '?'}")
+            out.append(f"  {d.bn}: {what}{where}")
     for k, v in report.info.items():
         if k not in ("dry_run",):
             out.append(f"{k:<14} {v}")

@@ -206,8 +206,8 @@ def fp16(seed: int) -> onnx.ModelProto:
 def skip_cases(seed: int) -> onnx.ModelProto:
     """One BN per skip reason, plus one ordinary Conv->BN that folds.
 
-    bn_on_input: its input is a graph input (NO_PRODUCER). bn_after_relu: produced by Relu
-    (UNSUPPORTED_PRODUCER). bn_fanout: conv_fanout's output also feeds add_fanout (PRODUCER_FANOUT).
+    bn_on_input: its input is a graph input (NO_PRODUCER). bn_after_relu: produced by Relu and
+    read by a padded conv, so neither direction is exact (PADDING_BREAKS_BACKWARD_FOLD). bn_fanout: conv_fanout's output also feeds add_fanout (PRODUCER_FANOUT).
     bn_after_output: conv_graph_output's output is a graph output (INTERMEDIATE_IS_OUTPUT).
     """
     b = Builder(seed)

@@ -74,9 +74,9 @@ def test_conv_bn_inside_if_branches_folds(rng):
 
 def test_conv_bn_inside_loop_body_folds(rng):
     inits: list = [numpy_helper.from_array(rng.normal(0, 0.3, (3, 3, 3, 3)).astype(np.float32), "w"),
-                   # one trip: the verifier's noise model does not yet nudge weights read only inside bodies,
-                   # so repeated trips would compound rounding past its floor (reported to the lead)
-                   numpy_helper.from_array(np.array(1, np.int64), "trips")]
+                   # several trips compound the rounding of the folded weights; the verifier's noise model
+                   # nudges the outer weight the body reads, so its tolerance compounds the same way
+                   numpy_helper.from_array(np.array(3, np.int64), "trips")]
     names, ts = bn_inits(rng, "loop_bn", 3)
     inits.extend(ts)
     body = helper.make_graph(

@@ -206,6 +206,7 @@ class OnnxFolder:
         except Skip as e:
             # the backward check names a real layer: its reason says more than "no layer before"
             if e.producer and first.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
+                e.detail = f"{e.detail}; nothing to fold into before it either ({first.detail})"
                 first = e
         if self.standalone == "affine":
             return as_mul_add(self, bn, label, view, first)

@@ -73,32 +73,39 @@ def make_feeds(model: onnx.ModelProto, specs: Sequence[inp.InputSpec] = (), npz:
 
 
 def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """A copy of `model` whose weights (float initializers / Constants read by weight ops) move by ~1 ulp."""
+    """A copy of `model` whose weights move by about one ulp: every float constant that some weight op
+    reads, directly or through constant-only ops (Identity, Cast, Reshape...), in the main graph,
+    in If/Loop/Scan bodies and in model-local functions; Constant and ConstantOfShape values too."""
+    from ..passes.onnx_const import constant_roots
+
     rng = np.random.default_rng(seed + 7919)
-    readers: dict[str, set[str]] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            readers.setdefault(name, set()).add(n.op_type)
     m = onnx.ModelProto()
     m.CopyFrom(model)
 
-    def nudge(t: onnx.TensorProto) -> None:
-        if not (readers.get(t.name, set()) & WEIGHT_OPS):
-            return
+    def nudge(t: onnx.TensorProto, min_size: int = 2) -> None:
         a = numpy_helper.to_array(t)
-        if a.size < 2 or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+        if a.size < min_size or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             return  # scalars (exponents, clip bounds) are not weights; nudging them can change semantics
         t.CopyFrom(numpy_helper.from_array(compare.perturb(a, rng), t.name))
 
-    for t in m.graph.initializer:
-        nudge(t)
-    for n in m.graph.node:
-        if n.op_type == "Constant":
+    def visit(nodes, inits, roots: set[str]) -> None:
+        for t in inits:
+            if t.name in roots:
+                nudge(t)
+        for n in nodes:
+            if n.op_type in ("Constant", "ConstantOfShape") and n.output and n.output[0] in roots:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        # a ConstantOfShape fill is one value standing for a whole weight
+                        nudge(a.t, min_size=1 if n.op_type == "ConstantOfShape" else 2)
             for a in n.attribute:
-                if a.name == "value" and a.t is not None:
-                    a.t.name = n.output[0]
-                    nudge(a.t)
-                    a.t.name = ""
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                    visit(sub.node, sub.initializer, roots)
+
+    visit(m.graph.node, m.graph.initializer, constant_roots(m.graph, WEIGHT_OPS))
+    for f in m.functions:
+        visit(f.node, [], constant_roots(onnx.GraphProto(node=f.node), WEIGHT_OPS))
     return m
 
 
