@@ -101,15 +101,31 @@ def fold_after(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, s
     """
     channels = scale.shape[0]
     _check(weight, layout, channels, "out")
-    w64 = weight.astype(np.float64)
-    w_new = w64 * scale[layout.out_index(weight.shape)]
+    w_new = _scaled(weight, scale, layout.out_index(weight.shape))
     if bias is None:
         b_new = shift.copy()
     else:
         b64 = bias.astype(np.float64) * float(bias_scale)
         b_new = scale * b64 + shift
     bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else weight.dtype)
-    return Folded(round_to(w_new, weight.dtype, "weight"), round_to(b_new, bdt, "bias"))
+    return Folded(w_new, round_to(b_new, bdt, "bias"))
+
+
+CHUNK = 1 << 22  # elements per float64 temporary: big weights are scaled in slices of ~32 MiB
+
+
+def _scaled(weight: np.ndarray, vec: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """weight * vec[index] in float64, rounded once to weight.dtype, a slice of axis 0 at a time so a
+    256 MiB weight does not need 1 GiB of float64 temporaries."""
+    if weight.ndim == 0 or weight.size <= CHUNK:
+        return round_to(weight.astype(np.float64) * vec[index], weight.dtype, "weight")
+    out = np.empty(weight.shape, dtype=weight.dtype)
+    idx = np.broadcast_to(index, weight.shape)
+    step = max(1, CHUNK // max(1, weight[0].size))
+    for i in range(0, weight.shape[0], step):
+        part = weight[i:i + step].astype(np.float64) * vec[idx[i:i + step]]
+        out[i:i + step] = round_to(part, weight.dtype, "weight")
+    return out
 
 
 def fold_before(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,

@@ -226,3 +226,17 @@ def test_channel_count_mismatch_is_axis_mismatch():
     with pytest.raises(Skip) as e:
         kernel.fold_after(np.ones((4, 2, 3, 3), np.float32), None, s, t, layouts.conv())
     assert e.value.reason is Reason.AXIS_MISMATCH
+
+
+@pytest.mark.parametrize("layout,shape", [(layouts.conv(2), (24, 8, 3, 3)), (layouts.conv_transpose(4), (16, 6, 3, 3)),
+                                          (layouts.gemm(False), (30, 50)), (layouts.keras_depthwise(6), (3, 3, 6, 2))])
+def test_big_weights_are_scaled_in_slices_with_identical_results(monkeypatch, layout, shape):
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=shape).astype(np.float32)
+    n = layout.out_channels(shape)
+    s, t = rng.normal(size=n), rng.normal(size=n)
+    whole = kernel.fold_after(w, None, s, t, layout)
+    monkeypatch.setattr(kernel, "CHUNK", 50)
+    sliced = kernel.fold_after(w, None, s, t, layout)
+    np.testing.assert_array_equal(whole.weight, sliced.weight)
+    np.testing.assert_array_equal(whole.bias, sliced.bias)
