@@ -36,6 +36,8 @@ def framework_pass(framework: str):
         from .passes import torch_pass
         return torch_pass
     if framework == "keras":
+        # TensorFlow's C++ start-up chatter on stderr would bury bnfold's own one-line messages
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
             import keras  # noqa: F401
         except ImportError:

@@ -81,6 +81,11 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str | None = N
     os.close(fd)
     try:
         write(tmp)
+        if os.path.isfile(tmp):
+            # mkstemp makes the file owner-only; give it the mode a plain open() would have
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -220,3 +220,12 @@ def test_several_models_in_one_call(work, capsys):
     assert os.path.exists(work / "mlp.folded.onnx") and os.path.exists(work / "decoder.folded.onnx")
     assert main([a, b, "-o", str(work / "x.onnx")]) == 2
     assert "exactly one MODEL" in capsys.readouterr().err
+
+
+def test_written_files_get_the_usual_permissions(work):
+    umask = os.umask(0o022)
+    try:
+        assert main([str(work / "mlp.onnx"), "--no-verify", "-q"]) == 0
+    finally:
+        os.umask(umask)
+    assert os.stat(work / "mlp.folded.onnx").st_mode & 0o777 == 0o644

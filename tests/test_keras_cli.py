@@ -77,3 +77,20 @@ def test_check_against_a_model_with_other_inputs_is_not_equivalent(tmp_path, rng
     assert main(["check", str(src), str(other), "--json"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["verification"]["passed"] is False
+
+
+def test_export_keras_to_onnx_and_check_it(tmp_path, rng, capsys):
+    import onnx
+
+    _, src = _write(tmp_path, rng)
+    out = tmp_path / "net.onnx"
+    assert main(["export", str(src), "--to", "onnx", "-o", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["framework"] == "keras" and doc["verification"]["passed"] is True
+    assert doc["verification"]["providers"]["CPUExecutionProvider"]["ran"] is True
+    m = onnx.load(str(out))
+    onnx.checker.check_model(m)
+    # the folded BN is gone from the exported graph; the one after Add stays
+    assert sum(n.op_type == "BatchNormalization" for n in m.graph.node) <= 1
+    # the exported ONNX is the same function as the original Keras model
+    assert main(["check", str(src), str(out)]) == 0

@@ -2,9 +2,6 @@
 folded model is no less accurate against a float64 reference than the unfolded one."""
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -12,17 +9,8 @@ import torch
 
 import bnfold
 from onnx_build import count_ops, run_ort
+from zoo_deep import export_onnx as export
 from zoo_torch import ZOO, build, example_input
-
-
-def export(model: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
-    """The TorchScript exporter with constant folding off keeps BatchNormalization nodes."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=False,
-                          input_names=["input"], output_names=["output"])
-    return onnx.load_from_string(buf.getvalue())
 
 
 def foldable(model: onnx.ModelProto) -> set[str]:
