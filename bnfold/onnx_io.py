@@ -174,7 +174,10 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             fh.flush()
             os.fsync(fh.fileno())
         pending.append((model_tmp, target))
+        umask = os.umask(0)
+        os.umask(umask)
         for tmp, final in pending:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are owner-only; give the usual mode
             os.replace(tmp, final)
         pending.clear()
     finally:

@@ -8,8 +8,6 @@ import onnx
 
 from ..results import FoldResult, Report, Verification
 from ..verify.inputs import InputSpec
-from ..errors import BnfoldError
-from ..onnx_io import over_two_gb
 from .onnx_pass import fold_model
 from .onnx_scopes import neighbourhoods
 
@@ -25,9 +23,6 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
     copy=False folds `model` in place: only for a model nobody else holds and that needs no
     verification against itself (the CLI's freshly loaded file with --no-verify).
     """
-    if verify and over_two_gb(model):
-        raise BnfoldError("the model is over 2 GB: onnxruntime cannot be handed one that large from memory, so it "
-                          "cannot be verified yet; fold it with --no-verify (external data is written)", original_path)
     t0 = time.perf_counter()
     if copy or verify or dry_run:
         folded = onnx.ModelProto()
@@ -44,7 +39,8 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
         from ..verify.onnx_verify import verify_onnx
         report.verification = verify_onnx(model, folded, providers=providers, atol=atol, rtol=rtol, seed=seed,
                                           input_specs=input_specs, inputs_npz=inputs_npz, batches=batches,
-                                          outputs_only=outputs_only, progress=progress)
+                                          outputs_only=outputs_only, original_path=original_path,
+                                          progress=progress)
     report.timing_s = {"fold": t_fold, "verify": time.perf_counter() - t1}
     if dry_run:
         report.info["dry_run"] = True

@@ -8,6 +8,8 @@ order, and names the earliest one that diverges.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BnfoldError
+from ..onnx_io import over_two_gb
 from ..results import ProviderResult, Verification
 from . import compare, inputs as inp, runners
 
@@ -164,11 +167,49 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
     _same_signature(original, candidate)
     feeds = make_feeds(original, input_specs, inputs_npz, seed, batches)
     names, explicit = _requested(providers)
-    noise_model = perturbed(original, seed)
-    inner = common_tensors(original, candidate)
-    models = (original, candidate, noise_model)
-    if inner:
-        models = tuple(with_outputs(m, inner) for m in models)
+    with contextlib.ExitStack() as stack:
+        if over_two_gb(original) or over_two_gb(candidate):
+            # onnxruntime takes such models only as files with external data: write the candidate and
+            # the noise model next to a temporary folder's copy; intermediates would need more copies
+            say("model over 2 GB: writing temporary files with external data for onnxruntime")
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
+            models = _as_files(original, candidate, seed, folder, original_path)
+            inner: list[str] = []
+            big_note = "model over 2 GB: verified from files with external data; outputs only"
+        else:
+            noise_model = perturbed(original, seed)
+            inner = common_tensors(original, candidate)
+            models = (original, candidate, noise_model)
+            if inner:
+                models = tuple(with_outputs(m, inner) for m in models)
+            big_note = ""
+        return _verify_models(original, candidate, models, inner, feeds, names, explicit, atol, rtol,
+                              outputs_only, big_note, say)
+
+
+def _as_files(original: onnx.ModelProto, candidate: onnx.ModelProto, seed: int, folder: str,
+              original_path: str | None) -> tuple[str, str, str]:
+    """(original, candidate, noise model) as .onnx files with external data, for models over 2 GB."""
+    import os
+
+    from ..onnx_io import save_external
+
+    def write(model: onnx.ModelProto, name: str) -> str:
+        path = os.path.join(folder, f"{name}.onnx")
+        save_external(model, path, f"{name}.data")
+        return path
+
+    opath = original_path if original_path and os.path.isfile(original_path) else write(original, "original")
+    cpath = write(candidate, "candidate")
+    noise = perturbed(original, seed)
+    npath = write(noise, "noise")
+    del noise
+    return opath, cpath, npath
+
+
+def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models: tuple, inner: list[str],
+                   feeds: list[dict[str, np.ndarray]], names: list[str], explicit: bool, atol: Any,
+                   rtol: float | None, outputs_only: bool, big_note: str, say: Callable[[str], None]) -> Verification:
     ver = Verification(tolerance=_tolerance_doc(atol, rtol))
     out_names = [o.name for o in original.graph.output]
     for name in names:
@@ -180,6 +221,8 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
             continue
         say(f"verifying on {name}")
         notes: dict[str, Any] = {"noise_sources": ["weights nudged one ulp"]}
+        if big_note:
+            notes["note"] = big_note
         try:
             ref, cand, noise1 = (_concat(_run_all(m, name, feeds, lbl))
                                  for m, lbl in zip(models, ("original", "candidate", "noise model")))
