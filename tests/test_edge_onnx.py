@@ -439,3 +439,38 @@ def test_dynamo_export_with_biased_layers_folds_every_bn(name):
     res = fold_verified(m)
     assert len(res.report.folded) == n_bn and not res.report.skipped
     assert "BatchNormalization" not in ops(res.model)
+
+
+def _branch(rng, name: str, with_bn: bool) -> onnx.GraphProto:
+    from conftest import random_bn
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"{name}_c"], pads=[1, 1, 1, 1], name=f"{name}_conv")]
+    inits, out = [], f"{name}_c"
+    if with_bn:
+        st = random_bn(rng, 4)
+        keys = ("gamma", "beta", "mean", "var")
+        inits = [numpy_helper.from_array(st[k].astype(np.float32), f"{name}_{k}") for k in keys]
+        nodes.append(helper.make_node("BatchNormalization", [out] + [f"{name}_{k}" for k in keys], [f"{name}_o"],
+                                      name=f"{name}_bn"))
+        out = f"{name}_o"
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+
+
+@pytest.mark.parametrize("main_bn", [True, False])
+def test_outer_weight_shared_by_main_graph_and_if_branches(rng, main_bn):
+    # "w" is read by the main conv and, from the outer scope, by both branches: a fold in one scope
+    # must leave every other reader with the original weight.
+    g = G(rng)
+    g.node("Conv", ["x", g.weight("w", (4, 4, 3, 3))], ["c"], pads=[1, 1, 1, 1], name="main_conv")
+    main_out = g.bn("bn", "c", 4) if main_bn else "c"
+    g.nodes.append(helper.make_node("If", ["cond"], ["yi"], then_branch=_branch(rng, "then", True),
+                                    else_branch=_branch(rng, "else", False), name="if"))
+    g.node("Add", [main_out, "yi"], ["y"])
+    m = g.model([("x", [1, 4, 5, 5])], [("y", [1, 4, 5, 5])])
+    m.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    res = bnfold.fold(m)
+    assert len(res.report.folded) == (2 if main_bn else 1) and not res.report.skipped
+    assert res.report.verification.passed is True
+    for cond in (True, False):  # the verifier's random inputs take one branch; check both
+        feeds = {"x": rng.normal(size=(1, 4, 5, 5)).astype(np.float32), "cond": np.array(cond)}
+        ref, out = ort_session(m).run(None, feeds)[0], ort_session(res.model).run(None, feeds)[0]
+        assert np.abs(ref - out).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
