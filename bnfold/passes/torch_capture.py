@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from ..decisions import Reason, Skip
+from . import torch_bnlike as bnlike
+
 LAYER_KINDS = ("conv", "convT", "linear")
 
 
@@ -80,6 +83,8 @@ def module_kind(m: nn.Module) -> str | None:
         kind, base, methods = "conv", _ConvNd, ("forward", "_conv_forward")
     elif isinstance(m, nn.Linear):
         kind, base, methods = "linear", nn.Linear, ("forward",)
+    elif bnlike.is_frozen(m):
+        return "bn"  # its forward is probed against the BN map before anything folds (torch_bnlike)
     else:
         return None
     tb = _torch_base(type(m), base)
@@ -92,7 +97,9 @@ def module_kind(m: nn.Module) -> str | None:
 def module_op(path: str, m: nn.Module, kind: str, inputs: list[int], outputs: list[int], node: Any = None) -> Op:
     """An Op for a call of module `m` (found at `path`)."""
     pre = f"{path}." if path else ""
-    if kind == "bn":
+    if kind == "bn" and not isinstance(m, _BatchNorm):
+        params, attrs = bnlike.module_params(path, m)
+    elif kind == "bn":
         params = {"weight": pre + "weight" if m.weight is not None else None,
                   "bias": pre + "bias" if m.bias is not None else None,
                   "running_mean": pre + "running_mean" if m.running_mean is not None else None,
@@ -195,7 +202,8 @@ def capture_fx(root: nn.Module, example_inputs: tuple | None) -> Capture:
         graph = LeafTracer().trace(root)
         gm = torch.fx.GraphModule(root, graph)
         method = "fx"
-    cap = graph_capture(gm, method)
+    # the GraphModule keeps only plain copies of modules it traced into; `root` has their classes
+    cap = graph_capture(gm, method, lookup=root if method == "fx" else None)
     if example_inputs is not None:
         try:
             from torch.fx.passes.shape_prop import ShapeProp
@@ -229,9 +237,11 @@ def _ranks_from_meta(cap: Capture, gm: torch.fx.GraphModule) -> None:
             cap.ranks[i] = val.dim()
 
 
-def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module | None = None) -> Capture:
+def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module | None = None,
+                  lookup: nn.Module | None = None) -> Capture:
     """Ops from an fx graph. With `module_root` (torch.export), ATen ops that are exactly one leaf
-    module's computation are attributed to that module so the user's module can be rewritten."""
+    module's computation are attributed to that module so the user's module can be rewritten.
+    `lookup` (default `module_root`) is where the modules named in node metadata are found."""
     cap = Capture(method, graph_module=gm)
     ids = {n: i for i, n in enumerate(gm.graph.nodes)}
     getattrs = {n: n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -240,7 +250,12 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
             cap.param_uses[n.target] += len(n.users)
         elif n.op == "output":
             cap.graph_outputs.update(ids[a] for a in _flat_nodes(n.args))
+    claimed = _frozen_regions(gm, lookup if lookup is not None else module_root, cap, ids)
     for n in gm.graph.nodes:
+        if n in claimed:
+            if isinstance(claimed[n], Op):
+                cap.ops.append(claimed[n])  # at the region's output: ops stay in call order
+            continue
         if n.op in ("placeholder", "get_attr", "output"):
             continue
         data_in = [ids[a] for a in _flat_nodes((n.args, n.kwargs)) if a.op != "get_attr"]
@@ -274,6 +289,45 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
             _attribute_to_module(op, n, module_root, cap)
         cap.ops.append(op)
     return cap
+
+
+def _frozen_regions(gm: torch.fx.GraphModule, module_root: nn.Module | None, cap: Capture,
+                    ids: dict[Any, int]) -> dict[Any, Op | None]:
+    """Ops for the frozen BNs the trace went into (torch.export always does; fx does for a module it
+    could not keep as a leaf). Returns the nodes now covered by a BN op, mapping each region's output
+    node to its op."""
+    claimed: dict[Any, Op | None] = {}
+    owner = module_root if module_root is not None else gm
+    for r in bnlike.regions(gm, module_root):
+        r.seal(lambda n: n.op == "call_function" and (functional_kind(n.target) or ("",))[0] == "bn")
+        if r.why == "calls batch_norm":
+            continue  # the functional batch_norm inside is matched (and attributed to the module) as usual
+        m = bnlike.submodule(owner, r.path)
+        real = m if m is not None and type(m).__name__ == r.cls else None
+        bad = bnlike.problem(real) if real is not None else None
+        if bad is None and r.why:
+            bad = Skip(Reason.UNSUPPORTED_BN_MODE, f"{r.path} ({r.cls}): {r.why}")
+        if bad is not None:
+            cap.ops.append(Op(r.path, "bn", [], [], attrs={"unsupported": bad}))
+            continue
+        inputs, outputs = [ids[r.inputs[0]]], [ids[r.outputs[0]]]
+        if real is not None:
+            op = module_op(r.path, real, "bn", inputs, outputs, node=r.outputs[0])
+            cap.module_calls[r.path] += 1
+        else:
+            rv = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == r.params["running_var"])
+            eps = bnlike.region_eps(r, rv)
+            if eps is None:
+                why = f"{r.path} ({r.cls}): cannot tell which constant its traced forward adds to running_var"
+                cap.ops.append(Op(r.path, "bn", [], [], attrs={"unsupported": Skip(
+                    Reason.UNSUPPORTED_BN_MODE, why)}))
+                continue
+            op = Op(r.path, "bn", inputs, outputs, params=dict(r.params), node=r.outputs[0],
+                    attrs={"eps": eps, "training": False, "frozen": r.cls, "probe": bnlike.region_module(gm, r)})
+        op.attrs["region_input"] = r.inputs[0]
+        claimed.update(dict.fromkeys(r.nodes))
+        claimed[r.outputs[0]] = op
+    return claimed
 
 
 def functional_op(name: str, fk: tuple[str, str], args: tuple, kwargs: dict, path_of: Any, is_none: Any,

@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..decisions import Decision, Reason, Skip
 from ..errors import BnfoldError
 from ..results import FoldResult, Report, Verification
+from . import torch_bnlike as bnlike
 from . import torch_rules as rules
 from .torch_capture import Capture, capture_export, capture_fx
 from .torch_hooks import capture_runs
@@ -129,12 +130,25 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0) ->
 
 
 def _uncalled(work: nn.Module, decided: dict[str, Decision]) -> None:
-    """A BN module that forward() never called still gets a decision."""
+    """A BN module that no capture saw as a BatchNorm still gets a decision: never called, or (a
+    BatchNorm-named module of another kind) the reason bnfold could not understand it."""
     handled = set(decided)
     for path, m in work.named_modules():
-        if isinstance(m, _BatchNorm) and path not in handled:
+        if path in handled or not bnlike.needs_decision(m):
+            continue
+        bad = None if isinstance(m, _BatchNorm) else bnlike.problem(m)
+        if bad is not None:
+            decided[path] = Decision.skipped(path, bad.reason, bad.detail)
+        else:
             decided[path] = Decision.skipped(path, Reason.NO_PRODUCER, "the BatchNorm module is never called by "
                                                                       "forward() on the captured path")
+    if isinstance(work, torch.fx.GraphModule):
+        # a graph keeps the traced module paths and classes only in node metadata
+        for n in work.graph.nodes:
+            hit = bnlike.bn_stack_entry(n, None)
+            if hit is not None and hit[1] not in decided:
+                decided[hit[1]] = Decision.skipped(hit[1], Reason.UNSUPPORTED_BN_MODE, f"{hit[1]} ({hit[2]}): its traced "
+                                                   "ops were not recognised as one per-channel affine map")
 
 
 def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import kernel, layouts
 from ..decisions import Reason, Skip
+from . import torch_bnlike as bnlike
 from .torch_capture import LAYER_KINDS, Capture, Op
 
 PATTERNS = {"conv": "Conv", "convT": "ConvTranspose", "linear": "Linear"}
@@ -105,6 +106,8 @@ def scale_shift(root: nn.Module, bn: Op) -> tuple[np.ndarray, np.ndarray]:
 
 def check_bn(cap: Capture, bn: Op) -> None:
     """What rules the BN out whichever layer it would fold into."""
+    if "unsupported" in bn.attrs:
+        raise bn.attrs["unsupported"]
     if "non_constant" in bn.attrs:
         raise Skip(Reason.NON_CONSTANT_PARAM, f"BatchNorm {', '.join(bn.attrs['non_constant'])} is computed, not a stored tensor")
     if bn.attrs.get("training"):
@@ -118,6 +121,18 @@ def check_bn(cap: Capture, bn: Op) -> None:
     for role, p in bn.params.items():
         if p and cap.param_uses[p] > 1:
             raise Skip(Reason.SHARED_PRODUCER, f"the BatchNorm's {role} {p} is also read elsewhere in the model")
+
+
+def check_frozen(root: nn.Module, cap: Capture, bn: Op) -> None:
+    """A BatchNorm-like module (not torch.nn's) folds only if running its forward shows the BN map."""
+    vals = {k: to_numpy(get_tensor(root, p)).astype(np.float64) for k, p in bn.params.items() if p}
+    s, t = scale_shift(root, bn)
+    target = bn.attrs.get("probe")
+    if target is None:
+        target = get_tensor(root, bn.module) if bn.module else root  # a getattr walk: ScriptModules too
+    rank = cap.ranks.get(bn.inputs[0]) if bn.inputs else None
+    bnlike.check(target, get_tensor(root, bn.params["running_var"]), vals, s, t, rank, bn_name(bn),
+                 bn.attrs["frozen"])
 
 
 def _check_layer(cap: Capture, layer: Op, can_add_bias: bool) -> None:
@@ -217,6 +232,8 @@ def decide(cap: Capture, root: nn.Module, can_add_bias: bool) -> list[Plan]:
         try:
             check_bn(cap, bn)
             scale_shift(root, bn)
+            if "frozen" in bn.attrs:
+                check_frozen(root, cap, bn)
         except Skip as e:
             plans.append(Plan(name, bn, skip=e))
             continue
@@ -284,7 +301,8 @@ def _removal(root: nn.Module, bn: Op, surgery: bool) -> tuple[Callable[[], None]
         node = bn.node
 
         def erase() -> None:
-            node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+            src = bn.attrs.get("region_input")  # a frozen BN traced into: its output stands for the call
+            node.replace_all_uses_with(src if src is not None else node.args[0] if node.args else node.kwargs["input"])
             node.graph.erase_node(node)
         return erase, None
     if bn.module is not None:
