@@ -20,6 +20,7 @@ import torch
 from .. import kernel
 from ..decisions import Decision, Reason, Skip
 from ..results import FoldResult, Report
+from . import torch_bnlike as bnlike
 from . import torch_rules as rules
 from .torch_capture import Capture, Op
 
@@ -52,18 +53,63 @@ def _attr(sub: Any, name: str, default: Any = None) -> Any:
         return default
 
 
+def _frozen(sub: Any) -> bool:
+    """A scripted frozen BN (torch_bnlike): BatchNorm by name and structure, not a torch.nn BatchNorm."""
+    name = getattr(sub, "original_name", "")
+    return name not in LEAF and bnlike.bn_named(name) and bnlike.problem(sub, name, _eps(sub)) is None
+
+
+_VIEWS = {"aten::reshape", "aten::view", "aten::unsqueeze", "aten::expand", "aten::to", "aten::contiguous"}
+
+
+def _eps(sub: Any) -> float | None:
+    """A frozen BN's eps: its attribute when scripted; when traced, the one constant its code adds to
+    running_var (through reshapes), if there is exactly one."""
+    eps = _attr(sub, "eps")
+    if eps is not None or not isinstance(_attr(sub, "running_var"), torch.Tensor):
+        return eps
+    seen, found = set(), []
+    for n in sub.inlined_graph.nodes():
+        ins = list(n.inputs())
+        if n.kind() == "prim::GetAttr" and n.s("name") == "running_var":
+            seen.add(n.output())
+        elif n.kind() in _VIEWS and ins and ins[0] in seen:
+            seen.add(n.output())
+        elif n.kind() == "aten::add" and len(ins) == 3 and ins[0] in seen:
+            try:
+                c, alpha = _const(ins[1]), _const(ins[2])
+            except ValueError:
+                continue
+            if isinstance(c, torch.Tensor) and c.dim() == 0 and c.is_floating_point():
+                c = float(c)  # the tracer records a Python float as a 0-d double tensor
+            if isinstance(c, float) and alpha == 1:
+                found.append(c)
+    return found[0] if len(found) == 1 else None
+
+
+def _bn_like(sub: Any) -> bool:
+    """A BatchNorm of its own, scripted: a torch.nn one, or a BatchNorm-named module that is no container."""
+    name = getattr(sub, "original_name", "")
+    if LEAF.get(name) == "bn":
+        return True
+    return bnlike.bn_named(name) and not any(
+        c is not sub and bnlike.bn_named(getattr(c, "original_name", "")) for _, c in sub.named_modules())
+
+
 def _leaf_op(path: str, sub: Any, kind: str, inputs: list[int], outputs: list[int]) -> Op:
     pre = f"{path}." if path else ""
     has = {k: isinstance(_attr(sub, k), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var")}
     attrs: dict[str, Any] = {}
     if kind == "bn":
         node = _aten_node(sub, ("aten::batch_norm",))
-        eps = _attr(sub, "eps")
+        eps = _eps(sub) if _frozen(sub) else _attr(sub, "eps")
         training = bool(sub.training)
         if node is not None and eps is None:  # traced: the values are constants in the graph
             ins = list(node.inputs())
             eps, training = float(_const(ins[7])), bool(_const(ins[5]))
         attrs = {"eps": float(eps if eps is not None else 1e-5), "training": training}
+        if _frozen(sub):
+            attrs.update({"training": False, "frozen": sub.original_name})  # the probe decides (torch_bnlike)
         params = {k: (pre + k if has[k] else None) for k in ("weight", "bias", "running_mean", "running_var")}
     else:
         params = {"weight": pre + "weight", "bias": pre + "bias" if has["bias"] else None}
@@ -124,7 +170,7 @@ class _Walker:
             path = paths[ins[0]]
             sub = _attr_path(self.root, path)
             args = self._ids(ins[1:], env, paths)
-            leaf = LEAF.get(getattr(sub, "original_name", ""))
+            leaf = LEAF.get(getattr(sub, "original_name", "")) or ("bn" if _frozen(sub) else None)
             if leaf and node.s("name") == "forward":
                 outs = [self.fresh() for _ in node.outputs()]
                 for v, i in zip(node.outputs(), outs):
@@ -206,6 +252,7 @@ def _apply(sm: Any, plan: rules.Plan) -> dict[str, Any]:
     if b is None and (plan.direction == "before" or bn_bias is None):
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{layer.name} has no bias and TorchScript code is not edited, so the "
                                                 "BatchNorm's shift has nowhere to go", producer=layer.name)
+    saved = [t.detach().clone() for t in _written(sm, bn, w, b)]
     with torch.no_grad():
         w.copy_(rules.from_numpy(res.weight, w))
         if b is not None:
@@ -216,7 +263,36 @@ def _apply(sm: Any, plan: rules.Plan) -> dict[str, Any]:
             rules.get_tensor(sm, bn.params["weight"]).fill_(1.0)
         if bn_bias is not None:
             bn_bias.copy_(rules.from_numpy(res.bias, bn_bias) if b is None else torch.zeros_like(bn_bias))
+    if "frozen" in bn.attrs and not _is_identity(sm, bn, bn_bias if b is None else None):
+        with torch.no_grad():
+            for t, old in zip(_written(sm, bn, w, b), saved):
+                t.copy_(old)
+        raise Skip(Reason.UNSUPPORTED_BN_MODE, f"{bn.module} ({bn.attrs['frozen']}): its compiled forward cannot be "
+                                               "made an exact identity, so the fold cannot be written", producer=layer.name)
     return {"note": NOTE + ("" if b is not None else " (shift kept in its bias)")}
+
+
+def _written(sm: Any, bn: Op, w: torch.Tensor, b: torch.Tensor | None) -> list[torch.Tensor]:
+    out = [w] + ([b] if b is not None else [])
+    return out + [rules.get_tensor(sm, p) for p in bn.params.values() if p]
+
+
+def _is_identity(sm: Any, bn: Op, shift: torch.Tensor | None) -> bool:
+    """Does the frozen BN's compiled forward now compute exactly x (or x + shift)? Run it to know."""
+    sub = _attr_path(sm, bn.module)
+    like = rules.get_tensor(sm, bn.params["running_var"])
+    c = like.numel()
+    for rank in bnlike.PROBE_RANKS:
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn((2, c) + (3,) * (rank - 2), generator=g).to(dtype=like.dtype, device=like.device)
+        try:
+            with torch.no_grad():
+                y = sub(x)
+        except Exception:  # noqa: BLE001 - a forward written for another rank: try the next
+            continue
+        want = x if shift is None else x + shift.reshape((1, c) + (1,) * (rank - 2))
+        return isinstance(y, torch.Tensor) and torch.equal(y, want)
+    return False
 
 
 def _clone(sm: Any) -> Any:
@@ -247,7 +323,12 @@ def fold_script(sm: Any, *, example_inputs: tuple | None, verify: bool, provider
             continue
         decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rules.pattern(plan), plan.direction, **extra)
     for path, sub in work.named_modules():
-        if LEAF.get(getattr(sub, "original_name", "")) == "bn" and path not in decided:
+        if path in decided or not _bn_like(sub):
+            continue
+        bad = None if LEAF.get(sub.original_name) else bnlike.problem(sub, sub.original_name, _eps(sub))
+        if bad is not None:
+            decided[path] = Decision.skipped(path, bad.reason, bad.detail)
+        else:
             decided[path] = Decision.skipped(path, Reason.NO_PRODUCER, "this BatchNorm is not called directly by "
                                                                        "forward() (unused, or inside TorchScript control flow)")
     t1 = time.perf_counter()
