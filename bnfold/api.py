@@ -78,6 +78,8 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
     else:
         model = model_or_path
         fw = _framework_of_object(model)
+        if fw == "onnx":
+            _require_loaded_external_data(model)
     t_load = time.perf_counter() - t0
     if fw == "onnx":
         from .passes.onnx_fold import fold_onnx
@@ -100,6 +102,14 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
     res.report.model = path if path is not None else res.report.model
     res.report.timing_s = {"load": t_load, **{k: v for k, v in res.report.timing_s.items() if k != "load"}}
     return res
+
+
+def _require_loaded_external_data(model: Any) -> None:
+    from onnx.external_data_helper import uses_external_data
+    for t in model.graph.initializer:
+        if uses_external_data(t) and not t.HasField("raw_data"):
+            raise BnfoldError(f"initializer {t.name!r} lives in external data that is not loaded; pass the file "
+                              "path instead, or onnx.load() the model with its external data")
 
 
 def _spec_tuples(specs: Sequence[InputSpec]):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -104,6 +105,8 @@ def _parse_atol(values: list[str] | None) -> Any:
             f = float(num)
         except ValueError:
             raise BnfoldError(f"--atol {v!r}: expected VALUE or NAME:VALUE") from None
+        if not math.isfinite(f) or f < 0:
+            raise BnfoldError(f"--atol {v!r}: a tolerance must be a finite number >= 0")
         if sep:
             per[name] = f
         else:
@@ -130,6 +133,10 @@ def _verify_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     from .verify.inputs import parse_input_spec
     if a.batches < 1:
         raise BnfoldError("--batches must be at least 1")
+    if a.seed < 0:
+        raise BnfoldError(f"--seed {a.seed}: the seed must be >= 0")
+    if a.rtol is not None and (not math.isfinite(a.rtol) or a.rtol < 0):
+        raise BnfoldError(f"--rtol {a.rtol}: a tolerance must be a finite number >= 0")
     return {
         "providers": [p for p in a.providers.split(",") if p.strip()] if a.providers else None,
         "atol": _parse_atol(a.atol),
@@ -155,7 +162,7 @@ def _emit(a: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 def cmd_fold(a: argparse.Namespace) -> int:
     from . import api, report
-    from .io import check_output_path, default_output
+    from .io import check_output_path, default_output, framework_of
     if a.output and len(a.models) > 1:
         raise BnfoldError("-o/--output needs exactly one MODEL")
     kw = _verify_kwargs(a)
@@ -166,11 +173,13 @@ def cmd_fold(a: argparse.Namespace) -> int:
     for m in a.models:
         out = a.output or default_output(m)
         if not a.dry_run:
-            check_output_path(out, a.models)
+            check_output_path(out, a.models, framework_of(m))
         outs.append(out)
-    for m, out in zip(a.models, outs):
-        res = api.fold(m, verify=not a.no_verify, standalone=a.standalone, trust=a.trust, dry_run=a.dry_run,
-                       progress=_progress(a), **kw)
+    # Every model is folded and verified before anything is written: a bad input (exit 2) anywhere
+    # in the list leaves nothing behind.
+    results = [api.fold(m, verify=not a.no_verify, standalone=a.standalone, trust=a.trust, dry_run=a.dry_run,
+                        progress=_progress(a), **kw) for m in a.models]
+    for m, out, res in zip(a.models, outs, results):
         rep = res.report
         rep.model = m
         ver = rep.verification
@@ -217,7 +226,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         raise BnfoldError("is already ONNX; fold it with 'bnfold MODEL'", a.model)
     p = Path(a.model)
     out = a.output or str(p.with_name(f"{p.stem if p.is_file() else p.name}.folded.onnx"))
-    check_output_path(out, [a.model])
+    check_output_path(out, [a.model], "onnx")
     kw = _verify_kwargs(a)
     model = api.load(a.model, trust=a.trust)
     fp = api.framework_pass(fw)

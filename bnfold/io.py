@@ -50,9 +50,15 @@ def check_input_file(path: str) -> None:
         raise BnfoldError("file is not readable", path)
 
 
-def check_output_path(out: str, inputs: list[str]) -> None:
-    """Refuse an output that would overwrite an input or lands in a missing directory."""
+def check_output_path(out: str, inputs: list[str], framework: str | None = None) -> None:
+    """Refuse an output that would overwrite an input, lands in a missing directory, or does not
+    carry the extension of the format it will hold (so `-o weights.data` cannot clobber a sidecar)."""
     o = Path(out)
+    if framework is not None:
+        ext = o.suffix.lower()
+        allowed = {"onnx": ONNX_EXTS, "torch": TORCH_EXTS, "keras": KERAS_EXTS}[framework]
+        if ext not in allowed and not (framework == "keras" and (ext == "" or o.is_dir())):
+            raise BnfoldError(f"output must be a {framework} model file ({', '.join(sorted(allowed))})", out)
     for i in inputs:
         try:
             if o.resolve() == Path(i).resolve():

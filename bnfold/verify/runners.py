@@ -70,10 +70,13 @@ class OrtRunner:
     """One onnxruntime session with every graph optimisation off (the runtime must not fold BN itself)."""
 
     def __init__(self, model: onnx.ModelProto | str, provider: str, options: Mapping[str, Any] | None = None,
-                 label: str = "model") -> None:
+                 label: str = "model", optimize: bool = False) -> None:
         ort = _ort()
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # optimize=True (basic level: constant folding and onnxruntime's own Conv+BN fusion) is only
+        # ever used for a noise estimate, never for the reference
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 3
         prov: list[Any] = [(provider, dict(options or {}))] if provider != "CPUExecutionProvider" else [provider]
         if provider != "CPUExecutionProvider":
