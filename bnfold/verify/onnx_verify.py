@@ -228,7 +228,7 @@ def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models
             ver.providers[name] = ProviderResult(name, ran=False, why=why)
             continue
         say(f"verifying on {name}")
-        notes: dict[str, Any] = {"noise_sources": ["weights nudged one ulp", "onnxruntime's own BN fusion"]}
+        notes: dict[str, Any] = {"noise_sources": ["weights nudged one ulp"]}
         if big_note:
             notes["note"] = big_note
         try:
@@ -241,10 +241,7 @@ def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models
             inner, models = [], plain
             ref, cand, noise1 = (_concat(_run_all(m, name, feeds, lbl))
                                  for m, lbl in zip(models, ("original", "candidate", "noise model")))
-        # The original with onnxruntime's basic optimisations (its own Conv+BN fusion) is a correct fold
-        # made another way: its distance from the reference is fold-sized noise that weight nudges miss
-        # (cancellation inside the BN arithmetic, amplified downstream by e.g. a Div). Outputs only.
-        noise = [noise1, _concat(_run_all(plain[0], name, feeds, "original (onnxruntime-optimised)", optimize=True))]
+        noise = [noise1]
         if name == "CUDAExecutionProvider":
             notes["tf32"] = True  # onnxruntime's CUDA EP default; the noise run below measures its effect
             noise.append(_concat(_run_all(models[0], name, feeds, "original (TF32 off)", _options(name, tf32=False))))
@@ -252,6 +249,16 @@ def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models
         pick = lambda d, keys: {k: d[k] for k in keys if k in d}  # noqa: E731
         passed, outs = compare.judge(pick(ref, out_names), pick(cand, out_names), [pick(n, out_names) for n in noise],
                                      atol=atol, rtol=rtol)
+        if not passed and atol is None and rtol is None:
+            # Before calling it a failure: the original under onnxruntime's basic optimisations (its own
+            # Conv+BN fusion) is a correct fold made another way, and its distance from the reference is
+            # fold-sized noise that weight nudges miss (cancellation inside the BN arithmetic, amplified
+            # downstream, e.g. by a Div). Only run when needed: it costs another session.
+            fused = _concat(_run_all(plain[0], name, feeds, "original (onnxruntime-optimised)", optimize=True))
+            noise.append(fused)
+            notes["noise_sources"].append("onnxruntime's own BN fusion of the original")
+            passed, outs = compare.judge(pick(ref, out_names), pick(cand, out_names),
+                                         [pick(n, out_names) for n in noise], atol=atol, rtol=rtol)
         if inner:
             notes["intermediates_compared"] = len(inner)
             div = _first_divergence(inner, ref, cand, noise, atol, rtol)
