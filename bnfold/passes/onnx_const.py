@@ -208,13 +208,16 @@ class ConstEvaluator:
                 self._refuse(node, f"{cur!r} is computed at run time by {_label(node)} ({why})")
                 stack.pop()
                 continue
-            pending = [i for i in node.input if i and i not in cache and i not in self.refused]
+            deps = _value_inputs(node)
+            pending = [i for i in deps if i not in cache and i not in self.refused]
             if pending:
                 stack.extend(pending)
                 continue
-            bad = [i for i in node.input if i and i in self.refused]
+            bad = [i for i in deps if i in self.refused]
             if bad:
                 self._refuse(node, self.refused[bad[0]])
+            elif node.op_type == "CastLike":
+                self._cast_like(node)
             else:
                 self._evaluate(node)
             stack.pop()
@@ -232,6 +235,23 @@ class ConstEvaluator:
         for o in node.output:
             if o:
                 self.refused[o] = why
+
+    def _cast_like(self, node: onnx.NodeProto) -> None:
+        """CastLike reads only the element type of its second input, never its value: an exporter's
+        Expand(CastLike(0, x), ...) zero bias is a constant even though x is an activation."""
+        like = node.input[1]
+        et = self.ix.elem_type(like)
+        if not et and like in self.ix.const_cache:
+            et = helper.np_dtype_to_tensor_dtype(self.ix.const_cache[like].dtype)
+        if not et:
+            self._refuse(node, f"the element type of {like!r} (read by {_label(node)}) is unknown")
+            return
+        cast = helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=int(et))
+        cast.attribute.extend(a for a in node.attribute if a.name == "saturate")
+        self._evaluate(cast)
+        if id(cast) in self.const_nodes:
+            self.const_nodes.discard(id(cast))
+            self.const_nodes.add(id(node))
 
     def _evaluate(self, node: onnx.NodeProto) -> None:
         ins = [self.ix.const_cache[i] if i else None for i in node.input]
@@ -255,6 +275,13 @@ class ConstEvaluator:
             if o:
                 self.ix.const_cache[o] = np.asarray(v)
         self.const_nodes.add(id(node))
+
+
+def _value_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs whose *values* a node's result depends on (CastLike's second input gives only a type)."""
+    if node.op_type == "CastLike" and node.domain in ONNX_DOMAINS and len(node.input) == 2:
+        return [node.input[0]] if node.input[0] else []
+    return [i for i in node.input if i]
 
 
 def _label(node: onnx.NodeProto) -> str:

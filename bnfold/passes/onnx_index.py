@@ -75,6 +75,9 @@ class GraphIndex:
     const_cache: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 13
     evaluator: ConstEvaluator | None = None
+    # name -> (dims, elem_type) from shape inference, shared by all scopes; declared types as fallback
+    shapes: dict[str, tuple[list | None, int]] = field(default_factory=dict)
+    declared: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, graph: onnx.GraphProto, ir_version: int,
@@ -86,6 +89,9 @@ class GraphIndex:
         ix.inits = {t.name: t for t in graph.initializer}
         ix.graph_inputs = {i.name for i in graph.input}
         ix.graph_outputs = {o.name for o in graph.output}
+        for vi in (*graph.input, *graph.value_info, *graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                ix.declared[vi.name] = vi.type.tensor_type.elem_type
         ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
         for n in graph.node:
             for o in n.output:
@@ -111,6 +117,15 @@ class GraphIndex:
             name = f"{base}_bnfold{k}"
         self.names.add(name)
         return name
+
+    def elem_type(self, name: str) -> int:
+        """ONNX element type of a value (initializer, inferred or declared), 0 when unknown."""
+        if name in self.inits:
+            return self.inits[name].data_type
+        info = self.shapes.get(name)
+        if info is not None and info[1]:
+            return info[1]
+        return self.declared.get(name, 0)
 
     def overridable(self, name: str) -> bool:
         # From IR 4 on, an initializer that is also a graph input can be replaced by the caller.

@@ -23,6 +23,73 @@ if TYPE_CHECKING:
 ONNX_DOMAINS = ("", "ai.onnx")
 LAYOUT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 MAX_DEPTH = 6
+SHAPE_READERS = ("Shape", "Size")  # they see a value's shape only, which a fold never changes
+MAX_PASSTHROUGH = 64
+
+
+def shape_reader(node: onnx.NodeProto) -> bool:
+    """True for a node that reads only the shape of its input (Shape, Size)."""
+    return node.domain in ONNX_DOMAINS and node.op_type in SHAPE_READERS
+
+
+def passthrough(f: "OnnxFolder", node: onnx.NodeProto) -> bool:
+    """True for a node whose first output is its input, unchanged: Identity, or Dropout in inference
+    (no training flag that could be true, mask output unused)."""
+    if node.domain not in ONNX_DOMAINS or not node.input or not node.input[0] or not node.output:
+        return False
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Dropout":
+        return False
+    if len(node.output) > 1 and node.output[1] and f.ix.uses(node.output[1]):
+        return False  # the mask is random in training and all-true otherwise: not ours to decide
+    if f.opset < 7:
+        return bool(_attr(node, "is_test", 0))
+    if len(node.input) > 2 and node.input[2]:
+        try:
+            flag = np.asarray(f.ix.const(node.input[2], "Dropout training_mode"))
+        except Skip:
+            return False  # a runtime flag may switch dropout on
+        return flag.size == 1 and not bool(flag.reshape(-1)[0])
+    return True
+
+
+def skip_passthrough(f: "OnnxFolder", value: str) -> tuple[str, list[onnx.NodeProto]]:
+    """Walk back from `value` over pass-through nodes: (the value they copy, the nodes, nearest first)."""
+    hops: list[onnx.NodeProto] = []
+    node = f.ix.producer.get(value)
+    while node is not None and len(hops) < MAX_PASSTHROUGH and passthrough(f, node):
+        hops.append(node)
+        value = node.input[0]
+        node = f.ix.producer.get(value)
+    return value, hops
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def matmul_bias_dims(f: "OnnxFolder", add: onnx.NodeProto, bias: np.ndarray, mm_dims: list) -> list:
+    """Dims of MatMul + bias, i.e. of what the layers after the Add see: the MatMul's own dims, once
+    proven that the bias neither raises the rank nor broadcasts the product along any axis (else the
+    features would not be where the MatMul puts them). Skip(AXIS_MISMATCH) otherwise."""
+    label = _label(add)
+    rank, b = len(mm_dims), tuple(bias.shape)
+    if len(b) > rank:
+        raise Skip(Reason.AXIS_MISMATCH, f"{label}'s bias of shape {b} raises the rank-{rank} MatMul output to rank "
+                   f"{len(b)}: the features are no longer on the axis the BatchNorm normalises", producer=label)
+    padded = (1,) * (rank - len(b)) + b
+    for k, (d, m) in enumerate(zip(padded, mm_dims)):
+        if d != 1 and d != m:
+            raise Skip(Reason.AXIS_MISMATCH, f"{label}'s bias of shape {b} broadcasts the MatMul output "
+                       f"{mm_dims} along axis {k}", producer=label)
+    seen = f.dims(add.output[0])
+    if seen is not None and len(seen) != rank:
+        raise Skip(Reason.AXIS_MISMATCH, f"{label}'s output has rank {len(seen)}, its MatMul's {rank}", producer=label)
+    return mm_dims
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -37,6 +104,8 @@ def _static_tail(dims: list, start: int) -> int | None:
 def _moved_axis(f: "OnnxFolder", node: onnx.NodeProto, axis: int) -> int:
     """Where the feature axis `axis` of node's input lands in its output; Skip(AXIS_MISMATCH) when unproven."""
     label = _label(node)
+    if passthrough(f, node):
+        return axis
     in_dims = f.dims(node.input[0])
     if node.op_type == "Transpose":
         perm = None
@@ -68,7 +137,8 @@ def match_through_layout(f: "OnnxFolder", bn: onnx.NodeProto) -> "Match":
     chain: list[onnx.NodeProto] = []  # layout nodes, BN side first
     value = bn.input[0]
     node = ix.producer.get(value)
-    while node is not None and node.op_type in LAYOUT_OPS and node.domain in ONNX_DOMAINS and len(chain) < MAX_DEPTH:
+    while node is not None and len(chain) < MAX_DEPTH + MAX_PASSTHROUGH and (
+            (node.op_type in LAYOUT_OPS and node.domain in ONNX_DOMAINS) or passthrough(f, node)):
         chain.append(node)
         value = node.input[0]
         node = ix.producer.get(value)
@@ -98,6 +168,8 @@ def match_through_layout(f: "OnnxFolder", bn: onnx.NodeProto) -> "Match":
     start = f.dims(mm.output[0])
     if start is None:
         raise Skip(Reason.AXIS_MISMATCH, f"the rank of {label}'s output is unknown", producer=label)
+    if add is not None:  # the layout ops see the Add's output: count the axis there
+        start = matmul_bias_dims(f, add, np.asarray(ix.const(bias, f"{_label(add)} bias")), start)
     axis = len(start) - 1
     for n in reversed(chain):
         axis = _moved_axis(f, n, axis)
@@ -105,6 +177,7 @@ def match_through_layout(f: "OnnxFolder", bn: onnx.NodeProto) -> "Match":
         raise Skip(Reason.AXIS_MISMATCH, f"{label}'s features end up on axis {axis} after "
                    f"{'->'.join(n.op_type for n in reversed(chain))}; the BatchNorm normalises axis 1",
                    producer=label)
-    pattern = f"MatMul{'+Add' if add else ''}->" + "".join(f"{n.op_type}->" for n in reversed(chain)) + "BN"
+    moves = [n for n in reversed(chain) if not passthrough(f, n)]
+    pattern = f"MatMul{'+Add' if add else ''}->" + "".join(f"{n.op_type}->" for n in moves) + "BN"
     changed = [mm] + ([add] if add is not None else []) + chain[:0:-1]
     return Match(pattern, mm, chain[0], layouts.matmul(), mm.input[1], bias, bias_slot, changed=changed)

@@ -28,7 +28,7 @@ from .onnx_index import (GraphIndex, _attr, _graphs_of, _set_attr, node_label,  
                          subgraph_free_names)
 from .onnx_standalone import BnView, absorb_affine_chain, as_mul_add
 from .onnx_backward import fold_before
-from .onnx_layout import LAYOUT_OPS, match_through_layout
+from .onnx_layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -68,6 +68,7 @@ class OnnxFolder:
         self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after node, new node)
         self.dead_values: set[str] = set()
         self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
+        self.ix.shapes = self.shapes
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
@@ -123,16 +124,13 @@ class OnnxFolder:
 
     def elem_type(self, name: str) -> int:
         """ONNX element type of a value, 0 when unknown."""
-        if name in self.ix.inits:
-            return self.ix.inits[name].data_type
-        info = self.shapes.get(name)
-        return info[1] if info is not None else 0
+        return self.ix.elem_type(name)
 
     def _single_use(self, value: str, producer: onnx.NodeProto) -> None:
         if value in self.ix.graph_outputs:
             raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{node_label(producer)} output {value!r} is a graph output",
                        producer=node_label(producer))
-        users = self.ix.consumers.get(value, [])
+        users = [u for u in self.ix.consumers.get(value, []) if not shape_reader(u)]
         if len(users) > 1:
             others = [node_label(u) for u in users][:4]
             raise Skip(Reason.PRODUCER_FANOUT,
@@ -140,13 +138,24 @@ class OnnxFolder:
                        producer=node_label(producer))
 
     def _match(self, bn: onnx.NodeProto) -> Match:
-        x = bn.input[0]
+        x, hops = skip_passthrough(self, bn.input[0])
         prod = self.ix.producer.get(x)
         if prod is None:
             what = "a graph input" if x in self.ix.graph_inputs else "a constant" if x in self.ix.inits else "an outer-scope value"
             raise Skip(Reason.NO_PRODUCER, f"the BatchNorm's input {x!r} is {what}")
         if prod.domain in ONNX_DOMAINS and prod.op_type in LAYOUT_OPS:
             return match_through_layout(self, bn)
+        m = self._match_layer(prod)
+        for hop in hops:  # Identity/Dropout in between: each value on the way has that one reader
+            src = self.ix.producer[hop.input[0]]
+            self._single_use(hop.input[0], src)
+        if hops:
+            m.changed.append(m.tail)
+            m.changed.extend(hops[:0:-1])
+            m.tail = hops[0]
+        return m
+
+    def _match_layer(self, prod: onnx.NodeProto) -> Match:
         if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
             raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}",
                        producer=node_label(prod))
@@ -176,13 +185,14 @@ class OnnxFolder:
         if mm is None:
             raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from Add {label!r}, not MatMul + bias",
                        producer=label)
-        self.ix.const(bias, f"{label} bias")
-        self._check_matmul(mm)
+        w = self._check_matmul(mm)
+        matmul_bias_dims(self, prod, np.asarray(self.ix.const(bias, f"{label} bias")),
+                         self.dims(mm.output[0]) or [None, w.shape[1]])
         self._single_use(mm.output[0], mm)
         return Match("MatMul+Add->BN", mm, prod, layouts.matmul(), mm.input[1], bias,
                      (prod, list(prod.input).index(bias)), changed=[mm])
 
-    def _check_matmul(self, mm: onnx.NodeProto) -> None:
+    def _check_matmul(self, mm: onnx.NodeProto) -> np.ndarray:
         label = node_label(mm)
         w = self.ix.const(mm.input[1], f"{label} right operand")
         if w.ndim != 2:
@@ -192,6 +202,7 @@ class OnnxFolder:
             raise Skip(Reason.AXIS_MISMATCH,
                        f"{label} input has rank {rank if rank is not None else 'unknown'}: the BatchNorm's channel "
                        "axis 1 is not the MatMul's feature axis", producer=label)
+        return w
 
     # -- rewrite --------------------------------------------------------------------------------
     def _fold_one(self, bn: onnx.NodeProto, label: str) -> Decision:
@@ -220,8 +231,6 @@ class OnnxFolder:
             self._single_use(bn.input[0], m.tail)
             weight = self.ix.const(m.weight_name, f"{layer_label} weight")
             bias = self.ix.const(m.bias_name, f"{layer_label} bias") if m.bias_name else None
-            if m.layer.op_type == "MatMul" and bias is not None and bias.ndim and bias.shape[-1] not in (1, s.size):
-                raise Skip(Reason.AXIS_MISMATCH, f"bias of shape {bias.shape} does not broadcast over {s.size} features")
             folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=weight.dtype)
         except Skip as e:
             e.producer = e.producer or layer_label
@@ -245,6 +254,10 @@ class OnnxFolder:
         t = numpy_helper.from_array(value, new)
         ix.graph.initializer.append(t)
         ix.inits[new] = ix.graph.initializer[-1]
+        if ix.ir_version < 4 and not self.scope:
+            # before IR 4 every initializer of the main graph must also be declared as a graph input
+            ix.graph.input.append(helper.make_tensor_value_info(new, t.data_type, list(t.dims)))
+            ix.graph_inputs.add(new)
         return new
 
     def _replace_input(self, node: onnx.NodeProto, slot: int, new: str) -> None:
@@ -279,12 +292,14 @@ class OnnxFolder:
             old_layer_out = m.layer.output[0]
             self.insert_add(m.layer, f.bias, out if m.tail is m.layer else old_layer_out)
             if m.tail is m.layer:
+                self._move_shape_readers(old_layer_out, out)
                 self.drop_bn(bn, view, old_out=old_layer_out)
                 return
             self.rename_value(old_layer_out)  # the Add writes it now, with the folded value
         for node in m.changed:
             self.rename_value(node.output[0])
         old_out = m.tail.output[0]
+        self._move_shape_readers(old_out, out)
         m.tail.output[0] = out
         ix.producer[out] = m.tail
         self.drop_bn(bn, view, old_out=old_out)
@@ -297,18 +312,31 @@ class OnnxFolder:
         while node is not stop:
             old = node.output[0]
             users = ix.consumers.get(old, [])
-            if len(users) != 1:
+            value_readers = [u for u in users if not shape_reader(u)]
+            if len(value_readers) != 1:
                 return
-            nxt, new = users[0], ix.unique(old)
+            nxt, new = value_readers[0], ix.unique(old)
             node.output[0] = new
-            for i, name in enumerate(nxt.input):
-                if name == old:
-                    nxt.input[i] = new
+            for u in users:  # shape readers follow: the shape is the same
+                for i, name in enumerate(u.input):
+                    if name == old:
+                        u.input[i] = new
             ix.producer.pop(old, None)
             ix.producer[new] = node
             ix.consumers[new] = ix.consumers.pop(old)
             self.dead_values.add(old)
             node = nxt
+
+    def _move_shape_readers(self, old: str, new: str) -> None:
+        """Point the Shape/Size readers of `old` at `new`, a value of the same shape."""
+        ix = self.ix
+        readers = [u for u in ix.consumers.get(old, []) if shape_reader(u)]
+        for r in readers:
+            for i, name in enumerate(r.input):
+                if name == old:
+                    r.input[i] = new
+            ix.consumers[old].remove(r)
+            ix.consumers.setdefault(new, []).append(r)
 
     def rename_value(self, value: str) -> str:
         """Give a single-use intermediate whose content a fold changes a fresh name (a name never
@@ -376,7 +404,7 @@ class OnnxFolder:
                 continue
             seen.add(n)
             if n in ix.inits:
-                if n not in ix.graph_inputs:
+                if not ix.overridable(n):  # a caller may feed an overridable one: it stays an input
                     dead_inits.add(n)
                 continue
             src = ix.producer.get(n)
@@ -412,6 +440,11 @@ class OnnxFolder:
         if dead_inits:
             g.initializer.sort(key=lambda t: t.name in dead_inits)
             del g.initializer[len(g.initializer) - len(dead_inits):]
+        declared_dead = dead_inits & ix.graph_inputs  # IR < 4: the initializer's own input entry
+        if declared_dead:
+            g.input.sort(key=lambda v: v.name in declared_dead)
+            del g.input[len(g.input) - len(declared_dead):]
+            ix.graph_inputs -= declared_dead
         gone = self.dead_values | dead_inits
         if gone:
             stale = {v.name for v in g.value_info if v.name in gone}

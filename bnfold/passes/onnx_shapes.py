@@ -86,6 +86,8 @@ def needs_shapes(model: onnx.ModelProto) -> bool:
             for i in n.input:
                 uses[i] = uses.get(i, 0) + 1
         for n in g.node:
+            if n.op_type == "CastLike":
+                return True  # a constant made by CastLike needs the element type of what it copies
             if n.op_type != "BatchNormalization" or not n.input:
                 continue
             # a Conv feeding only this BN folds forward without shapes; anything else may need them
