@@ -228,3 +228,23 @@ def test_shape_and_size_readers_along_a_matmul_layout_path(rng):
     m.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.INT64, None) for n in ("n_mm", "s_i", "s_r3"))
     res = fold_verified(onnx.shape_inference.infer_shapes(m, strict_mode=True))
     assert decisions(res) == {"bn": "MatMul+Add->Reshape->BN"}
+
+
+def test_ir3_if_branches_get_constants_not_initializers(rng):
+    # an IR 3 body's initializers would have to be its inputs, which an If branch cannot have
+    def body(tag: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], [f"c{tag}"]),
+             helper.make_node("BatchNormalization", [f"c{tag}"] + [f"bn_{k}" for k in ("gamma", "beta", "mean", "var")],
+                              [f"y{tag}"], name=f"bn{tag}")],
+            f"b{tag}", [], [helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [1, 4, 4, 4])])
+    g = G(rng)
+    g.weight("w", (4, 2, 3, 3))
+    g.bn("bn", "unused", 4)
+    g.nodes.clear()  # keep only the BN's parameters: the branches read them from the outer scope
+    g.nodes.append(helper.make_node("If", ["cond"], ["y"], then_branch=body("t"), else_branch=body("e")))
+    m = _ir3(g, [("x", [1, 2, 6, 6])], [("y", [1, 4, 4, 4])])
+    m.graph.input.insert(1, helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    res = fold_verified(m)
+    assert decisions(res) == {"If:y/then_branch/bnt": "Conv->BN", "If:y/else_branch/bne": "Conv->BN"}
+    assert {i.name for i in res.model.graph.input} - {"x", "cond"} == {t.name for t in res.model.graph.initializer}

@@ -4,10 +4,11 @@ Math (kernel.py): W' = W * s[out], b' = s*b + t with s = gamma/sqrt(var+eps), t 
 Each BN goes through match (who produces its input) -> check (may we?) -> rewrite (new weights, the
 layer writes the BN's output name). The graph is indexed once; rewrites keep the index current, so a
 chain Conv->BN->BN folds in one pass and the cost grows linearly with the number of nodes. Dead BN
-nodes and initializers are swept once at the end.
+nodes and initializers are swept once at the end (onnx_sweep). Shape/Size readers of a value a fold
+changes do not block it: the fold keeps every shape, so they follow the value to its new name.
 
-Per BN, in order of preference: fold into the layer before it (here, also through layout ops:
-onnx_layout), else into the layer after it (onnx_backward), else, with standalone="affine", become
+Per BN, in order of preference: fold into the layer before it (here, also through layout ops and
+Identity / inference-only Dropout: onnx_layout), else into the layer after it (onnx_backward), else, with standalone="affine", become
 Mul + Add (onnx_standalone). Per-channel Mul/Add-by-constant ops right after the BN join its affine
 map first. Parameters may be any constant subgraph (onnx_const); every scope is folded (onnx_scopes).
 """
@@ -28,6 +29,7 @@ from .onnx_index import (GraphIndex, _attr, _graphs_of, _set_attr, node_label,  
                          subgraph_free_names)
 from .onnx_standalone import BnView, absorb_affine_chain, as_mul_add
 from .onnx_backward import fold_before
+from .onnx_sweep import sweep
 from .onnx_layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -67,6 +69,7 @@ class OnnxFolder:
         self.maybe_dead_inits: set[str] = set()
         self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after node, new node)
         self.dead_values: set[str] = set()
+        self.created: list[str] = []  # initializers this fold added (IR < 4 bodies turn them into Constants)
         self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
         self.ix.shapes = self.shapes
 
@@ -79,7 +82,7 @@ class OnnxFolder:
                     self.decisions.append(self._fold_one(node, label))
                 except Skip as s:
                     self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
-        self._sweep()
+        sweep(self)
         return self.decisions
 
     # -- check ----------------------------------------------------------------------------------
@@ -254,6 +257,7 @@ class OnnxFolder:
         t = numpy_helper.from_array(value, new)
         ix.graph.initializer.append(t)
         ix.inits[new] = ix.graph.initializer[-1]
+        self.created.append(new)
         if ix.ir_version < 4 and not self.scope:
             # before IR 4 every initializer of the main graph must also be declared as a graph input
             ix.graph.input.append(helper.make_tensor_value_info(new, t.data_type, list(t.dims)))
@@ -390,67 +394,6 @@ class OnnxFolder:
             ix.producer.pop(old_out, None)
             ix.consumers.pop(old_out, None)
             self.dead_values.add(old_out)
-
-    # -- cleanup --------------------------------------------------------------------------------
-    def _dead_constants(self, dead: set[int]) -> set[str]:
-        """Add to `dead` every constant-only node nobody reads any more (transitively, starting from the
-        names folding released); return the initializers nobody reads any more."""
-        ix = self.ix
-        const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
-        work, seen, dead_inits = list(self.maybe_dead_inits), set(), set()
-        while work:
-            n = work.pop()
-            if n in seen or ix.uses(n):
-                continue
-            seen.add(n)
-            if n in ix.inits:
-                if not ix.overridable(n):  # a caller may feed an overridable one: it stays an input
-                    dead_inits.add(n)
-                continue
-            src = ix.producer.get(n)
-            if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
-                continue
-            if id(src) not in const_nodes and not (src.op_type == "Constant" and src.domain in ONNX_DOMAINS):
-                continue
-            dead.add(id(src))
-            self.dead_values.update(o for o in src.output if o)
-            for i in src.input:
-                if i:
-                    users = ix.consumers.get(i, [])
-                    if src in users:
-                        users.remove(src)
-                    work.append(i)
-        return dead_inits
-
-    def _sweep(self) -> None:
-        """Remove folded BNs and initializers nothing reads any more, without copying tensors."""
-        g, ix = self.ix.graph, self.ix
-        dead = set(self.dead_nodes)
-        dead_inits = self._dead_constants(dead)
-        if self.inserted or dead:
-            pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(g.node)}
-            for after, new in self.inserted:
-                g.node.append(new)  # appending copies: key the stored message, not `new`
-                self._nodes.append(g.node[-1])  # and keep its wrapper alive so its id() stays its own
-                pos[id(g.node[-1])] = pos[id(after)] + 0.5
-            # one pointer sort: live nodes in order (inserted ones right after their anchor), dead last
-            g.node.sort(key=lambda n: (id(n) in dead, pos[id(n)]))
-            if dead:
-                del g.node[len(g.node) - len(dead):]
-        if dead_inits:
-            g.initializer.sort(key=lambda t: t.name in dead_inits)
-            del g.initializer[len(g.initializer) - len(dead_inits):]
-        declared_dead = dead_inits & ix.graph_inputs  # IR < 4: the initializer's own input entry
-        if declared_dead:
-            g.input.sort(key=lambda v: v.name in declared_dead)
-            del g.input[len(g.input) - len(declared_dead):]
-            ix.graph_inputs -= declared_dead
-        gone = self.dead_values | dead_inits
-        if gone:
-            stale = {v.name for v in g.value_info if v.name in gone}
-            if stale:
-                g.value_info.sort(key=lambda v: v.name in stale)
-                del g.value_info[len(g.value_info) - len(stale):]
 
 
 def model_opset(model: onnx.ModelProto) -> int:

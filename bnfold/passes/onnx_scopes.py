@@ -89,7 +89,28 @@ def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer
             users = ix.consumers.get(name, [])
             users[:] = [u for u in users if u is not node]
             folder.maybe_dead_inits.add(name)
-    return decisions + folder.run()
+    decisions += folder.run()
+    if scope and model.ir_version < 4 and folder.created:
+        # before IR 4 a body's initializers would have to be its inputs, which If/Loop bodies cannot add
+        created = set(folder.created)
+        _to_constants(graph, [t for t in graph.initializer if t.name in created])
+    return decisions
+
+
+def _to_constants(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> None:
+    """Move `tensors` (initializers of `graph`) into Constant nodes placed first in `graph`."""
+    if not tensors:
+        return
+    consts = [helper.make_node("Constant", [], [t.name], name=f"{t.name}_const", value=t) for t in tensors]
+    for c in consts:
+        c.attribute[0].t.name = ""
+    names = {t.name for t in tensors}
+    keep = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = consts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _function_opset(model: onnx.ModelProto, fn: onnx.FunctionProto) -> int:
@@ -109,11 +130,9 @@ def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str
     decisions = fold_graph(model, g, _function_opset(model, fn), None, f"{fn.domain}.{fn.name}/" if fn.domain
                            else f"{fn.name}/", names, standalone, shapes)
     if any(d.is_folded for d in decisions):
-        consts = [helper.make_node("Constant", [], [t.name], name=f"{t.name}_const", value=t) for t in g.initializer]
-        for c in consts:
-            c.attribute[0].t.name = ""
+        _to_constants(g, list(g.initializer))
         del fn.node[:]
-        fn.node.extend(consts + list(g.node))
+        fn.node.extend(g.node)
     return decisions
 
 
