@@ -248,3 +248,26 @@ def test_ir3_if_branches_get_constants_not_initializers(rng):
     res = fold_verified(m)
     assert decisions(res) == {"If:y/then_branch/bnt": "Conv->BN", "If:y/else_branch/bne": "Conv->BN"}
     assert {i.name for i in res.model.graph.input} - {"x", "cond"} == {t.name for t in res.model.graph.initializer}
+
+
+@pytest.mark.parametrize("layer", ["MatMul", "MatMul+Add", "Gemm", "ConvTranspose"])
+@pytest.mark.parametrize("between", ["Identity", "Dropout"])
+def test_identity_like_op_after_every_layer_kind(rng, layer, between):
+    g = G(rng)
+    if layer == "ConvTranspose":
+        v = g.node("ConvTranspose", ["x", g.weight("w", (3, 4, 3, 3))], ["l"])
+        shape, out_shape = [1, 3, 5, 5], [1, 4, 7, 7]
+    elif layer == "Gemm":
+        v = g.node("Gemm", ["x", g.weight("w", (4, 3)), g.weight("b", (4,))], ["l"], transB=1)
+        shape, out_shape = [2, 3], [2, 4]
+    else:
+        v = g.node("MatMul", ["x", g.weight("w", (3, 4))], ["l"])
+        if layer == "MatMul+Add":
+            v = g.node("Add", [v, g.weight("b", (4,))], ["a"])
+        shape, out_shape = [2, 3], [2, 4]
+    g.node(between, [v], ["p"])
+    g.bn("bn", "p", 4)
+    g.node("Shape", ["p"], ["s"])
+    g.node("Reshape", ["bn_out", "s"], ["y"])
+    res = fold_verified(mk(g, [("x", shape)], [("y", out_shape)]))
+    assert decisions(res) == {"bn": f"{layer}->BN"}
