@@ -83,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.3, help="approximate model size in GB (default 2.3)")
     ap.add_argument("--keep", action="store_true", help="keep the generated and written files")
+    ap.add_argument("--verify", action="store_true",
+                    help="also time a full run with verification (from temporary files with external data)")
     a = ap.parse_args()
     layers = max(1, int(np.ceil(a.gb * 1e9 / (N * N * 4))))
     WORK.mkdir(parents=True, exist_ok=True)
@@ -121,6 +123,10 @@ def main() -> None:
     diff = float(np.abs(ref.astype(np.float64) - got).max())
     print(f"  onnxruntime check: max |folded - original| = {diff:.3g} (max |original| {float(np.abs(ref).max()):.3g}); "
           f"BatchNormalization nodes left: {n_bn}; {time.perf_counter() - t:.1f} s")
+    if a.verify:
+        ver_out = WORK / "verified.onnx"
+        tv, rv = run([sys.executable, "-m", "bnfold", str(src), "-o", str(ver_out), "-q"])
+        print(f"  bnfold (with verification)    {tv:7.1f} s   peak RSS {rv:5.2f} GiB   (exit code 0 = verified)")
     if not a.keep:
         shutil.rmtree(WORK)
 
