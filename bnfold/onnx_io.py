@@ -1,6 +1,7 @@
 """Reading and writing ONNX files: clear errors for bad files, atomic writes, external data kept."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
     return model
 
 
-def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` without weight data, for the checker: initializers become typed graph inputs.
+def structure_only(model: onnx.ModelProto, keep_up_to: int = 0) -> onnx.ModelProto:
+    """A copy of `model` without weight data, for the checker and shape inference: initializers with
+    more than `keep_up_to` elements become typed graph inputs (small ones, such as Reshape targets,
+    can be kept so inference sees their values).
 
     Checking the structure this way costs the size of the node list, not of the weights (re-reading a
     100 MB file just to check it doubled the load time).
@@ -63,7 +66,9 @@ def structure_only(model: onnx.ModelProto) -> onnx.ModelProto:
     mg.value_info.extend(g.value_info)
     have = {i.name for i in g.input}
     for t in g.initializer:
-        if t.name not in have:
+        if keep_up_to and math.prod(t.dims) <= keep_up_to:
+            mg.initializer.append(t)
+        elif t.name not in have:
             mg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return m
 

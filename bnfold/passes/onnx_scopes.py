@@ -17,7 +17,8 @@ from onnx import helper
 
 from ..decisions import Decision
 from .onnx_const import ConstEvaluator
-from .onnx_pass import OnnxFolder, _graphs_of, model_opset, node_label, subgraph_free_names
+from .onnx_index import _graphs_of, subgraph_free_names
+from .onnx_pass import OnnxFolder, model_opset, node_label
 from .onnx_shapes import needs_shapes, value_types
 
 Lookup = Callable[[str], "np.ndarray | None"]

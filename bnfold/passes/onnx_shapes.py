@@ -7,11 +7,11 @@ size of the weights. It runs once, before any rewrite, and only for models that 
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
-import numpy as np
 import onnx
+
+from ..onnx_io import structure_only
 
 Dims = list  # list[int | None]: None marks a dynamic dimension
 SMALL_INIT = 4096  # elements; shape-carrying initializers (Reshape targets, axes) are far smaller
@@ -38,22 +38,7 @@ def _dims(vi: onnx.ValueInfoProto) -> tuple[Dims | None, int] | None:
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
-    g, src = m.graph, model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    declared = {i.name for i in src.input}
-    for t in src.initializer:
-        if math.prod(t.dims) <= SMALL_INIT:
-            g.initializer.append(t)
-        elif t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    m = structure_only(model, keep_up_to=SMALL_INIT)
     if m.ir_version < 4:
         m.ir_version = 4  # initializers need not be inputs from IR 4 on; inference does not care otherwise
     return m

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from .. import kernel
-from ..decisions import Decision, Reason, Skip
+from ..decisions import Decision, Skip
 
 if TYPE_CHECKING:
     from .onnx_pass import OnnxFolder
