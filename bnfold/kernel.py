@@ -66,20 +66,22 @@ def bn_scale_shift(gamma: np.ndarray | None, beta: np.ndarray | None, mean: np.n
 
 
 def round_to(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    """Round a float64 array once to `dtype`; raise Skip(DTYPE_OVERFLOW) if a finite value does not fit."""
+    """Round a float64 array once to `dtype`; raise Skip(DTYPE_OVERFLOW) if a value is not finite or
+    does not fit (one pass over the data when all is well: the cause is looked for only on failure)."""
     dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        y = x.copy()
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = x.astype(dtype)
+    finite = np.isfinite(y.astype(np.float32)) if dtype.name == "bfloat16" else np.isfinite(y)
+    if finite.all():
+        return y
     if not np.isfinite(x).all():
         raise Skip(Reason.DTYPE_OVERFLOW, f"folded {what} is not finite even in float64")
-    if dtype == np.float64:
-        return x.copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        y = x.astype(dtype)
-    finite = np.isfinite(y.astype(np.float64)) if dtype.kind == "V" or dtype.name == "bfloat16" else np.isfinite(y)
-    if not finite.all():
-        idx = np.unravel_index(int(np.argmin(finite.reshape(-1))), x.shape) if x.ndim else ()
-        raise Skip(Reason.DTYPE_OVERFLOW,
-                   f"folded {what} {float(x[idx]):.4g} at {tuple(int(i) for i in idx)} exceeds {dtype.name}")
-    return y
+    idx = np.unravel_index(int(np.argmin(finite.reshape(-1))), x.shape) if x.ndim else ()
+    raise Skip(Reason.DTYPE_OVERFLOW,
+               f"folded {what} {float(x[idx]):.4g} at {tuple(int(i) for i in idx)} exceeds {dtype.name}")
 
 
 def _check(weight: np.ndarray, layout: Layout, channels: int, want: str) -> None:
@@ -118,12 +120,13 @@ def _scaled(weight: np.ndarray, vec: np.ndarray, index: np.ndarray) -> np.ndarra
     """weight * vec[index] in float64, rounded once to weight.dtype, a slice of axis 0 at a time so a
     256 MiB weight does not need 1 GiB of float64 temporaries."""
     if weight.ndim == 0 or weight.size <= CHUNK:
-        return round_to(weight.astype(np.float64) * vec[index], weight.dtype, "weight")
+        # the ufunc widens `weight` to float64 block by block: no full-size float64 copy of it
+        return round_to(np.multiply(weight, vec[index], dtype=np.float64), weight.dtype, "weight")
     out = np.empty(weight.shape, dtype=weight.dtype)
     idx = np.broadcast_to(index, weight.shape)
     step = max(1, CHUNK // max(1, weight[0].size))
     for i in range(0, weight.shape[0], step):
-        part = weight[i:i + step].astype(np.float64) * vec[idx[i:i + step]]
+        part = np.multiply(weight[i:i + step], vec[idx[i:i + step]], dtype=np.float64)
         out[i:i + step] = round_to(part, weight.dtype, "weight")
     return out
 
