@@ -261,3 +261,19 @@ def test_cuda_gives_the_same_verdicts(resnet18):
     bad, layer = edit(folded, 15, "bias")
     ver = bnfold.check(original, bad, providers=["cuda"])
     assert ver.passed is False and ver.first_divergence["node"] == layer
+
+
+def test_quick_pass_only_ever_clears_sure_passes():
+    from bnfold.verify import compare
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 8)).astype(np.float32)
+    noise = [ref + np.float32(1e-6)]
+    assert compare.quick_pass(ref, ref.copy(), noise)
+    off = ref.copy()
+    off[3, 3] += 1e-3
+    assert not compare.quick_pass(ref, off, noise)
+    assert not compare.judge({"t": ref}, {"t": off}, [{"t": noise[0]}])[0]
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    assert not compare.quick_pass(ref, nan, noise)
+    assert not compare.quick_pass(ref, ref.astype(np.float64), noise)  # dtype change: look closer

@@ -67,6 +67,29 @@ def stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     }
 
 
+def quick_pass(ref: np.ndarray, cand: np.ndarray, noise: list[np.ndarray]) -> bool:
+    """True when `cand` surely passes the automatic tolerance against `ref` (max-abs only, no
+    quantiles): the cheap test for the hundreds of intermediate tensors of a deep net. False means
+    "look closer with judge()", not "failed"."""
+    if ref.shape != cand.shape or ref.dtype.kind != "f" or cand.dtype != ref.dtype:
+        return False
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = float(np.max(np.abs(cand - ref))) if ref.size else 0.0
+        if not np.isfinite(d):
+            return False
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        nmax = 0.0
+        for n in noise:
+            if n.shape == ref.shape:
+                v = float(np.max(np.abs(n - ref))) if ref.size else 0.0
+                if np.isfinite(v):
+                    nmax = max(nmax, v)
+    if not np.isfinite(scale):
+        return False
+    # a little under the judge's tolerance, so float32 subtraction here never decides a close call
+    return d <= 0.9 * max(NOISE_MULTIPLE * nmax, FLOOR_ULPS * unit_roundoff(ref.dtype) * scale)
+
+
 def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
           noise_runs: list[Mapping[str, np.ndarray]], atol: float | Mapping[str, float] | None = None,
           rtol: float | None = None, floor_multiplier: float = 1.0) -> tuple[bool, dict[str, dict[str, Any]]]:

@@ -100,7 +100,8 @@ class OrtRunner:
 
 
 def _serialize(model: onnx.ModelProto) -> bytes:
-    if model.ByteSize() >= (2 << 30) - 1:
+    from ..onnx_io import over_two_gb
+    if over_two_gb(model):  # ByteSize() would walk every byte of the weights just to ask
         raise BnfoldError("model over 2 GB in memory: verify it from a file with external data")
     return model.SerializeToString()
 
