@@ -56,7 +56,7 @@ def _fold_parser() -> argparse.ArgumentParser:
                     "and prove the folded model computes the same function.\n"
                     "Other commands: 'bnfold check --help', 'bnfold export --help'.")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help=".onnx, .pt2, TorchScript .pt, .keras, .h5 or a SavedModel directory")
+                   help=".onnx, .pt2, TorchScript .pt, a pickled nn.Module (--trust), .keras or .h5")
     p.add_argument("-o", "--output", metavar="OUT", help="output path (one MODEL only; default <stem>.folded<ext>)")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
     p.add_argument("--dry-run", action="store_true", help="decide and report, write nothing")
