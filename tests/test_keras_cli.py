@@ -94,3 +94,15 @@ def test_export_keras_to_onnx_and_check_it(tmp_path, rng, capsys):
     assert sum(n.op_type == "BatchNormalization" for n in m.graph.node) <= 1
     # the exported ONNX is the same function as the original Keras model
     assert main(["check", str(src), str(out)]) == 0
+
+
+def test_explicit_gpu_without_one_is_exit_2(tmp_path, rng, capsys):
+    from bnfold.verify.keras_runner import gpu_available
+
+    _, src = _write(tmp_path, rng)
+    code = main([str(src), "--providers", "cuda", "--dry-run", "--json"])
+    out = capsys.readouterr()
+    if gpu_available():
+        assert code == 0 and json.loads(out.out)["verification"]["providers"]["keras-gpu"]["ran"] is True
+    else:
+        assert code == 2 and "no GPU" in out.err

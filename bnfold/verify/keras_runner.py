@@ -145,6 +145,9 @@ def verify(original: Any, candidate: Any, feeds: Sequence[np.ndarray], providers
     for dev in normalise_providers(providers):
         key = f"keras-{dev}"
         if dev == "gpu" and not gpu_available():
+            if providers is not None:
+                # asked for by name: a GPU that cannot run is the user's problem to hear about (exit 2)
+                raise BnfoldError("provider gpu was requested but TensorFlow sees no GPU")
             ver.providers[key] = ProviderResult(key, ran=False, why="TensorFlow sees no GPU")
             continue
         ref = dict(zip(names, run(original, feeds, dev)))
