@@ -4,7 +4,11 @@ With y = s*x + t per input channel feeding a layer W: W' = W * s[in], b' = b + s
 output channel (kernel.fold_before). Exact for Gemm/MatMul, and for Conv only when no zero padding
 is read: padding would see the shifted border as 0 instead of t. BN -> Flatten/Reshape -> Gemm works
 when the reshape lays each channel out as one contiguous block of features (layouts.Layout.in_block).
-The forward fold is tried first; this runs only when it does not apply.
+Identity and inference-only Dropout (onnx_layout.passthrough) may sit on either side of that reshape:
+they copy the value, so the fold looks through them and then removes them (the layer reads the BN's
+input directly). Shape/Size readers do not count as readers: the fold keeps every shape, so they are
+pointed at a value of the same shape. The forward fold is tried first; this runs only when it does
+not apply.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import onnx
 
 from .. import kernel, layouts
 from ..decisions import Decision, Reason, Skip
+from .onnx_layout import MAX_PASSTHROUGH, passthrough, shape_reader
 from .onnx_standalone import BnView
 
 if TYPE_CHECKING:
@@ -39,11 +44,45 @@ def _sole_reader(f: "OnnxFolder", value: str, what: str, producer: str | None = 
     ix = f.ix
     if value in ix.graph_outputs:
         raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{what} {value!r} is a graph output", producer=producer)
-    users = ix.consumers.get(value, [])
+    users = [u for u in ix.consumers.get(value, []) if not shape_reader(u)]
     if len(users) != 1:
         names = ", ".join(_label(u) for u in users[:4]) or "nothing"
         raise Skip(Reason.PRODUCER_FANOUT, f"{what} {value!r} feeds {names}", producer=producer)
     return users[0]
+
+
+def _through_copies(f: "OnnxFolder", value: str, what: str) -> tuple[onnx.NodeProto, str, list[onnx.NodeProto]]:
+    """Follow `value` forward over pass-through nodes, each the sole reader of what it copies:
+    (the first other reader, the value it reads, the pass-through nodes in order)."""
+    hops: list[onnx.NodeProto] = []
+    reader = _sole_reader(f, value, what)
+    while (len(hops) < MAX_PASSTHROUGH and passthrough(f, reader) and reader.input[0] == value
+           and list(reader.input).count(value) == 1):
+        hops.append(reader)
+        value = reader.output[0]
+        reader = _sole_reader(f, value, f"{_label(reader)} output")
+    return reader, value, hops
+
+
+def _remove_copies(f: "OnnxFolder", hops: list[onnx.NodeProto], same_shape: str) -> None:
+    """Drop pass-through nodes nothing reads through any more; their Shape/Size readers move to
+    `same_shape` (a value of the shape they copied)."""
+    ix = f.ix
+    for node in hops:
+        out = node.output[0]
+        f._move_shape_readers(out, same_shape)
+        f.dead_nodes.add(id(node))
+        for name in node.input:
+            if name:
+                users = ix.consumers.get(name, [])
+                if node in users:
+                    users.remove(node)
+                f.maybe_dead_inits.add(name)
+        for o in node.output:
+            if o and ix.producer.get(o) is node:
+                ix.producer.pop(o)
+                ix.consumers.pop(o, None)
+                f.dead_values.add(o)
 
 
 def _check_padding(conv: onnx.NodeProto, weight_rank: int) -> None:
@@ -96,13 +135,15 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     about that layer, e.g. PADDING_BREAKS_BACKWARD_FOLD)."""
     ix = f.ix
     s, t, out = view.scale, view.shift, view.out
-    reader = _sole_reader(f, out, "the BatchNorm's output")
+    # pre: copies between the BN and the layer (or the reshape); post: copies after the reshape
+    reader, value, pre = _through_copies(f, out, "the BatchNorm's output")
     via: list[onnx.NodeProto] = []
-    layer, layer_in = reader, out
-    if reader.domain in ONNX_DOMAINS and reader.op_type in ("Flatten", "Reshape") and reader.input[0] == out:
-        nxt = _sole_reader(f, reader.output[0], f"{_label(reader)} output")
+    post: list[onnx.NodeProto] = []
+    layer, layer_in = reader, value
+    if reader.domain in ONNX_DOMAINS and reader.op_type in ("Flatten", "Reshape") and reader.input[0] == value:
+        nxt, nxt_in, copies = _through_copies(f, reader.output[0], f"{_label(reader)} output")
         if nxt.domain in ONNX_DOMAINS and nxt.op_type in ("Gemm", "MatMul"):
-            via, layer, layer_in = [reader], nxt, reader.output[0]
+            via, layer, layer_in, post = [reader], nxt, nxt_in, copies
     op = layer.op_type
     if layer.domain not in ONNX_DOMAINS or op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the BatchNorm's output feeds {op} {_label(layer)!r}")
@@ -158,9 +199,16 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
             f.rename_value(layer.output[0])  # MatMul -> Add(bias): the MatMul alone now computes another value
     else:
         f.insert_add(layer, folded.bias, layer.output[0])
+    x = bn.input[0]
+    if post:
+        f._replace_input(layer, 0, via[0].output[0])
+        _remove_copies(f, post, via[0].output[0])
     if via:
         f.rename_value(via[0].output[0])  # the reshape now carries the un-normalised input
-    f._replace_input(via[0] if via else layer, 0, bn.input[0])
+    first = via[0] if via else layer
+    f._replace_input(first, 0, x)
+    _remove_copies(f, pre, x)
+    f._move_shape_readers(out, x)
     f.drop_bn(bn, view, old_out=None)
     pattern = f"BN{view.suffix}->" + "".join(f"{v.op_type}->" for v in via) + op
     return Decision.folded(label, f.scope + lab, pattern, "before")
