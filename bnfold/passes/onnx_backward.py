@@ -71,13 +71,7 @@ def _remove_copies(f: "OnnxFolder", hops: list[onnx.NodeProto], same_shape: str)
     for node in hops:
         out = node.output[0]
         f._move_shape_readers(out, same_shape)
-        f.dead_nodes.add(id(node))
-        for name in node.input:
-            if name:
-                users = ix.consumers.get(name, [])
-                if node in users:
-                    users.remove(node)
-                f.maybe_dead_inits.add(name)
+        f.unlink(node)
         for o in node.output:
             if o and ix.producer.get(o) is node:
                 ix.producer.pop(o)

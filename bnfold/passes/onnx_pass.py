@@ -374,17 +374,22 @@ class OnnxFolder:
         ix.producer[out] = add
         return add
 
+    def unlink(self, node: onnx.NodeProto) -> None:
+        """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too)."""
+        ix = self.ix
+        self.dead_nodes.add(id(node))
+        for name in node.input:
+            if name:
+                users = ix.consumers.get(name, [])
+                if node in users:
+                    users.remove(node)
+                self.maybe_dead_inits.add(name)
+
     def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
         """Mark the BN and its absorbed Mul/Add chain dead; `view.out` stays alive when someone now writes it."""
         ix = self.ix
         for node in (bn, *view.chain):
-            self.dead_nodes.add(id(node))
-            for name in node.input:
-                if name:
-                    users = ix.consumers.get(name, [])
-                    if node in users:
-                        users.remove(node)
-                    self.maybe_dead_inits.add(name)
+            self.unlink(node)
             for o in node.output:
                 if o and not (o == view.out and ix.producer.get(o) is not node):
                     self.dead_values.add(o)
