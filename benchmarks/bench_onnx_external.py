@@ -59,19 +59,41 @@ def build(path: Path, layers: int, seed: int = 7) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
+# The child's own high-water mark, read from /proc when it exits. getrusage/wait4's ru_maxrss is not
+# usable here: Linux carries the forking parent's resident size into the child's maxrss across
+# fork + exec, so a child of a parent that once held the generated model reported that size instead.
+_PEAK = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def _peak():
+    with open('/proc/self/status') as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))
+    with open(out, 'w') as f:
+        f.write(str(kib))
+atexit.register(_peak)
+if sys.argv[1] == '-m':
+    sys.argv = [sys.argv[2]] + sys.argv[3:]
+    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+else:
+    code = sys.argv[2]
+    sys.argv = ['-c'] + sys.argv[3:]
+    exec(compile(code, '<baseline>', 'exec'), {'__name__': '__main__'})
+"""
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of one child process, its own rusage via wait4."""
+    """(wall seconds, peak RSS in GiB) of one child process: `cmd` is [python, -m|-c, ...]."""
     import tempfile
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
         t = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.run([cmd[0], "-c", _PEAK, peak.name, *cmd[1:]], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=err)
         wall = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
             err.seek(0)
             raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 2 ** 20
+        kib = int(peak.read() or 0)
+    return wall, kib / 2 ** 20
 
 
 def size_gib(path: Path) -> float:
@@ -80,6 +102,9 @@ def size_gib(path: Path) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--build"]:
+        build(Path(sys.argv[2]), int(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.3, help="approximate model size in GB (default 2.3)")
     ap.add_argument("--keep", action="store_true", help="keep the generated and written files")
@@ -91,7 +116,8 @@ def main() -> None:
     src = WORK / f"big_{layers}x{N}.onnx"
     if not src.exists():
         t = time.perf_counter()
-        build(src, layers)
+        # in a child process: a parent that once held the model would make every later child look big
+        subprocess.run([sys.executable, __file__, "--build", str(src), str(layers)], check=True)
         print(f"generated {src.name}: {layers} Gemm->BN layers, {size_gib(src):.2f} GiB in {time.perf_counter() - t:.1f} s")
     print(f"python {sys.version.split()[0]}, onnx {onnx.__version__}, {os.cpu_count()} CPUs; "
           f"model {size_gib(src):.2f} GiB ({size_gib(src) * 2 ** 30 / 1e9:.2f} GB)")

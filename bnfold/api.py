@@ -106,8 +106,10 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
 
 def _require_loaded_external_data(model: Any) -> None:
     from onnx.external_data_helper import uses_external_data
+
+    from .onnx_io import on_disk
     for t in model.graph.initializer:
-        if uses_external_data(t) and not t.HasField("raw_data"):
+        if uses_external_data(t) and not t.HasField("raw_data") and not on_disk(t):
             raise BnfoldError(f"initializer {t.name!r} lives in external data that is not loaded; pass the file "
                               "path instead, or onnx.load() the model with its external data")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -29,8 +30,14 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         base = str(Path(path).resolve().parent)
         _check_external_files(model, base, path)
         try:
-            from onnx.external_data_helper import load_external_data_for_model
-            load_external_data_for_model(model, base)
+            if sum(_nbytes(t) for t in model.graph.initializer if _external(t)) >= LAZY_TOTAL:
+                _leave_on_disk(model, base, path)  # big weights are read one at a time, when needed
+            from onnx.external_data_helper import load_external_data_for_tensor
+            for t in _all_tensors(model):  # what is left: small or nested tensors
+                if _external(t) and not on_disk(t):
+                    load_external_data_for_tensor(t, base)
+        except BnfoldError:
+            raise
         except FileNotFoundError as e:
             raise BnfoldError(f"external data file missing: {_short(e)}", path) from None
         except Exception as e:  # noqa: BLE001
@@ -83,6 +90,130 @@ def _check_external_files(model: onnx.ModelProto, base: str, path: str) -> None:
                               path)
 
 
+# Models whose external weights add up to LAZY_TOTAL bytes or more are loaded lazily: each top-level
+# initializer of at least LAZY_MIN bytes stays a reference into its data file (an "on-disk" tensor),
+# read by tensor_value() when a fold needs it and copied file-to-file by save_external(). A folded
+# weight is held in memory; everything else stays on disk, so folding and saving a model of N bytes
+# costs about the folded weights, not 3N (onnx's own load + save of such a model peaks near 3N).
+LAZY_TOTAL = 1 << 30
+LAZY_MIN = 1 << 20
+_BASE_KEY = "bnfold.base_dir"  # our own external_data key: never written to a file (see _stub)
+_COPY_CHUNK = 16 << 20
+
+
+def _external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _ext_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def on_disk(t: onnx.TensorProto) -> bool:
+    """True for a tensor that load_onnx left in its external data file (see LAZY_TOTAL)."""
+    return _external(t) and any(e.key == _BASE_KEY for e in t.external_data)
+
+
+def has_on_disk(model: onnx.ModelProto) -> bool:
+    return any(on_disk(t) for t in model.graph.initializer)
+
+
+def _source(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of an on-disk tensor."""
+    info = _ext_info(t)
+    return (os.path.join(info[_BASE_KEY], info["location"]), int(info.get("offset", 0) or 0),
+            int(info.get("length", 0) or 0) or _nbytes(t))
+
+
+def _leave_on_disk(model: onnx.ModelProto, base: str, path: str) -> None:
+    for t in model.graph.initializer:
+        n = _nbytes(t)
+        if not _external(t) or n < LAZY_MIN or t.data_type == onnx.TensorProto.STRING:
+            continue
+        info = _ext_info(t)
+        file = os.path.join(base, info["location"])
+        offset, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0) or n
+        if length != n or offset + length > os.path.getsize(file):
+            raise BnfoldError(f"external data of {t.name!r} does not fit {info['location']!r} (offset {offset}, "
+                              f"{length} bytes for a tensor of {n}; truncated or wrong file?)", path)
+        e = t.external_data.add()
+        e.key, e.value = _BASE_KEY, base
+
+
+def tensor_value(t: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array that also reads on-disk tensors (one tensor read, nothing kept)."""
+    from onnx import numpy_helper
+    if not on_disk(t):
+        return numpy_helper.to_array(t)
+    file, offset, length = _source(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    simple = dtype.kind in "fiub" or dtype.name == "bfloat16"
+    if simple and dtype.itemsize * math.prod(t.dims) == length:
+        a = np.fromfile(file, dtype=dtype.newbyteorder("<"), count=math.prod(t.dims), offset=offset)
+        return a.astype(dtype, copy=False).reshape(tuple(t.dims))
+    plain = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))  # packed 4-bit types...
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        plain.raw_data = fh.read(length)
+    return numpy_helper.to_array(plain)
+
+
+def loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when every weight is in memory, else a copy with the on-disk tensors read in
+    (for what needs a self-contained proto: onnxruntime from memory, onnx.save_model)."""
+    if not has_on_disk(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if on_disk(t):
+            _read_in(t)
+    return m
+
+
+def _read_in(t: onnx.TensorProto) -> onnx.TensorProto:
+    """Turn an on-disk tensor into an ordinary one holding its bytes (in place); returns `t`."""
+    file, offset, length = _source(t)
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(length)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+    t.raw_data = raw
+    return t
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
+    subgraphs and model-local functions as well."""
+    A = onnx.AttributeProto
+
+    def of_nodes(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == A.TENSOR:
+                    yield a.t
+                elif a.type == A.TENSORS:
+                    yield from a.tensors
+                elif a.type == A.SPARSE_TENSOR:
+                    yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+                elif a.type == A.GRAPH:
+                    yield from of_graph(a.g)
+                elif a.type == A.GRAPHS:
+                    for g in a.graphs:
+                        yield from of_graph(g)
+
+    def of_graph(g):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield from (sp.values, sp.indices)
+        yield from of_nodes(g.node)
+
+    yield from of_graph(model.graph)
+    for f in model.functions:
+        yield from of_nodes(f.node)
+
+
 def _has_external(model: onnx.ModelProto) -> bool:
     from onnx.external_data_helper import uses_external_data
     return any(uses_external_data(t) for t in model.graph.initializer)
@@ -94,7 +225,8 @@ def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = No
     files (`<name>.data` unless `location` says otherwise), with onnx's layout options."""
     big = _probably_big(model) if external_data is None else external_data
     if not big:
-        atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+        inline = loaded(model)
+        atomic_write(path, lambda tmp: onnx.save_model(inline, tmp))
         return
     save_external(model, path, location or Path(path).name + ".data", size_threshold, all_tensors_to_one_file)
 
@@ -123,22 +255,50 @@ def _raw(t: onnx.TensorProto) -> bytes:
     if t.HasField("raw_data"):
         return t.raw_data
     from onnx import numpy_helper
-    a = numpy_helper.to_array(t)
-    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+    return _le_bytes(numpy_helper.to_array(t))
+
+
+def _copy_range(fh, t: onnx.TensorProto) -> int:
+    """Copy an on-disk tensor's bytes from its source file into `fh`, a chunk at a time."""
+    file, offset, length = _source(t)
+    with open(file, "rb") as src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise BnfoldError(f"external data of {t.name!r} ends early", file)
+            fh.write(chunk)
+            left -= len(chunk)
+    return length
+
+
+def _le_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes()
 
 
 def save_external(model: onnx.ModelProto, path: str, location: str, size_threshold: int = 1024,
-                  all_tensors_to_one_file: bool = True) -> None:
+                  all_tensors_to_one_file: bool = True,
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                  transform_names: frozenset[str] | set[str] = frozenset()) -> None:
     """Write `model` with its large initializers in external data files, atomically and without
     touching `model`: the written proto holds stubs, the bytes go straight from each tensor to the
-    data file (one tensor in flight, so peak memory stays near one copy of the weights). Data files
-    are renamed into place before the model file, so a reader never sees a model without its data."""
+    data file (one tensor in flight, so peak memory stays near one copy of the weights; on-disk
+    tensors are copied file to file). Data files are renamed into place before the model file, so
+    a reader never sees a model without its data. `transform` rewrites the value of each
+    initializer named in `transform_names` on its way out (the verifier's nudged noise model)."""
     import tempfile
 
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if "/" in location or "\\" in location or location in ("", ".", ".."):
         raise BnfoldError(f"external data location must be a plain file name, not {location!r}", path)
+    sources = {os.path.realpath(_source(t)[0]) for t in model.graph.initializer if on_disk(t)}
+    for loc in ([location] if all_tensors_to_one_file else
+                [f"{location}.{i}" for i in range(len(model.graph.initializer))]):
+        if os.path.realpath(folder / loc) in sources:
+            raise BnfoldError(f"would overwrite {loc!r}, the external data file the model's weights are read from",
+                              path)
     light = structure_only(model)  # nodes, inputs, outputs; initializers come next, stubbed or small
     del light.graph.input[len(model.graph.input):]
     light.graph.doc_string = model.graph.doc_string
@@ -152,7 +312,11 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
         for i, t in enumerate(model.graph.initializer):
             n = _nbytes(t)
             if n < size_threshold or t.data_type == onnx.TensorProto.STRING:
-                light.graph.initializer.append(t)
+                if on_disk(t):
+                    light.graph.initializer.add().CopyFrom(t)
+                    _read_in(light.graph.initializer[-1])
+                else:
+                    light.graph.initializer.append(t)
                 continue
             loc = location if all_tensors_to_one_file else f"{location}.{i}"
             if loc not in files:
@@ -163,10 +327,18 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             pad = (-offset) % 4096 if n >= 1 << 20 else 0  # page-aligned big tensors can be mmapped
             fh.write(b"\0" * pad)  # type: ignore[attr-defined]
             offset += pad
-            raw = _raw(t)
-            fh.write(raw)  # type: ignore[attr-defined]
-            light.graph.initializer.append(_stub(t, loc, offset, len(raw)))
-            files[loc] = (fh, tmp, offset + len(raw))
+            if transform is not None and t.name in transform_names:
+                raw = _le_bytes(transform(tensor_value(t)))
+            elif on_disk(t):
+                raw = None
+                length = _copy_range(fh, t)
+            else:
+                raw = _raw(t)
+            if raw is not None:
+                fh.write(raw)  # type: ignore[attr-defined]
+                length = len(raw)
+            light.graph.initializer.append(_stub(t, loc, offset, length))
+            files[loc] = (fh, tmp, offset + length)
             del raw
         for fh, _, _ in files.values():
             fh.flush()  # type: ignore[attr-defined]
@@ -197,6 +369,8 @@ def over_two_gb(model: onnx.ModelProto) -> bool:
     """True when `model` cannot be serialised as one protobuf (over 2 GB)."""
     # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
     raw = sum(_nbytes(t) for t in model.graph.initializer)
+    if has_on_disk(model):  # ByteSize() counts the in-memory part only
+        return raw + model.ByteSize() > TWO_GB
     if raw < TWO_GB * 0.9:
         return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and model.ByteSize() > TWO_GB
     return raw > TWO_GB or model.ByteSize() > TWO_GB

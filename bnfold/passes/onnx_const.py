@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..onnx_io import tensor_value
+
 if TYPE_CHECKING:
     from .onnx_pass import GraphIndex
 
@@ -161,7 +163,7 @@ class ConstEvaluator:
             t = ix.inits[name]
             if math.prod(t.dims) > KEEP_ELEMENTS:
                 self._transient.append(name)
-            return numpy_helper.to_array(t)
+            return tensor_value(t)
         if name in ix.graph_inputs:
             self.refused[name] = f"{name!r} is a graph input"
             return None

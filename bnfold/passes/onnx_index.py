@@ -8,9 +8,10 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..decisions import Reason, Skip
+from ..onnx_io import tensor_value
 from .onnx_const import ConstEvaluator
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -137,7 +138,7 @@ class GraphIndex:
             return self.const_cache[name]
         t = self.inits.get(name)
         if t is not None and not self.overridable(name):
-            return numpy_helper.to_array(t)  # the common case, read where used (see ConstEvaluator.leaf)
+            return tensor_value(t)  # the common case, read where used (see ConstEvaluator.leaf)
         if self.evaluator is None:
             self.evaluator = ConstEvaluator(self, self.opset)
         value = self.evaluator.value(name)

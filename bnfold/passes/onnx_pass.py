@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from .. import kernel, layouts
 from ..decisions import Decision, Reason, Skip
+from ..onnx_io import on_disk
 from .onnx_const import ConstEvaluator  # noqa: F401 - re-exported for callers of the pass
 from .onnx_index import (GraphIndex, _attr, _graphs_of, _set_attr, node_label,  # noqa: F401 - re-exported
                          subgraph_free_names)
@@ -246,8 +247,12 @@ class OnnxFolder:
         ix = self.ix
         if name in ix.inits and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
             t = ix.inits[name]
-            if (t.HasField("raw_data") and list(t.dims) == list(value.shape) and sys.byteorder == "little"
-                    and value.dtype.kind == "f" and t.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)):
+            if ((t.HasField("raw_data") or on_disk(t)) and list(t.dims) == list(value.shape)
+                    and sys.byteorder == "little" and value.dtype.kind == "f"
+                    and t.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)):
+                if on_disk(t):  # the folded weight lives in memory from now on
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
                 t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))

@@ -17,9 +17,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BnfoldError
-from ..onnx_io import over_two_gb
+from ..onnx_io import loaded, on_disk, over_two_gb
 from ..results import ProviderResult, Verification
 from . import compare, inputs as inp, runners
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul",
               "InstanceNormalization", "LayerNormalization", "PRelu"}
@@ -86,13 +88,27 @@ def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     """A copy of `model` whose weights move by about one ulp: every float constant that some weight op
     reads, directly or through constant-only ops (Identity, Cast, Reshape...), in the main graph,
     in If/Loop/Scan bodies and in model-local functions; Constant and ConstantOfShape values too."""
+    m, later = _perturbed(model, seed)
+    if later:
+        raise ValueError("perturbed() needs every weight in memory; use _perturbed() and nudge on save")
+    return m
+
+
+def _perturbed(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, set[str]]:
+    """perturbed(), except that weights still on disk (onnx_io.on_disk) are not read: their names
+    come back, to be nudged one at a time as they are written (save_external's transform)."""
     from ..passes.onnx_const import constant_roots
 
     rng = np.random.default_rng(seed + 7919)
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    later: set[str] = set()
 
     def nudge(t: onnx.TensorProto, min_size: int = 2) -> None:
+        if on_disk(t):
+            if t.data_type in FLOAT_TYPES:
+                later.add(t.name)
+            return
         a = numpy_helper.to_array(t)
         if a.size < min_size or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             return  # scalars (exponents, clip bounds) are not weights; nudging them can change semantics
@@ -116,7 +132,7 @@ def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     visit(m.graph.node, m.graph.initializer, constant_roots(m.graph, WEIGHT_OPS))
     for f in m.functions:
         visit(f.node, [], constant_roots(onnx.GraphProto(node=f.node), WEIGHT_OPS))
-    return m
+    return m, later
 
 
 def _same_signature(original: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
@@ -184,6 +200,7 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
             inner: list[str] = []
             big_note = "model over 2 GB: verified from files with external data; outputs only"
         else:
+            original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
             noise_model = perturbed(original, seed)
             inner = common_tensors(original, candidate)
             models = plain = (original, candidate, noise_model)
@@ -208,8 +225,10 @@ def _as_files(original: onnx.ModelProto, candidate: onnx.ModelProto, seed: int, 
 
     opath = original_path if original_path and os.path.isfile(original_path) else write(original, "original")
     cpath = write(candidate, "candidate")
-    noise = perturbed(original, seed)
-    npath = write(noise, "noise")
+    noise, later = _perturbed(original, seed)  # weights still on disk are nudged on their way out
+    rng = np.random.default_rng(seed + 104729)
+    npath = os.path.join(folder, "noise.onnx")
+    save_external(noise, npath, "noise.data", transform=lambda a: compare.perturb(a, rng), transform_names=later)
     del noise
     return opath, cpath, npath
 
