@@ -239,6 +239,7 @@ class OnnxFolder:
         except Skip as e:
             e.producer = e.producer or layer_label
             raise
+        del weight, bias  # a weight read from disk for this fold need not outlive it (big models)
         self._rewrite(bn, m, folded, view)
         return Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
 
