@@ -63,6 +63,12 @@ def check_output_path(out: str, inputs: list[str], framework: str | None = None)
         try:
             if o.resolve() == Path(i).resolve():
                 raise BnfoldError("output path is the same as the input; the input is never overwritten", out)
+            if o.is_file() and Path(i).suffix.lower() in ONNX_EXTS and Path(i).is_file():
+                # a data file may have any name, .onnx included: do not write over the input's weights
+                from .onnx_io import external_files
+                if str(o.resolve()) in external_files(i):
+                    raise BnfoldError("output path is an external data file of the input; the input is never "
+                                      "overwritten", out)
         except OSError:
             pass
     parent = o.parent if str(o.parent) else Path(".")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,13 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         raise BnfoldError(f"not a valid ONNX model (cannot parse: {_short(e)})", path) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError("not a valid ONNX model (no graph or IR version; truncated or not ONNX?)", path)
+    for t in _all_tensors(model):  # a file never speaks for bnfold's bookkeeping (onnx.save of a lazy model)
+        if t.external_data and any(e.key.startswith("bnfold.") for e in t.external_data):
+            keep = [(e.key, e.value) for e in t.external_data if not e.key.startswith("bnfold.")]
+            del t.external_data[:]
+            for k, v in keep:
+                e = t.external_data.add()
+                e.key, e.value = k, v
     if load_external and _has_external(model):
         base = str(Path(path).resolve().parent)
         _check_external_files(model, base, path)
@@ -97,7 +105,8 @@ def _check_external_files(model: onnx.ModelProto, base: str, path: str) -> None:
 # costs about the folded weights, not 3N (onnx's own load + save of such a model peaks near 3N).
 LAZY_TOTAL = 1 << 30
 LAZY_MIN = 1 << 20
-_BASE_KEY = "bnfold.base_dir"  # our own external_data key: never written to a file (see _stub)
+_BASE_KEY = "bnfold.base_dir"  # our own external_data keys: never written (see _stub), dropped on load
+_STAMP_KEY = "bnfold.stamp"
 _COPY_CHUNK = 16 << 20
 
 
@@ -118,11 +127,37 @@ def has_on_disk(model: onnx.ModelProto) -> bool:
     return any(on_disk(t) for t in model.graph.initializer)
 
 
+def _stamp(file: str) -> str:
+    st = os.stat(file)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
 def _source(t: onnx.TensorProto) -> tuple[str, int, int]:
-    """(file, offset, length) of an on-disk tensor."""
+    """(file, offset, length) of an on-disk tensor, after checking that the file is still the one
+    load_onnx saw: a data file deleted, truncated or rewritten since would give wrong weights."""
     info = _ext_info(t)
-    return (os.path.join(info[_BASE_KEY], info["location"]), int(info.get("offset", 0) or 0),
-            int(info.get("length", 0) or 0) or _nbytes(t))
+    file = os.path.join(info[_BASE_KEY], info["location"])
+    try:
+        same = _stamp(file) == info.get(_STAMP_KEY)
+    except OSError:
+        raise BnfoldError(f"external data of {t.name!r} is gone since the model was loaded", file) from None
+    if not same:
+        raise BnfoldError(f"external data of {t.name!r} changed since the model was loaded; load and fold again",
+                          file)
+    return file, int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0) or _nbytes(t)
+
+
+def _read_exact(t: onnx.TensorProto) -> bytes:
+    file, offset, length = _source(t)
+    try:
+        with open(file, "rb") as fh:
+            fh.seek(offset)
+            raw = fh.read(length)
+    except OSError as e:
+        raise BnfoldError(f"cannot read external data of {t.name!r}: {e.strerror or e}", file) from None
+    if len(raw) != length:
+        raise BnfoldError(f"external data of {t.name!r} ends early", file)
+    return raw
 
 
 def _leave_on_disk(model: onnx.ModelProto, base: str, path: str) -> None:
@@ -136,8 +171,9 @@ def _leave_on_disk(model: onnx.ModelProto, base: str, path: str) -> None:
         if length != n or offset + length > os.path.getsize(file):
             raise BnfoldError(f"external data of {t.name!r} does not fit {info['location']!r} (offset {offset}, "
                               f"{length} bytes for a tensor of {n}; truncated or wrong file?)", path)
-        e = t.external_data.add()
-        e.key, e.value = _BASE_KEY, base
+        for k, v in ((_BASE_KEY, base), (_STAMP_KEY, _stamp(file))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
 
 
 def tensor_value(t: onnx.TensorProto) -> np.ndarray:
@@ -149,12 +185,15 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     simple = dtype.kind in "fiub" or dtype.name == "bfloat16"
     if simple and dtype.itemsize * math.prod(t.dims) == length:
-        a = np.fromfile(file, dtype=dtype.newbyteorder("<"), count=math.prod(t.dims), offset=offset)
+        try:
+            a = np.fromfile(file, dtype=dtype.newbyteorder("<"), count=math.prod(t.dims), offset=offset)
+        except OSError as e:
+            raise BnfoldError(f"cannot read external data of {t.name!r}: {e.strerror or e}", file) from None
+        if a.size != math.prod(t.dims):
+            raise BnfoldError(f"external data of {t.name!r} ends early", file)
         return a.astype(dtype, copy=False).reshape(tuple(t.dims))
     plain = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))  # packed 4-bit types...
-    with open(file, "rb") as fh:
-        fh.seek(offset)
-        plain.raw_data = fh.read(length)
+    plain.raw_data = _read_exact(t)
     return numpy_helper.to_array(plain)
 
 
@@ -173,10 +212,7 @@ def loaded(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _read_in(t: onnx.TensorProto) -> onnx.TensorProto:
     """Turn an on-disk tensor into an ordinary one holding its bytes (in place); returns `t`."""
-    file, offset, length = _source(t)
-    with open(file, "rb") as fh:
-        fh.seek(offset)
-        raw = fh.read(length)
+    raw = _read_exact(t)
     del t.external_data[:]
     t.data_location = onnx.TensorProto.DEFAULT
     t.raw_data = raw
@@ -214,6 +250,95 @@ def _all_tensors(model: onnx.ModelProto):
         yield from of_nodes(f.node)
 
 
+_IN_SESSION = "bnfold-session-initializer"  # stub location no file has: onnxruntime gets the array itself
+
+
+@dataclass
+class SplitModel:
+    """A model too big for one protobuf, for onnxruntime: `proto` holds every big initializer as a
+    stub and `arrays()` gives their values (on-disk weights memory-mapped, not read) for
+    SessionOptions.add_external_initializers. Values are made per session and dropped with it."""
+
+    proto: onnx.ModelProto
+    source: onnx.ModelProto
+    names: tuple[str, ...]
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None
+    transform_names: frozenset[str] = frozenset()
+
+    def with_outputs(self, names: list[str]) -> "SplitModel":
+        m = onnx.ModelProto()
+        m.CopyFrom(self.proto)
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+        return SplitModel(m, self.source, self.names, self.transform, self.transform_names)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        by_name = {t.name: t for t in self.source.graph.initializer}
+        out = {}
+        for name in self.names:
+            t = by_name[name]
+            a = _mapped(t) if on_disk(t) else tensor_value(t)
+            if self.transform is not None and name in self.transform_names:
+                a = self.transform(name, np.asarray(a))
+            out[name] = a
+        return out
+
+
+def split_for_session(model: onnx.ModelProto, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                      transform_names: set[str] | frozenset[str] = frozenset()) -> SplitModel:
+    """`model` as a SplitModel: its big top-level initializers (LAZY_MIN bytes and up) leave the proto.
+    `transform` rewrites the values named in `transform_names` as the arrays are made."""
+    m = structure_only(model)
+    del m.graph.input[len(model.graph.input):]
+    for f in ("producer_name", "producer_version", "domain", "model_version"):
+        setattr(m, f, getattr(model, f))
+    m.graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    names = []
+    for t in model.graph.initializer:
+        if _nbytes(t) >= LAZY_MIN and _session_dtype(t.data_type) is not None:
+            s = m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=list(t.dims),
+                                        data_location=onnx.TensorProto.EXTERNAL)
+            for k, v in (("location", _IN_SESSION), ("offset", "0"), ("length", str(_nbytes(t)))):
+                e = s.external_data.add()
+                e.key, e.value = k, v
+            names.append(t.name)
+        elif on_disk(t):
+            m.graph.initializer.add().CopyFrom(t)
+            _read_in(m.graph.initializer[-1])
+        else:
+            m.graph.initializer.append(t)
+    return SplitModel(m, model, tuple(names), transform, frozenset(transform_names))
+
+
+def _session_dtype(data_type: int) -> np.dtype | None:
+    """The numpy dtype an initializer of this ONNX type is handed to onnxruntime as (None: keep it in
+    the proto; 4-bit types are packed, strings are not arrays)."""
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    if data_type in _PACKED:
+        return None
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def _mapped(t: onnx.TensorProto) -> np.ndarray:
+    """An on-disk tensor as a read-only memory map of its data file (nothing read until used)."""
+    file, offset, _ = _source(t)
+    dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    return np.memmap(file, dtype=dt.newbyteorder("<") if dt.kind in "fiu" else dt, mode="r", offset=offset,
+                     shape=tuple(t.dims))
+
+
+def external_files(path: str) -> set[str]:
+    """Resolved paths of the external data files an ONNX file refers to (empty when unreadable)."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_onnx reports bad files; this only guards outputs
+        return set()
+    base = Path(path).resolve().parent
+    return {str((base / loc).resolve()) for t in _all_tensors(model) if _external(t)
+            for loc in [_ext_info(t).get("location", "")] if loc}
+
+
 def _has_external(model: onnx.ModelProto) -> bool:
     from onnx.external_data_helper import uses_external_data
     return any(uses_external_data(t) for t in model.graph.initializer)
@@ -238,7 +363,13 @@ def _nbytes(t: onnx.TensorProto) -> int:
     n = 1
     for d in t.dims:
         n *= int(d)
+    if t.data_type in _PACKED:
+        return (n + 1) // 2
     return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+# two elements per byte in raw data (numpy's ml_dtypes stand-ins take a whole byte each)
+_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 def _stub(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
@@ -261,7 +392,11 @@ def _raw(t: onnx.TensorProto) -> bytes:
 def _copy_range(fh, t: onnx.TensorProto) -> int:
     """Copy an on-disk tensor's bytes from its source file into `fh`, a chunk at a time."""
     file, offset, length = _source(t)
-    with open(file, "rb") as src:
+    try:
+        src = open(file, "rb")
+    except OSError as e:
+        raise BnfoldError(f"cannot read external data of {t.name!r}: {e.strerror or e}", file) from None
+    with src:
         src.seek(offset)
         left = length
         while left:
@@ -278,15 +413,12 @@ def _le_bytes(a: np.ndarray) -> bytes:
 
 
 def save_external(model: onnx.ModelProto, path: str, location: str, size_threshold: int = 1024,
-                  all_tensors_to_one_file: bool = True,
-                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                  transform_names: frozenset[str] | set[str] = frozenset()) -> None:
+                  all_tensors_to_one_file: bool = True) -> None:
     """Write `model` with its large initializers in external data files, atomically and without
     touching `model`: the written proto holds stubs, the bytes go straight from each tensor to the
     data file (one tensor in flight, so peak memory stays near one copy of the weights; on-disk
     tensors are copied file to file). Data files are renamed into place before the model file, so
-    a reader never sees a model without its data. `transform` rewrites the value of each
-    initializer named in `transform_names` on its way out (the verifier's nudged noise model)."""
+    a reader never sees a model without its data."""
     import tempfile
 
     target = Path(path)
@@ -327,9 +459,7 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             pad = (-offset) % 4096 if n >= 1 << 20 else 0  # page-aligned big tensors can be mmapped
             fh.write(b"\0" * pad)  # type: ignore[attr-defined]
             offset += pad
-            if transform is not None and t.name in transform_names:
-                raw = _le_bytes(transform(tensor_value(t)))
-            elif on_disk(t):
+            if on_disk(t):
                 raw = None
                 length = _copy_range(fh, t)
             else:

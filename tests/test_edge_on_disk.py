@@ -295,6 +295,22 @@ def test_int8_weights_on_disk_are_dequantized_once_and_copied_bit_exact(rng, tmp
     assert_same_function(model, out)
 
 
+def test_int4_weights_on_disk_load_and_fold(rng, tmp_path):
+    """A 4-bit weight takes half a byte per element in its data file."""
+    import ml_dtypes
+    g = G(rng)
+    g.inits.append(numpy_helper.from_array(rng.integers(-8, 8, (16, 8, 3, 3)).astype(ml_dtypes.int4), "w_q"))
+    g.init("w_s", np.array(0.05), np.float32)
+    g.node("DequantizeLinear", ["w_q", "w_s"], ["w_f"], name="dq")
+    g.bn("bn", g.node("Conv", ["x", "w_f"], ["c"], name="conv", pads=[1] * 4), 16, out="y")
+    model = g.model([("x", [1, 8, 8, 8])], [("y", [1, 16, 8, 8])], opset=21, ir=10)
+    src = tmp_path / "m.onnx"
+    write_external(model, src)
+    out = fold_cli(src, tmp_path / "f.onnx")
+    assert n_bn(out) == 0
+    assert_same_function(model, out)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_weight_shared_by_folded_and_unfolded_conv_stays_intact(rng, tmp_path, monkeypatch, route):
     use_route(monkeypatch, route)
@@ -434,14 +450,68 @@ def _saved_or_refused(model, res, out, external: bool) -> None:
     assert_same_function(model, written(out))
 
 
-def test_data_file_truncated_after_fold_external_save(rng, tmp_path):
+@pytest.mark.parametrize("external", [False, True])
+def test_data_file_deleted_after_fold_is_a_clean_error(rng, tmp_path, external):
+    model, res = _folded_then(tmp_path, rng, lambda data, _: os.unlink(data))
+    with pytest.raises(BnfoldError, match="m.onnx.data"):
+        onnx_io.save_onnx(res.model, str(tmp_path / "f.onnx"), external_data=external, size_threshold=64)
+    assert sorted(os.listdir(tmp_path)) == ["_systmp", "m.onnx"]
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_data_file_truncated_after_fold(rng, tmp_path, external):
     def cut(data, folder):
         stub = onnx.load(str(folder / "m.onnx"), load_external_data=False)
         t = next(t for t in stub.graph.initializer if t.name == "w_keep")
         offset = int(next(e.value for e in t.external_data if e.key == "offset"))
         data.write_bytes(data.read_bytes()[:offset + 10])
     model, res = _folded_then(tmp_path, rng, cut)
-    _saved_or_refused(model, res, str(tmp_path / "f.onnx"), True)
+    _saved_or_refused(model, res, str(tmp_path / "f.onnx"), external)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_data_file_replaced_after_fold(rng, tmp_path, external):
+    def replace(data, folder):
+        os.unlink(data)  # onnx appends to an existing data file; start from none
+        write_external(plain_net(np.random.default_rng(99)), folder / "m.onnx")
+    model, res = _folded_then(tmp_path, rng, replace)
+    _saved_or_refused(model, res, str(tmp_path / "f.onnx"), external)
+
+
+# -- what a file may claim ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_a_file_carrying_bnfolds_private_key_is_read_like_onnx_reads_it(rng, tmp_path, monkeypatch, lazy):
+    """onnx.save_model(result.model) of a lazy model writes the private key into the file; a file
+    moved (or crafted) so that the key names another folder must still mean what onnx reads."""
+    if not lazy:
+        monkeypatch.setattr(onnx_io, "LAZY_TOTAL", 1 << 30)
+    model = plain_net(rng)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    write_external(model, tmp_path / "A" / "m.onnx")
+    write_external(plain_net(np.random.default_rng(99)), tmp_path / "B" / "m.onnx")  # same layout, other values
+    stub = onnx.load(str(tmp_path / "A" / "m.onnx"), load_external_data=False)
+    for t in stub.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            e = t.external_data.add()
+            e.key, e.value = "bnfold.base_dir", str(tmp_path / "B")
+    onnx.save_model(stub, str(tmp_path / "A" / "m.onnx"))
+    with pytest.warns(UserWarning):  # onnx ignores the unknown key, with a warning
+        as_onnx_reads_it = onnx.load(str(tmp_path / "A" / "m.onnx"))
+    assert_same_function(model, as_onnx_reads_it, rel=0)
+    out = fold_cli(tmp_path / "A" / "m.onnx", tmp_path / "f.onnx")
+    assert_same_function(model, out)
+
+
+def test_output_onto_the_inputs_data_file_is_refused(rng, tmp_path):
+    """A data file may carry any name, .onnx included: writing the output over it destroys the input."""
+    model = plain_net(rng)
+    write_external(model, tmp_path / "a.onnx", location="b.onnx")
+    before = tree(tmp_path)
+    assert main([str(tmp_path / "a.onnx"), "-o", str(tmp_path / "b.onnx"), "-q"]) == 2
+    assert tree(tmp_path) == before
+    assert_same_function(model, onnx.load(str(tmp_path / "a.onnx")), rel=0)
 
 
 def test_two_models_reading_one_data_file_in_one_run(rng, tmp_path):

@@ -17,7 +17,7 @@ import bnfold.onnx_io as onnx_io
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
 from bnfold.onnx_io import has_on_disk, load_onnx, on_disk, save_onnx, tensor_value
-from bnfold.verify.onnx_verify import _as_files
+from bnfold.verify.onnx_verify import _nudge_by_name, _perturbed
 from onnx_build import G
 from onnx_fold_check import assert_same_function
 
@@ -88,7 +88,8 @@ def test_bf16_weight_reads_back_exactly(tmp_path):
     bf = onnx.helper.make_tensor("w", TensorProto.BFLOAT16, [512], np.linspace(-3, 3, 512).astype(np.float32))
     (tmp_path / "w.bin").write_bytes(b"\0" * 100 + numpy_helper.to_array(bf).tobytes())
     stub = onnx.TensorProto(name="w", data_type=TensorProto.BFLOAT16, dims=[512], data_location=TensorProto.EXTERNAL)
-    for k, v in (("location", "w.bin"), ("offset", "100"), ("length", "1024"), (onnx_io._BASE_KEY, str(tmp_path))):
+    for k, v in (("location", "w.bin"), ("offset", "100"), ("length", "1024"), (onnx_io._BASE_KEY, str(tmp_path)),
+                 (onnx_io._STAMP_KEY, onnx_io._stamp(str(tmp_path / "w.bin")))):
         e = stub.external_data.add()
         e.key, e.value = k, v
     assert on_disk(stub)
@@ -190,17 +191,43 @@ def test_over_two_gb_route_from_disk_verifies_and_catches_a_wrong_fold(rng, tmp_
     assert main(["check", str(src), str(out), "-q"]) == 0
 
 
-def test_noise_model_nudges_on_disk_weights_by_about_one_ulp(rng, tmp_path):
+def test_noise_model_nudges_on_disk_weights_by_about_one_ulp_the_same_way_every_time(rng, tmp_path):
     model = net(rng)
     write_external(model, tmp_path / "m.onnx")
     lazy = load_onnx(str(tmp_path / "m.onnx"))
-    work = tmp_path / "work"
-    work.mkdir()
-    _, _, npath = _as_files(lazy, lazy, 0, str(work), str(tmp_path / "m.onnx"))
-    noise = onnx.load(npath)
-    for name in ("w0", "w_shared", "w_plain", "fc_w"):
+    noise, later = _perturbed(lazy, 0)
+    assert later == {"w0", "w_shared", "w_plain", "fc_w"}
+    split = onnx_io.split_for_session(noise, _nudge_by_name(0), later)
+    first, again = split.arrays(), split.arrays()
+    for name in sorted(later):
         want = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
-        got = numpy_helper.to_array(next(t for t in noise.graph.initializer if t.name == name))
+        got = first[name]
         assert not np.array_equal(got, want)
-        ulp = np.spacing(np.abs(want))
-        assert np.all(np.abs(got.astype(np.float64) - want) <= 2 * ulp)
+        assert np.all(np.abs(got.astype(np.float64) - want) <= 2 * np.spacing(np.abs(want)))
+        np.testing.assert_array_equal(again[name], got)
+    # the unnudged split maps the data file itself: nothing is read until onnxruntime touches it
+    plain = onnx_io.split_for_session(lazy).arrays()
+    assert all(isinstance(a, np.memmap) for a in plain.values()) and set(plain) == later
+
+
+def test_over_two_gb_route_still_compares_intermediates(rng, tmp_path, monkeypatch):
+    """A channel a ReLU always cuts on the test inputs: only an intermediate shows the damage."""
+    g = G(rng)
+    g.node("Conv", ["x", g.weight("w", (64, 3, 1, 1)), g.init("b", np.r_[np.zeros(63), -100.0])], ["c"], name="conv")
+    g.node("Relu", ["c"], ["y"], name="relu")
+    model = g.model([("x", [1, 3, 4, 4])], [("y", [1, 64, 4, 4])])
+    write_external(model, tmp_path / "m.onnx")
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    w = next(t for t in bad.graph.initializer if t.name == "w")
+    a = numpy_helper.to_array(w).copy()
+    a[63] *= 1.002
+    w.CopyFrom(numpy_helper.from_array(a, "w"))
+    write_external(bad, tmp_path / "bad.onnx")
+    monkeypatch.setattr(onnx_io, "TWO_GB", 512)  # both models take the split route
+    ver = bnfold.check(str(tmp_path / "m.onnx"), str(tmp_path / "bad.onnx"))
+    cpu = ver.providers["CPUExecutionProvider"]
+    assert "over 2 GB" in cpu.notes["note"] and cpu.notes["intermediates_compared"] >= 1
+    assert ver.passed is False and cpu.outputs["y"]["passed"] is True
+    assert ver.first_divergence["tensor"] == "c"
+    assert bnfold.check(str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")).passed is True

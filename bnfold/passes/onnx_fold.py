@@ -39,7 +39,7 @@ def fold_onnx(model: onnx.ModelProto, *, verify: bool = True, providers: Sequenc
         from ..verify.onnx_verify import verify_onnx
         report.verification = verify_onnx(model, folded, providers=providers, atol=atol, rtol=rtol, seed=seed,
                                           input_specs=input_specs, inputs_npz=inputs_npz, batches=batches,
-                                          outputs_only=outputs_only, original_path=original_path,
+                                          outputs_only=outputs_only,
                                           progress=progress)
     report.timing_s = {"fold": t_fold, "verify": time.perf_counter() - t1}
     if dry_run:

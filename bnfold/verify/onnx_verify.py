@@ -8,8 +8,6 @@ order, and names the earliest one that diverges.
 """
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BnfoldError
-from ..onnx_io import loaded, on_disk, over_two_gb
+from ..onnx_io import loaded, on_disk, over_two_gb, split_for_session
 from ..results import ProviderResult, Verification
 from . import compare, inputs as inp, runners
 
@@ -94,9 +92,16 @@ def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     return m
 
 
+def _nudge_by_name(seed: int) -> Callable[[str, np.ndarray], np.ndarray]:
+    """perturb() with a generator seeded by the tensor's name: the same nudge every time it is made."""
+    import zlib
+
+    return lambda name, a: compare.perturb(a, np.random.default_rng([seed, 7919, zlib.crc32(name.encode())]))
+
+
 def _perturbed(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, set[str]]:
     """perturbed(), except that weights still on disk (onnx_io.on_disk) are not read: their names
-    come back, to be nudged one at a time as they are written (save_external's transform)."""
+    come back, to be nudged one at a time when onnxruntime needs them (split_for_session)."""
     from ..passes.onnx_const import constant_roots
 
     rng = np.random.default_rng(seed + 7919)
@@ -176,8 +181,7 @@ def _concat(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, providers: Sequence[str] | None = None,
                 atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
                 input_specs: Sequence[inp.InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
-                outputs_only: bool = False, original_path: str | None = None,
-                progress: Callable[[str], None] | None = None) -> Verification:
+                outputs_only: bool = False, progress: Callable[[str], None] | None = None) -> Verification:
     """Compare `candidate` with `original` on every requested (or available) provider.
 
     Besides the graph outputs, every tensor both models compute under the same name is compared:
@@ -190,47 +194,27 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
     _same_signature(original, candidate)
     feeds = make_feeds(original, input_specs, inputs_npz, seed, batches)
     names, explicit = _requested(providers)
-    with contextlib.ExitStack() as stack:
-        if over_two_gb(original) or over_two_gb(candidate):
-            # onnxruntime takes such models only as files with external data: write the candidate and
-            # the noise model next to a temporary folder's copy; intermediates would need more copies
-            say("model over 2 GB: writing temporary files with external data for onnxruntime")
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bnfold-verify-"))
-            models = plain = _as_files(original, candidate, seed, folder, original_path)
-            inner: list[str] = []
-            big_note = "model over 2 GB: verified from files with external data; outputs only"
-        else:
-            original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
-            noise_model = perturbed(original, seed)
-            inner = common_tensors(original, candidate)
-            models = plain = (original, candidate, noise_model)
-            if inner:
-                models = tuple(with_outputs(m, inner) for m in models)
-            big_note = ""
-        return _verify_models(original, candidate, models, plain, inner, feeds, names, explicit, atol, rtol,
-                              outputs_only, big_note, say)
-
-
-def _as_files(original: onnx.ModelProto, candidate: onnx.ModelProto, seed: int, folder: str,
-              original_path: str | None) -> tuple[str, str, str]:
-    """(original, candidate, noise model) as .onnx files with external data, for models over 2 GB."""
-    import os
-
-    from ..onnx_io import save_external
-
-    def write(model: onnx.ModelProto, name: str) -> str:
-        path = os.path.join(folder, f"{name}.onnx")
-        save_external(model, path, f"{name}.data")
-        return path
-
-    opath = original_path if original_path and os.path.isfile(original_path) else write(original, "original")
-    cpath = write(candidate, "candidate")
-    noise, later = _perturbed(original, seed)  # weights still on disk are nudged on their way out
-    rng = np.random.default_rng(seed + 104729)
-    npath = os.path.join(folder, "noise.onnx")
-    save_external(noise, npath, "noise.data", transform=lambda a: compare.perturb(a, rng), transform_names=later)
-    del noise
-    return opath, cpath, npath
+    if over_two_gb(original) or over_two_gb(candidate):
+        # too big for one protobuf: onnxruntime gets the big weights as arrays next to a light
+        # proto (on-disk weights memory-mapped, the noise model's nudged one tensor at a time)
+        say("model over 2 GB: big weights go to onnxruntime as arrays (on-disk ones memory-mapped)")
+        noise_model, later = _perturbed(original, seed)
+        plain = (split_for_session(original), split_for_session(candidate),
+                 split_for_session(noise_model, _nudge_by_name(seed), later))
+        del noise_model
+        inner = common_tensors(original, candidate)
+        models = tuple(m.with_outputs(inner) for m in plain) if inner else plain
+        big_note = "model over 2 GB: big weights handed to onnxruntime as arrays"
+    else:
+        original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
+        noise_model = perturbed(original, seed)
+        inner = common_tensors(original, candidate)
+        models = plain = (original, candidate, noise_model)
+        if inner:
+            models = tuple(with_outputs(m, inner) for m in models)
+        big_note = ""
+    return _verify_models(original, candidate, models, plain, inner, feeds, names, explicit, atol, rtol,
+                          outputs_only, big_note, say)
 
 
 def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models: tuple, plain: tuple,
