@@ -29,11 +29,7 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         raise BnfoldError("not a valid ONNX model (no graph or IR version; truncated or not ONNX?)", path)
     for t in _all_tensors(model):  # a file never speaks for bnfold's bookkeeping (onnx.save of a lazy model)
         if t.external_data and any(e.key.startswith("bnfold.") for e in t.external_data):
-            keep = [(e.key, e.value) for e in t.external_data if not e.key.startswith("bnfold.")]
-            del t.external_data[:]
-            for k, v in keep:
-                e = t.external_data.add()
-                e.key, e.value = k, v
+            _drop_private(t)
     if load_external and _has_external(model):
         base = str(Path(path).resolve().parent)
         _check_external_files(model, base, path)
@@ -250,82 +246,50 @@ def _all_tensors(model: onnx.ModelProto):
         yield from of_nodes(f.node)
 
 
-_IN_SESSION = "bnfold-session-initializer"  # stub location no file has: onnxruntime gets the array itself
-
-
 @dataclass
-class SplitModel:
-    """A model too big for one protobuf, for onnxruntime: `proto` holds every big initializer as a
-    stub and `arrays()` gives their values (on-disk weights memory-mapped, not read) for
-    SessionOptions.add_external_initializers. Values are made per session and dropped with it."""
+class ExternalModel:
+    """A model for onnxruntime that is too big for one protobuf: a light `proto` whose big weights are
+    external data under `folder` (onnxruntime reads them itself, memory-mapped when it can)."""
 
     proto: onnx.ModelProto
-    source: onnx.ModelProto
-    names: tuple[str, ...]
-    transform: Callable[[str, np.ndarray], np.ndarray] | None = None
-    transform_names: frozenset[str] = frozenset()
+    folder: str
 
-    def with_outputs(self, names: list[str]) -> "SplitModel":
+    def with_outputs(self, names: list[str]) -> "ExternalModel":
         m = onnx.ModelProto()
         m.CopyFrom(self.proto)
         have = {o.name for o in m.graph.output}
         m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-        return SplitModel(m, self.source, self.names, self.transform, self.transform_names)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        by_name = {t.name: t for t in self.source.graph.initializer}
-        out = {}
-        for name in self.names:
-            t = by_name[name]
-            a = _mapped(t) if on_disk(t) else tensor_value(t)
-            if self.transform is not None and name in self.transform_names:
-                a = self.transform(name, np.asarray(a))
-            out[name] = a
-        return out
+        return ExternalModel(m, self.folder)
 
 
-def split_for_session(model: onnx.ModelProto, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                      transform_names: set[str] | frozenset[str] = frozenset()) -> SplitModel:
-    """`model` as a SplitModel: its big top-level initializers (LAZY_MIN bytes and up) leave the proto.
-    `transform` rewrites the values named in `transform_names` as the arrays are made."""
-    m = structure_only(model)
-    del m.graph.input[len(model.graph.input):]
-    for f in ("producer_name", "producer_version", "domain", "model_version"):
-        setattr(m, f, getattr(model, f))
-    m.graph.sparse_initializer.extend(model.graph.sparse_initializer)
-    names = []
-    for t in model.graph.initializer:
-        if _nbytes(t) >= LAZY_MIN and _session_dtype(t.data_type) is not None:
-            s = m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=list(t.dims),
-                                        data_location=onnx.TensorProto.EXTERNAL)
-            for k, v in (("location", _IN_SESSION), ("offset", "0"), ("length", str(_nbytes(t)))):
-                e = s.external_data.add()
-                e.key, e.value = k, v
-            names.append(t.name)
-        elif on_disk(t):
-            m.graph.initializer.add().CopyFrom(t)
-            _read_in(m.graph.initializer[-1])
-        else:
-            m.graph.initializer.append(t)
-    return SplitModel(m, model, tuple(names), transform, frozenset(transform_names))
+def for_session(model: onnx.ModelProto, folder: str, name: str,
+                transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                transform_names: set[str] | frozenset[str] = frozenset()) -> ExternalModel:
+    """`model` as an ExternalModel. A model loaded with its big weights on disk (one folder) is used
+    where it lies: nothing is written. Anything else (weights a fold changed, or the values that
+    `transform` gives the initializers named in `transform_names`) is written to `folder` first,
+    one tensor at a time."""
+    bases = {_ext_info(t)[_BASE_KEY] for t in model.graph.initializer if on_disk(t)}
+    in_memory = sum(_nbytes(t) for t in model.graph.initializer if not on_disk(t))
+    if transform is None and len(bases) == 1 and in_memory < TWO_GB // 2:  # the light proto must serialise
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for t in m.graph.initializer:
+            if on_disk(t):
+                _source(t)  # the data file is still the one loaded
+                _drop_private(t)
+        return ExternalModel(m, bases.pop())
+    path = os.path.join(folder, f"{name}.onnx")
+    save_external(model, path, f"{name}.data", transform=transform, transform_names=transform_names)
+    return ExternalModel(onnx.load(path, load_external_data=False), folder)
 
 
-def _session_dtype(data_type: int) -> np.dtype | None:
-    """The numpy dtype an initializer of this ONNX type is handed to onnxruntime as (None: keep it in
-    the proto; 4-bit types are packed, strings are not arrays)."""
-    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return None
-    if data_type in _PACKED:
-        return None
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
-
-
-def _mapped(t: onnx.TensorProto) -> np.ndarray:
-    """An on-disk tensor as a read-only memory map of its data file (nothing read until used)."""
-    file, offset, _ = _source(t)
-    dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-    return np.memmap(file, dtype=dt.newbyteorder("<") if dt.kind in "fiu" else dt, mode="r", offset=offset,
-                     shape=tuple(t.dims))
+def _drop_private(t: onnx.TensorProto) -> None:
+    keep = [(e.key, e.value) for e in t.external_data if not e.key.startswith("bnfold.")]
+    del t.external_data[:]
+    for k, v in keep:
+        e = t.external_data.add()
+        e.key, e.value = k, v
 
 
 def external_files(path: str) -> set[str]:
@@ -408,17 +372,27 @@ def _copy_range(fh, t: onnx.TensorProto) -> int:
     return length
 
 
+def _array_tensor(a: np.ndarray, like: onnx.TensorProto) -> onnx.TensorProto:
+    from onnx import numpy_helper
+    t = numpy_helper.from_array(np.asarray(a), like.name)
+    t.data_type = like.data_type  # bfloat16 and friends: from_array may not know the ONNX type
+    return t
+
+
 def _le_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes()
 
 
 def save_external(model: onnx.ModelProto, path: str, location: str, size_threshold: int = 1024,
-                  all_tensors_to_one_file: bool = True) -> None:
+                  all_tensors_to_one_file: bool = True,
+                  transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                  transform_names: set[str] | frozenset[str] = frozenset()) -> None:
     """Write `model` with its large initializers in external data files, atomically and without
     touching `model`: the written proto holds stubs, the bytes go straight from each tensor to the
     data file (one tensor in flight, so peak memory stays near one copy of the weights; on-disk
     tensors are copied file to file). Data files are renamed into place before the model file, so
-    a reader never sees a model without its data."""
+    a reader never sees a model without its data. `transform(name, value)` gives the value written
+    for each initializer named in `transform_names` (the verifier's nudged noise model)."""
     import tempfile
 
     target = Path(path)
@@ -443,8 +417,11 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
     try:
         for i, t in enumerate(model.graph.initializer):
             n = _nbytes(t)
+            changed = transform is not None and t.name in transform_names
             if n < size_threshold or t.data_type == onnx.TensorProto.STRING:
-                if on_disk(t):
+                if changed:
+                    light.graph.initializer.append(_array_tensor(transform(t.name, tensor_value(t)), t))
+                elif on_disk(t):
                     light.graph.initializer.add().CopyFrom(t)
                     _read_in(light.graph.initializer[-1])
                 else:
@@ -459,7 +436,9 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             pad = (-offset) % 4096 if n >= 1 << 20 else 0  # page-aligned big tensors can be mmapped
             fh.write(b"\0" * pad)  # type: ignore[attr-defined]
             offset += pad
-            if on_disk(t):
+            if changed:
+                raw = _le_bytes(transform(t.name, tensor_value(t)))
+            elif on_disk(t):
                 raw = None
                 length = _copy_range(fh, t)
             else:

@@ -197,17 +197,23 @@ def test_noise_model_nudges_on_disk_weights_by_about_one_ulp_the_same_way_every_
     lazy = load_onnx(str(tmp_path / "m.onnx"))
     noise, later = _perturbed(lazy, 0)
     assert later == {"w0", "w_shared", "w_plain", "fc_w"}
-    split = onnx_io.split_for_session(noise, _nudge_by_name(0), later)
-    first, again = split.arrays(), split.arrays()
+    runs = []
+    for k in range(2):
+        (tmp_path / f"n{k}").mkdir()
+        em = onnx_io.for_session(noise, str(tmp_path / f"n{k}"), "noise", _nudge_by_name(0), later)
+        assert em.folder == str(tmp_path / f"n{k}")
+        runs.append({t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"n{k}" / "noise.onnx")).graph.initializer})
     for name in sorted(later):
         want = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
-        got = first[name]
+        got = runs[0][name]
         assert not np.array_equal(got, want)
         assert np.all(np.abs(got.astype(np.float64) - want) <= 2 * np.spacing(np.abs(want)))
-        np.testing.assert_array_equal(again[name], got)
-    # the unnudged split maps the data file itself: nothing is read until onnxruntime touches it
-    plain = onnx_io.split_for_session(lazy).arrays()
-    assert all(isinstance(a, np.memmap) for a in plain.values()) and set(plain) == later
+        np.testing.assert_array_equal(runs[1][name], got)
+    # the original, loaded with its weights on disk, is used where it lies: nothing written
+    (tmp_path / "o").mkdir()
+    em = onnx_io.for_session(lazy, str(tmp_path / "o"), "original")
+    assert em.folder == str(tmp_path) and os.listdir(tmp_path / "o") == []
+    assert not any(e.key.startswith("bnfold.") for t in em.proto.graph.initializer for e in t.external_data)
 
 
 def test_over_two_gb_route_still_compares_intermediates(rng, tmp_path, monkeypatch):

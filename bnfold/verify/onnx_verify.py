@@ -8,6 +8,7 @@ order, and names the earliest one that diverges.
 """
 from __future__ import annotations
 
+import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BnfoldError
-from ..onnx_io import loaded, on_disk, over_two_gb, split_for_session
+from ..onnx_io import for_session, loaded, on_disk, over_two_gb
 from ..results import ProviderResult, Verification
 from . import compare, inputs as inp, runners
 
@@ -101,7 +102,7 @@ def _nudge_by_name(seed: int) -> Callable[[str, np.ndarray], np.ndarray]:
 
 def _perturbed(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, set[str]]:
     """perturbed(), except that weights still on disk (onnx_io.on_disk) are not read: their names
-    come back, to be nudged one at a time when onnxruntime needs them (split_for_session)."""
+    come back, to be nudged one at a time as they are written (onnx_io.for_session)."""
     from ..passes.onnx_const import constant_roots
 
     rng = np.random.default_rng(seed + 7919)
@@ -195,16 +196,19 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
     feeds = make_feeds(original, input_specs, inputs_npz, seed, batches)
     names, explicit = _requested(providers)
     if over_two_gb(original) or over_two_gb(candidate):
-        # too big for one protobuf: onnxruntime gets the big weights as arrays next to a light
-        # proto (on-disk weights memory-mapped, the noise model's nudged one tensor at a time)
-        say("model over 2 GB: big weights go to onnxruntime as arrays (on-disk ones memory-mapped)")
-        noise_model, later = _perturbed(original, seed)
-        plain = (split_for_session(original), split_for_session(candidate),
-                 split_for_session(noise_model, _nudge_by_name(seed), later))
-        del noise_model
-        inner = common_tensors(original, candidate)
-        models = tuple(m.with_outputs(inner) for m in plain) if inner else plain
-        big_note = "model over 2 GB: big weights handed to onnxruntime as arrays"
+        # too big for one protobuf: onnxruntime reads the big weights from external data files,
+        # memory-mapped. An original loaded from disk is used where it lies; the candidate's changed
+        # weights and the noise model's nudged ones are written to a temporary folder, one at a time.
+        say("model over 2 GB: onnxruntime reads the weights from external data files")
+        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+            noise_model, later = _perturbed(original, seed)
+            plain = (for_session(original, folder, "original"), for_session(candidate, folder, "candidate"),
+                     for_session(noise_model, folder, "noise", _nudge_by_name(seed), later))
+            del noise_model
+            inner = common_tensors(original, candidate)
+            models = tuple(m.with_outputs(inner) for m in plain) if inner else plain
+            return _verify_models(original, candidate, models, plain, inner, feeds, names, explicit, atol, rtol,
+                                  outputs_only, "model over 2 GB: verified from external data files", say)
     else:
         original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
         noise_model = perturbed(original, seed)
@@ -212,9 +216,8 @@ def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, *, provid
         models = plain = (original, candidate, noise_model)
         if inner:
             models = tuple(with_outputs(m, inner) for m in models)
-        big_note = ""
     return _verify_models(original, candidate, models, plain, inner, feeds, names, explicit, atol, rtol,
-                          outputs_only, big_note, say)
+                          outputs_only, "", say)
 
 
 def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models: tuple, plain: tuple,

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 
 from ..errors import BnfoldError
-from ..onnx_io import SplitModel
+from ..onnx_io import ExternalModel
 
 ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -70,7 +70,7 @@ def _cuda_device_present() -> bool:
 class OrtRunner:
     """One onnxruntime session with every graph optimisation off (the runtime must not fold BN itself)."""
 
-    def __init__(self, model: onnx.ModelProto | str | SplitModel, provider: str,
+    def __init__(self, model: onnx.ModelProto | str | ExternalModel, provider: str,
                  options: Mapping[str, Any] | None = None, label: str = "model", optimize: bool = False) -> None:
         ort = _ort()
         so = ort.SessionOptions()
@@ -82,16 +82,10 @@ class OrtRunner:
         prov: list[Any] = [(provider, dict(options or {}))] if provider != "CPUExecutionProvider" else [provider]
         if provider != "CPUExecutionProvider":
             prov.append("CPUExecutionProvider")
-        if isinstance(model, SplitModel):
-            # big weights go to the session as arrays (on-disk ones memory-mapped); they must live
-            # as long as the session, so the runner keeps them
-            # onnxruntime would otherwise keep a pre-packed copy of every big MatMul/Gemm weight next
-            # to the arrays handed to it: one more copy of the model for the same numbers
+        if isinstance(model, ExternalModel):
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", model.folder)
+            # without pre-packing onnxruntime maps the weights from the files instead of copying them
             so.add_session_config_entry("session.disable_prepacking", "1")
-            self._arrays = model.arrays()
-            names = list(self._arrays)
-            self._values = [_ort_value(ort, self._arrays[n], t) for n, t in zip(names, _types(model))]
-            so.add_external_initializers(names, self._values)
             src: str | bytes = model.proto.SerializeToString()
         else:
             src = model if isinstance(model, str) else _serialize(model)
@@ -110,19 +104,6 @@ class OrtRunner:
         except Exception as e:  # noqa: BLE001
             raise BnfoldError(f"onnxruntime failed to run the {label}: {_first_line(e)}") from None
         return dict(zip(self.output_names, outs))
-
-
-def _types(model: SplitModel) -> list[int]:
-    by_name = {t.name: t.data_type for t in model.proto.graph.initializer}
-    return [by_name[n] for n in model.names]
-
-
-def _ort_value(ort: Any, a: np.ndarray, data_type: int) -> Any:
-    if a.dtype.kind in "fiub" and a.dtype.isnative:
-        return ort.OrtValue.ortvalue_from_numpy(a)
-    # bfloat16, float8...: onnxruntime takes the bits with the ONNX type spelled out
-    bits = np.ascontiguousarray(a).view(f"<u{a.dtype.itemsize}")
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, data_type)
 
 
 def _serialize(model: onnx.ModelProto) -> bytes:
