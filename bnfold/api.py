@@ -97,8 +97,13 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
                 if e.path is None and path is not None:
                     raise BnfoldError(str(e), path) from None
                 raise
-        res = p.fold(model, example_inputs=example_inputs, verify=verify, providers=providers, atol=atol,
-                     rtol=rtol, seed=seed, dry_run=dry_run)
+        try:
+            res = p.fold(model, example_inputs=example_inputs, verify=verify, providers=providers, atol=atol,
+                         rtol=rtol, seed=seed, dry_run=dry_run)
+        except BnfoldError as e:
+            if e.path is None and path is not None and not isinstance(e, MissingExtraError):
+                raise BnfoldError(str(e), path) from None  # name the file the problem is about
+            raise
     res.report.model = path if path is not None else res.report.model
     res.report.timing_s = {"load": t_load, **{k: v for k, v in res.report.timing_s.items() if k != "load"}}
     return res

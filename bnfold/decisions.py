@@ -24,6 +24,7 @@ class Reason(str, enum.Enum):
     NONLINEAR_PRODUCER = "NONLINEAR_PRODUCER"
     SHARED_PRODUCER = "SHARED_PRODUCER"
     UNSUPPORTED_BN_MODE = "UNSUPPORTED_BN_MODE"
+    DTYPE_MISMATCH = "DTYPE_MISMATCH"
 
     @property
     def message(self) -> str:
@@ -46,6 +47,7 @@ REASON_MESSAGES: dict[Reason, str] = {
     Reason.NONLINEAR_PRODUCER: "the layer applies a non-linear activation before the BatchNorm",
     Reason.SHARED_PRODUCER: "the layer is shared by several call sites and cannot be changed for one of them",
     Reason.UNSUPPORTED_BN_MODE: "this BatchNorm variant's inference is not the plain per-channel affine map",
+    Reason.DTYPE_MISMATCH: "the BatchNorm computes in another dtype than the layer, so folding would change the output's precision",
 }
 
 FOLDED = "folded"

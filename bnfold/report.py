@@ -58,8 +58,15 @@ def verification_lines(v: Verification | None) -> list[str]:
             lines.append("  " + " " * 26 + " TF32 convolutions on: tolerance includes the TF32 on/off difference")
     if v.first_divergence:
         fd = v.first_divergence
-        lines.append(f"  first divergence: tensor {fd.get('tensor')!r} from {fd.get('op') or ''} {fd.get('node')!r}"
-                     f" (max abs {_g(fd.get('max_abs'))} > atol {_g(fd.get('atol'))}, {fd.get('provider')})")
+        size = f"max abs {_g(fd.get('max_abs'))} > atol {_g(fd.get('atol'))}"
+        if fd.get("tensor"):  # ONNX: a tensor and the node computing it
+            lines.append(f"  first divergence: tensor {fd['tensor']!r} from {fd.get('op') or ''} {fd.get('node')!r}"
+                         f" ({size}, {fd.get('provider')})")
+        elif fd.get("layer"):  # PyTorch module path / Keras layer name
+            kind = f" ({fd['module']})" if fd.get("module") else ""
+            lines.append(f"  first divergence: layer {fd['layer']!r}{kind} ({size}, {fd.get('device')})")
+        else:
+            lines.append(f"  first divergence: not located ({fd.get('why') or 'no layer of both models differs'})")
     return lines
 
 

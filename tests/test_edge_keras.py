@@ -312,3 +312,4 @@ def test_dynamic_spatial_dims_with_an_input_shape(tmp_path, rng, capsys):
     assert main([str(src), "--input", "img:2x8x8x3"]) == 0
     assert_same_function(model, keras_pass.load(str(tmp_path / "dyn.folded.keras")),
                          [rng.standard_normal((1, 11, 7, 3)).astype("float32")])
+

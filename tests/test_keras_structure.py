@@ -31,7 +31,8 @@ def test_sequential_model(rng):
     result = keras_pass.fold(model, example_inputs=feeds)
     assert result.report.verification.passed is True
     assert isinstance(result.model, keras.Sequential) and result.model.name == "seq"
-    assert [la.name for la in result.model.layers] == ["c", "r", "f", "d"]
+    assert [la.name for la in result.model.layers] == ["c", "r", "f", "d", "bn2"]  # bn2: the output, kept by name
+    assert type(result.model.layers[-1]).__name__ == "Identity"
     assert result.model.inputs[0].name == "img"
     assert_same_function(model, result.model, feeds)
 

@@ -90,6 +90,7 @@ class GraphView:
                     self.consumers[id(t)].append(n)
         self.output_ids = {id(t) for t in functional.outputs}
         self.calls = Counter(id(n.operation) for n in self.nodes)
+        self.graphs: dict[int, set[int]] = {}  # id(layer) -> graphs calling it (keras_plan.graphs_per_layer)
 
     def producer_node(self, tensor: Any) -> Any | None:
         """The node of this graph that computed `tensor`, or None for a model input."""

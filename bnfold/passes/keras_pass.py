@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,9 +29,23 @@ __all__ = ["fold", "check", "load", "save", "example_inputs_for", "export_onnx"]
 def _feeds(model: Any, example_inputs: Any, seed: int) -> list[np.ndarray]:
     if example_inputs is None:
         return example_inputs_for(model, seed=seed)
+    if isinstance(example_inputs, Mapping):
+        return _feeds_by_name(model, example_inputs)
     if isinstance(example_inputs, np.ndarray) or not isinstance(example_inputs, (list, tuple)):
         return [np.asarray(example_inputs)]
     return [np.asarray(x) for x in example_inputs]
+
+
+def _feeds_by_name(model: Any, example_inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    """A dict of inputs, in the order the model's inputs are flattened (what keras_runner packs)."""
+    keras = import_keras()
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, Mapping) and set(struct) == set(example_inputs):
+        return [np.asarray(x) for x in keras.tree.flatten(dict(example_inputs))]  # same key order as struct
+    names = [n for n, _, _ in model_input_specs(model)]
+    if set(names) == set(example_inputs):
+        return [np.asarray(example_inputs[n]) for n in names]
+    raise BnfoldError(f"example_inputs names {sorted(example_inputs)} do not match the model's inputs {names}")
 
 
 def _opaque(model: Any, prefix: str) -> list[Decision]:

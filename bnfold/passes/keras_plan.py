@@ -40,6 +40,7 @@ class Plan:
     edits: dict[int, LayerEdit] = field(default_factory=dict)  # id(layer) -> new weights
     nested: dict[int, "Plan"] = field(default_factory=dict)    # id(inner model) -> its plan
     after_target: dict[int, Any] = field(default_factory=dict)  # id(folded BN) -> layer it went into
+    output_bns: set[int] = field(default_factory=set)         # removed BNs whose output is a model output
 
     def all_decisions(self) -> list[Decision]:
         """Every decision, nested models' included, in graph order."""
@@ -70,8 +71,30 @@ def is_graph_model(model: Any) -> bool:
     return isinstance(model, (keras.Sequential, Functional))
 
 
+def graphs_per_layer(fn: Any) -> dict[int, set[int]]:
+    """id(layer) -> ids of the distinct graphs (this one and every nested model's) that call it.
+
+    A layer called in a nested model and again in the outer graph is shared although each graph
+    alone calls it once; folding a BN of one graph into it would change the other's result."""
+    out: dict[int, set[int]] = {}
+    seen: set[int] = set()
+
+    def walk(g: Any) -> None:
+        if id(g) in seen:
+            return
+        seen.add(id(g))
+        for node in GraphView(g).nodes:
+            op = node.operation
+            out.setdefault(id(op), set()).add(id(g))
+            if is_graph_model(op):
+                walk(functional_of(op))
+
+    walk(fn)
+    return out
+
+
 def plan_model(model: Any, prefix: str = "", graph: Any = None,
-               opaque: Any = None) -> Plan:
+               opaque: Any = None, graphs: dict[int, set[int]] | None = None) -> Plan:
     """Examine `graph` (default: the model's own Functional) and decide every BN in it.
 
     `opaque(model, prefix)` returns decisions for a nested model whose graph cannot be seen.
@@ -80,6 +103,7 @@ def plan_model(model: Any, prefix: str = "", graph: Any = None,
 
     fn = graph if graph is not None else functional_of(model)
     view = GraphView(fn)
+    view.graphs = graphs if graphs is not None else graphs_per_layer(fn)
     plan = Plan(model=model, graph=fn)
     seen: set[int] = set()
     for node in view.nodes:
@@ -89,7 +113,7 @@ def plan_model(model: Any, prefix: str = "", graph: Any = None,
         seen.add(id(op))
         if isinstance(op, keras.Model):
             if is_graph_model(op):
-                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque)
+                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque, graphs=view.graphs)
                 plan.decisions.append(plan.nested[id(op)])
             elif opaque is not None:
                 plan.decisions.extend(opaque(op, f"{prefix}{op.name}/"))
@@ -133,9 +157,17 @@ def _check_bn(view: GraphView, node: Any, bn: Any) -> None:
         raise Skip(Reason.TRAINING_MODE, f"{bn.name} is called with training=True, so it uses batch statistics")
     if bn.moving_mean is None or bn.moving_variance is None:
         raise Skip(Reason.NO_RUNNING_STATS, f"{bn.name} is not built")
-    if view.calls[id(bn)] > 1:
-        raise Skip(Reason.SHARED_PRODUCER,
-                   f"BatchNorm {bn.name} itself is called at {view.calls[id(bn)]} places")
+    if _shared(view, bn):
+        raise Skip(Reason.SHARED_PRODUCER, f"BatchNorm {bn.name} itself is called at {_call_sites(view, bn)}")
+
+
+def _shared(view: GraphView, layer: Any) -> bool:
+    return view.calls[id(layer)] > 1 or len(view.graphs.get(id(layer), ())) > 1
+
+
+def _call_sites(view: GraphView, layer: Any) -> str:
+    n = len(view.graphs.get(id(layer), ()))
+    return f"{view.calls[id(layer)]} places" if n <= 1 else f"places in {n} (nested) models"
 
 
 def _decide(view: GraphView, node: Any, plan: Plan, name: str, prefix: str) -> Decision:
@@ -164,9 +196,30 @@ def _check_producer(view: GraphView, layer: Any, what: str) -> None:
                    layer.name)
     if getattr(layer, "lora_enabled", False):
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{what} {layer.name} has LoRA enabled", layer.name)
-    if view.calls[id(layer)] > 1:
-        raise Skip(Reason.SHARED_PRODUCER, f"{what} {layer.name} is called at {view.calls[id(layer)]} places",
+    if _shared(view, layer):
+        raise Skip(Reason.SHARED_PRODUCER, f"{what} {layer.name} is called at {_call_sites(view, layer)}",
                    layer.name)
+
+
+def _check_dtypes(bn: Any, layer: Any, what: str) -> None:
+    # Folding moves the BN's arithmetic into the layer: the BN's dtype (and its cast of the result)
+    # would be lost, changing the output's precision or dtype.
+    if bn.compute_dtype != layer.compute_dtype:
+        raise Skip(Reason.DTYPE_MISMATCH, f"{bn.name} computes in {bn.compute_dtype} but {what} {layer.name} in "
+                                          f"{layer.compute_dtype}: folding would change the output's precision",
+                   layer.name)
+
+
+def _check_bias_axis(layer: Any, out: Any) -> None:
+    # Keras 3 on TensorFlow adds a channels_first bias with bias_add, whose data format it picks from
+    # the last axis: when that axis is as long as the channel axis the bias lands on the wrong axis.
+    # The model means whatever Keras computes; a folded bias would follow the same rule, so refuse.
+    shape = tuple(out.shape)
+    ch = getattr(layer, "filters", None) or (shape[1] if len(shape) > 1 else None)
+    if getattr(layer, "data_format", "channels_last") == "channels_first" and len(shape) > 2 and shape[-1] == ch:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER,
+                   f"{layer.name} is channels_first with a last axis as long as its {ch} channels: Keras adds "
+                   "its bias along the last axis there, so the channel-wise fold would not match", layer.name)
 
 
 def _check_single_use(view: GraphView, tensor: Any, layer_name: str) -> None:
@@ -199,12 +252,14 @@ def _fold_after(view: GraphView, bn: Any, x: Any, rank: int, axis: int, s: np.nd
         if act not in (None, "linear"):
             raise Skip(Reason.NONLINEAR_PRODUCER, f"{prod.name} applies activation {act!r}", prod.name)
         _check_single_use(view, x, prod.name)
+        _check_bias_axis(prod, x)
+    _check_dtypes(bn, prod, "layer")
     ch = channel_axis(prod, rank)
     if axis != ch:
         raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {prod.name}'s channels are "
                                          f"on axis {ch}", prod.name)
     _apply(plan, prod, s, t, after=True)
-    plan.removed.add(id(bn))
+    _remove(view, plan, bn, node_output=_output_of(view, bn))
     plan.after_target[id(bn)] = prod
     return Decision.folded(name, prefix + prod.name, f"{type(prod).__name__}->BatchNormalization", "after")
 
@@ -221,6 +276,8 @@ def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: n
     if role not in ("dense", "conv") or main_input(cnode) is not y or len(cnode.input_tensors) != 1:
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{bn.name} is read by {type(cons).__name__} {cons.name}")
     _check_producer(view, cons, "following layer")
+    _check_dtypes(bn, cons, "the following layer")
+    _check_bias_axis(cons, cnode.outputs[0])
     if role == "conv" and cons.padding != "valid":
         raise Skip(Reason.PADDING_BREAKS_BACKWARD_FOLD,
                    f"the following {cons.name} has padding={cons.padding!r}", cons.name)
@@ -229,8 +286,18 @@ def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: n
         raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {cons.name} reads channels on "
                                          f"axis {ch}", cons.name)
     _apply(plan, cons, s, t, after=False)
-    plan.removed.add(id(bn))
+    _remove(view, plan, bn, node_output=y)
     return Decision.folded(name, prefix + cons.name, f"BatchNormalization->{type(cons).__name__}", "before")
+
+
+def _output_of(view: GraphView, bn: Any) -> Any:
+    return next(n.outputs[0] for n in view.nodes if n.operation is bn)
+
+
+def _remove(view: GraphView, plan: Plan, bn: Any, node_output: Any) -> None:
+    plan.removed.add(id(bn))
+    if id(node_output) in view.output_ids:
+        plan.output_bns.add(id(bn))  # keeps its name as an Identity: users compile/export by output name
 
 
 def _apply(plan: Plan, layer: Any, s: np.ndarray, t: np.ndarray, after: bool) -> None:

@@ -20,6 +20,19 @@ class Rebuilder:
     def __init__(self) -> None:
         self.new_ops: dict[int, Any] = {}
         self.weights_of: list[tuple[Any, list]] = []
+        self.variables: dict[int, Any] = {}
+        self.identities: set[int] = set()
+
+    def _own(self, v: Any) -> Any:
+        """A new variable for one of the input model's variables (the same one for every use)."""
+        import keras
+
+        if not isinstance(v, keras.Variable):
+            return v
+        if id(v) not in self.variables:
+            self.variables[id(v)] = keras.Variable(keras.ops.convert_to_numpy(v), dtype=v.dtype,
+                                                   trainable=v.trainable, name=v.name)
+        return self.variables[id(v)]
 
     def model(self, model: Any, plan: Plan) -> Any:
         """The folded copy of `model` (functional, Sequential or a traced graph)."""
@@ -46,7 +59,11 @@ class Rebuilder:
         key = id(op)
         if key in self.new_ops:
             return self.new_ops[key]
-        if key in plan.removed:
+        if key in plan.output_bns:
+            import keras
+            new = keras.layers.Identity(name=op.name, dtype=op.dtype_policy.name)  # the output keeps its name
+            self.identities.add(id(new))
+        elif key in plan.removed:
             new = _DROP
         elif key in plan.nested:
             new = self.model(op, plan.nested[key])
@@ -87,7 +104,13 @@ class Rebuilder:
             lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name), fn._inputs_struct)
 
         def call(op: Any, *args: Any, **kwargs: Any) -> Any:
-            return args[0] if op is _DROP else op(*args, **kwargs)
+            if op is _DROP:
+                return args[0]
+            if id(op) in self.identities:
+                return op(args[0])  # stands in for a BN: its training/mask arguments do not apply
+            # a traced call() may pass the input model's own variables to an op: give the copy its own
+            args, kwargs = keras.tree.map_structure(self._own, (args, kwargs))
+            return op(*args, **kwargs)
 
         outputs = fn._run_through_graph(keras.tree.flatten(inputs), operation_fn=lambda o: self.op(o, plan),
                                         call_fn=call)

@@ -106,7 +106,10 @@ def noise_outputs(original: Any, feeds: Sequence[np.ndarray], device: str, seed:
     try:
         clone = keras.models.clone_model(original)
         run(clone, feeds, device)  # builds a clone of a subclassed model
-        own = True
+        # a layer shared across nesting levels comes back as two layers: other weights than the original
+        own = [tuple(w.shape) for w in clone.weights] == [tuple(w.shape) for w in original.weights]
+        if not own:
+            raise ValueError("the clone's weights do not match the original's")
     except Exception:
         # Models that cannot be cloned are nudged in place and restored bit for bit afterwards.
         clone, own = original, False
@@ -150,7 +153,13 @@ def verify(original: Any, candidate: Any, feeds: Sequence[np.ndarray], providers
                 raise BnfoldError("provider gpu was requested but TensorFlow sees no GPU")
             ver.providers[key] = ProviderResult(key, ran=False, why="TensorFlow sees no GPU")
             continue
-        ref = dict(zip(names, run(original, feeds, dev)))
+        try:
+            ref = dict(zip(names, run(original, feeds, dev)))
+        except Exception as e:  # the model itself rejects the inputs: a usage problem, not a verdict
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            shapes = ", ".join("x".join(str(d) for d in np.shape(f)) for f in feeds)
+            raise BnfoldError(f"the model cannot run on inputs of shape {shapes} ({type(e).__name__}: {first}); "
+                              "give the input shapes with --input NAME:SHAPE or real data with --inputs") from None
         try:
             cand_out = run(candidate, feeds, dev)
         except Exception as e:  # a candidate that cannot even take the original's inputs is not equivalent
