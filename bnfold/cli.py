@@ -237,15 +237,24 @@ def cmd_export(a: argparse.Namespace) -> int:
                                         inputs_npz=kw["inputs_npz"], seed=kw["seed"])
     except BnfoldError as e:
         raise (BnfoldError(str(e), a.model) if e.path is None else e) from None
-    res = fp.export_onnx(model, out, example_inputs=example, verify=not a.no_verify, providers=kw["providers"],
-                         atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
-    rep = res.report
-    rep.model = a.model
-    ver = rep.verification
-    failed = not a.no_verify and (ver is None or ver.passed is not True)
-    if failed and os.path.exists(out):
-        os.unlink(out)  # the export wrote it before verifying; a failed proof leaves nothing behind
-        rep.output = None
+    # the exporter writes before the proof: into a temporary name, renamed over `out` only once verified,
+    # so a failed proof neither leaves a file nor destroys one already at `out`
+    tmp = str(Path(out).with_name(f".{Path(out).name}.bnfold-{os.getpid()}.onnx"))
+    try:
+        res = fp.export_onnx(model, tmp, example_inputs=example, verify=not a.no_verify,
+                             providers=kw["providers"], atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
+        rep = res.report
+        rep.model = a.model
+        ver = rep.verification
+        failed = not a.no_verify and (ver is None or ver.passed is not True)
+        if failed:
+            rep.output = None
+        else:
+            os.replace(tmp, out)
+            rep.output = out
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     _emit(a, rep.to_dict(), report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
     return EXIT_DIFFERENT if failed else EXIT_OK
 

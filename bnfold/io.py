@@ -59,6 +59,10 @@ def check_output_path(out: str, inputs: list[str], framework: str | None = None)
         allowed = {"onnx": ONNX_EXTS, "torch": TORCH_EXTS, "keras": KERAS_EXTS}[framework]
         if ext not in allowed and not (framework == "keras" and (ext == "" or o.is_dir())):
             raise BnfoldError(f"output must be a {framework} model file ({', '.join(sorted(allowed))})", out)
+        # a torch.export program is written as .pt2 and only .pt2 is read as one
+        if framework == "torch" and inputs and (Path(inputs[0]).suffix.lower() == ".pt2") != (ext == ".pt2"):
+            want = ".pt2" if Path(inputs[0]).suffix.lower() == ".pt2" else "one of .pt, .pth, .ts"
+            raise BnfoldError(f"output extension {ext} does not fit the input's format; use {want}", out)
     for i in inputs:
         try:
             if o.resolve() == Path(i).resolve():

@@ -8,6 +8,8 @@ path or parameter paths it reads, so the rules and the rewrite never depend on h
 """
 from __future__ import annotations
 
+import operator
+
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -143,7 +145,16 @@ def _functional_table() -> dict[Any, tuple[str, str]]:
         t[f] = ("linear", "lin")
     for f in _aten("convolution"):
         t[f] = ("conv?", "convolution")
+    # decomposed programs (run_decompositions, ExecuTorch): tuple-returning BN ops, output = result[0]
+    for f in _aten("native_batch_norm"):
+        t[f] = ("bn", "aten")
+    for f in _aten("_native_batch_norm_legit_no_training"):
+        t[f] = ("bn", "legit")
     return t
+
+
+def _tuple_bn(target: Any) -> bool:
+    return getattr(target, "__name__", "").startswith(("native_batch_norm", "_native_batch_norm_legit_no_training"))
 
 
 _TABLE: dict[Any, tuple[str, str]] | None = None
@@ -154,6 +165,8 @@ _SIGS: dict[str, dict[str, tuple[int, Any]]] = {
           "bias": (4, None), "training": (5, False), "eps": (7, 1e-5)},
     "aten": {"input": (0, None), "weight": (1, None), "bias": (2, None), "running_mean": (3, None),
              "running_var": (4, None), "training": (5, False), "eps": (7, 1e-5)},
+    "legit": {"input": (0, None), "weight": (1, None), "bias": (2, None), "running_mean": (3, None),
+              "running_var": (4, None), "training": (99, False), "eps": (6, 1e-5)},
     "conv": {"input": (0, None), "weight": (1, None), "bias": (2, None), "padding": (4, 0), "groups": (6, 1)},
     "convT": {"input": (0, None), "weight": (1, None), "bias": (2, None), "padding": (4, 0), "groups": (6, 1)},
     "lin": {"input": (0, None), "weight": (1, None), "bias": (2, None)},
@@ -186,6 +199,8 @@ class LeafTracer(torch.fx.Tracer):
     """Keeps BN/conv/linear modules (and their faithful subclasses) as single calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m) is nn.Identity:
+            return False  # traced through (no node): a BN folded earlier leaves one, Conv->BN->BN folds on
         if module_kind(m) is not None:
             return True
         if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear)):
@@ -251,6 +266,7 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
         elif n.op == "output":
             cap.graph_outputs.update(ids[a] for a in _flat_nodes(n.args))
     claimed = _frozen_regions(gm, lookup if lookup is not None else module_root, cap, ids)
+    through: set[Any] = set()
     for n in gm.graph.nodes:
         if n in claimed:
             if isinstance(claimed[n], Op):
@@ -276,12 +292,28 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
                 if p:
                     cap.param_uses[p] += 1
             continue
+        if n in through:
+            continue  # the result[0] of a tuple-returning BN op: the op itself stands for it
         fk = functional_kind(n.target) if n.op == "call_function" else None
+        if fk is not None and fk[0] == "bn" and _tuple_bn(n.target):
+            first_out = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem
+                         and u.args[1] == 0]
+            others_used = any(u.users for u in n.users if u not in first_out)
+            if len(first_out) != 1 or others_used:
+                cap.ops.append(Op(n.name, "other", data_in, out, node=n))  # saved statistics read: not plain
+                continue
+            out = [ids[first_out[0]]]
+            through.add(first_out[0])
         if fk is None:
             cap.ops.append(Op(n.name, "other", data_in, out, node=n))
             continue
+        node = n
+        if out != [ids[n]]:  # a tuple-returning BN: removing it means rerouting its result[0]
+            node = next(u for u in through if ids[u] == out[0])
         op = functional_op(n.name, fk, n.args, n.kwargs, lambda a: getattrs.get(a) if isinstance(a, torch.fx.Node) else None,
-                           lambda a: a is None, data_in, out, node=n)
+                           lambda a: a is None, data_in, out, node=node)
+        if node is not n:
+            op.attrs["region_input"] = arg(n.args, n.kwargs, fk[1], "input")
         first = arg(n.args, n.kwargs, fk[1], "input")
         if isinstance(first, torch.fx.Node) and first in ids:
             op.inputs = [ids[first]] + [i for i in op.inputs if i != ids[first]]

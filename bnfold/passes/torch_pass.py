@@ -104,9 +104,13 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0) ->
         if method == "module-hooks":
             info.setdefault("capture_note", f"observed {len(caps)} runs (the example inputs and variants); a fold is "
                                             "kept only where every run agrees")
-        new = 0
+        new = waiting = 0
+        edited: set[str] = set()  # layers changed this round: their captured parameters are stale now
         for plan in _combine(caps, work, surgery):
             if plan.name in decided and decided[plan.name].is_folded:
+                continue
+            if plan.skip is None and plan.layer is not None and _layer_key(plan.layer) in edited:
+                waiting += 1  # BN -> layer -> BN: the second fold waits for the next round's fresh capture
                 continue
             if plan.skip is not None:
                 s = plan.skip
@@ -118,15 +122,20 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0) ->
                 decided[plan.name] = Decision.skipped(plan.name, e.reason, e.detail, plan.layer.name if plan.layer else None)
                 continue
             decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rules.pattern(plan), plan.direction, **extra)
+            edited.add(_layer_key(plan.layer))
             new += 1
         if surgery:
             work.graph.eliminate_dead_code()
             work.delete_all_unused_submodules()
             work.recompile()
-        if not new or all(d.is_folded for d in decided.values()):
+        if not new or (not waiting and all(d.is_folded for d in decided.values())):
             break
     _uncalled(work, decided)
     return list(decided.values()), info
+
+
+def _layer_key(layer: rules.Op) -> str:
+    return layer.module if layer.module is not None else (layer.params.get("weight") or layer.name)
 
 
 def _uncalled(work: nn.Module, decided: dict[str, Decision]) -> None:
@@ -145,14 +154,38 @@ def _uncalled(work: nn.Module, decided: dict[str, Decision]) -> None:
     if isinstance(work, torch.fx.GraphModule):
         # a graph keeps the traced module paths and classes only in node metadata
         for n in work.graph.nodes:
-            hit = bnlike.bn_stack_entry(n, None)
+            hit = bnlike.bn_stack_entry(n, None) or _torch_bn_entry(n)
             if hit is not None and hit[1] not in decided:
                 decided[hit[1]] = Decision.skipped(hit[1], Reason.UNSUPPORTED_BN_MODE, f"{hit[1]} ({hit[2]}): its traced "
                                                    "ops were not recognised as one per-channel affine map")
 
 
+def _torch_bn_entry(node: Any) -> tuple[str, str, str] | None:
+    """(key, path, class) of a torch.nn BatchNorm whose forward produced `node` (node metadata)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, entry in reversed(list(stack.items())):
+        name, cls = bnlike._entry_class(entry)
+        if bnlike._torch_bn_class(cls, None):
+            return key, (entry[0] if isinstance(entry, tuple) else key), name
+    return None
+
+
 def _prepare(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-    work = copy.deepcopy(model)
+    from torch.nn.modules.lazy import LazyModuleMixin
+    for path, m in model.named_modules():
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise BnfoldError(f"{path or type(m).__name__} is a lazy module that has not been initialised: run one "
+                              "forward pass (or pass example_inputs to the model) before folding")
+    try:
+        work = copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - deepcopy fails in many ways on exotic modules
+        names = {n.rpartition(".")[2] for n, _ in model.named_parameters()}
+        hint = next((f"; torch.nn.utils.{fn} makes the weight a computed tensor: use remove_{fn}() or "
+                     f"torch.nn.utils.parametrizations.{fn}" for fn, p in (("weight_norm", "weight_g"),
+                                                                           ("spectral_norm", "weight_orig"))
+                     if p in names), "")
+        raise BnfoldError(f"the model cannot be copied for folding ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:160]}){hint}") from None
     info: dict[str, Any] = {}
     if work.training:
         work.eval()

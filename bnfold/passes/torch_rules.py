@@ -90,6 +90,10 @@ def from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         t = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
     else:
         t = torch.from_numpy(np.ascontiguousarray(a))
+    if tuple(t.shape) == tuple(like.shape):
+        out = torch.empty_like(like)  # keeps the memory format (channels_last weights stay channels_last)
+        out.copy_(t)
+        return out
     return t.to(device=like.device, dtype=like.dtype)
 
 
@@ -135,7 +139,31 @@ def check_frozen(root: nn.Module, cap: Capture, bn: Op) -> None:
                  bn.attrs["frozen"])
 
 
-def _check_layer(cap: Capture, layer: Op, can_add_bias: bool) -> None:
+def module_problem(root: nn.Module | None, op: Op) -> str | None:
+    """Why the module behind `op` is not what its stored tensors say: forward hooks (folding would
+    bypass or repeat them) or a parametrized tensor other than weight_norm's (the stored tensor is not
+    the one the layer computes with, so writing it does not write the weight)."""
+    if root is None or op.module is None:
+        return None
+    try:
+        m = get_tensor(root, op.module) if op.module else root
+    except AttributeError:
+        return None
+    if getattr(m, "_forward_hooks", None) or getattr(m, "_forward_pre_hooks", None):
+        return f"{op.module or 'the model'} has forward hooks that may change what it computes"
+    from torch.nn.utils import parametrize
+    if isinstance(m, nn.Module) and parametrize.is_parametrized(m):
+        kinds = {name: [type(p).__name__ for p in plist] for name, plist in m.parametrizations.items()}
+        if set(kinds) - {"weight"} or any(k != "_WeightNorm" for ks in kinds.values() for k in ks):
+            what = ", ".join(f"{n} ({', '.join(ks)})" for n, ks in kinds.items())
+            return f"{op.module} is parametrized: {what}; its stored tensors are not the ones it computes with"
+    return None
+
+
+def _check_layer(cap: Capture, layer: Op, can_add_bias: bool, root: nn.Module | None = None) -> None:
+    bad = module_problem(root, layer)
+    if bad is not None:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, bad, producer=layer.name)
     if "non_constant" in layer.attrs:
         raise Skip(Reason.NON_CONSTANT_PARAM, f"{layer.name}'s {', '.join(layer.attrs['non_constant'])} is computed",
                    producer=layer.name)
@@ -159,7 +187,18 @@ def _others(cap: Capture, value: int, but: Op) -> list[str]:
     return [op.name for op in cap.users(value) if op is not but]
 
 
-def check_after(cap: Capture, bn: Op, can_add_bias: bool) -> Op:
+def _check_rank(cap: Capture, root: nn.Module | None, layer: Op, value: int, what: str) -> None:
+    """An unbatched conv call ((C, *spatial), no batch axis) has its channels on axis 0, not 1."""
+    rank = cap.ranks.get(value)
+    if root is None or rank is None or layer.kind == "linear" or not layer.params.get("weight"):
+        return
+    wdim = get_tensor(root, layer.params["weight"]).dim()
+    if rank != wdim:
+        raise Skip(Reason.AXIS_MISMATCH, f"{layer.name} is called on {what} of rank {rank} (unbatched: channels on "
+                                         "axis 0); the BatchNorm normalises axis 1", producer=layer.name)
+
+
+def check_after(cap: Capture, bn: Op, can_add_bias: bool, root: nn.Module | None = None) -> Op:
     """The layer the BN can fold into, as the producer of its input."""
     v = bn.inputs[0] if bn.inputs else None
     layer = cap.producer(v) if v is not None else None
@@ -173,7 +212,8 @@ def check_after(cap: Capture, bn: Op, can_add_bias: bool) -> Op:
     others = _others(cap, v, bn)
     if others:
         raise Skip(Reason.PRODUCER_FANOUT, f"{layer.name}'s output also feeds {', '.join(others[:3])}", producer=layer.name)
-    _check_layer(cap, layer, can_add_bias)
+    _check_layer(cap, layer, can_add_bias, root)
+    _check_rank(cap, root, layer, v, "output")
     if layer.kind == "linear":
         rank = cap.ranks.get(v)
         if rank is None:
@@ -195,7 +235,7 @@ def _reads_zero_padding(layer: Op) -> bool:
     return any(int(p) != 0 for p in pads)
 
 
-def check_before(cap: Capture, bn: Op, can_add_bias: bool) -> Op:
+def check_before(cap: Capture, bn: Op, can_add_bias: bool, root: nn.Module | None = None) -> Op:
     """The layer the BN can fold into, as the single consumer of its output."""
     v = bn.outputs[0]
     if v in cap.graph_outputs:
@@ -206,7 +246,8 @@ def check_before(cap: Capture, bn: Op, can_add_bias: bool) -> Op:
     layer = users[0]
     if layer.kind not in LAYER_KINDS or layer.inputs[:1] != [v] or v in layer.inputs[1:]:
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the BatchNorm feeds {layer.name}, not a Conv/Linear input")
-    _check_layer(cap, layer, can_add_bias)
+    _check_layer(cap, layer, can_add_bias, root)
+    _check_rank(cap, root, layer, v, "input")
     if layer.kind == "convT":
         raise Skip(Reason.PADDING_BREAKS_BACKWARD_FOLD, f"{layer.name} is a ConvTranspose: border outputs see fewer "
                                                         "inputs, so a shifted input is not a constant bias", producer=layer.name)
@@ -231,6 +272,9 @@ def decide(cap: Capture, root: nn.Module, can_add_bias: bool) -> list[Plan]:
         name = bn_name(bn)
         try:
             check_bn(cap, bn)
+            bad = module_problem(root, bn)
+            if bad is not None:
+                raise Skip(Reason.UNSUPPORTED_BN_MODE, bad)
             scale_shift(root, bn)
             if "frozen" in bn.attrs:
                 check_frozen(root, cap, bn)
@@ -238,10 +282,10 @@ def decide(cap: Capture, root: nn.Module, can_add_bias: bool) -> list[Plan]:
             plans.append(Plan(name, bn, skip=e))
             continue
         try:
-            plans.append(Plan(name, bn, check_after(cap, bn, can_add_bias), "after"))
+            plans.append(Plan(name, bn, check_after(cap, bn, can_add_bias, root), "after"))
         except Skip as after:
             try:
-                plans.append(Plan(name, bn, check_before(cap, bn, can_add_bias), "before"))
+                plans.append(Plan(name, bn, check_before(cap, bn, can_add_bias, root), "before"))
             except Skip as before:
                 # a layer was found downstream but was unsafe: that is the more useful reason
                 chosen = before if before.producer and not after.producer else after
