@@ -139,3 +139,35 @@ def test_channels_last_weights_keep_their_memory_format() -> None:
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), 29).to(memory_format=torch.channels_last)
     d, res = _fold_checked(model, _x(2, 3, 8, 8).to(memory_format=torch.channels_last))
     assert res.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class KwargNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor, *, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": self.bn(self.conv(x)) + shift}
+
+
+def test_exported_program_with_keyword_inputs() -> None:
+    model = randomize_bn(KwargNet(), 28)
+    ep = torch.export.export(model, (_x(2, 3, 6, 6),), kwargs={"shift": _x(1, seed=1)})
+    res = torch_pass.fold(ep, providers=["cpu"])
+    assert res.report.folded and res.report.verification.passed is True
+    x, shift = _x(2, 3, 6, 6, seed=5), _x(1, seed=6)
+    got = res.model.module()(x, shift=shift)["y"]
+    want = model.double()(x.double(), shift=shift.double())["y"]
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_folds_a_pt2_file_with_keyword_inputs(tmp_path) -> None:
+    model = randomize_bn(KwargNet(), 30)
+    torch.export.save(torch.export.export(model, (_x(2, 3, 6, 6),), kwargs={"shift": _x(1, seed=1)}),
+                      str(tmp_path / "k.pt2"))
+    code, _, err = _cli([str(tmp_path / "k.pt2"), "--providers", "cpu"])
+    assert code == 0, err
+    back = torch_pass.load(str(tmp_path / "k.folded.pt2"))
+    assert not any("batch_norm" in str(n.target) for n in back.graph.nodes)
+    x, shift = _x(2, 3, 6, 6, seed=7), _x(1, seed=8)
+    assert torch.allclose(back.module()(x, shift=shift)["y"], model(x, shift=shift)["y"], rtol=1e-4, atol=1e-5)

@@ -53,8 +53,11 @@ def fold_exported(ep: torch.export.ExportedProgram, *, example_inputs: tuple | N
     ex = example_inputs if example_inputs is not None else example_inputs_for(ep, seed=seed)
     gm = copy_program(ep).module()  # .module() shares the program's tensors; the input stays untouched
     decisions, info = fold_module(gm, ex, seed)
+    from ..verify.torch_runner import split_inputs
+    args, kwargs = split_inputs(ep, ex)
     try:
-        new_ep = torch.export.export(gm, tuple(ex), dynamic_shapes=_dynamic_shapes(ep, tuple(ex)), strict=False)
+        new_ep = torch.export.export(gm, args, kwargs=kwargs or None, strict=False,
+                                     dynamic_shapes=None if kwargs else _dynamic_shapes(ep, tuple(ex)))
     except Exception as e:  # noqa: BLE001 - re-export failing is a bnfold limitation, reported plainly
         raise BnfoldError(f"the folded program could not be exported again: {type(e).__name__}: {e}"[:400]) from None
     t1 = time.perf_counter()

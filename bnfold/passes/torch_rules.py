@@ -218,7 +218,9 @@ def check_after(cap: Capture, bn: Op, can_add_bias: bool, root: nn.Module | None
         rank = cap.ranks.get(v)
         if rank is None:
             raise Skip(Reason.AXIS_MISMATCH, f"cannot prove that {layer.name}'s output features are the axis the "
-                                             "BatchNorm normalises without example inputs", producer=layer.name)
+                                             "BatchNorm normalises: its output rank is unknown (no example inputs, "
+                                             "or a scripted TorchScript graph, which records no shapes)",
+                       producer=layer.name)
         if rank != 2:
             raise Skip(Reason.AXIS_MISMATCH, f"{layer.name} produces a {rank}-D tensor with features on the last "
                                              "axis; the BatchNorm normalises axis 1", producer=layer.name)

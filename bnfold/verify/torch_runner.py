@@ -48,8 +48,38 @@ def cuda_why_not() -> str:
 def as_callable(model: Any) -> Any:
     """Something callable with the example inputs (an ExportedProgram runs through .module())."""
     if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
+        return positional(model, model.module())
     return model
+
+
+def split_inputs(ep: Any, flat: Sequence[Any]) -> tuple[tuple, dict[str, Any]]:
+    """A program's flat user inputs (bnfold's example inputs) as the (args, kwargs) it was exported with."""
+    from torch.utils._pytree import tree_unflatten
+    spec = ep.call_spec.in_spec
+    if spec is None:
+        return tuple(flat), {}
+    args, kwargs = tree_unflatten(list(flat), spec)
+    return tuple(args), dict(kwargs)
+
+
+class _Positional(torch.nn.Module):
+    """Calls a program module that takes keyword inputs with bnfold's flat, positional inputs."""
+
+    def __init__(self, ep: Any, module: Any) -> None:
+        super().__init__()
+        self.ep, self.module = ep, module
+
+    def forward(self, *flat: Any) -> Any:
+        args, kwargs = split_inputs(self.ep, flat)
+        return self.module(*args, **kwargs)
+
+
+def positional(ep: Any, module: Any) -> Any:
+    """`module` (ep.module()) as is, or wrapped when the program was exported with keyword inputs."""
+    spec = ep.call_spec.in_spec
+    if spec is None or spec.num_children != 2 or spec.children_specs[1].num_leaves == 0:
+        return module
+    return _Positional(ep, module)
 
 
 def copy_program(ep: Any) -> Any:
@@ -66,9 +96,10 @@ def on_device(model: Any, device: str) -> Any:
         # .module() shares the program's tensors, and the noise run nudges them in place: copy first
         private = copy_program(model)
         if all(t.device.type == device for t in private.state_dict.values()):
-            return private.module()
+            return positional(private, private.module())
         from torch.export.passes import move_to_device_pass
-        return move_to_device_pass(private, device).module()  # also rewrites devices baked into the graph
+        moved = move_to_device_pass(private, device)  # also rewrites devices baked into the graph
+        return positional(moved, moved.module())
     if isinstance(model, torch.jit.ScriptModule):
         buf = io.BytesIO()
         torch.jit.save(model, buf)
