@@ -81,6 +81,9 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
         if fw == "onnx":
             _require_loaded_external_data(model)
     t_load = time.perf_counter() - t0
+    if standalone != "keep" and fw != "onnx":
+        raise BnfoldError(f"--standalone {standalone} rewrites ONNX graphs only; export the {fw} model to ONNX "
+                          "first (bnfold export MODEL --to onnx), then fold that", path)
     if fw == "onnx":
         from .passes.onnx_fold import fold_onnx
         res = fold_onnx(model, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed,

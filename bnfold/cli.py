@@ -61,7 +61,7 @@ def _fold_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
     p.add_argument("--dry-run", action="store_true", help="decide and report, write nothing")
     p.add_argument("--standalone", choices=["keep", "affine"], default="keep",
-                   help="a BatchNorm with no layer to fold into: keep it, or rewrite it as Mul+Add (default keep)")
+                   help="ONNX: a BatchNorm with no layer to fold into: keep it, or rewrite it as Mul+Add (default keep)")
     p.add_argument("--version", action="version", version=f"bnfold {__version__}")
     _common(p)
     return p

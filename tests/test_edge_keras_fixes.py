@@ -131,3 +131,16 @@ def test_check_text_names_the_first_diverging_layer(tmp_path, rng, capsys):
     assert main(["check", str(src), str(bad)]) == 1
     line = [ln for ln in capsys.readouterr().out.splitlines() if "first divergence" in ln]
     assert line and "'c'" in line[0] and "None" not in line[0], line
+
+
+def test_standalone_affine_is_refused_for_keras_models(rng, tmp_path, capsys):
+    """The option rewrites ONNX graphs only: asked of a Keras model it is a usage error, not ignored."""
+    inp = keras.Input((6, 6, 3))
+    model = keras.Model(inp, L.BatchNormalization(name="bn")(L.ReLU(name="r")(inp)))
+    randomise(model, rng)
+    src = tmp_path / "m.keras"
+    keras_pass.save(model, str(src))
+    assert main([str(src), "--standalone", "affine"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ONNX" in err[0] and str(src) in err[0]
+    assert _listing(tmp_path) == ["m.keras"]
