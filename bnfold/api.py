@@ -86,10 +86,15 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
                           "first (bnfold export MODEL --to onnx), then fold that", path)
     if fw == "onnx":
         from .passes.onnx_fold import fold_onnx
-        res = fold_onnx(model, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed,
-                        input_specs=input_specs, inputs_npz=inputs_npz, batches=batches, standalone=standalone,
-                        outputs_only=outputs_only,
-                        dry_run=dry_run, original_path=path, progress=progress, copy=path is None)
+        try:
+            res = fold_onnx(model, verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed,
+                            input_specs=input_specs, inputs_npz=inputs_npz, batches=batches, standalone=standalone,
+                            outputs_only=outputs_only,
+                            dry_run=dry_run, original_path=path, progress=progress, copy=path is None)
+        except BnfoldError as e:
+            if e.path is None and path is not None:
+                raise BnfoldError(str(e), path) from None  # name the file the problem is about
+            raise
     else:
         p = framework_pass(fw)
         if example_inputs is None and (input_specs or inputs_npz or path is not None):
@@ -145,8 +150,14 @@ def check(original: Any, candidate: Any, *, providers: Sequence[str] | None = No
         if _framework_of_object(cand) != "onnx":
             raise BnfoldError("an ONNX original can only be checked against an ONNX candidate")
         from .verify.onnx_verify import verify_onnx
-        return verify_onnx(orig, cand, providers=providers, atol=atol, rtol=rtol, seed=seed, input_specs=input_specs,
-                           inputs_npz=inputs_npz, batches=batches, outputs_only=outputs_only, progress=progress)
+        try:
+            return verify_onnx(orig, cand, providers=providers, atol=atol, rtol=rtol, seed=seed,
+                               input_specs=input_specs, inputs_npz=inputs_npz, batches=batches,
+                               outputs_only=outputs_only, progress=progress)
+        except BnfoldError as e:
+            if e.path is None and opath is not None:
+                raise BnfoldError(str(e), opath) from None  # inputs are made from the original's signature
+            raise
     p = framework_pass(fw)
     if example_inputs is None:
         example_inputs = p.example_inputs_for(orig, input_specs=list(_spec_tuples(input_specs)),
@@ -158,6 +169,8 @@ def save(result: FoldResult | Any, path: str) -> None:
     """Write a fold result (or a model) atomically, in the model's own format."""
     model = result.model if isinstance(result, FoldResult) else result
     fw = _framework_of_object(model)
+    from .io import check_output_path
+    check_output_path(os.fspath(path), [], fw)  # a missing folder or a wrong extension: one clear error
     if fw == "onnx":
         from .onnx_io import save_onnx
         save_onnx(model, os.fspath(path))

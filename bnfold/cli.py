@@ -107,6 +107,8 @@ def _parse_atol(values: list[str] | None) -> Any:
             raise BnfoldError(f"--atol {v!r}: expected VALUE or NAME:VALUE") from None
         if not math.isfinite(f) or f < 0:
             raise BnfoldError(f"--atol {v!r}: a tolerance must be a finite number >= 0")
+        if sep and not name:
+            raise BnfoldError(f"--atol {v!r}: the output name before ':' is empty")
         if sep:
             per[name] = f
         else:
@@ -179,23 +181,39 @@ def cmd_fold(a: argparse.Namespace) -> int:
     # in the list leaves nothing behind.
     results = [api.fold(m, verify=not a.no_verify, standalone=a.standalone, trust=a.trust, dry_run=a.dry_run,
                         progress=_progress(a), **kw) for m in a.models]
-    for m, out, res in zip(a.models, outs, results):
+    _check_atol_names(kw.get("atol"), [r.report.verification for r in results])
+    # Likewise a failed proof anywhere (exit 1) writes nothing: a run either delivers every model or none.
+    failed = [not a.no_verify and (r.report.verification is None or r.report.verification.passed is not True)
+              for r in results]
+    if any(failed):
+        code = max(code, EXIT_DIFFERENT)
+    for m, out, res, bad in zip(a.models, outs, results, failed):
         rep = res.report
         rep.model = m
-        ver = rep.verification
-        failed = not a.no_verify and (ver is None or ver.passed is not True)
-        if failed:
-            code = max(code, EXIT_DIFFERENT)
-        elif not a.dry_run:
+        rep.timing_s.setdefault("save", 0.0)
+        if not any(failed) and not a.dry_run:
             import time
             t = time.perf_counter()
             api.save(res, out)
             rep.timing_s["save"] = time.perf_counter() - t
         docs.append(rep.to_dict())
-        texts.append(report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
+        why = ("verification did not pass" if bad else "another model's verification did not pass") if any(failed) else ""
+        texts.append(report.text(rep) + (f"\nnothing written: {why}" if why else ""))
     doc = docs[0] if len(docs) == 1 else {"schema": 1, "reports": docs}
     _emit(a, doc, "\n\n".join(texts))
     return code
+
+
+def _check_atol_names(atol: Any, verifications: list[Any]) -> None:
+    """A per-output --atol must name an output of some model (a typo would silently not apply)."""
+    if not isinstance(atol, dict):
+        return
+    seen = {o for v in verifications if v is not None for p in v.providers.values() if p.ran for o in p.outputs}
+    if not seen:
+        return  # nothing ran: nothing to check the names against
+    unknown = sorted(k for k in atol if k not in seen)
+    if unknown:
+        raise BnfoldError(f"--atol names {unknown} are not outputs of the model (outputs: {sorted(seen)})")
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -208,6 +226,7 @@ def cmd_check(a: argparse.Namespace) -> int:
         check_output_path(a.junit, [a.original, a.candidate])
     kw = _verify_kwargs(a)
     ver = api.check(a.original, a.candidate, trust=a.trust, progress=_progress(a), **kw)
+    _check_atol_names(kw.get("atol"), [ver])
     doc = {"schema": 1, "original": a.original, "candidate": a.candidate, "verification": ver.to_dict()}
     text = f"{a.original} vs {a.candidate}\n" + "\n".join(report.verification_lines(ver))
     if a.junit:

@@ -403,3 +403,81 @@ def test_library_bad_input_is_bnfold_error(tmp_path, rng):
     if not HAS_CUDA:
         with pytest.raises(bnfold.BnfoldError, match="CUDAExecutionProvider"):
             bnfold.fold(model, providers=["cuda"])
+
+
+# -- contract violations found by this file (kept uncommitted until bnfold is fixed) -------------
+
+def test_dry_run_timing_has_every_documented_key(src, capsys):
+    """DESIGN's timing_s shows load, fold, verify and save; a consumer should not KeyError on a dry run."""
+    code, out, _ = _cli([src, "--json", "--dry-run"], capsys)
+    assert code == 0
+    assert {"load", "fold", "verify", "save"} <= set(json.loads(out)["timing_s"])
+
+
+def test_several_models_one_failing_verification_writes_nothing(tmp_path, rng, src):
+    """Exit 1 means 'nothing written' (README table); with several MODELs a passing one must not be left."""
+    other = tmp_path / "n.onnx"
+    onnx.save(_model(rng, out="w"), other)
+    before = _snap(tmp_path)
+    r = _proc(str(src), str(other), "--atol", "z:0", "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and [x["verification"]["passed"] for x in doc["reports"]] == [False, True]
+    assert _snap(tmp_path) == before
+
+
+def test_library_save_into_a_missing_directory_is_bnfold_error(tmp_path, rng):
+    res = bnfold.fold(_model(rng), verify=False)
+    with pytest.raises(bnfold.BnfoldError, match="x.onnx"):
+        bnfold.save(res, str(tmp_path / "no" / "x.onnx"))
+
+
+# -- vacuous or crashing proofs (inputs the verifier must not accept silently) -----------------------
+
+@pytest.mark.parametrize("how", ["--input", "npz"])
+def test_empty_inputs_cannot_prove_a_wrong_model_equivalent(tmp_path, src, how):
+    """A zero-sized batch compares nothing; 'equivalent' (exit 0) would be a false proof."""
+    data = ["--input", "x:0x3x8x8"] if how == "--input" else \
+        ["--inputs", _npz(tmp_path, "e.npz", x=np.zeros((0, 3, 8, 8), np.float32))]
+    r = _proc("check", str(src), _wrong(src, tmp_path), *data)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout
+
+
+def test_all_nan_inputs_cannot_prove_a_wrong_model_equivalent(tmp_path, src):
+    npz = _npz(tmp_path, "nan.npz", x=np.full((1, 3, 8, 8), np.nan, np.float32))
+    r = _proc("check", str(src), _wrong(src, tmp_path), "--inputs", npz)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stdout
+
+
+@pytest.mark.parametrize("case", ["npz of strings", "dims overflow int64", "dim beyond int64", "declared overflow"])
+def test_inputs_that_crash_are_exit_2_one_line(tmp_path, src, case):
+    g = G(np.random.default_rng(0))
+    g.node("Relu", ["x"], ["y"], name="relu")
+    onnx.save(g.model([("x", ["A", "B", 4])], [("y", ["A", "B", 4])]), tmp_path / "dyn.onnx")
+    if case == "declared overflow":
+        g.inits.clear()
+        onnx.save(g.model([("x", [2 ** 32, 2 ** 32, 4])], [("y", [2 ** 32, 2 ** 32, 4])]), tmp_path / "big.onnx")
+        args, needle = [str(tmp_path / "big.onnx")], "big.onnx"
+    else:
+        args, needle = {
+            "npz of strings": ([str(src), "--inputs", _npz(tmp_path, "s.npz", x=np.array(["a", "b"]))], "s.npz"),
+            "dims overflow int64": ([str(tmp_path / "dyn.onnx"), "--input", "x:4294967296x4294967296x4"], "x"),
+            "dim beyond int64": ([str(src), "--input", "x:99999999999999999999x3x8x8"], "x"),
+        }[case]
+    before = _snap(tmp_path)
+    r = _proc(*args, "--json")
+    _assert_bad(r, needle, before, _snap(tmp_path))
+
+
+def test_npz_shape_error_names_the_npz_file(tmp_path, src):
+    """README: bad input gives one line naming the file and the problem."""
+    npz = _npz(tmp_path, "shape.npz", x=np.ones((1, 5, 8, 8), np.float32))
+    before = _snap(tmp_path)
+    r = _proc(str(src), "--inputs", npz)
+    _assert_bad(r, "shape.npz", before, _snap(tmp_path))
+
+
+def test_per_output_atol_for_an_unknown_output_is_exit_2(tmp_path, src):
+    """Like --input with an unknown name: a typo must not silently fall back to the derived tolerance."""
+    before = _snap(tmp_path)
+    r = _proc(str(src), "--atol", "logits:1e-3", "--json")
+    _assert_bad(r, "logits", before, _snap(tmp_path))

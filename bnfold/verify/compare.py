@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..errors import BnfoldError
+
 NOISE_MULTIPLE = 10.0
 FLOOR_ULPS = 4.0
 
@@ -141,6 +143,15 @@ def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarra
         entry: dict[str, Any] = dict(s)
         entry.update({"noise_max_abs": noise, "atol": tol_abs, "rtol": tol_rel, "how": how,
                       "needed_atol": s["max_abs"], "ref_max_abs": ref_max, "passed": bool(ok)})
+        if ref.size and not finite.size and (ref.dtype.kind in "fc" or ref.dtype.name == "bfloat16"):
+            entry["nothing_finite"] = True  # NaN == NaN everywhere: this output proves nothing
         out[name] = entry
         passed = passed and bool(ok)
     return passed, out
+
+
+def require_evidence(per_output: Mapping[str, Mapping[str, Any]]) -> None:
+    """BnfoldError when no output had a finite reference value: equal NaNs everywhere prove nothing."""
+    if per_output and all(st.get("nothing_finite") for st in per_output.values()):
+        raise BnfoldError("the original gives no finite output value on these inputs, so nothing can be compared; "
+                          "use other --inputs")

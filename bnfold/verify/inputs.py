@@ -1,6 +1,8 @@
 """Feeds for verification: seeded random data by declared dtype and shape, user shapes, or .npz data."""
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +69,10 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 def random_array(shape: tuple[int, ...], dtype: Any, rng: np.random.Generator, name: str = "") -> np.ndarray:
     """Seeded data for one input: normal floats, small ints, random bools."""
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(int(d) for d in shape) if shape else 1  # Python ints: no wrap-around at 2**63
+    if n == 0:
+        raise BnfoldError(f"input {name!r} of shape {list(shape)} has no elements: nothing would be compared; "
+                          f"give a shape with --input {name}:SHAPE")
     if n > MAX_ELEMENTS:
         raise BnfoldError(f"input {name!r} of shape {list(shape)} has {n:,} elements; give a smaller shape "
                           f"with --input {name}:SHAPE")

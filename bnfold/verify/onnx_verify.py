@@ -59,8 +59,18 @@ def make_feeds(model: onnx.ModelProto, specs: Sequence[inp.InputSpec] = (), npz:
             raise BnfoldError(f"no data for inputs {missing}", npz)
         feeds = {}
         for i in ins:
-            dt, _ = _declared(i)
-            feeds[i.name] = np.asarray(data[i.name]).astype(dt, copy=False)
+            dt, dims = _declared(i)
+            a = np.asarray(data[i.name])
+            if a.size == 0:
+                raise BnfoldError(f"array {i.name!r} has shape {list(a.shape)}: no elements, nothing to compare", npz)
+            if dims and (a.ndim != len(dims) or any(isinstance(d, int) and d > 0 and d != n
+                                                    for d, n in zip(dims, a.shape))):
+                raise BnfoldError(f"array {i.name!r} has shape {list(a.shape)}, the model declares {dims}", npz)
+            try:
+                feeds[i.name] = a.astype(dt, copy=False)
+            except (TypeError, ValueError):
+                raise BnfoldError(f"array {i.name!r} ({a.dtype}) cannot be converted to {np.dtype(dt).name}",
+                                  npz) from None
         return [feeds]
     rng = np.random.default_rng(seed)
     # A one-element bool input usually picks a branch (If): every combination of such flags (up to 16)
@@ -255,6 +265,7 @@ def _verify_models(original: onnx.ModelProto, candidate: onnx.ModelProto, models
         pick = lambda d, keys: {k: d[k] for k in keys if k in d}  # noqa: E731
         passed, outs = compare.judge(pick(ref, out_names), pick(cand, out_names), [pick(n, out_names) for n in noise],
                                      atol=atol, rtol=rtol)
+        compare.require_evidence(outs)
         if not passed and atol is None and rtol is None:
             # Before calling it a failure: the original under onnxruntime's basic optimisations (its own
             # Conv+BN fusion) is a correct fold made another way, and its distance from the reference is
