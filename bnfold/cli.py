@@ -260,8 +260,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     # so a failed proof neither leaves a file nor destroys one already at `out`
     tmp = str(Path(out).with_name(f".{Path(out).name}.bnfold-{os.getpid()}.onnx"))
     try:
-        res = fp.export_onnx(model, tmp, example_inputs=example, verify=not a.no_verify,
-                             providers=kw["providers"], atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
+        try:
+            res = fp.export_onnx(model, tmp, example_inputs=example, verify=not a.no_verify,
+                                 providers=kw["providers"], atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
+        except BnfoldError as e:
+            if e.path is None or e.path == tmp:
+                raise BnfoldError(str(e).removeprefix(f"{tmp}: "), a.model) from None  # name the user's file
+            raise
         rep = res.report
         rep.model = a.model
         ver = rep.verification

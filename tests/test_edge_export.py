@@ -69,6 +69,15 @@ class Returns(nn.Module):
         return (y, y) if self.mode == "dup" else (x, y)
 
 
+class UnusedFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, unused: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c(x))
+
+
 def _session(path: str) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -153,12 +162,33 @@ def test_pt2_two_inputs_int64_dict_outputs_dynamic_batch(tfiles, capfd) -> None:
     _assert_close_to_f64(two, (torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3, 5))), out)
 
 
-def test_static_pt2_at_another_batch_is_exit_2(tfiles, capfd) -> None:
+def test_pt2_inputs_given_by_name_in_another_order(tfiles, capfd) -> None:
+    """--input names the program's inputs; their order on the command line must not matter."""
+    d, two, _ = tfiles
+    out = d / "two_rev.onnx"
+    code, _, err = _run(capfd, ["export", str(d / "two.pt2"), "--to", "onnx", "-o", str(out),
+                                "--input", "ids:4x5:int64", "--input", "x:4x3x8x8"])
+    assert code == 0, err
+    _assert_close_to_f64(two, (torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4, 5))), out)
+
+
+def test_pt2_unknown_input_name_is_exit_2(tfiles, capfd) -> None:
+    d, _, _ = tfiles
+    before = _listing(d)
+    code, _, err = _run(capfd, ["export", str(d / "two.pt2"), "--to", "onnx", "-o", str(d / "zz.onnx"),
+                                "--input", "zz:4x3x8x8", "--input", "ids:4x5:int64"])
+    assert code == 2 and "zz" in err
+    assert _listing(d) == before
+
+
+def test_static_pt2_at_another_batch_is_one_line_exit_2(tfiles, capfd) -> None:
     d, _, _ = tfiles
     before = _listing(d)
     code, out, err = _run(capfd, ["export", str(d / "static.pt2"), "--to", "onnx", "-o", str(d / "s.onnx"),
                                   "--input", "x:4x3x8x8", "--input", "ids:4x5:int64"])
     assert code == 2 and out == "" and _listing(d) == before
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "static.pt2" in lines[0], err[:2000]
 
 
 def test_kept_bn_stays_in_onnx_and_is_correct(tfiles, capfd) -> None:
@@ -191,7 +221,7 @@ def test_fp16_module_export(tmp_path, capfd) -> None:
         assert np.abs(g.astype(np.float64) - r.numpy()).max() <= 2 * err_own + 8 * 2 ** -10 * r.abs().max().item()
 
 
-@pytest.mark.parametrize("mode", ["passthrough"])
+@pytest.mark.parametrize("mode", ["dup", "passthrough"])
 def test_outputs_that_repeat_a_tensor_or_an_input(tmp_path, capfd, mode) -> None:
     model = _randomise_bns(Returns(mode), 4)
     x = torch.randn(2, 3, 8, 8)
@@ -202,6 +232,23 @@ def test_outputs_that_repeat_a_tensor_or_an_input(tmp_path, capfd, mode) -> None
     assert code == 0, err
     assert _bn_count(out) == 0
     _assert_close_to_f64(model, (x,), out)
+
+
+def test_torchscript_with_an_unused_first_input(tmp_path, capfd) -> None:
+    """The TorchScript exporter drops unused inputs; feeding the rest by position shifts them."""
+    model = _randomise_bns(UnusedFirst(), 5)
+    src = tmp_path / "u.pt"
+    torch.jit.save(torch.jit.script(model), str(src))
+    out = tmp_path / "u.onnx"
+    code, _, err = _run(capfd, ["export", str(src), "--to", "onnx", "-o", str(out),
+                                "--input", "unused:2x3x8x8", "--input", "x:2x3x8x8"])
+    assert code == 0, err
+    x = torch.randn(2, 3, 8, 8)
+    sess = _session(out)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(torch.zeros(1), x.double()).numpy()
+    feeds = {i.name: x.numpy() for i in sess.get_inputs()}
+    assert np.abs(sess.run(None, feeds)[0] - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_existing_output_is_replaced_only_when_verified(tfiles, capfd) -> None:
@@ -260,6 +307,14 @@ def test_check_pt2_against_its_export(tfiles, two_onnx, capfd) -> None:
     assert outs["output.0"]["passed"] is False and outs["output.0"]["max_abs"] > outs["output.0"]["atol"] > 0
 
 
+def test_check_pt2_names_the_diverging_layer(tfiles, two_onnx, capfd) -> None:
+    d, _, _ = tfiles
+    bad = d / "two_bad_div.onnx"
+    _perturbed(two_onnx, bad)
+    code, doc = _json(capfd, ["check", str(d / "two.pt2"), str(bad)])
+    assert code == 1 and doc["verification"]["first_divergence"] is not None
+
+
 def _with_identity_renames(src, dst, outputs: bool = True, inputs: bool = False) -> None:
     p = onnx.load(str(src))
     if outputs:
@@ -282,6 +337,17 @@ def test_check_pt2_against_renamed_inputs_and_outputs(tfiles, two_onnx, capfd) -
     _with_identity_renames(two_onnx, ren, inputs=True)
     code, doc = _json(capfd, ["check", str(d / "two.pt2"), str(ren)])
     assert code == 0 and doc["verification"]["passed"] is True
+
+
+def test_check_pt2_against_a_candidate_missing_an_output(tfiles, two_onnx, capfd) -> None:
+    """A candidate without one of the outputs is not the same function: exit 1, like ONNX vs ONNX."""
+    d, _, _ = tfiles
+    p = onnx.load(str(two_onnx))
+    p.graph.output.pop()
+    onnx.save(p, str(d / "two_missing.onnx"))
+    code, out, err = _run(capfd, ["check", str(d / "two.pt2"), str(d / "two_missing.onnx"), "--json"])
+    assert code == 1, err
+    assert json.loads(out)["verification"]["passed"] is False
 
 
 # ---------------------------------------------------------------- Keras
@@ -340,6 +406,14 @@ def test_keras_check_against_its_export_and_a_perturbed_one(kfiles, capfd) -> No
     assert code == 1 and not any(o["passed"] for o in outs.values())
 
 
+def test_keras_check_names_the_diverging_layer(kfiles, capfd) -> None:
+    d, _, out, _ = kfiles
+    bad = d / "kd_bad_div.onnx"
+    _perturbed(out, bad, pick=lambda t: list(t.dims) == [4, 3, 3, 3])
+    code, doc = _json(capfd, ["check", str(d / "kd.keras"), str(bad)])
+    assert code == 1 and doc["verification"]["first_divergence"] is not None
+
+
 def test_keras_check_missing_and_renamed_outputs(kfiles, capfd) -> None:
     d, _, out, _ = kfiles
     p = onnx.load(str(out))
@@ -350,6 +424,19 @@ def test_keras_check_missing_and_renamed_outputs(kfiles, capfd) -> None:
     _with_identity_renames(out, d / "kd_ren.onnx", inputs=True)
     code, doc = _json(capfd, ["check", str(d / "kd.keras"), str(d / "kd_ren.onnx")])
     assert code == 0 and doc["verification"]["passed"] is True
+
+
+def test_keras_check_matches_named_outputs_by_name(kfiles, capfd) -> None:
+    """Both sides name their outputs ('aa', 'zz'): a candidate listing them in another order is the same
+    function, as it is for ONNX vs ONNX."""
+    d, _, out, _ = kfiles
+    p = onnx.load(str(out))
+    outs = list(p.graph.output)
+    del p.graph.output[:]
+    p.graph.output.extend(outs[::-1])
+    onnx.save(p, str(d / "kd_swap.onnx"))
+    code, doc = _json(capfd, ["check", str(d / "kd.keras"), str(d / "kd_swap.onnx")])
+    assert code == 0, doc["verification"]
 
 
 def test_keras_kept_bn_and_existing_output(tmp_path, capfd) -> None:

@@ -75,8 +75,10 @@ def _export_frozen(model: Any, path: str) -> None:
         tf.get_logger().setLevel(level)
 
 
-def _ort_run(onnx_model: Any, feeds: list[np.ndarray], provider: str) -> list[np.ndarray]:
-    """Run an ONNX file path or ModelProto; inputs are matched to the Keras feeds by position."""
+def _ort_run(onnx_model: Any, feeds: list[np.ndarray], provider: str,
+             feed_names: list[str] = ()) -> tuple[list[str], list[np.ndarray]]:
+    """Run an ONNX file path or ModelProto: (output names, outputs). Inputs are matched to the Keras
+    feeds by name when the names agree, else by position."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -86,7 +88,11 @@ def _ort_run(onnx_model: Any, feeds: list[np.ndarray], provider: str) -> list[np
     names = [i.name for i in sess.get_inputs()]
     if len(names) != len(feeds):
         raise BnfoldError(f"the ONNX model has {len(names)} inputs, the Keras model {len(feeds)}")
-    return [np.asarray(o) for o in sess.run(None, dict(zip(names, feeds)))]
+    if feed_names and set(feed_names) == set(names):
+        given = dict(zip(feed_names, feeds))
+    else:
+        given = dict(zip(names, feeds))
+    return [o.name for o in sess.get_outputs()], [np.asarray(o) for o in sess.run(None, given)]
 
 
 def export_onnx(model: Any, out_path: str, *, example_inputs: Any = None, verify: bool = True,
@@ -130,6 +136,8 @@ def verify_onnx(original: Any, onnx_model: Any, feeds: list[np.ndarray], provide
     """Judge an ONNX model (path or ModelProto) on onnxruntime against the original Keras model on CPU."""
     import onnxruntime as ort
 
+    from .keras_files import model_input_specs
+
     names = keras_runner.output_names(original)
     ref = dict(zip(names, keras_runner.run(original, feeds, "cpu")))
     keras_noise = [dict(zip(names, o)) for o in keras_runner.noise_outputs(original, feeds, "cpu", seed)]
@@ -142,12 +150,20 @@ def verify_onnx(original: Any, onnx_model: Any, feeds: list[np.ndarray], provide
             ver.providers[prov] = ProviderResult(prov, ran=False, why=f"{prov} is not available in this "
                                                  "onnxruntime (onnxruntime-gpu not installed or no device)")
             continue
-        cand_out = _ort_run(onnx_model, feeds, prov)
+        onnx_names, cand_out = _ort_run(onnx_model, feeds, prov, [n for n, _, _ in model_input_specs(original)])
         if len(cand_out) != len(names):
             ver.providers[prov] = ProviderResult(prov, ran=True, passed=False, outputs={
                 "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
             continue
-        ok, per_output = compare.judge(ref, dict(zip(names, cand_out)), keras_noise, atol=atol, rtol=rtol)
+        if set(onnx_names) == set(names):  # same names: match by name, whatever the order
+            by_name = dict(zip(onnx_names, cand_out))
+            cand, which = {n: by_name[n] for n in names}, {n: n for n in names}
+        else:
+            cand, which = dict(zip(names, cand_out)), dict(zip(names, onnx_names))
+        ok, per_output = compare.judge(ref, cand, keras_noise, atol=atol, rtol=rtol)
         ver.providers[prov] = ProviderResult(prov, ran=True, passed=ok, outputs=per_output,
-                                             notes={"reference": "original Keras model on CPU"})
+                                             notes={"reference": "original Keras model on CPU",
+                                                    "onnx_outputs": onnx_names})
+        if not ok and ver.first_divergence is None:
+            ver.first_divergence = compare.outputs_only_culprit(per_output, which, prov)
     return ver

@@ -51,13 +51,15 @@ def fold_exported(ep: torch.export.ExportedProgram, *, example_inputs: tuple | N
     from .torch_pass import fold_module, verify_result
     t0 = time.perf_counter()
     ex = example_inputs if example_inputs is not None else example_inputs_for(ep, seed=seed)
+    _check_static_shapes(ep, ex)
     gm = copy_program(ep).module()  # .module() shares the program's tensors; the input stays untouched
     decisions, info = fold_module(gm, ex, seed)
     from ..verify.torch_runner import split_inputs
     args, kwargs = split_inputs(ep, ex)
     try:
-        new_ep = torch.export.export(gm, args, kwargs=kwargs or None, strict=False,
-                                     dynamic_shapes=None if kwargs else _dynamic_shapes(ep, tuple(ex)))
+        with _quiet():
+            new_ep = torch.export.export(gm, args, kwargs=kwargs or None, strict=False,
+                                         dynamic_shapes=None if kwargs else _dynamic_shapes(ep, tuple(ex)))
     except Exception as e:  # noqa: BLE001 - re-export failing is a bnfold limitation, reported plainly
         raise BnfoldError(f"the folded program could not be exported again: {type(e).__name__}: {e}"[:400]) from None
     t1 = time.perf_counter()
@@ -66,6 +68,21 @@ def fold_exported(ep: torch.export.ExportedProgram, *, example_inputs: tuple | N
     report.verification = verify_result(ep, new_ep, ex, verify, providers, atol, rtol, seed)
     report.timing_s["verify"] = time.perf_counter() - t1
     return FoldResult(new_ep, report)
+
+
+def _check_static_shapes(ep: torch.export.ExportedProgram, ex: Sequence[Any]) -> None:
+    """Inputs of another shape than a program's static one fail deep in torch.export: say so first."""
+    user = list(ep.graph_signature.user_inputs)
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    for name, x in zip(user, ex):
+        val = vals.get(name)
+        if not isinstance(val, torch.Tensor) or not isinstance(x, torch.Tensor):
+            continue
+        fixed = [d if isinstance(d, int) else None for d in val.shape]
+        if len(fixed) != x.dim() or any(f is not None and f != n for f, n in zip(fixed, x.shape)):
+            want = "x".join("?" if f is None else str(f) for f in fixed)
+            raise BnfoldError(f"input {name!r}: shape {'x'.join(map(str, x.shape))} does not fit the program, "
+                              f"exported for {want} (its dimensions are static); give --input {name}:{want}")
 
 
 @contextlib.contextmanager
@@ -92,9 +109,12 @@ def _onnx_bytes_dynamo(model: Any, example_inputs: tuple, tmp: str) -> None:
 
 
 def _onnx_bytes_legacy(model: Any, example_inputs: tuple, tmp: str) -> None:
-    # constant folding in the TorchScript exporter fuses Conv+BN on its own; off, the BNs bnfold kept stay
+    # constant folding in the TorchScript exporter fuses Conv+BN on its own; off, the BNs bnfold kept stay.
+    # Inputs are named after forward's arguments: the exporter drops unused ones, names keep the rest apart.
+    names = _torch_arg_names(model)
     torch.onnx.export(model, tuple(example_inputs), tmp, dynamo=False, do_constant_folding=False,
-                      training=torch.onnx.TrainingMode.EVAL)
+                      training=torch.onnx.TrainingMode.EVAL,
+                      input_names=names if len(names) == len(example_inputs) else None)
 
 
 def _clean(e: BaseException) -> str:
@@ -121,18 +141,36 @@ def to_onnx(model: Any, example_inputs: tuple, path: str) -> str:
     raise BnfoldError("torch.onnx.export failed: " + "; ".join(errors), path)
 
 
-def _ort_runs(onnx_model: Any, inputs: Sequence[tuple], provider: str) -> dict[str, np.ndarray]:
+def _ort_runs(onnx_model: Any, inputs: Sequence[tuple], provider: str,
+              arg_names: Sequence[str] = ()) -> tuple[list[str], list[np.ndarray]]:
+    """(output names, outputs by position) of the ONNX on each input tuple, concatenated over runs.
+
+    Inputs go by name when every ONNX input is one of the torch model's argument names (an exporter
+    may drop an unused argument), else by position. Outputs stay positional: an exporter may give two
+    outputs one name."""
     from ..verify import runners
     r = runners.OrtRunner(onnx_model, provider, label="exported ONNX")
     names = [i.name for i in r.session.get_inputs()]
+    out_names = [o.name for o in r.session.get_outputs()]
+    by_name = bool(arg_names) and set(names) <= set(arg_names)
     runs = []
     for args in inputs:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        feeds = {n: _np(t) for n, t in zip(names, tensors)}
-        runs.append(r.run(feeds, "exported ONNX"))
-    if len(runs) == 1:
-        return runs[0]
-    return {k: np.concatenate([np.asarray(r[k]).reshape(-1) for r in runs]) for k in runs[0]}
+        if by_name:
+            given = dict(zip(arg_names, args))
+            feeds = {n: _np(given[n]) for n in names}
+        else:
+            if len(tensors) != len(names):
+                raise BnfoldError(f"the ONNX model takes {len(names)} inputs {names}, the PyTorch model "
+                                  f"{len(tensors)} tensors, and their names do not match")
+            feeds = {n: _np(t) for n, t in zip(names, tensors)}
+        try:
+            runs.append(r.session.run(None, feeds))
+        except Exception as e:  # noqa: BLE001
+            raise BnfoldError(f"onnxruntime failed to run the exported ONNX: {_clean(e)}") from None
+    outs = [np.concatenate([np.asarray(run[i]).reshape(-1) for run in runs]) if len(runs) > 1 else run0
+            for i, run0 in enumerate(runs[0])]
+    return out_names, outs
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -166,15 +204,30 @@ def verify_onnx_against_torch(original: Any, onnx_model: Any, example_inputs: tu
             ver.providers[ep_name] = ProviderResult(ep_name, ran=False, why=why or torch_why)
             continue
         ref, noise, notes = torch_runner.reference_runs(ref_model, inputs, dev, seed)
-        cand_raw = _ort_runs(src, inputs, ep_name)
-        if len(cand_raw) != len(ref):
-            raise BnfoldError(f"the ONNX model has {len(cand_raw)} outputs, the PyTorch model {len(ref)}")
-        cand = dict(zip(ref, cand_raw.values()))
+        onnx_names, cand_outs = _ort_runs(src, inputs, ep_name, _torch_arg_names(original))
         notes["reference"] = f"torch-{dev}"
-        notes["onnx_outputs"] = list(cand_raw)
+        notes["onnx_outputs"] = onnx_names
+        if len(cand_outs) != len(ref):
+            ver.providers[ep_name] = ProviderResult(ep_name, ran=True, passed=False, notes=notes, outputs={
+                "_": {"passed": False, "why": f"the ONNX model has {len(cand_outs)} outputs, the PyTorch model "
+                                              f"{len(ref)}"}})
+            continue
+        cand = dict(zip(ref, cand_outs))
         passed, outs = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
         ver.providers[ep_name] = ProviderResult(ep_name, ran=True, passed=passed, outputs=outs, notes=notes)
+        if not passed and ver.first_divergence is None:
+            ver.first_divergence = compare.outputs_only_culprit(outs, dict(zip(ref, onnx_names)), ep_name)
     return ver
+
+
+def _torch_arg_names(model: Any) -> list[str]:
+    from .torch_files import _arg_names
+    if isinstance(model, torch.jit.ScriptModule):
+        try:
+            return [a.name for a in model.forward.schema.arguments[1:]]
+        except Exception:  # noqa: BLE001
+            return []
+    return _arg_names(model)
 
 
 def export_onnx(model: Any, out_path: str, *, example_inputs: tuple | None, verify: bool,

@@ -98,6 +98,8 @@ def _random(shape: Sequence[int], dtype: torch.dtype, g: torch.Generator) -> tor
 
 
 def _arg_names(model: Any) -> list[str]:
+    if isinstance(model, torch.export.ExportedProgram):
+        return list(model.graph_signature.user_inputs)  # the program's own input names, kwargs included
     fn = model.forward if hasattr(model, "forward") else model
     try:
         return [p.name for p in inspect.signature(fn).parameters.values()
@@ -110,6 +112,10 @@ def _ordered(model: Any, named: dict[str, Any]) -> list[Any]:
     names = _arg_names(model)
     if names and set(named) <= set(names):
         return [named[n] for n in names if n in named]
+    if isinstance(model, torch.export.ExportedProgram):
+        # a program's input names are known for sure: an unknown one is a typo, not a position
+        raise BnfoldError(f"--input names {sorted(set(named) - set(names))} are not inputs of the program "
+                          f"(inputs: {names})")
     return list(named.values())
 
 

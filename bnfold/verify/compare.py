@@ -155,3 +155,11 @@ def require_evidence(per_output: Mapping[str, Mapping[str, Any]]) -> None:
     if per_output and all(st.get("nothing_finite") for st in per_output.values()):
         raise BnfoldError("the original gives no finite output value on these inputs, so nothing can be compared; "
                           "use other --inputs")
+
+
+def outputs_only_culprit(outs: dict[str, dict[str, Any]], onnx_name: dict[str, str], provider: str) -> dict[str, Any]:
+    """The first failing output, for models that share no tensor names to search upstream of it."""
+    name, st = next((k, v) for k, v in outs.items() if not v.get("passed"))
+    return {"tensor": onnx_name.get(name, name), "node": None, "op": "graph output", "provider": provider,
+            "max_abs": st.get("max_abs"), "atol": st.get("atol"),
+            "why": "the two models share no intermediate tensor names: the first failing output is named"}
