@@ -170,7 +170,8 @@ def save(result: FoldResult | Any, path: str) -> None:
     model = result.model if isinstance(result, FoldResult) else result
     fw = _framework_of_object(model)
     from .io import check_output_path
-    check_output_path(os.fspath(path), [], fw)  # a missing folder or a wrong extension: one clear error
+    src = [result.report.model] if isinstance(result, FoldResult) and result.report.model else []
+    check_output_path(os.fspath(path), src, fw)  # the input itself, a missing folder, a wrong extension
     if fw == "onnx":
         from .onnx_io import save_onnx
         save_onnx(model, os.fspath(path))

@@ -481,3 +481,16 @@ def test_per_output_atol_for_an_unknown_output_is_exit_2(tmp_path, src):
     before = _snap(tmp_path)
     r = _proc(str(src), "--atol", "logits:1e-3", "--json")
     _assert_bad(r, "logits", before, _snap(tmp_path))
+
+
+def test_library_save_refuses_to_overwrite_the_model_it_folded(tmp_path, rng):
+    """As on the command line: the input is never overwritten, by bnfold.save either."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_model(rng), src)
+    before = src.read_bytes()
+    res = bnfold.fold(str(src))
+    with pytest.raises(bnfold.BnfoldError, match="same as the input"):
+        bnfold.save(res, str(src))
+    assert src.read_bytes() == before
+    bnfold.save(res, str(tmp_path / "f.onnx"))
+    assert (tmp_path / "f.onnx").exists()
