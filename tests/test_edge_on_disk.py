@@ -419,8 +419,8 @@ def test_fold_of_a_fold_output_with_external_data_is_a_no_op(rng, tmp_path, monk
     before = tree(tmp_path)
     res = bnfold.fold(str(tmp_path / "f.onnx"))
     assert res.report.folded == [] and res.report.verification.passed is True
-    with pytest.raises(BnfoldError, match="f.onnx.data"):
-        bnfold.save(res, str(tmp_path / "f.onnx"))  # would replace the data file it reads from
+    with pytest.raises(BnfoldError, match="f.onnx.data|same as the input"):
+        bnfold.save(res, str(tmp_path / "f.onnx"))  # the input itself, and the data file it reads from
     assert tree(tmp_path) == before
     bnfold.save(res, str(tmp_path / "g.onnx"))
     assert_same_function(first, written(tmp_path / "g.onnx"), rel=0)
