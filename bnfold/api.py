@@ -129,7 +129,7 @@ def _require_loaded_external_data(model: Any) -> None:
 
 def _spec_tuples(specs: Sequence[InputSpec]):
     for s in specs:
-        yield (s.name, tuple(s.shape), s.dtype or "float32")
+        yield (s.name, tuple(s.shape), s.dtype)  # None: the model's own dtype for that input, else float32
 
 
 def check(original: Any, candidate: Any, *, providers: Sequence[str] | None = None,

@@ -251,7 +251,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     fp = api.framework_pass(fw)
     kw.pop("outputs_only")
     try:
-        example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype or "float32")
+        example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype)
                                                             for s in kw["input_specs"]],
                                         inputs_npz=kw["inputs_npz"], seed=kw["seed"])
     except BnfoldError as e:

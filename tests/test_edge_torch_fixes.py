@@ -171,3 +171,23 @@ def test_cli_folds_a_pt2_file_with_keyword_inputs(tmp_path) -> None:
     assert not any("batch_norm" in str(n.target) for n in back.graph.nodes)
     x, shift = _x(2, 3, 6, 6, seed=7), _x(1, seed=8)
     assert torch.allclose(back.module()(x, shift=shift)["y"], model(x, shift=shift)["y"], rtol=1e-4, atol=1e-5)
+
+
+class EmbedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc, self.bn = nn.Embedding(10, 6), nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(self.emb(ids).mean(1)))
+
+
+def test_pt2_input_without_a_dtype_takes_the_programs_own(tmp_path) -> None:
+    """--input ids:4x5 on a program whose ids are int64 makes int64 ids, not floats."""
+    model = randomize_bn(EmbedNet(), 31)
+    ids = torch.randint(0, 10, (2, 5))
+    torch.export.save(torch.export.export(model, (ids,)), str(tmp_path / "e.pt2"))
+    code, _, err = _cli([str(tmp_path / "e.pt2"), "--input", "ids:2x5", "--providers", "cpu"])
+    assert code == 0, err
+    back = torch_pass.load(str(tmp_path / "e.folded.pt2"))
+    assert torch.allclose(back.module()(ids), model(ids), rtol=1e-4, atol=1e-5)

@@ -129,7 +129,10 @@ def example_inputs_for(model: Any, input_specs: Sequence[tuple[str, tuple, str]]
     if input_specs:
         g = torch.Generator().manual_seed(seed)
         named = {}
+        own = _program_dtypes(model)
         for name, shape, dtype in input_specs:
+            if dtype is None:
+                dtype = own.get(name, "float32")  # a program knows its inputs' dtypes (int64 ids...)
             if dtype not in _DTYPES:
                 raise BnfoldError(f"--input {name}: dtype {dtype!r} is not one bnfold can make for PyTorch")
             named[name] = _random(shape, _DTYPES[dtype], g)
@@ -141,6 +144,17 @@ def example_inputs_for(model: Any, input_specs: Sequence[tuple[str, tuple, str]]
         return _from_placeholders(model, seed)
     raise BnfoldError("PyTorch models need example inputs to trace and verify: pass --input NAME:SHAPE[:DTYPE] "
                       "(e.g. --input x:1x3x224x224) or --inputs FILE.npz")
+
+
+def _program_dtypes(model: Any) -> dict[str, str]:
+    """Input name -> dtype name (as --input spells it) of an ExportedProgram; empty for other models."""
+    if not isinstance(model, torch.export.ExportedProgram):
+        return {}
+    user = set(model.graph_signature.user_inputs)
+    names = {v: k for k, v in _DTYPES.items()}
+    return {n.name: names[n.meta["val"].dtype] for n in model.graph.nodes
+            if n.op == "placeholder" and n.name in user and isinstance(n.meta.get("val"), torch.Tensor)
+            and n.meta["val"].dtype in names}
 
 
 def _from_placeholders(ep: Any, seed: int) -> tuple:
