@@ -191,3 +191,10 @@ def test_pt2_input_without_a_dtype_takes_the_programs_own(tmp_path) -> None:
     assert code == 0, err
     back = torch_pass.load(str(tmp_path / "e.folded.pt2"))
     assert torch.allclose(back.module()(ids), model(ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_mlp_linear_bn1d_folds(how: str) -> None:
+    model = randomize_bn(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)), 26)
+    d, res = _fold_checked(model, _x(4, 6), how=how)
+    assert d["1"].is_folded, d["1"].detail  # "cannot prove ... without example inputs", yet they were given

@@ -179,7 +179,7 @@ class _Walker:
                 rank = _out_rank(sub, leaf)
                 if rank is not None:
                     self.cap.ranks[outs[0]] = rank
-                elif leaf == "bn" and args and args[0] in self.cap.ranks:
+                elif args and args[0] in self.cap.ranks:  # conv, linear and BN keep their input's rank
                     self.cap.ranks[outs[0]] = self.cap.ranks[args[0]]
                 self.cap.ops.append(op)
                 self.cap.module_calls[path] += 1
@@ -228,11 +228,16 @@ def _attr_path(root: Any, path: str) -> Any:
     return obj
 
 
-def capture_script(sm: Any) -> Capture:
-    """The module-level op graph of a TorchScript module's forward."""
+def capture_script(sm: Any, example_inputs: tuple | None = None) -> Capture:
+    """The module-level op graph of a TorchScript module's forward. Scripted graphs carry no shapes:
+    the example inputs' ranks seed the graph inputs and flow through conv/linear/BN calls (which
+    keep their input's rank)."""
     w = _Walker(sm)
     ins = list(sm.graph.inputs())
     ids = [w.fresh() for _ in ins[1:]]
+    for i, x in zip(ids, example_inputs or ()):
+        if isinstance(x, torch.Tensor):
+            w.cap.ranks[i] = x.dim()
     rets = w.walk(sm.graph, "", ids)
     w.cap.graph_outputs.update(i for i in rets if i >= 0)
     return w.cap
@@ -308,7 +313,7 @@ def fold_script(sm: Any, *, example_inputs: tuple | None, verify: bool, provider
     from .torch_pass import verify_result
     t0 = time.perf_counter()
     work = _clone(sm)
-    cap = capture_script(work)
+    cap = capture_script(work, example_inputs)
     decided: dict[str, Decision] = {}
     for plan in rules.decide(cap, work, can_add_bias=False):
         if plan.name in decided:
