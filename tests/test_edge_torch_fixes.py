@@ -198,3 +198,22 @@ def test_torchscript_mlp_linear_bn1d_folds(how: str) -> None:
     model = randomize_bn(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)), 26)
     d, res = _fold_checked(model, _x(4, 6), how=how)
     assert d["1"].is_folded, d["1"].detail  # "cannot prove ... without example inputs", yet they were given
+
+
+class _DynChain(nn.Module):
+    """Data-dependent control flow: fx and torch.export fail, the module-hooks capture is used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > -1e9:
+            return self.bn2(self.bn1(self.conv(x)))
+        return x
+
+
+def test_conv_bn_bn_chain_folds_completely_under_module_hooks() -> None:
+    d, res = _fold_checked(randomize_bn(_DynChain(), 32), _x(2, 3, 8, 8))
+    assert res.report.info["capture"] == "module-hooks"
+    assert d["bn1"].is_folded and d["bn2"].is_folded and d["bn2"].producer == "conv"
