@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold
 from bnfold.cli import main
 from onnx_build import G
-from onnx_fold_check import assert_same_function, ort_session
+from onnx_fold_check import ort_session
 from test_edge_onnx import mk
 
 

@@ -5,8 +5,6 @@ Every fold is judged twice: by bnfold's own verifier and by an independent Keras
 model against the unfolded one (inference mode, random BN statistics far from the defaults)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -14,7 +12,6 @@ from keras_build import L, assert_same_function, bn_names, decision, keras, outp
 
 from bnfold.cli import main
 from bnfold.decisions import Reason
-from bnfold.errors import BnfoldError
 from bnfold.passes import keras_pass
 
 
