@@ -255,11 +255,16 @@ class ExternalModel:
     folder: str
 
     def with_outputs(self, names: list[str]) -> "ExternalModel":
-        m = onnx.ModelProto()
-        m.CopyFrom(self.proto)
-        have = {o.name for o in m.graph.output}
-        m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-        return ExternalModel(m, self.folder)
+        return ExternalModel(with_outputs(self.proto, names), self.folder)
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return m
 
 
 def for_session(model: onnx.ModelProto, folder: str, name: str,

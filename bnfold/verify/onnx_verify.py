@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BnfoldError
-from ..onnx_io import for_session, loaded, on_disk, over_two_gb
+from ..onnx_io import for_session, loaded, on_disk, over_two_gb, with_outputs
 from ..results import ProviderResult, Verification
 from . import compare, inputs as inp, runners
 
@@ -345,17 +345,6 @@ def _tolerance_doc(atol: Any, rtol: float | None) -> dict[str, Any]:
         return {"atol": None, "rtol": None, "how": "auto",
                 "rule": f"max|cand-ref| <= max({compare.NOISE_MULTIPLE:g} x noise, {compare.FLOOR_ULPS:g} ulp x max|ref|)"}
     return {"atol": dict(atol) if isinstance(atol, Mapping) else atol, "rtol": rtol, "how": "user"}
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the tensors `names`."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
-    return m
 
 
 def _label(n: onnx.NodeProto | None) -> str | None:
