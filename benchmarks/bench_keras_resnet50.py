@@ -1,7 +1,7 @@
 """CPU inference speed-up of a Keras ResNet50 after bnfold folds its BatchNorms. Prints, asserts nothing.
 
 keras.applications.ResNet50(weights=None) gets random BN statistics far from the defaults, is folded
-by `bnfold.passes.keras_pass.fold` (verification on: the printed speed-up is of a model proven to
+by `bnfold.fold` (verification on: the printed speed-up is of a model proven to
 compute the same function), and both models are timed in this run, on this machine, each called
 through one tf.function (how Keras' predict() and a served model run; eager op-by-op calls would
 mostly time Python overhead). Calls alternate between the two models; the medians and their ratio
@@ -52,14 +52,14 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from bnfold.passes import keras_pass
+    import bnfold
 
     rng = np.random.default_rng(0)
     model = keras.applications.ResNet50(weights=None, input_shape=(args.size, args.size, 3))
     randomise_bn(model, rng)
     t0 = time.perf_counter()
-    result = keras_pass.fold(model, example_inputs=[rng.standard_normal((1, args.size, args.size, 3))
-                                                    .astype("float32")])
+    result = bnfold.fold(model, example_inputs=[rng.standard_normal((1, args.size, args.size, 3))
+                                                .astype("float32")])
     fold_s = time.perf_counter() - t0
     rep = result.report
     print(f"keras {keras.__version__}, tensorflow {tf.__version__}, {os.cpu_count()} CPUs, "

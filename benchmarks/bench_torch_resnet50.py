@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bnfold.passes import torch_pass  # noqa: E402
+import bnfold  # noqa: E402
 from zoo_torch import Bottleneck, randomize_bn  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     x = torch.randn(1, 3, a.size, a.size)
 
     t0 = time.perf_counter()
-    res = torch_pass.fold(model, example_inputs=(x,))
+    res = bnfold.fold(model, example_inputs=(x,))
     fold_s = time.perf_counter() - t0
     rep = res.report
     folded = res.model

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime as ort
 
     import bnfold
-    from bnfold.verify.onnx_verify import make_feeds
+    from bnfold.onnx.feeds import make_feeds
     from zoo_deep import build_deep, export_onnx
 
     model, x = build_deep(a.model)

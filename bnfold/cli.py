@@ -8,7 +8,8 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import BnfoldError
+from .core.errors import BnfoldError
+from .core.options import Options
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -131,7 +132,8 @@ class _DefaultDict(dict):
         return super().get(key, self.default)
 
 
-def _verify_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+def _options(a: argparse.Namespace, **more: Any) -> Options:
+    """The one Options object a command hands down, from its parsed arguments."""
     from .verify.inputs import parse_input_spec
     if a.batches < 1:
         raise BnfoldError("--batches must be at least 1")
@@ -139,16 +141,11 @@ def _verify_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         raise BnfoldError(f"--seed {a.seed}: the seed must be >= 0")
     if a.rtol is not None and (not math.isfinite(a.rtol) or a.rtol < 0):
         raise BnfoldError(f"--rtol {a.rtol}: a tolerance must be a finite number >= 0")
-    return {
-        "providers": [p for p in a.providers.split(",") if p.strip()] if a.providers else None,
-        "atol": _parse_atol(a.atol),
-        "rtol": a.rtol,
-        "seed": a.seed,
-        "input_specs": [parse_input_spec(s) for s in a.input],
-        "inputs_npz": a.inputs,
-        "batches": a.batches,
-        "outputs_only": a.outputs_only,
-    }
+    return Options.of(
+        providers=[p for p in a.providers.split(",") if p.strip()] if a.providers else None,
+        atol=_parse_atol(a.atol), rtol=a.rtol, seed=a.seed,
+        input_specs=[parse_input_spec(s) for s in a.input], inputs_npz=a.inputs, batches=a.batches,
+        outputs_only=getattr(a, "outputs_only", False), trust=a.trust, progress=_progress(a), **more)
 
 
 def _progress(a: argparse.Namespace):
@@ -164,24 +161,23 @@ def _emit(a: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 
 def cmd_fold(a: argparse.Namespace) -> int:
     from . import api, report
-    from .io import check_output_path, default_output, framework_of
+    from .core.files import default_output, framework_of
     if a.output and len(a.models) > 1:
         raise BnfoldError("-o/--output needs exactly one MODEL")
-    kw = _verify_kwargs(a)
-    if a.no_verify and (kw["atol"] is not None or kw["rtol"] is not None):
+    opts = _options(a, verify=not a.no_verify, standalone=a.standalone, dry_run=a.dry_run)
+    if a.no_verify and (opts.atol is not None or opts.rtol is not None):
         raise BnfoldError("--atol/--rtol make no sense with --no-verify")
     docs, texts, code = [], [], EXIT_OK
     outs = []
     for m in a.models:
         out = a.output or default_output(m)
         if not a.dry_run:
-            check_output_path(out, a.models, framework_of(m))
+            api.check_output(out, a.models, framework_of(m))
         outs.append(out)
     # Every model is folded and verified before anything is written: a bad input (exit 2) anywhere
     # in the list leaves nothing behind.
-    results = [api.fold(m, verify=not a.no_verify, standalone=a.standalone, trust=a.trust, dry_run=a.dry_run,
-                        progress=_progress(a), **kw) for m in a.models]
-    _check_atol_names(kw.get("atol"), [r.report.verification for r in results])
+    results = [api.fold_with(m, opts) for m in a.models]
+    _check_atol_names(opts.atol, [r.report.verification for r in results])
     # Likewise a failed proof anywhere (exit 1) writes nothing: a run either delivers every model or none.
     failed = [not a.no_verify and (r.report.verification is None or r.report.verification.passed is not True)
               for r in results]
@@ -222,11 +218,10 @@ def cmd_check(a: argparse.Namespace) -> int:
         if not os.path.exists(p):
             raise BnfoldError("no such file", p)
     if a.junit:
-        from .io import check_output_path
-        check_output_path(a.junit, [a.original, a.candidate])
-    kw = _verify_kwargs(a)
-    ver = api.check(a.original, a.candidate, trust=a.trust, progress=_progress(a), **kw)
-    _check_atol_names(kw.get("atol"), [ver])
+        api.check_output(a.junit, [a.original, a.candidate])
+    opts = _options(a)
+    ver = api.check_with(a.original, a.candidate, opts)
+    _check_atol_names(opts.atol, [ver])
     doc = {"schema": 1, "original": a.original, "candidate": a.candidate, "verification": ver.to_dict()}
     text = f"{a.original} vs {a.candidate}\n" + "\n".join(report.verification_lines(ver))
     if a.junit:
@@ -238,31 +233,25 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from . import api, report
-    from .io import check_output_path, framework_of
+    from .core.files import framework_of
     from pathlib import Path
     fw = framework_of(a.model)
     if fw == "onnx":
         raise BnfoldError("is already ONNX; fold it with 'bnfold MODEL'", a.model)
     p = Path(a.model)
     out = a.output or str(p.with_name(f"{p.stem if p.is_file() else p.name}.folded.onnx"))
-    check_output_path(out, [a.model], "onnx")
-    kw = _verify_kwargs(a)
+    api.check_output(out, [a.model], "onnx")
+    opts = _options(a, verify=not a.no_verify)
     model = api.load(a.model, trust=a.trust)
-    fp = api.framework_pass(fw)
-    kw.pop("outputs_only")
-    try:
-        example = fp.example_inputs_for(model, input_specs=[(s.name, tuple(s.shape), s.dtype)
-                                                            for s in kw["input_specs"]],
-                                        inputs_npz=kw["inputs_npz"], seed=kw["seed"])
-    except BnfoldError as e:
-        raise (BnfoldError(str(e), a.model) if e.path is None else e) from None
+    fe = api.frontend(fw)
+    with api.naming(a.model):
+        example = fe.example_inputs(model, opts)
     # the exporter writes before the proof: into a temporary name, renamed over `out` only once verified,
     # so a failed proof neither leaves a file nor destroys one already at `out`
     tmp = str(Path(out).with_name(f".{Path(out).name}.bnfold-{os.getpid()}.onnx"))
     try:
         try:
-            res = fp.export_onnx(model, tmp, example_inputs=example, verify=not a.no_verify,
-                                 providers=kw["providers"], atol=kw["atol"], rtol=kw["rtol"], seed=kw["seed"])
+            res = fe.export_onnx(model, tmp, opts, example_inputs=example)
         except BnfoldError as e:
             if e.path is None or e.path == tmp:
                 raise BnfoldError(str(e).removeprefix(f"{tmp}: "), a.model) from None  # name the user's file

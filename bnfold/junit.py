@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from .io import atomic_write
-from .results import Verification
+from .core.files import atomic_write
+from .core.results import Verification
 
 
 def junit_xml(ver: Verification, suite: str = "bnfold") -> str:

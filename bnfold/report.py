@@ -5,7 +5,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from .results import Report, Verification
+from .core.results import Report, Verification
 
 
 def to_json(doc: dict[str, Any]) -> str:

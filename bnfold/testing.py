@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import VerificationFailed
+from .core.errors import VerificationFailed
 from .report import verification_lines
-from .results import Verification
+from .core.results import Verification
 
 
 def assert_equivalent(original: Any, candidate: Any, **opts: Any) -> Verification:

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(__file__))
+from bnfold.keras.files import before_tensorflow
+
+# Test modules import tensorflow themselves: quiet its start-up, and load triton (CUDA builds of torch)
+# before it, or the first torch.export after a Keras test crashes the process.
+before_tensorflow()
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(ROOT, "sample_models")

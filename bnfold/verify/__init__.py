@@ -1,1 +1,1 @@
-"""Verification: feeds (inputs.py), runners (runners.py) and the judgement (compare.py)."""
+"""Framework-neutral verification: input feeds (inputs.py) and the judgement (compare.py)."""

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import BnfoldError
+from ..core.errors import BnfoldError
 
 NOISE_MULTIPLE = 10.0
 FLOOR_ULPS = 4.0

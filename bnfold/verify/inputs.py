@@ -2,26 +2,16 @@
 from __future__ import annotations
 
 import math
-
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import BnfoldError
+from ..core.errors import BnfoldError
+from ..core.options import InputSpec
 
 MAX_ELEMENTS = 1 << 28  # one input of more than 268M elements (1 GiB of float32) is refused
 INT_RANGE = (0, 4)       # small non-negative ints are valid indices/sizes for most integer inputs
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """--input NAME:SHAPE[:DTYPE]; a shape entry of None keeps the model's own dimension."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str | None = None
 
 
 _SPEC = re.compile(r"^(?P<name>.+?):(?P<shape>\[?[0-9x,\s]*\]?)(?::(?P<dtype>[a-z0-9]+))?$")
@@ -43,13 +33,13 @@ def parse_input_spec(text: str) -> InputSpec:
     dtype = m.group("dtype")
     if dtype is not None:
         try:
-            np.dtype(_np_dtype(dtype))
+            np.dtype(np_dtype(dtype))
         except TypeError:
             raise BnfoldError(f"--input {text!r}: unknown dtype {dtype!r}") from None
     return InputSpec(m.group("name"), shape, dtype)
 
 
-def _np_dtype(name: str) -> Any:
+def np_dtype(name: str) -> Any:
     if name in ("bfloat16", "bf16"):
         import ml_dtypes
         return ml_dtypes.bfloat16

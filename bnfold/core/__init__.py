@@ -1,0 +1,1 @@
+"""Framework-neutral parts: the fold math, layouts, decisions, results, options and file handling."""

@@ -1,0 +1,43 @@
+"""The ONNX fold job: copy, fold, verify against the unfolded original, time each step."""
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from ..core.options import Options
+from ..core.results import FoldResult, Report, Verification
+from .scopes import fold_all_scopes, neighbourhoods
+
+
+def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | None = None,
+              copy: bool = True) -> FoldResult:
+    """Fold a copy of `model`; verify it unless told not to. `model` itself is never changed.
+
+    copy=False folds `model` in place: only for a model nobody else holds and that needs no
+    verification against itself (the CLI's freshly loaded file with --no-verify).
+    """
+    t0 = time.perf_counter()
+    if copy or opts.verify or opts.dry_run:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    else:
+        folded = model
+    decisions = fold_all_scopes(folded, opts.standalone)
+    t_fold = time.perf_counter() - t0
+    report = Report(model=original_path, framework="onnx", decisions=decisions)
+    t1 = time.perf_counter()
+    if not opts.verify:
+        report.verification = Verification(skipped_reason="verification off (--no-verify)")
+    else:
+        from .verify import verify_onnx
+        report.verification = verify_onnx(model, folded, opts)
+    report.timing_s = {"fold": t_fold, "verify": time.perf_counter() - t1}
+    if opts.dry_run:
+        report.info["dry_run"] = True
+        # what a reader needs to judge each decision: who feeds the BN and whom it feeds
+        around = neighbourhoods(model)
+        for d in decisions:
+            if d.bn in around:
+                d.extra.setdefault("neighbourhood", around[d.bn])
+    return FoldResult(model=folded if not opts.dry_run else model, report=report)

@@ -1,0 +1,389 @@
+"""ONNX pass: Conv/ConvTranspose/Gemm/MatMul(+Add) -> BatchNormalization becomes one layer.
+
+Math (kernel.py): W' = W * s[out], b' = s*b + t with s = gamma/sqrt(var+eps), t = beta - s*mean.
+Each BN goes through match (who produces its input) -> check (may we?) -> rewrite (new weights, the
+layer writes the BN's output name). The graph is indexed once; rewrites keep the index current, so a
+chain Conv->BN->BN folds in one pass and the cost grows linearly with the number of nodes. Dead BN
+nodes and initializers are swept once at the end (onnx_sweep). Shape/Size readers of a value a fold
+changes do not block it: the fold keeps every shape, so they follow the value to its new name.
+
+Per BN, in order of preference: fold into the layer before it (here, also through layout ops and
+Identity / inference-only Dropout: onnx_layout), else into the layer after it (onnx_backward), else, with standalone="affine", become
+Mul + Add (onnx_standalone). Per-channel Mul/Add-by-constant ops right after the BN join its affine
+map first. Parameters may be any constant subgraph (onnx_const); every scope is folded (onnx_scopes).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..core import kernel, layouts
+from ..core.decisions import Decision, Reason, Skip
+from .ondisk import on_disk
+from .graph import GraphIndex
+from .match import Match
+from .nodes import ONNX_DOMAINS, attr as _attr, node_label, set_attr
+from .standalone import BnView, absorb_affine_chain, as_mul_add
+from .backward import fold_before
+from .sweep import sweep
+from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
+
+class OnnxFolder:
+    """Folds every BatchNormalization of one graph; collects one Decision per BN."""
+
+    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, opset: int,
+                 outer_consts: Callable[[str], np.ndarray | None] | None = None, scope: str = "",
+                 names: set[str] | None = None, standalone: str = "keep",
+                 shapes: dict[str, tuple[list | None, int]] | None = None) -> None:
+        self.model = model
+        self.opset = opset
+        self.scope = scope
+        self.standalone = standalone
+        self.ix = GraphIndex.build(graph, model.ir_version, outer_consts, opset, names)
+        # Node identity (id()) is used for bookkeeping; holding every wrapper keeps ids stable.
+        self._nodes = list(graph.node)
+        self.decisions: list[Decision] = []
+        self.dead_nodes: set[int] = set()
+        self.maybe_dead_inits: set[str] = set()
+        self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after node, new node)
+        self.dead_values: set[str] = set()
+        self.created: list[str] = []  # initializers this fold added (IR < 4 bodies turn them into Constants)
+        self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
+        self.ix.shapes = self.shapes
+
+    # -- driver ---------------------------------------------------------------------------------
+    def run(self) -> list[Decision]:
+        for node in list(self.ix.graph.node):
+            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+                label = self.scope + node_label(node)
+                try:
+                    self.decisions.append(self._fold_one(node, label))
+                except Skip as s:
+                    self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
+        sweep(self)
+        return self.decisions
+
+    # -- check ----------------------------------------------------------------------------------
+    def _bn_params(self, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+        if self.opset < 7 and _attr(bn, "is_test", 0) == 0:
+            raise Skip(Reason.TRAINING_MODE, "is_test=0: the BatchNorm computes batch statistics")
+        if _attr(bn, "training_mode", 0) == 1:
+            raise Skip(Reason.TRAINING_MODE, "training_mode=1: the BatchNorm uses batch statistics")
+        extra = [o for o in bn.output[1:] if o and self.ix.uses(o)]
+        if extra:
+            raise Skip(Reason.TRAINING_MODE, f"the BatchNorm's training outputs are used ({', '.join(extra)})")
+        if self.opset < 9 and _attr(bn, "spatial", 1) == 0:
+            raise Skip(Reason.SPATIAL_MODE)
+        if len(bn.input) < 5 or not all(bn.input[1:5]):
+            raise Skip(Reason.NO_RUNNING_STATS, "the BatchNorm has no running mean/variance inputs")
+        roles = ("scale", "bias", "running mean", "running variance")
+        gamma, beta, mean, var = (self.ix.const(n, f"BatchNorm {r}") for n, r in zip(bn.input[1:5], roles))
+        eps = float(_attr(bn, "epsilon", 1e-5))
+        channels = int(np.asarray(gamma).size)
+        if np.asarray(gamma).ndim > 1 or any(np.asarray(p).size != channels for p in (beta, mean, var)):
+            raise Skip(Reason.AXIS_MISMATCH, "BatchNorm parameters are not per-channel vectors of one length")
+        s, t = kernel.bn_scale_shift(gamma, beta, mean, var, eps)
+        return s, t, np.asarray(gamma).dtype
+
+    def dims(self, name: str) -> list | None:
+        """Static dims of a value (None entries for dynamic ones), or None when even the rank is unknown."""
+        if name in self.ix.inits:
+            return list(self.ix.inits[name].dims)
+        info = self.shapes.get(name)
+        if info is not None and info[0] is not None:
+            return list(info[0])
+        prod = self.ix.producer.get(name)
+        if prod is not None and prod.op_type in ("Conv", "ConvTranspose") and len(prod.input) > 1:
+            w = prod.input[1]
+            if w in self.ix.inits:
+                return [None] * len(self.ix.inits[w].dims)  # a conv's output has its weight's rank
+        return None
+
+    def _rank(self, name: str) -> int | None:
+        d = self.dims(name)
+        return None if d is None else len(d)
+
+    def elem_type(self, name: str) -> int:
+        """ONNX element type of a value, 0 when unknown."""
+        return self.ix.elem_type(name)
+
+    def _single_use(self, value: str, producer: onnx.NodeProto) -> None:
+        if value in self.ix.graph_outputs:
+            raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{node_label(producer)} output {value!r} is a graph output",
+                       producer=node_label(producer))
+        users = [u for u in self.ix.consumers.get(value, []) if not shape_reader(u)]
+        if len(users) > 1:
+            others = [node_label(u) for u in users][:4]
+            raise Skip(Reason.PRODUCER_FANOUT,
+                       f"{node_label(producer)} output {value!r} also feeds {', '.join(others)}",
+                       producer=node_label(producer))
+
+    def _match(self, bn: onnx.NodeProto) -> Match:
+        x, hops = skip_passthrough(self, bn.input[0])
+        prod = self.ix.producer.get(x)
+        if prod is None:
+            what = "a graph input" if x in self.ix.graph_inputs else "a constant" if x in self.ix.inits else "an outer-scope value"
+            raise Skip(Reason.NO_PRODUCER, f"the BatchNorm's input {x!r} is {what}")
+        if prod.domain in ONNX_DOMAINS and prod.op_type in LAYOUT_OPS:
+            return match_through_layout(self, bn)
+        m = self._match_layer(prod)
+        for hop in hops:  # Identity/Dropout in between: each value on the way has that one reader
+            src = self.ix.producer[hop.input[0]]
+            self._single_use(hop.input[0], src)
+        if hops:
+            m.changed.append(m.tail)
+            m.changed.extend(hops[:0:-1])
+            m.tail = hops[0]
+        return m
+
+    def _match_layer(self, prod: onnx.NodeProto) -> Match:
+        if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}",
+                       producer=node_label(prod))
+        label = node_label(prod)
+        if prod.op_type in ("Conv", "ConvTranspose"):
+            if len(prod.input) < 2:
+                raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has no weight input", producer=label)
+            g = int(_attr(prod, "group", 1))
+            lay = layouts.conv(g) if prod.op_type == "Conv" else layouts.conv_transpose(g)
+            bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+            return Match(f"{prod.op_type}->BN", prod, prod, lay, prod.input[1], bias, (prod, 2))
+        if prod.op_type == "Gemm":
+            bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
+            beta = float(_attr(prod, "beta", 1.0))
+            return Match("Gemm->BN", prod, prod, layouts.gemm(bool(_attr(prod, "transB", 0))), prod.input[1], bias,
+                         (prod, 2), bias_scale=beta if bias else 1.0)
+        if prod.op_type == "MatMul":
+            self._check_matmul(prod)
+            return Match("MatMul->BN", prod, prod, layouts.matmul(), prod.input[1], None, None)
+        # Add: MatMul + constant bias
+        mm, bias = None, None
+        for k in (0, 1):
+            cand = self.ix.producer.get(prod.input[k])
+            if cand is not None and cand.op_type == "MatMul" and cand.domain in ONNX_DOMAINS:
+                mm, bias = cand, prod.input[1 - k]
+                break
+        if mm is None:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from Add {label!r}, not MatMul + bias",
+                       producer=label)
+        w = self._check_matmul(mm)
+        matmul_bias_dims(self, prod, np.asarray(self.ix.const(bias, f"{label} bias")),
+                         self.dims(mm.output[0]) or [None, w.shape[1]])
+        self._single_use(mm.output[0], mm)
+        return Match("MatMul+Add->BN", mm, prod, layouts.matmul(), mm.input[1], bias,
+                     (prod, list(prod.input).index(bias)), changed=[mm])
+
+    def _check_matmul(self, mm: onnx.NodeProto) -> np.ndarray:
+        label = node_label(mm)
+        w = self.ix.const(mm.input[1], f"{label} right operand")
+        if w.ndim != 2:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} right operand has rank {w.ndim}, not 2", producer=label)
+        rank = self._rank(mm.input[0])
+        if rank != 2:
+            raise Skip(Reason.AXIS_MISMATCH,
+                       f"{label} input has rank {rank if rank is not None else 'unknown'}: the BatchNorm's channel "
+                       "axis 1 is not the MatMul's feature axis", producer=label)
+        return w
+
+    # -- rewrite --------------------------------------------------------------------------------
+    def _fold_one(self, bn: onnx.NodeProto, label: str) -> Decision:
+        s, t, _ = self._bn_params(bn)
+        view = absorb_affine_chain(self, bn, s, t)
+        try:
+            return self._fold_after(bn, label, view)  # preferred: it never depends on padding
+        except Skip as e:
+            first = e
+        try:
+            return fold_before(self, bn, label, view)
+        except Skip as e:
+            # the backward check names a real layer: its reason says more than "no layer before"
+            if e.producer and first.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
+                e.detail = f"{e.detail}; nothing to fold into before it either ({first.detail})"
+                first = e
+        if self.standalone == "affine":
+            return as_mul_add(self, bn, label, view, first)
+        raise first
+
+    def _fold_after(self, bn: onnx.NodeProto, label: str, view: BnView) -> Decision:
+        s, t = view.scale, view.shift
+        m = self._match(bn)
+        layer_label = node_label(m.layer)
+        try:
+            self._single_use(bn.input[0], m.tail)
+            weight = self.ix.const(m.weight_name, f"{layer_label} weight")
+            bias = self.ix.const(m.bias_name, f"{layer_label} bias") if m.bias_name else None
+            folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=weight.dtype)
+        except Skip as e:
+            e.producer = e.producer or layer_label
+            raise
+        del weight, bias  # a weight read from disk for this fold need not outlive it (big models)
+        self._rewrite(bn, m, folded, view)
+        return Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
+
+    def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
+        """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""
+        ix = self.ix
+        if name in ix.inits and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
+            t = ix.inits[name]
+            if ((t.HasField("raw_data") or on_disk(t)) and list(t.dims) == list(value.shape)
+                    and sys.byteorder == "little" and value.dtype.kind == "f"
+                    and t.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)):
+                if on_disk(t):  # the folded weight lives in memory from now on
+                    del t.external_data[:]
+                    t.data_location = onnx.TensorProto.DEFAULT
+                t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
+            else:
+                t.CopyFrom(numpy_helper.from_array(value, name))
+            ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
+            return name
+        new = ix.unique(name or "bias")
+        t = numpy_helper.from_array(value, new)
+        ix.graph.initializer.append(t)
+        ix.inits[new] = ix.graph.initializer[-1]
+        self.created.append(new)
+        if ix.ir_version < 4 and not self.scope:
+            # before IR 4 every initializer of the main graph must also be declared as a graph input
+            ix.graph.input.append(helper.make_tensor_value_info(new, t.data_type, list(t.dims)))
+            ix.graph_inputs.add(new)
+        return new
+
+    def _replace_input(self, node: onnx.NodeProto, slot: int, new: str) -> None:
+        ix = self.ix
+        while len(node.input) <= slot:
+            node.input.append("")
+        old = node.input[slot]
+        if old == new:
+            return
+        if old:
+            users = ix.consumers.get(old, [])
+            if node in users:
+                users.remove(node)
+            self.maybe_dead_inits.add(old)
+        node.input[slot] = new
+        ix.consumers.setdefault(new, []).append(node)
+
+    def _rewrite(self, bn: onnx.NodeProto, m: Match, f: kernel.Folded, view: BnView) -> None:
+        ix, out = self.ix, view.out
+        if m.tail is not m.layer:
+            self._rename_path(m.layer, m.tail)
+        new_w = self._write_const(m.weight_name, f.weight, m.layer)
+        self._replace_input(m.layer, 1, new_w)
+        if m.bias_slot is not None:
+            node, slot = m.bias_slot
+            new_b = self._write_const(m.bias_name or f"{node_label(m.layer)}_bias", f.bias, node)
+            self._replace_input(node, slot, new_b)
+            if m.layer.op_type == "Gemm":
+                set_attr(m.layer, "beta", 1.0)
+        else:
+            # MatMul without bias: the shift needs an Add right after it (before any layout ops).
+            old_layer_out = m.layer.output[0]
+            self.insert_add(m.layer, f.bias, out if m.tail is m.layer else old_layer_out)
+            if m.tail is m.layer:
+                self._move_shape_readers(old_layer_out, out)
+                self.drop_bn(bn, view, old_out=old_layer_out)
+                return
+            self.rename_value(old_layer_out)  # the Add writes it now, with the folded value
+        for node in m.changed:
+            self.rename_value(node.output[0])
+        old_out = m.tail.output[0]
+        self._move_shape_readers(old_out, out)
+        m.tail.output[0] = out
+        ix.producer[out] = m.tail
+        self.drop_bn(bn, view, old_out=old_out)
+
+    def _rename_path(self, start: onnx.NodeProto, stop: onnx.NodeProto) -> None:
+        """Tensors between a folded layer and its BN change value: give them fresh names, so a tensor
+        name never means two different values in the original and the folded model (the verifier
+        compares same-named intermediates)."""
+        ix, node = self.ix, start
+        while node is not stop:
+            old = node.output[0]
+            users = ix.consumers.get(old, [])
+            value_readers = [u for u in users if not shape_reader(u)]
+            if len(value_readers) != 1:
+                return
+            nxt, new = value_readers[0], ix.unique(old)
+            node.output[0] = new
+            for u in users:  # shape readers follow: the shape is the same
+                for i, name in enumerate(u.input):
+                    if name == old:
+                        u.input[i] = new
+            ix.producer.pop(old, None)
+            ix.producer[new] = node
+            ix.consumers[new] = ix.consumers.pop(old)
+            self.dead_values.add(old)
+            node = nxt
+
+    def _move_shape_readers(self, old: str, new: str) -> None:
+        """Point the Shape/Size readers of `old` at `new`, a value of the same shape."""
+        ix = self.ix
+        readers = [u for u in ix.consumers.get(old, []) if shape_reader(u)]
+        for r in readers:
+            for i, name in enumerate(r.input):
+                if name == old:
+                    r.input[i] = new
+            ix.consumers[old].remove(r)
+            ix.consumers.setdefault(new, []).append(r)
+
+    def rename_value(self, value: str) -> str:
+        """Give a single-use intermediate whose content a fold changes a fresh name (a name never
+        changes meaning, so the verifier can compare every tensor both models share)."""
+        ix = self.ix
+        prod = ix.producer[value]
+        new = ix.unique(value)
+        prod.output[list(prod.output).index(value)] = new
+        ix.producer[new] = prod
+        readers = ix.consumers.pop(value, [])
+        for r in readers:
+            for k, name in enumerate(r.input):
+                if name == value:
+                    r.input[k] = new
+        ix.consumers[new] = readers
+        ix.producer.pop(value, None)
+        self.dead_values.add(value)
+        return new
+
+    def insert_add(self, layer: onnx.NodeProto, bias: np.ndarray, out: str) -> onnx.NodeProto:
+        """Make `layer` write a fresh name and an Add of `bias` to it write `out` (placed right after `layer`)."""
+        ix = self.ix
+        mid = ix.unique(layer.output[0])
+        b_name = self._write_const(f"{node_label(layer)}_bias", bias, None)  # type: ignore[arg-type]
+        add = helper.make_node("Add", [mid, b_name], [out], name=ix.unique(node_label(layer) + "_add"))
+        layer.output[0] = mid
+        ix.producer[mid] = layer
+        ix.consumers[mid] = [add]
+        ix.consumers.setdefault(b_name, []).append(add)
+        self.inserted.append((layer, add))
+        ix.producer[out] = add
+        return add
+
+    def unlink(self, node: onnx.NodeProto) -> None:
+        """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too)."""
+        ix = self.ix
+        self.dead_nodes.add(id(node))
+        for name in node.input:
+            if name:
+                users = ix.consumers.get(name, [])
+                if node in users:
+                    users.remove(node)
+                self.maybe_dead_inits.add(name)
+
+    def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
+        """Mark the BN and its absorbed Mul/Add chain dead; `view.out` stays alive when someone now writes it."""
+        ix = self.ix
+        for node in (bn, *view.chain):
+            self.unlink(node)
+            for o in node.output:
+                if o and not (o == view.out and ix.producer.get(o) is not node):
+                    self.dead_values.add(o)
+                    if ix.producer.get(o) is node:
+                        ix.producer.pop(o)
+        if old_out is not None:
+            ix.producer.pop(old_out, None)
+            ix.consumers.pop(old_out, None)
+            self.dead_values.add(old_out)
+

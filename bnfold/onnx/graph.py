@@ -1,0 +1,103 @@
+"""The graph index of the ONNX pass: producer/consumer maps kept current while rewriting, and the
+constant lookup every check goes through (initializers the caller cannot override, Constant nodes and
+whole constant subgraphs via onnx_const, and constants of enclosing scopes for subgraph bodies)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..core.decisions import Reason, Skip
+from .ondisk import tensor_value
+from .const import ConstEvaluator
+from .nodes import graphs_of, subgraph_free_names
+
+@dataclass
+class GraphIndex:
+    """Producer and consumer maps of one graph, kept current while rewriting."""
+
+    graph: onnx.GraphProto
+    ir_version: int
+    outer_consts: Callable[[str], np.ndarray | None] | None = None
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
+    const_cache: dict[str, np.ndarray] = field(default_factory=dict)
+    opset: int = 13
+    evaluator: ConstEvaluator | None = None
+    # name -> (dims, elem_type) from shape inference, shared by all scopes; declared types as fallback
+    shapes: dict[str, tuple[list | None, int]] = field(default_factory=dict)
+    declared: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, graph: onnx.GraphProto, ir_version: int,
+              outer_consts: Callable[[str], np.ndarray | None] | None = None, opset: int = 13,
+              names: set[str] | None = None) -> "GraphIndex":
+        ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts, opset=opset)
+        if names is not None:
+            ix.names = names  # shared across scopes: a name made here must not shadow or repeat another scope's
+        ix.inits = {t.name: t for t in graph.initializer}
+        ix.graph_inputs = {i.name for i in graph.input}
+        ix.graph_outputs = {o.name for o in graph.output}
+        for vi in (*graph.input, *graph.value_info, *graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                ix.declared[vi.name] = vi.type.tensor_type.elem_type
+        ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
+        for n in graph.node:
+            for o in n.output:
+                if o:
+                    ix.producer[o] = n
+                    ix.names.add(o)
+            for i in n.input:
+                if i:
+                    ix.consumers.setdefault(i, []).append(n)
+            for a in n.attribute:
+                for g in graphs_of(a):
+                    for name in subgraph_free_names(g):
+                        ix.consumers.setdefault(name, []).append(n)
+        return ix
+
+    def uses(self, name: str) -> int:
+        return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
+
+    def unique(self, base: str) -> str:
+        name, k = f"{base}_bnfold", 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_bnfold{k}"
+        self.names.add(name)
+        return name
+
+    def elem_type(self, name: str) -> int:
+        """ONNX element type of a value (initializer, inferred or declared), 0 when unknown."""
+        if name in self.inits:
+            return self.inits[name].data_type
+        info = self.shapes.get(name)
+        if info is not None and info[1]:
+            return info[1]
+        return self.declared.get(name, 0)
+
+    def overridable(self, name: str) -> bool:
+        # From IR 4 on, an initializer that is also a graph input can be replaced by the caller.
+        return name in self.graph_inputs and self.ir_version >= 4
+
+    def const(self, name: str, role: str) -> np.ndarray:
+        """The constant value of tensor `name`, or Skip(NON_CONSTANT_PARAM) naming it."""
+        if name in self.const_cache:
+            return self.const_cache[name]
+        t = self.inits.get(name)
+        if t is not None and not self.overridable(name):
+            return tensor_value(t)  # the common case, read where used (see ConstEvaluator.leaf)
+        if self.evaluator is None:
+            self.evaluator = ConstEvaluator(self, self.opset)
+        value = self.evaluator.value(name)
+        if value is None:
+            why = self.evaluator.why(name)
+            raise Skip(Reason.NON_CONSTANT_PARAM,
+                       f"{role} {why}" if why.startswith(repr(name)) else f"{role} {name!r} depends on {why}")
+        return value

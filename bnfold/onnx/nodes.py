@@ -1,0 +1,63 @@
+"""Plain helpers over ONNX nodes and attributes, shared by every module of the ONNX package."""
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+from onnx import helper
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of attribute `name` of `node`, or `default` when it is absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    """Set (replace or add) attribute `name` of `node`."""
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A node's name, or a stable stand-in built from its op and first output."""
+    return node.name or f"{node.op_type}:{node.output[0] if node.output else '?'}"
+
+
+def graphs_of(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The subgraphs an attribute holds (If/Loop/Scan bodies), if any."""
+    if a.type == onnx.AttributeProto.GRAPH:
+        return [a.g]
+    if a.type == onnx.AttributeProto.GRAPHS:
+        return list(a.graphs)
+    return []
+
+
+def subgraph_free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from its enclosing scopes (used but not defined inside it)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer} if hasattr(graph, "sparse_initializer") else set()
+    used: set[str] = set()
+    for n in graph.node:
+        defined.update(o for o in n.output if o)
+        used.update(i for i in n.input if i)
+        for a in n.attribute:
+            for g in graphs_of(a):
+                used |= subgraph_free_names(g)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset of a model (1 when absent, as the spec says)."""
+    for o in model.opset_import:
+        if o.domain in ONNX_DOMAINS:
+            return int(o.version)
+    return 1

@@ -1,0 +1,332 @@
+"""Big ONNX weights left in their external data files until a fold needs them.
+
+A model whose external weights add up to LAZY_TOTAL bytes or more is loaded lazily: each top-level
+initializer of at least LAZY_MIN bytes stays a reference into its data file (an "on-disk" tensor),
+read by tensor_value() when a fold needs it and copied file-to-file by save_external(). A folded
+weight is held in memory; everything else stays on disk, so folding and saving a model of N bytes
+costs about the folded weights, not 3N (onnx's own load + save of such a model peaks near 3N).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..core.errors import BnfoldError
+from .protos import ext_info, is_external, nbytes, structure_only, with_outputs
+
+
+TWO_GB = 2 ** 31 - 1
+
+
+LAZY_TOTAL = 1 << 30
+
+
+LAZY_MIN = 1 << 20
+
+
+_BASE_KEY = "bnfold.base_dir"  # our own external_data keys: never written (see _stub), dropped on load
+
+
+_STAMP_KEY = "bnfold.stamp"
+
+
+_COPY_CHUNK = 16 << 20
+
+
+def on_disk(t: onnx.TensorProto) -> bool:
+    """True for a tensor that load_onnx left in its external data file (see LAZY_TOTAL)."""
+    return is_external(t) and any(e.key == _BASE_KEY for e in t.external_data)
+
+
+def has_on_disk(model: onnx.ModelProto) -> bool:
+    return any(on_disk(t) for t in model.graph.initializer)
+
+
+def _stamp(file: str) -> str:
+    st = os.stat(file)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _source(t: onnx.TensorProto) -> tuple[str, int, int]:
+    """(file, offset, length) of an on-disk tensor, after checking that the file is still the one
+    load_onnx saw: a data file deleted, truncated or rewritten since would give wrong weights."""
+    info = ext_info(t)
+    file = os.path.join(info[_BASE_KEY], info["location"])
+    try:
+        same = _stamp(file) == info.get(_STAMP_KEY)
+    except OSError:
+        raise BnfoldError(f"external data of {t.name!r} is gone since the model was loaded", file) from None
+    if not same:
+        raise BnfoldError(f"external data of {t.name!r} changed since the model was loaded; load and fold again",
+                          file)
+    return file, int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0) or nbytes(t)
+
+
+def _read_exact(t: onnx.TensorProto) -> bytes:
+    file, offset, length = _source(t)
+    try:
+        with open(file, "rb") as fh:
+            fh.seek(offset)
+            raw = fh.read(length)
+    except OSError as e:
+        raise BnfoldError(f"cannot read external data of {t.name!r}: {e.strerror or e}", file) from None
+    if len(raw) != length:
+        raise BnfoldError(f"external data of {t.name!r} ends early", file)
+    return raw
+
+
+def leave_on_disk(model: onnx.ModelProto, base: str, path: str) -> None:
+    for t in model.graph.initializer:
+        n = nbytes(t)
+        if not is_external(t) or n < LAZY_MIN or t.data_type == onnx.TensorProto.STRING:
+            continue
+        info = ext_info(t)
+        file = os.path.join(base, info["location"])
+        offset, length = int(info.get("offset", 0) or 0), int(info.get("length", 0) or 0) or n
+        if length != n or offset + length > os.path.getsize(file):
+            raise BnfoldError(f"external data of {t.name!r} does not fit {info['location']!r} (offset {offset}, "
+                              f"{length} bytes for a tensor of {n}; truncated or wrong file?)", path)
+        for k, v in ((_BASE_KEY, base), (_STAMP_KEY, _stamp(file))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+
+
+def tensor_value(t: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array that also reads on-disk tensors (one tensor read, nothing kept)."""
+    from onnx import numpy_helper
+    if not on_disk(t):
+        return numpy_helper.to_array(t)
+    file, offset, length = _source(t)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    simple = dtype.kind in "fiub" or dtype.name == "bfloat16"
+    if simple and dtype.itemsize * math.prod(t.dims) == length:
+        try:
+            a = np.fromfile(file, dtype=dtype.newbyteorder("<"), count=math.prod(t.dims), offset=offset)
+        except OSError as e:
+            raise BnfoldError(f"cannot read external data of {t.name!r}: {e.strerror or e}", file) from None
+        if a.size != math.prod(t.dims):
+            raise BnfoldError(f"external data of {t.name!r} ends early", file)
+        return a.astype(dtype, copy=False).reshape(tuple(t.dims))
+    plain = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims))  # packed 4-bit types...
+    plain.raw_data = _read_exact(t)
+    return numpy_helper.to_array(plain)
+
+
+def loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when every weight is in memory, else a copy with the on-disk tensors read in
+    (for what needs a self-contained proto: onnxruntime from memory, onnx.save_model)."""
+    if not has_on_disk(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if on_disk(t):
+            _read_in(t)
+    return m
+
+
+def _read_in(t: onnx.TensorProto) -> onnx.TensorProto:
+    """Turn an on-disk tensor into an ordinary one holding its bytes (in place); returns `t`."""
+    raw = _read_exact(t)
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+    t.raw_data = raw
+    return t
+
+
+@dataclass
+class ExternalModel:
+    """A model for onnxruntime that is too big for one protobuf: a light `proto` whose big weights are
+    external data under `folder` (onnxruntime reads them itself, memory-mapped when it can)."""
+
+    proto: onnx.ModelProto
+    folder: str
+
+    def with_outputs(self, names: list[str]) -> "ExternalModel":
+        return ExternalModel(with_outputs(self.proto, names), self.folder)
+
+
+def for_session(model: onnx.ModelProto, folder: str, name: str,
+                transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                transform_names: set[str] | frozenset[str] = frozenset()) -> ExternalModel:
+    """`model` as an ExternalModel. A model loaded with its big weights on disk (one folder) is used
+    where it lies: nothing is written. Anything else (weights a fold changed, or the values that
+    `transform` gives the initializers named in `transform_names`) is written to `folder` first,
+    one tensor at a time."""
+    bases = {ext_info(t)[_BASE_KEY] for t in model.graph.initializer if on_disk(t)}
+    in_memory = sum(nbytes(t) for t in model.graph.initializer if not on_disk(t))
+    if transform is None and len(bases) == 1 and in_memory < TWO_GB // 2:  # the light proto must serialise
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        for t in m.graph.initializer:
+            if on_disk(t):
+                _source(t)  # the data file is still the one loaded
+                drop_private(t)
+        return ExternalModel(m, bases.pop())
+    path = os.path.join(folder, f"{name}.onnx")
+    save_external(model, path, f"{name}.data", transform=transform, transform_names=transform_names)
+    return ExternalModel(onnx.load(path, load_external_data=False), folder)
+
+
+def drop_private(t: onnx.TensorProto) -> None:
+    keep = [(e.key, e.value) for e in t.external_data if not e.key.startswith("bnfold.")]
+    del t.external_data[:]
+    for k, v in keep:
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def _stub(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    s = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims), doc_string=t.doc_string,
+                         data_location=onnx.TensorProto.EXTERNAL)
+    s.metadata_props.extend(t.metadata_props)
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = s.external_data.add()
+        e.key, e.value = k, v
+    return s
+
+
+def _raw(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    from onnx import numpy_helper
+    return _le_bytes(numpy_helper.to_array(t))
+
+
+def _copy_range(fh, t: onnx.TensorProto) -> int:
+    """Copy an on-disk tensor's bytes from its source file into `fh`, a chunk at a time."""
+    file, offset, length = _source(t)
+    try:
+        src = open(file, "rb")
+    except OSError as e:
+        raise BnfoldError(f"cannot read external data of {t.name!r}: {e.strerror or e}", file) from None
+    with src:
+        src.seek(offset)
+        left = length
+        while left:
+            chunk = src.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise BnfoldError(f"external data of {t.name!r} ends early", file)
+            fh.write(chunk)
+            left -= len(chunk)
+    return length
+
+
+def _array_tensor(a: np.ndarray, like: onnx.TensorProto) -> onnx.TensorProto:
+    from onnx import numpy_helper
+    t = numpy_helper.from_array(np.asarray(a), like.name)
+    t.data_type = like.data_type  # bfloat16 and friends: from_array may not know the ONNX type
+    return t
+
+
+def _le_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes()
+
+
+def save_external(model: onnx.ModelProto, path: str, location: str, size_threshold: int = 1024,
+                  all_tensors_to_one_file: bool = True,
+                  transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                  transform_names: set[str] | frozenset[str] = frozenset()) -> None:
+    """Write `model` with its large initializers in external data files, atomically and without
+    touching `model`: the written proto holds stubs, the bytes go straight from each tensor to the
+    data file (one tensor in flight, so peak memory stays near one copy of the weights; on-disk
+    tensors are copied file to file). Data files are renamed into place before the model file, so
+    a reader never sees a model without its data. `transform(name, value)` gives the value written
+    for each initializer named in `transform_names` (the verifier's nudged noise model)."""
+    import tempfile
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if "/" in location or "\\" in location or location in ("", ".", ".."):
+        raise BnfoldError(f"external data location must be a plain file name, not {location!r}", path)
+    sources = {os.path.realpath(_source(t)[0]) for t in model.graph.initializer if on_disk(t)}
+    for loc in ([location] if all_tensors_to_one_file else
+                [f"{location}.{i}" for i in range(len(model.graph.initializer))]):
+        if os.path.realpath(folder / loc) in sources:
+            raise BnfoldError(f"would overwrite {loc!r}, the external data file the model's weights are read from",
+                              path)
+    light = structure_only(model)  # nodes, inputs, outputs; initializers come next, stubbed or small
+    del light.graph.input[len(model.graph.input):]
+    light.graph.doc_string = model.graph.doc_string
+    light.graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, f, getattr(model, f))
+    light.metadata_props.extend(model.metadata_props)
+    pending: list[tuple[str, Path]] = []  # (temporary file, final name)
+    files: dict[str, tuple[object, str, int]] = {}
+    try:
+        for i, t in enumerate(model.graph.initializer):
+            n = nbytes(t)
+            changed = transform is not None and t.name in transform_names
+            if n < size_threshold or t.data_type == onnx.TensorProto.STRING:
+                if changed:
+                    light.graph.initializer.append(_array_tensor(transform(t.name, tensor_value(t)), t))
+                elif on_disk(t):
+                    light.graph.initializer.add().CopyFrom(t)
+                    _read_in(light.graph.initializer[-1])
+                else:
+                    light.graph.initializer.append(t)
+                continue
+            loc = location if all_tensors_to_one_file else f"{location}.{i}"
+            if loc not in files:
+                fd, tmp = tempfile.mkstemp(prefix=f".{loc}.", suffix=".tmp", dir=str(folder))
+                files[loc] = (os.fdopen(fd, "wb"), tmp, 0)
+                pending.append((tmp, folder / loc))
+            fh, tmp, offset = files[loc]
+            pad = (-offset) % 4096 if n >= 1 << 20 else 0  # page-aligned big tensors can be mmapped
+            fh.write(b"\0" * pad)  # type: ignore[attr-defined]
+            offset += pad
+            if changed:
+                raw = _le_bytes(transform(t.name, tensor_value(t)))
+            elif on_disk(t):
+                raw = None
+                length = _copy_range(fh, t)
+            else:
+                raw = _raw(t)
+            if raw is not None:
+                fh.write(raw)  # type: ignore[attr-defined]
+                length = len(raw)
+            light.graph.initializer.append(_stub(t, loc, offset, length))
+            files[loc] = (fh, tmp, offset + length)
+            del raw
+        for fh, _, _ in files.values():
+            fh.flush()  # type: ignore[attr-defined]
+            os.fsync(fh.fileno())  # type: ignore[attr-defined]
+            fh.close()  # type: ignore[attr-defined]
+        files.clear()
+        fd, model_tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(folder))
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(light.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        pending.append((model_tmp, target))
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, final in pending:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are owner-only; give the usual mode
+            os.replace(tmp, final)
+        pending.clear()
+    finally:
+        for fh, _, _ in files.values():
+            fh.close()  # type: ignore[attr-defined]
+        for tmp, _ in pending:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def over_two_gb(model: onnx.ModelProto) -> bool:
+    """True when `model` cannot be serialised as one protobuf (over 2 GB)."""
+    # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
+    raw = sum(nbytes(t) for t in model.graph.initializer)
+    if has_on_disk(model):  # ByteSize() counts the in-memory part only
+        return raw + model.ByteSize() > TWO_GB
+    if raw < TWO_GB * 0.9:
+        return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and model.ByteSize() > TWO_GB
+    return raw > TWO_GB or model.ByteSize() > TWO_GB
+

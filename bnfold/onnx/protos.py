@@ -1,0 +1,100 @@
+"""Light copies and walks of ONNX ModelProtos that never touch weight bytes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+
+def structure_only(model: onnx.ModelProto, keep_up_to: int = 0) -> onnx.ModelProto:
+    """A copy of `model` without weight data, for the checker and shape inference: initializers with
+    more than `keep_up_to` elements become typed graph inputs (small ones, such as Reshape targets,
+    can be kept so inference sees their values).
+
+    Checking the structure this way costs the size of the node list, not of the weights (re-reading a
+    100 MB file just to check it doubled the load time).
+    """
+    m = onnx.ModelProto()
+    g = model.graph
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    mg = m.graph
+    mg.name = g.name
+    mg.doc_string = g.doc_string
+    mg.node.extend(g.node)
+    mg.input.extend(g.input)
+    mg.output.extend(g.output)
+    mg.value_info.extend(g.value_info)
+    have = {i.name for i in g.input}
+    for t in g.initializer:
+        if keep_up_to and math.prod(t.dims) <= keep_up_to:
+            mg.initializer.append(t)
+        elif t.name not in have:
+            mg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return m
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the tensors `names`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return m
+
+
+def all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
+    subgraphs and model-local functions as well."""
+    A = onnx.AttributeProto
+
+    def of_nodes(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == A.TENSOR:
+                    yield a.t
+                elif a.type == A.TENSORS:
+                    yield from a.tensors
+                elif a.type == A.SPARSE_TENSOR:
+                    yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+                elif a.type == A.GRAPH:
+                    yield from of_graph(a.g)
+                elif a.type == A.GRAPHS:
+                    for g in a.graphs:
+                        yield from of_graph(g)
+
+    def of_graph(g):
+        yield from g.initializer
+        for sp in g.sparse_initializer:
+            yield from (sp.values, sp.indices)
+        yield from of_nodes(g.node)
+
+    yield from of_graph(model.graph)
+    for f in model.functions:
+        yield from of_nodes(f.node)
+
+
+def nbytes(t: onnx.TensorProto) -> int:
+    # from the header alone: reading raw_data (or ByteSize()) would copy or encode the whole tensor
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    if t.data_type in _PACKED:
+        return (n + 1) // 2
+    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+# two elements per byte in raw data (numpy's ml_dtypes stand-ins take a whole byte each)
+_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def ext_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}

@@ -1,0 +1,81 @@
+"""Static shapes and element types of every value, all scopes, from one weight-free shape inference.
+
+Checks such as "is the BatchNorm's channel axis the MatMul's feature axis" need ranks and dims.
+onnx's shape inference serialises the model it is given, so it runs on a copy whose large
+initializers are replaced by typed graph inputs: the cost follows the number of nodes, not the
+size of the weights. It runs once, before any rewrite, and only for models that need it.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import onnx
+
+from .protos import structure_only
+
+Dims = list  # list[int | None]: None marks a dynamic dimension
+SMALL_INIT = 4096  # elements; shape-carrying initializers (Reshape targets, axes) are far smaller
+
+
+def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _graphs(sub)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[Dims | None, int] | None:
+    if not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None, tt.elem_type
+    return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim], tt.elem_type
+
+
+def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = structure_only(model, keep_up_to=SMALL_INIT)
+    if m.ir_version < 4:
+        m.ir_version = 4  # initializers need not be inputs from IR 4 on; inference does not care otherwise
+    return m
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, tuple[Dims | None, int]]:
+    """name -> (dims or None, elem_type) for every value with a known tensor type, in every scope."""
+    table: dict[str, tuple[Dims | None, int]] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_light_copy(model), strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; unknown shapes make checks refuse, not guess
+        inferred = model
+    for g in _graphs(inferred.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            d = _dims(vi)
+            if d is not None and (vi.name not in table or table[vi.name][0] is None):
+                table[vi.name] = d
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            table[t.name] = (list(t.dims), t.data_type)
+    return table
+
+
+def needs_shapes(model: onnx.ModelProto) -> bool:
+    """True when some BatchNorm's neighbourhood cannot be judged from weight ranks alone."""
+    for g in _graphs(model.graph):
+        producer = {o: n.op_type for n in g.node for o in n.output}
+        uses: dict[str, int] = {o.name: 1 for o in g.output}
+        for n in g.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        for n in g.node:
+            if n.op_type == "CastLike":
+                return True  # a constant made by CastLike needs the element type of what it copies
+            if n.op_type != "BatchNormalization" or not n.input:
+                continue
+            # a Conv feeding only this BN folds forward without shapes; anything else may need them
+            if producer.get(n.input[0]) not in ("Conv", "ConvTranspose") or uses.get(n.input[0], 0) != 1:
+                return True
+    return any(n.op_type == "BatchNormalization" for f in model.functions for n in f.node)

@@ -1,0 +1,72 @@
+"""Cleanup after an ONNX graph's folds: drop folded BNs, the constant subgraphs and initializers
+nothing reads any more, and stale value_info, once per graph and without copying tensors."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .nodes import ONNX_DOMAINS
+
+if TYPE_CHECKING:
+    from .folder import OnnxFolder
+
+
+def _dead_constants(f: "OnnxFolder", dead: set[int]) -> set[str]:
+    """Add to `dead` every constant-only node nobody reads any more (transitively, starting from the
+    names folding released); return the initializers nobody reads any more."""
+    ix = f.ix
+    const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
+    work, seen, dead_inits = list(f.maybe_dead_inits), set(), set()
+    while work:
+        n = work.pop()
+        if n in seen or ix.uses(n):
+            continue
+        seen.add(n)
+        if n in ix.inits:
+            if not ix.overridable(n):  # a caller may feed an overridable one: it stays an input
+                dead_inits.add(n)
+            continue
+        src = ix.producer.get(n)
+        if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
+            continue
+        if id(src) not in const_nodes and not (src.op_type == "Constant" and src.domain in ONNX_DOMAINS):
+            continue
+        dead.add(id(src))
+        f.dead_values.update(o for o in src.output if o)
+        for i in src.input:
+            if i:
+                users = ix.consumers.get(i, [])
+                if src in users:
+                    users.remove(src)
+                work.append(i)
+    return dead_inits
+
+
+def sweep(f: "OnnxFolder") -> None:
+    """Remove folded BNs and initializers nothing reads any more, without copying tensors."""
+    g, ix = f.ix.graph, f.ix
+    dead = set(f.dead_nodes)
+    dead_inits = _dead_constants(f, dead)
+    if f.inserted or dead:
+        pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(g.node)}
+        for after, new in f.inserted:
+            g.node.append(new)  # appending copies: key the stored message, not `new`
+            f._nodes.append(g.node[-1])  # and keep its wrapper alive so its id() stays its own
+            pos[id(g.node[-1])] = pos[id(after)] + 0.5
+        # one pointer sort: live nodes in order (inserted ones right after their anchor), dead last
+        g.node.sort(key=lambda n: (id(n) in dead, pos[id(n)]))
+        if dead:
+            del g.node[len(g.node) - len(dead):]
+    if dead_inits:
+        g.initializer.sort(key=lambda t: t.name in dead_inits)
+        del g.initializer[len(g.initializer) - len(dead_inits):]
+    declared_dead = dead_inits & ix.graph_inputs  # IR < 4: the initializer's own input entry
+    if declared_dead:
+        g.input.sort(key=lambda v: v.name in declared_dead)
+        del g.input[len(g.input) - len(declared_dead):]
+        ix.graph_inputs -= declared_dead
+    gone = f.dead_values | dead_inits
+    if gone:
+        stale = {v.name for v in g.value_info if v.name in gone}
+        if stale:
+            g.value_info.sort(key=lambda v: v.name in stale)
+            del g.value_info[len(g.value_info) - len(stale):]
