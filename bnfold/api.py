@@ -66,15 +66,18 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
          *, atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
          input_specs: Sequence[InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
          outputs_only: bool = False, standalone: str = "keep", trust: bool = False, dry_run: bool = False,
-         progress: Callable[[str], None] | None = None) -> FoldResult:
+         progress: Callable[[str], None] | None = None, strict: bool = False,
+         save_inputs: str | None = None) -> FoldResult:
     """Fold every foldable BatchNorm and verify the result against the unfolded model.
 
     Returns a FoldResult whose `.model` has the type given (a path gives the loaded type) and whose
     `.report` lists one decision per BatchNorm and the verification. The input is never mutated.
+    A fold that fails its proof is reverted (its BN kept with VERIFICATION_FAILED) and the rest
+    re-verified; with strict=True any failed proof leaves the verdict failed instead.
     """
     opts = Options.of(verify=verify, providers=providers, atol=atol, rtol=rtol, seed=seed, input_specs=input_specs,
                       inputs_npz=inputs_npz, batches=batches, outputs_only=outputs_only, standalone=standalone,
-                      trust=trust, dry_run=dry_run, progress=progress)
+                      trust=trust, dry_run=dry_run, progress=progress, strict=strict, save_inputs=save_inputs)
     return fold_with(model_or_path, opts, example_inputs)
 
 
@@ -98,8 +101,41 @@ def fold_with(model_or_path: Any, opts: Options, example_inputs: Any = None) -> 
         if example_inputs is None and (opts.input_specs or opts.inputs_npz or path is not None):
             example_inputs = fe.example_inputs(model, opts)
         res = fe.fold(model, opts, example_inputs=example_inputs, path=path)
+        res = _self_heal(fe, model, opts, example_inputs, path, res)
     res.report.model = path if path is not None else res.report.model
     res.report.timing_s = {"load": t_load, **{k: v for k, v in res.report.timing_s.items() if k != "load"}}
+    return res
+
+
+MAX_HEALING_ROUNDS = 3
+
+
+def _self_heal(fe: Frontend, model: Any, opts: Options, example_inputs: Any, path: str | None,
+               res: FoldResult) -> FoldResult:
+    """Revert exactly the folds a failed proof points at, fold the rest again and re-verify it.
+
+    Each round keeps the BNs blamed so far (reason VERIFICATION_FAILED, with the measured error in the
+    detail); a model whose failure blames no fold, or no new fold, stays failed. --strict turns this off.
+    """
+    spent = dict(res.report.timing_s)
+    for _ in range(MAX_HEALING_ROUNDS):
+        ver = res.report.verification
+        if opts.strict or ver is None or not ver.blame:
+            break
+        exclude = dict(opts.exclude)
+        for b in ver.blame:
+            exclude.setdefault(b["bn"], b.get("why") or "its proof failed")
+        if len(exclude) == len(opts.exclude):
+            break  # nothing new to revert: the failure is not a fold's, the verdict stands
+        opts = opts.but(exclude=exclude)
+        opts.say(f"reverting {len(exclude)} fold(s) that failed their proof, folding and verifying again")
+        res = fe.fold(model, opts, example_inputs=example_inputs, path=path)
+        for k, v in res.report.timing_s.items():
+            spent[k] = spent.get(k, 0.0) + v
+    res.report.timing_s = spent
+    if opts.exclude or res.report.reverted:
+        res.report.info["self_healing"] = (f"{len(res.report.reverted)} fold(s) failed their proof and were "
+                                           "reverted; the rest of the model was folded and verified again")
     return res
 
 
@@ -107,7 +143,7 @@ def check(original: Any, candidate: Any, *, providers: Sequence[str] | None = No
           atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
           input_specs: Sequence[InputSpec] = (), inputs_npz: str | None = None, batches: int = 1,
           outputs_only: bool = False, example_inputs: Any = None, trust: bool = False,
-          progress: Callable[[str], None] | None = None) -> Verification:
+          progress: Callable[[str], None] | None = None, save_inputs: str | None = None) -> Verification:
     """Are `original` and `candidate` the same function? Truthy Verification when they are.
 
     Both may be ONNX (paths or ModelProto); a PyTorch or Keras original may be checked against its
@@ -115,7 +151,7 @@ def check(original: Any, candidate: Any, *, providers: Sequence[str] | None = No
     """
     opts = Options.of(providers=providers, atol=atol, rtol=rtol, seed=seed, input_specs=input_specs,
                       inputs_npz=inputs_npz, batches=batches, outputs_only=outputs_only, trust=trust,
-                      progress=progress)
+                      progress=progress, save_inputs=save_inputs)
     return check_with(original, candidate, opts, example_inputs)
 
 

@@ -45,6 +45,8 @@ def _common(p: argparse.ArgumentParser, verify_opts: bool = True) -> None:
                    help="shape (and dtype) of an input, e.g. images:1x3x224x224 (dynamic dims default to 1)")
     g.add_argument("--inputs", metavar="FILE.npz", help="real input data: an .npz with one array per input name")
     g.add_argument("--batches", type=int, default=1, metavar="N", help="number of random input batches (default 1)")
+    g.add_argument("--save-inputs", metavar="FILE.npz",
+                   help="write the exact inputs verification used (replay them with --inputs FILE.npz)")
     g.add_argument("--outputs-only", action="store_true",
                    help="only the model outputs decide; by default every tensor both models compute under the same "
                         "name must agree too (catches errors a ReLU masks on the test inputs)")
@@ -60,6 +62,9 @@ def _fold_parser() -> argparse.ArgumentParser:
                    help=".onnx, .pt2, TorchScript .pt, a pickled nn.Module (--trust), .keras or .h5")
     p.add_argument("-o", "--output", metavar="OUT", help="output path (one MODEL only; default <stem>.folded<ext>)")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
+    p.add_argument("--strict", action="store_true",
+                   help="a fold that fails its proof fails the run (exit 1, nothing written); by default that one "
+                        "fold is reverted, its BatchNorm kept (VERIFICATION_FAILED) and the rest verified again")
     p.add_argument("--dry-run", action="store_true", help="decide and report, write nothing")
     p.add_argument("--standalone", choices=["keep", "affine"], default="keep",
                    help="ONNX: a BatchNorm with no layer to fold into: keep it, or rewrite it as Mul+Add (default keep)")
@@ -91,6 +96,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["onnx"], required=True, help="target format")
     p.add_argument("-o", "--output", metavar="OUT", help="output path (default <stem>.folded.onnx)")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
+    p.add_argument("--strict", action="store_true", help="a fold that fails its proof fails the run (exit 1)")
     _common(p)
     return p
 
@@ -145,7 +151,8 @@ def _options(a: argparse.Namespace, **more: Any) -> Options:
         providers=[p for p in a.providers.split(",") if p.strip()] if a.providers else None,
         atol=_parse_atol(a.atol), rtol=a.rtol, seed=a.seed,
         input_specs=[parse_input_spec(s) for s in a.input], inputs_npz=a.inputs, batches=a.batches,
-        outputs_only=getattr(a, "outputs_only", False), trust=a.trust, progress=_progress(a), **more)
+        outputs_only=getattr(a, "outputs_only", False), trust=a.trust, progress=_progress(a),
+        strict=getattr(a, "strict", False), save_inputs=a.save_inputs, **more)
 
 
 def _progress(a: argparse.Namespace):

@@ -41,19 +41,37 @@ def verification_lines(v: Verification | None) -> list[str]:
     if v is None or v.skipped_reason is not None:
         return [f"verification   not run ({v.skipped_reason if v else 'off'})"]
     lines = []
-    verdict = {True: "PASSED", False: "FAILED", None: "NOT RUN (no provider could run)"}[v.passed]
+    verdict = {"passed": "PASSED", "failed": "FAILED", "inconclusive": "INCONCLUSIVE (nothing was proven)",
+               None: "NOT RUN (no provider could run)"}[v.verdict]
+    if v.proofs:
+        total = sum(v.proofs.values())
+        verdict += f"   {v.proofs.get('proven', 0)} of {total} fold(s) proven locally"
+        if v.proofs.get("failed"):
+            verdict += f", {v.proofs['failed']} failed"
     lines.append(f"verification   {verdict}")
+    for name, d in v.inputs.items():
+        shape = "x".join(str(n) for n in d.get("shape", []))
+        lines.append(f"  input {name!r:<20} {shape} {d.get('dtype', '')}: {d.get('how', '')}")
     for name, p in v.providers.items():
         if not p.ran:
             lines.append(f"  {name:<26} not run: {p.why}")
             continue
         worst = max(p.outputs.items(), key=lambda kv: (not kv[1].get("passed", False),
+                                                       kv[1].get("verdict") == "inconclusive",
                                                        kv[1].get("max_abs", 0) / (kv[1].get("atol") or 1e-300)))
         oname, st = worst
-        tag = "ok " if p.passed else "BAD"
+        tag = {"passed": "ok ", "failed": "BAD", "inconclusive": "???"}.get(p.verdict or "", "   ")
         lines.append(f"  {name:<26} {tag} {len(p.outputs)} output(s); worst {oname!r}: max abs {_g(st.get('max_abs'))}"
                      f" (rel {_g(st.get('max_rel'))}) vs atol {_g(st.get('atol'))}"
                      f" [{st.get('how')}; noise {_g(st.get('noise_max_abs'))}]")
+        for k, st2 in p.outputs.items():
+            if st2.get("inconclusive"):
+                lines.append("  " + " " * 26 + f" {k!r} proves nothing: {st2['inconclusive']}")
+            if st2.get("unstable"):
+                lines.append("  " + " " * 26 + f" {k!r}: {st2['unstable']}")
+        if p.notes.get("folds_in_candidate"):
+            lines.append("  " + " " * 26 + f" {len(p.notes['folds_in_candidate'])} tensor(s) carry a fold the "
+                         "candidate made itself (same name, the value after the BatchNorm): not a divergence")
         if p.notes.get("tf32"):
             lines.append("  " + " " * 26 + " TF32 convolutions on: tolerance includes the TF32 on/off difference")
     if v.first_divergence:
@@ -67,6 +85,10 @@ def verification_lines(v: Verification | None) -> list[str]:
             lines.append(f"  first divergence: layer {fd['layer']!r}{kind} ({size}, {fd.get('device')})")
         else:
             lines.append(f"  first divergence: not located ({fd.get('why') or 'no layer of both models differs'})")
+    for b in v.blame:
+        lines.append(f"  blamed fold {b['bn']!r}: {b.get('why', '')}")
+    if v.hint():
+        lines.append(f"  hint: {v.hint()}")
     return lines
 
 

@@ -25,6 +25,8 @@ class Reason(str, enum.Enum):
     SHARED_PRODUCER = "SHARED_PRODUCER"
     UNSUPPORTED_BN_MODE = "UNSUPPORTED_BN_MODE"
     DTYPE_MISMATCH = "DTYPE_MISMATCH"
+    VERIFICATION_FAILED = "VERIFICATION_FAILED"
+    NOT_CALLED = "NOT_CALLED"
 
     @property
     def message(self) -> str:
@@ -48,6 +50,8 @@ REASON_MESSAGES: dict[Reason, str] = {
     Reason.SHARED_PRODUCER: "the layer is shared by several call sites and cannot be changed for one of them",
     Reason.UNSUPPORTED_BN_MODE: "this BatchNorm variant's inference is not the plain per-channel affine map",
     Reason.DTYPE_MISMATCH: "the BatchNorm computes in another dtype than the layer, so folding would change the output's precision",
+    Reason.VERIFICATION_FAILED: "the fold was made, failed its proof, and was reverted: the BatchNorm is kept",
+    Reason.NOT_CALLED: "the model never runs this BatchNorm on the example inputs (an unused or skipped branch)",
 }
 
 FOLDED = "folded"
@@ -66,6 +70,10 @@ class Decision:
     reason: Reason | None = None
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # the fold's local proof: {"max_abs", "bound", "how"} when proven on captured data, {"not_run": why} else
+    proof: dict[str, Any] | None = None
+    # private to the pass that made the decision (e.g. where the fold site is); never serialised
+    site: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def folded(cls, bn: str, producer: str, pattern: str, direction: str = "after", **extra: Any) -> "Decision":
@@ -83,6 +91,8 @@ class Decision:
         if self.is_folded:
             d: dict[str, Any] = {"bn": self.bn, "into": self.producer, "pattern": self.pattern,
                                  "direction": self.direction}
+            if self.proof is not None:
+                d["proof"] = self.proof
         else:
             d = {"bn": self.bn, "reason": self.reason.value if self.reason else None, "detail": self.detail}
             if self.producer:

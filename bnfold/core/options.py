@@ -32,6 +32,9 @@ class Options:
     trust: bool = False
     dry_run: bool = False
     progress: Callable[[str], None] | None = None
+    strict: bool = False                        # a failed fold proof fails the run instead of reverting the fold
+    exclude: Mapping[str, str] = dataclasses.field(default_factory=dict)  # BN name -> why its fold was reverted
+    save_inputs: str | None = None              # write the exact verification feeds here (.npz)
 
     @classmethod
     def of(cls, **kw: Any) -> "Options":
@@ -48,6 +51,10 @@ class Options:
     def spec_tuples(self) -> list[tuple[str, tuple, str | None]]:
         """--input specs as (name, shape, dtype) tuples; dtype None means the model's own dtype."""
         return [(s.name, tuple(s.shape), s.dtype) for s in self.input_specs]
+
+    def reverted(self, bn: str) -> str | None:
+        """Why the fold of `bn` was reverted by an earlier proof (self-healing), or None."""
+        return self.exclude.get(bn)
 
     def say(self, msg: str) -> None:
         """Report progress, when someone listens."""

@@ -169,6 +169,8 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     except Skip as e:
         e.producer = e.producer or lab
         raise
+    # what the fold leaves unchanged in value: the layer's output (after its bias Add, for MatMul + Add)
+    site_out = bias_slot[0].output[0] if bias_slot is not None else layer.output[0]
     new_w = f._write_const(layer.input[1], folded.weight, layer)
     f._replace_input(layer, 1, new_w)
     if bias_slot is not None:
@@ -193,7 +195,7 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     f._move_shape_readers(out, x)
     f.drop_bn(bn, view, old_out=None)
     pattern = f"BN{view.suffix}->" + "".join(f"{v.op_type}->" for v in via) + op
-    return Decision.folded(label, f.scope + lab, pattern, "before")
+    return f.located(Decision.folded(label, f.scope + lab, pattern, "before"), x, site_out)
 
 
 def _matmul_bias(f: "OnnxFolder", mm: onnx.NodeProto) -> tuple[tuple[onnx.NodeProto, int] | None, str | None]:

@@ -282,7 +282,13 @@ def _value_inputs(node: onnx.NodeProto) -> list[str]:
 
 
 def constant_roots(graph: onnx.GraphProto, readers: set[str] | frozenset[str]) -> set[str]:
-    """Where the constant inputs of `readers` ops come from, in `graph` and every subgraph of it.
+    """Where the constant inputs of `readers` ops come from (see constant_root_readers)."""
+    return set(constant_root_readers(graph, readers))
+
+
+def constant_root_readers(graph: onnx.GraphProto, readers: set[str] | frozenset[str]) -> dict[str, onnx.NodeProto]:
+    """Where the constant inputs of `readers` ops come from, in `graph` and every subgraph of it, each with
+    the first reader node found for it.
 
     Returns the names of initializers, Constant outputs and ConstantOfShape outputs from which some
     input of a node whose op_type is in `readers` is computed through constant-only ops (Identity,
@@ -290,7 +296,7 @@ def constant_roots(graph: onnx.GraphProto, readers: set[str] | frozenset[str]) -
     weight behind Identity/Cast, a ConstantOfShape fill, or an outer initializer read by a body is as
     much a weight as a plain initializer. Each value is visited once (linear in the graph size).
     """
-    roots: set[str] = set()
+    roots: dict[str, onnx.NodeProto] = {}
     seen: set[str] = set()
 
     def walk(g: onnx.GraphProto, outer_producers: list[dict[str, onnx.NodeProto]], outer_inits: list[set[str]]) -> None:
@@ -311,13 +317,13 @@ def constant_roots(graph: onnx.GraphProto, readers: set[str] | frozenset[str]) -
                         continue
                     seen.add(name)
                     if any(name in s for s in scopes_i):
-                        roots.add(name)
+                        roots.setdefault(name, n)
                         continue
                     src = next((p[name] for p in scopes_p if name in p), None)
                     if src is None or src.domain not in ONNX_DOMAINS or src.op_type in NOT_CONSTANT_OPS:
                         continue
                     if src.op_type in ("Constant", "ConstantOfShape"):
-                        roots.add(name)
+                        roots.setdefault(name, n)
                     elif src.op_type in HAND or src.op_type in ("Expand", "Tile", "Gather", "Slice", "Split"):
                         stack.extend(i for i in src.input if i)
 

@@ -23,7 +23,7 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
         folded.CopyFrom(model)
     else:
         folded = model
-    decisions = fold_all_scopes(folded, opts.standalone)
+    decisions = fold_all_scopes(folded, opts)
     t_fold = time.perf_counter() - t0
     report = Report(model=original_path, framework="onnx", decisions=decisions)
     t1 = time.perf_counter()
@@ -31,7 +31,7 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
         report.verification = Verification(skipped_reason="verification off (--no-verify)")
     else:
         from .verify import verify_onnx
-        report.verification = verify_onnx(model, folded, opts)
+        report.verification = verify_onnx(model, folded, opts, decisions)
     report.timing_s = {"fold": t_fold, "verify": time.perf_counter() - t1}
     if opts.dry_run:
         report.info["dry_run"] = True

@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from ..core import kernel, layouts
 from ..core.decisions import Decision, Reason, Skip
+from ..core.options import Options
 from .ondisk import on_disk
 from .graph import GraphIndex
 from .match import Match
@@ -37,12 +38,12 @@ class OnnxFolder:
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, opset: int,
                  outer_consts: Callable[[str], np.ndarray | None] | None = None, scope: str = "",
-                 names: set[str] | None = None, standalone: str = "keep",
+                 names: set[str] | None = None, opts: Options = Options(),
                  shapes: dict[str, tuple[list | None, int]] | None = None) -> None:
         self.model = model
         self.opset = opset
         self.scope = scope
-        self.standalone = standalone
+        self.opts = opts
         self.ix = GraphIndex.build(graph, model.ir_version, outer_consts, opset, names)
         # Node identity (id()) is used for bookkeeping; holding every wrapper keeps ids stable.
         self._nodes = list(graph.node)
@@ -60,6 +61,10 @@ class OnnxFolder:
         for node in list(self.ix.graph.node):
             if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
                 label = self.scope + node_label(node)
+                why = self.opts.reverted(label)
+                if why is not None:
+                    self.decisions.append(Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}"))
+                    continue
                 try:
                     self.decisions.append(self._fold_one(node, label))
                 except Skip as s:
@@ -73,9 +78,15 @@ class OnnxFolder:
             raise Skip(Reason.TRAINING_MODE, "is_test=0: the BatchNorm computes batch statistics")
         if _attr(bn, "training_mode", 0) == 1:
             raise Skip(Reason.TRAINING_MODE, "training_mode=1: the BatchNorm uses batch statistics")
-        extra = [o for o in bn.output[1:] if o and self.ix.uses(o)]
-        if extra:
-            raise Skip(Reason.TRAINING_MODE, f"the BatchNorm's training outputs are used ({', '.join(extra)})")
+        extra = [o for o in bn.output[1:] if o]
+        if extra and self.opset < 14:
+            # before opset 14 the outputs themselves select the mode: with running mean/var (and saved
+            # statistics) as outputs the BatchNorm normalises with batch statistics, used or not
+            raise Skip(Reason.TRAINING_MODE, f"opset {self.opset}: the BatchNorm declares its training outputs "
+                                             f"({', '.join(extra)}), so it normalises with batch statistics")
+        used = [o for o in extra if self.ix.uses(o)]
+        if used:
+            raise Skip(Reason.TRAINING_MODE, f"the BatchNorm's training outputs are used ({', '.join(used)})")
         if self.opset < 9 and _attr(bn, "spatial", 1) == 0:
             raise Skip(Reason.SPATIAL_MODE)
         if len(bn.input) < 5 or not all(bn.input[1:5]):
@@ -204,7 +215,7 @@ class OnnxFolder:
             if e.producer and first.reason in (Reason.NO_PRODUCER, Reason.UNSUPPORTED_PRODUCER):
                 e.detail = f"{e.detail}; nothing to fold into before it either ({first.detail})"
                 first = e
-        if self.standalone == "affine":
+        if self.opts.standalone == "affine":
             return as_mul_add(self, bn, label, view, first)
         raise first
 
@@ -222,7 +233,15 @@ class OnnxFolder:
             raise
         del weight, bias  # a weight read from disk for this fold need not outlive it (big models)
         self._rewrite(bn, m, folded, view)
-        return Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
+        d = Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
+        return self.located(d, m.layer.input[0], view.out)
+
+    def located(self, d: Decision, x: str, y: str) -> Decision:
+        """Record where a fold sits: the region from data input `x` to output `y`, two tensors that mean the
+        same in the original and the folded graph (main graph only: a body's tensors cannot be captured)."""
+        if not self.scope:
+            d.site = (x, y)
+        return d
 
     def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
         """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""

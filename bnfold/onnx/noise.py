@@ -34,16 +34,27 @@ def nudge_by_name(seed: int) -> Callable[[str, np.ndarray], np.ndarray]:
 
 
 def perturbed_lazily(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto, set[str]]:
-    """perturbed(), except that weights still on disk (onnx_io.on_disk) are not read: their names
-    come back, to be nudged one at a time as they are written (onnx_io.for_session)."""
-    from .const import constant_roots
+    """perturbed(), except that weights still on disk (ondisk.on_disk) are not read: their names
+    come back, to be nudged one at a time as they are written (ondisk.for_session).
+
+    Each weight moves by one ulp of the dtype its reader computes in: a float16 BatchNorm parameter of
+    a float32 BatchNorm (opset 15) is an exact value in a float32 computation, so it moves by a float32
+    ulp (which leaves it as it is), not by the far larger float16 one. A ConstantOfShape weight (one
+    fill value standing for a whole tensor) becomes a Constant with every element nudged on its own:
+    moving the one fill value would move every element the same way, and coherent nudges miss the
+    rounding noise of sums that cancel.
+    """
+    from .const import constant_root_readers
 
     rng = np.random.default_rng(seed + 7919)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     later: set[str] = set()
+    readers = constant_root_readers(m.graph, WEIGHT_OPS)
+    compute = _compute_eps(m, readers)
+    shapes = {t.name: t for t in m.graph.initializer}
 
-    def nudge(t: onnx.TensorProto, min_size: int = 2) -> None:
+    def nudge(t: onnx.TensorProto, name: str, min_size: int = 2) -> None:
         if on_disk(t):
             if t.data_type in FLOAT_TYPES:
                 later.add(t.name)
@@ -51,24 +62,65 @@ def perturbed_lazily(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto
         a = numpy_helper.to_array(t)
         if a.size < min_size or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             return  # scalars (exponents, clip bounds) are not weights; nudging them can change semantics
-        t.CopyFrom(numpy_helper.from_array(compare.perturb(a, rng), t.name))
+        t.CopyFrom(numpy_helper.from_array(compare.perturb(a, rng, compute.get(name)), t.name))
 
-    def visit(nodes, inits, roots: set[str]) -> None:
+    def visit(nodes, inits, roots) -> None:
         for t in inits:
             if t.name in roots:
-                nudge(t)
+                nudge(t, t.name)
         for n in nodes:
             if n.op_type in ("Constant", "ConstantOfShape") and n.output and n.output[0] in roots:
+                if n.op_type == "ConstantOfShape" and _materialise(n, shapes):
+                    pass  # now a Constant holding the whole tensor: nudged element by element below
                 for a in n.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        # a ConstantOfShape fill is one value standing for a whole weight
-                        nudge(a.t, min_size=1 if n.op_type == "ConstantOfShape" else 2)
+                        nudge(a.t, n.output[0], min_size=1 if n.op_type == "ConstantOfShape" else 2)
             for a in n.attribute:
                 for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
                             list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
                     visit(sub.node, sub.initializer, roots)
 
-    visit(m.graph.node, m.graph.initializer, constant_roots(m.graph, WEIGHT_OPS))
+    visit(m.graph.node, m.graph.initializer, readers)
     for f in m.functions:
-        visit(f.node, [], constant_roots(onnx.GraphProto(node=f.node), WEIGHT_OPS))
+        visit(f.node, [], constant_root_readers(onnx.GraphProto(node=f.node), WEIGHT_OPS))
     return m, later
+
+
+MATERIALISE_MAX = 1 << 24  # elements: a ConstantOfShape weight larger than this keeps its one-value nudge
+
+
+def _materialise(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """Turn a ConstantOfShape whose shape is an initializer into the equivalent Constant (in place)."""
+    shape_t = inits.get(node.input[0]) if node.input else None
+    if shape_t is None:
+        return False
+    dims = [int(d) for d in numpy_helper.to_array(shape_t).reshape(-1)]
+    if any(d < 0 for d in dims) or int(np.prod(dims, dtype=np.int64)) > MATERIALISE_MAX:
+        return False
+    fill = next((numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"),
+                np.zeros(1, np.float32))
+    full = np.full(dims, fill.reshape(-1)[0], dtype=fill.dtype)
+    del node.input[:]
+    del node.attribute[:]
+    node.op_type = "Constant"
+    node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(full)))
+    return True
+
+
+def _compute_eps(model: onnx.ModelProto, readers: dict[str, onnx.NodeProto]) -> dict[str, float]:
+    """Weight name -> unit roundoff of the dtype its reader computes in, where that differs from the
+    weight's own dtype (models mixing float types only; one weight-free shape inference)."""
+    own = {t.name: t.data_type for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    kinds = set(own.values()) | {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)
+                                 if v.type.tensor_type.elem_type in FLOAT_TYPES}
+    if len(kinds) < 2:
+        return {}
+    from .shapes import value_types
+    types = value_types(model)
+    out: dict[str, float] = {}
+    for name, reader in readers.items():
+        data = reader.input[0] if reader.input else ""
+        t = types.get(data, (None, 0))[1]
+        if t in FLOAT_TYPES and name in own and t != own[name]:
+            out[name] = compare.unit_roundoff(onnx.helper.tensor_dtype_to_np_dtype(t))
+    return out

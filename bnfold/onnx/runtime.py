@@ -102,8 +102,16 @@ class OrtRunner:
         try:
             outs = self.session.run(None, dict(feeds))
         except Exception as e:  # noqa: BLE001
-            raise BnfoldError(f"onnxruntime failed to run the {label}: {_first_line(e)}") from None
+            raise RunFailed(f"onnxruntime failed to run the {label}: {_first_line(e)}", label) from None
         return dict(zip(self.output_names, outs))
+
+
+class RunFailed(BnfoldError):
+    """onnxruntime loaded a model but could not run it on the feeds (`label` says which model)."""
+
+    def __init__(self, message: str, label: str) -> None:
+        super().__init__(message)
+        self.label = label
 
 
 def _serialize(model: onnx.ModelProto) -> bytes:

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from ..core.decisions import Decision
+from ..core.options import Options
 from .const import ConstEvaluator
 from .folder import OnnxFolder
 from .nodes import graphs_of, model_opset, node_label, subgraph_free_names
@@ -69,9 +70,9 @@ def _has_bn(graph_nodes) -> bool:
 
 
 def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer: Lookup | None, scope: str,
-               names: set[str], standalone: str, shapes: dict) -> list[Decision]:
+               names: set[str], opts: Options, shapes: dict) -> list[Decision]:
     """Fold `graph` and, first, every subgraph of its nodes; returns the decisions of all of them."""
-    folder = OnnxFolder(model, graph, opset, outer, scope, names, standalone, shapes)
+    folder = OnnxFolder(model, graph, opset, outer, scope, names, opts, shapes)
     ix = folder.ix
     decisions: list[Decision] = []
     for node in list(graph.node):
@@ -83,7 +84,7 @@ def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer
         before = set().union(*(subgraph_free_names(g) for _, g in subs))
         for aname, g in subs:
             decisions += fold_graph(model, g, opset, ix.evaluator.value, f"{scope}{node_label(node)}/{aname}/",
-                                    names, standalone, shapes)
+                                    names, opts, shapes)
         after = set().union(*(subgraph_free_names(g) for _, g in subs))
         for name in before - after:
             # the bodies stopped reading this outer value: the parent's sweep may drop it
@@ -121,7 +122,7 @@ def _function_opset(model: onnx.ModelProto, fn: onnx.FunctionProto) -> int:
     return model_opset(model)
 
 
-def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str], standalone: str,
+def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str], opts: Options,
                   shapes: dict) -> list[Decision]:
     """Fold the BNs of a model-local function; new constants become Constant nodes inside it."""
     g = onnx.GraphProto()
@@ -129,7 +130,7 @@ def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str
     g.input.extend(onnx.ValueInfoProto(name=i) for i in fn.input)
     g.output.extend(onnx.ValueInfoProto(name=o) for o in fn.output)
     decisions = fold_graph(model, g, _function_opset(model, fn), None, f"{fn.domain}.{fn.name}/" if fn.domain
-                           else f"{fn.name}/", names, standalone, shapes)
+                           else f"{fn.name}/", names, opts, shapes)
     if any(d.is_folded for d in decisions):
         _to_constants(g, list(g.initializer))
         del fn.node[:]
@@ -137,14 +138,14 @@ def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str
     return decisions
 
 
-def fold_all_scopes(model: onnx.ModelProto, standalone: str = "keep") -> list[Decision]:
+def fold_all_scopes(model: onnx.ModelProto, opts: Options) -> list[Decision]:
     """Fold every BN of every scope of `model` in place; one Decision per BN."""
     names = all_names(model)
     shapes = value_types(model) if needs_shapes(model) else {}
-    decisions = fold_graph(model, model.graph, model_opset(model), None, "", names, standalone, shapes)
+    decisions = fold_graph(model, model.graph, model_opset(model), None, "", names, opts, shapes)
     for fn in model.functions:
         if _has_bn(fn.node):
-            decisions += fold_function(model, fn, names, standalone, shapes)
+            decisions += fold_function(model, fn, names, opts, shapes)
     return decisions
 
 

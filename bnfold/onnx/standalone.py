@@ -117,4 +117,5 @@ def as_mul_add(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView, fi
     f.inserted.append((bn, mul))
     f.inserted.append((bn, add))
     f.drop_bn(bn, view, old_out=None)
-    return Decision.folded(label, f.scope + mul.name, f"BN{view.suffix} as Mul+Add", "standalone")
+    return f.located(Decision.folded(label, f.scope + mul.name, f"BN{view.suffix} as Mul+Add", "standalone"), x,
+                     view.out)

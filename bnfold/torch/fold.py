@@ -143,8 +143,8 @@ def _uncalled(work: nn.Module, decided: dict[str, Decision]) -> None:
         if bad is not None:
             decided[path] = Decision.skipped(path, bad.reason, bad.detail)
         else:
-            decided[path] = Decision.skipped(path, Reason.NO_PRODUCER, "the BatchNorm module is never called by "
-                                                                      "forward() on the captured path")
+            decided[path] = Decision.skipped(path, Reason.NOT_CALLED, "the BatchNorm module is never called by "
+                                                                     "forward() on the captured path")
     if isinstance(work, torch.fx.GraphModule):
         # a graph keeps the traced module paths and classes only in node metadata
         for n in work.graph.nodes:

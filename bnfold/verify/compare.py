@@ -106,7 +106,7 @@ def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarra
     for name, ref in reference.items():
         ref = np.asarray(ref)
         if name not in candidate:
-            out[name] = {"passed": False, "why": "missing in candidate"}
+            out[name] = {"passed": False, "verdict": "failed", "why": "missing in candidate"}
             passed = False
             continue
         cand = np.asarray(candidate[name])
@@ -139,15 +139,43 @@ def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarra
                     ok = bool(np.all((d <= lim) | (np.isfinite(r64) == False) & (r64 == np.asarray(cand, np.float64))))  # noqa: E712
             how = "user"
         if ref.dtype.kind in "iub" and user_atol is None and rtol is None:
-            ok = s["max_abs"] == 0.0
+            ok = s["max_abs"] == 0.0  # integers and booleans: equal or not
+            tol_abs, how = 0.0, "exact"
         entry: dict[str, Any] = dict(s)
         entry.update({"noise_max_abs": noise, "atol": tol_abs, "rtol": tol_rel, "how": how,
                       "needed_atol": s["max_abs"], "ref_max_abs": ref_max, "passed": bool(ok)})
         if ref.size and not finite.size and (ref.dtype.kind in "fc" or ref.dtype.name == "bfloat16"):
             entry["nothing_finite"] = True  # NaN == NaN everywhere: this output proves nothing
+        why = unproven(ref, finite, ref_max, tol_abs, tol_rel) if ok else None
+        entry["verdict"] = "failed" if not ok else "inconclusive" if why else "passed"
+        if why:
+            entry["inconclusive"] = why
         out[name] = entry
         passed = passed and bool(ok)
     return passed, out
+
+
+# A tolerance of 1% of the largest reference value or more (64 ulp for 16-bit floats, whose own noise is
+# that large) proves nothing about the values.
+SWAMPED = 0.01
+SWAMPED_ULPS = 64.0
+
+
+def unproven(ref: np.ndarray, finite: np.ndarray, ref_max: float, atol: float, rtol: float) -> str | None:
+    """Why agreement on this tensor proves nothing (empty, all zero, nothing finite, tolerance as large as
+    the values), or None when it is evidence."""
+    floating = ref.dtype.kind in "fc" or ref.dtype.name == "bfloat16"
+    if ref.size == 0:
+        return "empty in the original (no elements: nothing to compare, e.g. no detections)"
+    if floating and not finite.size:
+        return "no finite value in the original"
+    if floating and ref_max == 0.0:
+        return "all zero in the original"
+    limit = max(SWAMPED, SWAMPED_ULPS * unit_roundoff(ref.dtype))
+    if floating and (atol >= limit * ref_max or rtol >= limit):
+        return (f"the tolerance (atol {atol:.3g}{f', rtol {rtol:.3g}' if rtol else ''}) is not small against the "
+                f"values (max |reference| {ref_max:.3g})")
+    return None
 
 
 def require_evidence(per_output: Mapping[str, Mapping[str, Any]]) -> None:

@@ -76,8 +76,19 @@ def random_array(shape: tuple[int, ...], dtype: Any, rng: np.random.Generator, n
     raise BnfoldError(f"input {name!r} has dtype {dt.name}, which bnfold cannot generate; pass --inputs FILE.npz")
 
 
-def resolve_shape(name: str, declared: list[int | str | None], specs: dict[str, InputSpec]) -> tuple[int, ...]:
-    """The concrete shape for an input: the user's --input, else declared dims with unknowns set to 1."""
+# Dynamic dimensions: the leading (batch) axis becomes 2, every other one SIZE, never 1 (a 3x3 kernel on
+# a 1x1 image sees only its centre, and a flipped kernel would pass). A dim_param seen once keeps its
+# value everywhere. When the model cannot run at SIZE (a kernel or pooling window larger than the input),
+# the verifier tries LARGER sizes in turn.
+BATCH = 2
+SIZE = 64
+LARGER = (128, 224, 320)
+
+
+def resolve_shape(name: str, declared: list[int | str | None], specs: dict[str, InputSpec], size: int = SIZE,
+                  named: dict[str, int] | None = None) -> tuple[tuple[int, ...], str]:
+    """The concrete shape for an input and how it was chosen: the user's --input, the declared fixed
+    dims, dynamic ones defaulted (batch BATCH, others `size`; `named` keeps one value per dim_param)."""
     if name in specs and specs[name].shape:
         user = specs[name].shape
         if declared and len(user) != len(declared):
@@ -86,5 +97,45 @@ def resolve_shape(name: str, declared: list[int | str | None], specs: dict[str, 
         for u, d in zip(user, declared):
             if isinstance(d, int) and d > 0 and u != d:
                 raise BnfoldError(f"--input {name}: dimension {u} conflicts with the model's fixed {d}")
-        return tuple(user)
-    return tuple(d if isinstance(d, int) and d > 0 else 1 for d in declared)
+        return tuple(user), "shape from --input"
+    named = {} if named is None else named
+    shape, notes = [], []
+    for axis, d in enumerate(declared):
+        if isinstance(d, int) and d > 0:
+            shape.append(d)
+            continue
+        if isinstance(d, str) and d in named:
+            value = named[d]
+        else:
+            value = BATCH if axis == 0 and len(declared) > 1 else size
+            if isinstance(d, str):
+                named[d] = value
+        shape.append(value)
+        notes.append(f"{d if isinstance(d, str) else f'axis {axis}'}={value}")
+    how = "declared shape" if not notes else "dynamic dims defaulted: " + ", ".join(notes)
+    return tuple(shape), how
+
+
+def save_npz(batches: list[dict[str, np.ndarray]], path: str) -> None:
+    """Write the exact feeds as an .npz that --inputs reads back: batch 0 under each input's name,
+    batch k > 0 under NAME@k."""
+    from ..core.files import atomic_write
+    arrays = {(name if k == 0 else f"{name}@{k}"): a for k, feeds in enumerate(batches) for name, a in feeds.items()}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(path, write)
+
+
+def npz_batches(data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The batches of an .npz read by load_npz (see save_npz: NAME, NAME@1, NAME@2...)."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for key, a in data.items():
+        name, sep, k = key.rpartition("@")
+        if sep and k.isdigit() and int(k) > 0:
+            out.setdefault(int(k), {})[name] = a
+        else:
+            out.setdefault(0, {})[key] = a
+    return [out[k] for k in sorted(out)]

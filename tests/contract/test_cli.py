@@ -132,7 +132,7 @@ def test_failed_verification_exits_1_and_writes_nothing(work, monkeypatch, capsy
         return f
 
     monkeypatch.setattr(kernel, "fold_after", wrong)
-    code = main([str(work / "resnet_block.onnx"), "--json"])
+    code = main([str(work / "resnet_block.onnx"), "--json", "--strict"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 1
     assert doc["verification"]["passed"] is False

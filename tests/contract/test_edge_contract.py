@@ -251,7 +251,7 @@ def test_explicitly_requested_unavailable_provider_is_exit_2(tmp_path, src, cmd)
 def test_failed_verification_is_exit_1_json_only_nothing_written(tmp_path, src):
     """--atol 0 asks for a bit-exact fold, which float rounding does not give here: a real failure."""
     before = _snap(tmp_path)
-    r = _proc(str(src), "--json", "--atol", "0")
+    r = _proc(str(src), "--json", "--atol", "0", "--strict")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     doc = json.loads(r.stdout)
     assert doc["verification"]["passed"] is False and doc["verification"]["first_divergence"] is not None
@@ -419,7 +419,7 @@ def test_several_models_one_failing_verification_writes_nothing(tmp_path, rng, s
     other = tmp_path / "n.onnx"
     onnx.save(_model(rng, out="w"), other)
     before = _snap(tmp_path)
-    r = _proc(str(src), str(other), "--atol", "z:0", "--json")
+    r = _proc(str(src), str(other), "--atol", "z:0", "--json", "--strict")
     doc = json.loads(r.stdout)
     assert r.returncode == 1 and [x["verification"]["passed"] for x in doc["reports"]] == [False, True]
     assert _snap(tmp_path) == before

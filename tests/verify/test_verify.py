@@ -149,13 +149,18 @@ def test_user_tolerances_global_and_per_output(resnet18, tmp_path, capsys):
     onnx.save(original, str(tmp_path / "o.onnx"))
     onnx.save(bad, str(tmp_path / "b.onnx"))
     args = ["check", str(tmp_path / "o.onnx"), str(tmp_path / "b.onnx"), "--json", "--outputs-only"]
-    assert main(args + ["--atol", "1.0"]) == 0
+    assert main(args + ["--atol", "1e-3"]) == 0  # above the 4e-5 damage, far below the logits' size (~5)
     doc = json.loads(capsys.readouterr().out)
     out = doc["verification"]["providers"]["CPUExecutionProvider"]["outputs"]["logits"]
-    assert out["how"] == "user" and out["atol"] == 1.0 and doc["verification"]["tolerance"]["how"] == "user"
+    assert out["how"] == "user" and out["atol"] == 1e-3 and doc["verification"]["tolerance"]["how"] == "user"
     assert main(args + ["--atol", "logits:1e-12"]) == 1
     capsys.readouterr()
-    assert main(args + ["--atol", "1e-12", "--atol", "logits:1.0"]) == 0
+    assert main(args + ["--atol", "1e-12", "--atol", "logits:1e-3"]) == 0
+    capsys.readouterr()
+    # a tolerance as large as the values proves nothing: inconclusive, exit 1, never "passed"
+    assert main(args + ["--atol", "1.0"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verification"]["verdict"] == "inconclusive" and doc["verification"]["passed"] is False
 
 
 def test_assert_equivalent(resnet18):

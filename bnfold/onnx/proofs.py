@@ -1,0 +1,235 @@
+"""Per-fold local proofs: each fold's region, original against folded, replayed in float64 on captured data.
+
+A fold replaces a region of the graph (layer + layout ops + BatchNorm + per-channel Mul/Add, or
+BatchNorm + the layer after it) by a region that computes the same affine map with new weights. Both
+regions are cut out of their graphs by the two tensors that mean the same thing in both: the data input
+x and the output y (Decision.site). Both then run in float64 (onnx's reference evaluator) on the x the
+original computed on the verification inputs, so the only difference left is the rounding of the new
+weights and biases to the model's float type:
+
+    |y_folded - y_original| <= u * M,   M = the folded region run on |x| with every weight |w|
+
+M is the sum of the magnitudes that rounding scales (each weight and bias is off by at most u of
+itself); u is the unit roundoff of the lowest-precision float type in either region. The check takes
+2 u M per element, plus 2^-36 M for float64's own rounding over sums of up to 2^16 terms. A wrong
+channel axis, a swapped group, a weight off by one part in 1e4 or a shifted bias exceed it by orders of
+magnitude; rounding, by construction, cannot.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..core.decisions import Decision
+from ..verify import compare
+from .nodes import ONNX_DOMAINS, attr
+
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# ops whose output magnitude is bounded by running them on magnitudes (non-negative multilinear maps)
+MONOTONE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sum", "Identity", "Dropout", "Reshape",
+            "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Cast", "CastLike", "Expand", "Constant",
+            "ConstantOfShape", "Shape", "Size", "Concat", "Gather", "Slice"}
+MAX_REGION = 64       # nodes: a region this large is not a fold site any more
+SLACK = 2.0
+F64_TERM = 2.0 ** -36
+FAITHFUL = 1e-3  # the float64 replay of the original region must match onnxruntime's run of it this closely
+HOW = "float64 replay of the fold's region on captured data; bound 2 u M"
+
+
+def needed_inputs(decisions: Iterable[Decision]) -> set[str]:
+    """The tensors the proofs need captured from the original's run: each fold's data input, and its output
+    (onnxruntime's value of the original region, the witness that the float64 replay is faithful)."""
+    return {t for d in decisions if d.is_folded and d.site is not None for t in d.site}
+
+
+def prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[Decision],
+          captured: dict[str, np.ndarray]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed)."""
+    counts = {"proven": 0, "failed": 0, "not_run": 0}
+    blame: list[dict[str, Any]] = []
+    orig_g, fold_g = _Graph(original), _Graph(folded)
+    for d in decisions:
+        if not d.is_folded:
+            continue
+        if d.site is None:
+            d.proof = {"not_run": "the fold is inside a subgraph or function, whose tensors cannot be captured"}
+        elif d.site[0] not in captured:
+            d.proof = {"not_run": f"its input {d.site[0]!r} was not captured"}
+        else:
+            d.proof = _prove_one(orig_g, fold_g, d.site, captured[d.site[0]], captured.get(d.site[1]))
+        if "not_run" in d.proof:
+            counts["not_run"] += 1
+        elif d.proof["passed"]:
+            counts["proven"] += 1
+        else:
+            counts["failed"] += 1
+            blame.append({"bn": d.bn, "why": f"its local proof failed: max abs {d.proof['max_abs']:.3g} > bound "
+                                              f"{d.proof['bound']:.3g} at {d.site[1]!r}",
+                          "max_abs": d.proof["max_abs"], "bound": d.proof["bound"], "tensor": d.site[1]})
+    return counts, blame
+
+
+class _Graph:
+    """The main graph of a model, indexed for cutting regions out of it."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.producer = {o: n for n in model.graph.node for o in n.output if o}
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.inputs = {i.name for i in model.graph.input} - set(self.inits)
+
+    def region(self, x: str, y: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | str:
+        """Nodes (in graph order) and initializers computing `y` from `x` and constants, or why not."""
+        need, seen, inits = [y], set(), []
+        nodes: set[int] = set()
+        while need:
+            name = need.pop()
+            if name in seen or name == x or not name:
+                continue
+            seen.add(name)
+            if name in self.inits:
+                inits.append(self.inits[name])
+                continue
+            node = self.producer.get(name)
+            if node is None:
+                return f"{y!r} also depends on {name!r}, another input of the model"
+            if node.domain not in ONNX_DOMAINS:
+                return f"the region holds the custom op {node.op_type}"
+            nodes.add(id(node))
+            if len(nodes) > MAX_REGION:
+                return f"the region from {x!r} to {y!r} has more than {MAX_REGION} nodes"
+            need.extend(node.input)
+            for a in node.attribute:
+                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    return f"the region holds {node.op_type} with a subgraph"
+        ordered = [n for n in self.model.graph.node if id(n) in nodes]
+        return ordered, inits
+
+
+def _prove_one(orig_g: _Graph, fold_g: _Graph, site: tuple[str, str], x: np.ndarray,
+               witness: np.ndarray | None) -> dict[str, Any]:
+    xin, y = site
+    ro, rf = orig_g.region(xin, y), fold_g.region(xin, y)
+    for r in (ro, rf):
+        if isinstance(r, str):
+            return {"not_run": r}
+    (on, oi), (fn, fi) = ro, rf  # type: ignore[misc]
+    odd = sorted({n.op_type for n in fn} - MONOTONE)
+    if odd:
+        return {"not_run": f"no magnitude bound for the folded region's {', '.join(odd)}"}
+    u = max([compare.unit_roundoff(helper.tensor_dtype_to_np_dtype(t)) for t in _float_types(on, oi, fn, fi)] +
+            [compare.unit_roundoff(x.dtype)])
+    x64 = np.asarray(x, np.float64)
+    try:
+        ref = _run(orig_g.model, on, oi, xin, y, x64)
+        new = _run(fold_g.model, fn, fi, xin, y, x64)
+        mag = _run(fold_g.model, fn, fi, xin, y, np.abs(x64), magnitudes=True)
+    except Exception as e:  # noqa: BLE001 - the reference evaluator lacks some ops / versions: say so
+        return {"not_run": f"the region could not be replayed in float64 ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:160]})"}
+    if witness is None or np.shape(witness) != ref.shape:
+        return {"not_run": f"onnxruntime's value of {y!r} in the original was not captured"}
+    w = np.asarray(witness, np.float64)
+    fine = np.isfinite(w) & np.isfinite(ref)
+    if np.any(np.abs(np.where(fine, ref - w, 0.0)) > FAITHFUL * (mag + np.abs(ref))):
+        # the reference evaluator itself computes this region differently from onnxruntime (it has had
+        # bugs in grouped ConvTranspose, for one): no proof rather than a false accusation
+        return {"not_run": "the float64 replay of the original region disagrees with onnxruntime's own run of it"}
+    if ref.shape != new.shape or mag.shape != new.shape:
+        return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "how": HOW,
+                "why": f"shapes differ: {list(ref.shape)} vs {list(new.shape)}"}
+    bound = (SLACK * u + F64_TERM) * mag
+    both = np.isfinite(ref) & np.isfinite(new)
+    if not np.array_equal(np.isfinite(ref), np.isfinite(new)):
+        return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "how": HOW, "why": "non-finite values differ"}
+    diff = np.where(both, np.abs(new - ref), 0.0)
+    if not diff.size:
+        return {"not_run": "the region's output is empty on the captured input"}
+    ratio = diff / np.maximum(bound, np.finfo(np.float64).tiny)
+    k = int(np.argmax(ratio))
+    worst = float(ratio.reshape(-1)[k])
+    return {"passed": worst <= 1.0, "max_abs": float(diff.max()), "bound": float(bound.reshape(-1)[k]),
+            "ratio": worst, "how": HOW}
+
+
+def _float_types(*groups: Iterable[Any]) -> set[int]:
+    out: set[int] = set()
+    for group in groups:
+        for item in group:
+            if isinstance(item, onnx.TensorProto):
+                if item.data_type in FLOATS:
+                    out.add(item.data_type)
+            elif item.op_type == "Cast" and attr(item, "to") in FLOATS:
+                out.add(int(attr(item, "to")))
+            elif item.op_type in ("Constant", "ConstantOfShape"):
+                for a in item.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOATS:
+                        out.add(a.t.data_type)
+    return out
+
+
+def _run(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x: str, y: str,
+         value: np.ndarray, magnitudes: bool = False) -> np.ndarray:
+    """The region in float64 (every float constant and Cast widened; with `magnitudes`, every float
+    constant and Gemm alpha/beta replaced by its absolute value), run on `value` for `x`."""
+    from onnx.reference import ReferenceEvaluator
+
+    new_nodes = [_widen(n, magnitudes) for n in nodes]
+    new_inits = [_widen_tensor(t, magnitudes) for t in inits]
+    g = helper.make_graph(new_nodes, "fold_region",
+                          [helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None)],
+                          [helper.make_tensor_value_info(y, onnx.TensorProto.DOUBLE, None)], new_inits)
+    m = helper.make_model(g, opset_imports=list(model.opset_import))
+    m.ir_version = max(model.ir_version, 4)
+    out = ReferenceEvaluator(m, new_ops=[_inference_bn()]).run(None, {x: value})[0]
+    return np.asarray(out, np.float64)
+
+
+def _inference_bn() -> type:
+    """BatchNormalization as bnfold folds it (running statistics, every opset): the reference evaluator's own
+    versions mix in batch statistics whenever a momentum is present (opset 9) or training_mode is unset."""
+    from onnx.reference.op_run import OpRun
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, bias, mean, var, epsilon=None, **_: Any):  # type: ignore[override]
+            eps = 1e-5 if epsilon is None else float(epsilon)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            return ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape)
+                    + bias.reshape(shape),)
+
+    return BatchNormalization
+
+
+def _widen_tensor(t: onnx.TensorProto, magnitudes: bool) -> onnx.TensorProto:
+    if t.data_type not in FLOATS:
+        return t
+    a = numpy_helper.to_array(t).astype(np.float64)
+    return numpy_helper.from_array(np.abs(a) if magnitudes else a, t.name)
+
+
+def _widen(node: onnx.NodeProto, magnitudes: bool) -> onnx.NodeProto:
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOATS:
+            a.t.CopyFrom(_widen_tensor(a.t, magnitudes))
+        elif n.op_type == "Cast" and a.name == "to" and a.i in FLOATS:
+            a.i = onnx.TensorProto.DOUBLE
+        elif magnitudes and a.type == onnx.AttributeProto.FLOAT:
+            a.f = abs(a.f)
+        elif a.type == onnx.AttributeProto.FLOAT and n.op_type == "Constant":
+            pass
+    if n.op_type == "Constant":
+        for a in list(n.attribute):
+            if a.name in ("value_float", "value_floats"):
+                vals = [a.f] if a.name == "value_float" else list(a.floats)
+                arr = np.array(vals if a.name == "value_floats" else vals[0], np.float64)
+                n.attribute.remove(a)
+                n.attribute.append(helper.make_attribute("value", numpy_helper.from_array(
+                    np.abs(arr) if magnitudes else arr)))
+    return n
