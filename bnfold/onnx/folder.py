@@ -33,6 +33,11 @@ from .backward import fold_before
 from .sweep import sweep
 from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
+# The epsilon attribute is a float32: its default 1e-5 is float32(1e-5), which is what runtimes use (for
+# double BatchNorms too); the Python double 1e-5 would be off by 2.5e-14, millions of ulp at var ~ 1e-4.
+EPSILON_DEFAULT = float(np.float32(1e-5))
+
+
 class OnnxFolder:
     """Folds every BatchNormalization of one graph; collects one Decision per BN."""
 
@@ -58,17 +63,31 @@ class OnnxFolder:
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
-        for node in list(self.ix.graph.node):
-            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+        bns = [n for n in self.ix.graph.node if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
+        decided: dict[int, Decision] = {}
+        pending = []
+        for node in bns:
+            label = self.scope + node_label(node)
+            why = self.opts.reverted(label)
+            if why is not None:
+                decided[id(node)] = Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}")
+            else:
+                pending.append(node)
+        # A skipped BN may fold once a neighbour has: BN -> BN -> Conv folds the second BN into the conv
+        # first, then the first one into the conv too. Retry the skipped ones while folds keep coming.
+        while pending:
+            again = []
+            for node in pending:
                 label = self.scope + node_label(node)
-                why = self.opts.reverted(label)
-                if why is not None:
-                    self.decisions.append(Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}"))
-                    continue
                 try:
-                    self.decisions.append(self._fold_one(node, label))
+                    decided[id(node)] = self._fold_one(node, label)
                 except Skip as s:
-                    self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
+                    decided[id(node)] = Decision.skipped(label, s.reason, s.detail, s.producer)
+                    again.append(node)
+            if len(again) == len(pending):
+                break
+            pending = again
+        self.decisions.extend(decided[id(n)] for n in bns)
         sweep(self)
         return self.decisions
 
@@ -93,7 +112,7 @@ class OnnxFolder:
             raise Skip(Reason.NO_RUNNING_STATS, "the BatchNorm has no running mean/variance inputs")
         roles = ("scale", "bias", "running mean", "running variance")
         gamma, beta, mean, var = (self.ix.const(n, f"BatchNorm {r}") for n, r in zip(bn.input[1:5], roles))
-        eps = float(_attr(bn, "epsilon", 1e-5))
+        eps = float(_attr(bn, "epsilon", EPSILON_DEFAULT))
         channels = int(np.asarray(gamma).size)
         if np.asarray(gamma).ndim > 1 or any(np.asarray(p).size != channels for p in (beta, mean, var)):
             raise Skip(Reason.AXIS_MISMATCH, "BatchNorm parameters are not per-channel vectors of one length")
@@ -257,6 +276,10 @@ class OnnxFolder:
                 t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
+                if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape
+                    for vi in ix.graph.input:
+                        if vi.name == name:
+                            vi.CopyFrom(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
             return name
         new = ix.unique(name or "bias")
@@ -334,6 +357,7 @@ class OnnxFolder:
             ix.producer.pop(old, None)
             ix.producer[new] = node
             ix.consumers[new] = ix.consumers.pop(old)
+            self._same_shape(old, new)
             self.dead_values.add(old)
             node = nxt
 
@@ -363,8 +387,14 @@ class OnnxFolder:
                     r.input[k] = new
         ix.consumers[new] = readers
         ix.producer.pop(value, None)
+        self._same_shape(value, new)
         self.dead_values.add(value)
         return new
+
+    def _same_shape(self, old: str, new: str) -> None:
+        """A renamed value keeps its static shape and type (later folds in this pass look them up)."""
+        if old in self.shapes:
+            self.shapes[new] = self.shapes[old]
 
     def insert_add(self, layer: onnx.NodeProto, bias: np.ndarray, out: str) -> onnx.NodeProto:
         """Make `layer` write a fresh name and an Add of `bias` to it write `out` (placed right after `layer`)."""
@@ -372,6 +402,7 @@ class OnnxFolder:
         mid = ix.unique(layer.output[0])
         b_name = self._write_const(f"{node_label(layer)}_bias", bias, None)  # type: ignore[arg-type]
         add = helper.make_node("Add", [mid, b_name], [out], name=ix.unique(node_label(layer) + "_add"))
+        self._same_shape(layer.output[0], mid)
         layer.output[0] = mid
         ix.producer[mid] = layer
         ix.consumers[mid] = [add]

@@ -197,7 +197,7 @@ def _inference_bn() -> type:
         op_domain = ""
 
         def _run(self, x, scale, bias, mean, var, epsilon=None, **_: Any):  # type: ignore[override]
-            eps = 1e-5 if epsilon is None else float(epsilon)
+            eps = float(np.float32(1e-5)) if epsilon is None else float(epsilon)  # the attribute is a float32
             shape = (1, -1) + (1,) * (x.ndim - 2)
             return ((x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape)
                     + bias.reshape(shape),)
