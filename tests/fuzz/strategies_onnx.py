@@ -144,6 +144,8 @@ class Block:
     consumer: Any              # "output" | "relu" | "two_readers" | Affine | Conv | Gemm | MatMul | FlattenGemm
     bn_out_is_output: bool     # the last BN's output is also a graph output (with a consumer layer)
     fanout: str                # none | node | output | shape (who else reads the producer's output)
+    bn_shape: bool = False     # a Shape node also reads the last BN's output
+    share: bool = False        # reuse the weight/bias initializers of earlier blocks of equal shape
 
 
 @dataclass(frozen=True)
@@ -403,7 +405,7 @@ def blocks(draw, dtype: str, opset: int, ir: int) -> Block:
     fanout = draw(st.sampled_from(["none"] * 6 + ["node", "output", "shape"])) if producer != "input" else "none"
     bn1_is_output = bn1_is_output and len(bns) == 2
     return Block(seed, batch, dynamic_batch, in_channels, spatial, producer, mid, bns, bn1_is_output, consumer,
-                 bn_out_is_output, fanout)
+                 bn_out_is_output, fanout, draw(rare(6)), draw(st.sampled_from([False, True])))
 
 
 @st.composite
@@ -474,6 +476,8 @@ class _Builder:
         self.input_dtypes: dict[str, Any] = {}
         self.overridable: list[onnx.TensorProto] = []
         self._dyn_batch: str | None = None  # the symbolic batch dim of the block being built
+        self._share = False                 # the block being built reuses earlier weights of equal shape
+        self._by_shape: dict[tuple, tuple[str, np.ndarray]] = {}
 
     # -- graph helpers ---------------------------------------------------------------------------
     def init(self, name: str, value: np.ndarray, dtype=None) -> str:
@@ -528,14 +532,27 @@ class _Builder:
 
     def weight(self, rng, name: str, shape, fan_in: int, scale: float) -> tuple[str, np.ndarray]:
         w = rng.normal(0.0, scale / math.sqrt(max(1, fan_in)), size=shape)
-        self.init(name, w)
-        return name, self.stored(w, self.dt)
+        return self._shared_init(name, w)
+
+    def bias(self, rng, name: str, shape) -> tuple[str, np.ndarray]:
+        return self._shared_init(name, rng.normal(0.0, 0.5, shape))
+
+    def _shared_init(self, name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+        """A new initializer -- or, in a block that shares, an earlier block's of the same shape, so that
+        two layers read one tensor (a fold must then write a new one, not change it in place)."""
+        key = tuple(np.shape(value))
+        if self._share and key in self._by_shape:
+            return self._by_shape[key]
+        self.init(name, value)
+        self._by_shape.setdefault(key, (name, self.stored(value, self.dt)))
+        return name, self.stored(value, self.dt)
 
     # -- one block ---------------------------------------------------------------------------------
     def block(self, p: str, b: Block) -> None:
         rng = np.random.default_rng(b.seed)
         x = f"{p}x"
         self._dyn_batch = f"{x}_N" if b.dynamic_batch else None
+        self._share = b.share
         act, shape, layer, fwd_reason = self.producer(p, b, rng, x)
         if b.fanout == "node":
             self.node("Relu", [act], [f"{p}other"], name=f"{p}other")
@@ -604,10 +621,8 @@ class _Builder:
         bias = None
         out = mm
         if pr.bias == "n":
-            bv = rng.normal(0, 0.5, pr.n)
-            self.init(f"{p}layer_b", bv)
-            bias = self.stored(bv, self.dt)
-            out = self.node("Add", [mm, f"{p}layer_b"], [f"{p}layer_add"], name=f"{p}layer_add")
+            bname, bias = self.bias(rng, f"{p}layer_b", (pr.n,))
+            out = self.node("Add", [mm, bname], [f"{p}layer_add"], name=f"{p}layer_add")
         if pr.transpose:
             out = self.node("Transpose", [out], [f"{p}layer_out"], name=f"{p}layer_t", perm=[0, 2, 1])
             layer = _Layer(f"{p}layer", w, np.arange(pr.n)[None, :], np.arange(K)[:, None], bias, self.dt, pr.n)
@@ -627,9 +642,8 @@ class _Builder:
         ins = [x, wn]
         bias = None
         if c.bias:
-            bv = rng.normal(0, 0.5, c.cout)
-            ins.append(self.init(f"{name}_b", bv))
-            bias = self.stored(bv, self.dt)
+            bname, bias = self.bias(rng, f"{name}_b", (c.cout,))
+            ins.append(bname)
         attrs: dict[str, Any] = {}
         if c.groups != 1 or rng.integers(0, 2):
             attrs["group"] = c.groups
@@ -665,9 +679,8 @@ class _Builder:
         cshape = {"scalar": (), "n": (g.n,), "1n": (1, g.n), "mn": (M, g.n), "m1": (M, 1), "none": None}[g.c]
         bias = None
         if cshape is not None:
-            cv = rng.normal(0, 0.5, cshape)
-            ins.append(self.init(f"{name}_c", cv))
-            bias = self.stored(cv, self.dt)
+            cname, bias = self.bias(rng, f"{name}_c", cshape)
+            ins.append(cname)
         attrs: dict[str, Any] = {}
         if g.trans_a:
             attrs["transA"] = 1
@@ -692,9 +705,7 @@ class _Builder:
         else:
             mm = self.node("MatMul", [x, wn], [f"{name}_mm"], name=name)
             bshape = {"n": (mspec.n,), "1n": (1, mspec.n), "scalar": ()}[mspec.bias]
-            bv = rng.normal(0, 0.5, bshape)
-            bn_ = self.init(f"{name}_b", bv)
-            bias = self.stored(bv, self.dt)
+            bn_, bias = self.bias(rng, f"{name}_b", bshape)
             self.node("Add", [bn_, mm] if mspec.bias_first else [mm, bn_], [out], name=f"{name}_add")
         return _Layer(name, w, np.arange(mspec.n)[None, :], np.arange(K)[:, None], bias, self.dt, mspec.n), out
 
@@ -778,6 +789,9 @@ class _Builder:
         B = shape[0]
         if b.bn_out_is_output and c != "output":
             self.output(act, list(shape))
+        if b.bn_shape:  # reads only the shape: must not block a fold
+            self.node("Shape", [act], [f"{p}bn_shape"], name=f"{p}bn_shape")
+            self.output(f"{p}bn_shape", [len(shape)], TensorProto.INT64, batched=False)
         if c == "output":
             self.output(act, list(shape))
             return None, None, ones, zeros
@@ -813,7 +827,7 @@ class _Builder:
                 cur = self.node("Add", [cur, f"{p}post_add_c"], [f"{p}post_add"], name=f"{p}post_add")
                 ts = self.stored(av, self.dt).reshape(-1) if av.ndim else np.full(C, self.stored(av, self.dt))
             self.output(cur, list(shape))
-            if b.bn_out_is_output:  # the BN output has two readers then: nothing is absorbed
+            if b.bn_out_is_output or b.bn_shape:  # the BN output has two readers: nothing is absorbed
                 return None, None, ones, zeros
             return None, None, ms, ts
         if isinstance(c, Conv):
@@ -863,9 +877,8 @@ class _Builder:
         ins = [flat, wn]
         bias = None
         if c.bias or self.spec.opset < 11:  # Gemm's C is optional from opset 11 on
-            bv = rng.normal(0, 0.5, c.n)
-            ins.append(self.init(f"{p}post_b", bv))
-            bias = self.stored(bv, self.dt)
+            bname, bias = self.bias(rng, f"{p}post_b", (c.n,))
+            ins.append(bname)
         self.node("Gemm", ins, [f"{p}y"], name=f"{p}post", **({"transB": 1} if c.trans_b else {}))
         if c.how == "flatten_axis2":  # rows = batch x channels
             self.output(f"{p}y", [None if b.dynamic_batch else rows, c.n], batched=False)
