@@ -59,6 +59,8 @@ class OnnxFolder:
         self.dead_values: set[str] = set()
         self.created: list[str] = []  # initializers this fold added (IR < 4 bodies turn them into Constants)
         self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
+        # id(layer) -> (weight name, bias name, float64 weight, float64 bias, weight dtype) of its last fold
+        self.exact: dict[int, tuple[str, str | None, np.ndarray, np.ndarray, np.dtype]] = {}
         self.ix.shapes = self.shapes
 
     # -- driver ---------------------------------------------------------------------------------
@@ -244,16 +246,46 @@ class OnnxFolder:
         layer_label = node_label(m.layer)
         try:
             self._single_use(bn.input[0], m.tail)
-            weight = self.ix.const(m.weight_name, f"{layer_label} weight")
-            bias = self.ix.const(m.bias_name, f"{layer_label} bias") if m.bias_name else None
-            folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=weight.dtype)
+            weight, bias, wdt = self.layer_params(m.layer, m.weight_name, m.bias_name, layer_label)
+            folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=wdt,
+                                       weight_dtype=wdt, keep_exact=self._may_chain(m.layer, view.out))
         except Skip as e:
             e.producer = e.producer or layer_label
             raise
         del weight, bias  # a weight read from disk for this fold need not outlive it (big models)
         self._rewrite(bn, m, folded, view)
+        self.remember_exact(m.layer, folded)
         d = Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
         return self.located(d, m.layer.input[0], view.out)
+
+    # -- chains: Conv -> BN -> BN, BN -> BN -> Conv round once ------------------------------------
+    def layer_params(self, layer: onnx.NodeProto, weight_name: str, bias_name: str | None,
+                     label: str) -> tuple[np.ndarray, np.ndarray | None, np.dtype]:
+        """A layer's weight and bias for a fold, and the weight's dtype: the float64 values an earlier fold
+        of this pass left (so a chain of folds is rounded once, as the kernel promises), else the tensors."""
+        ex = self.exact.get(id(layer))
+        if ex is not None and ex[0] == weight_name and ex[1] == bias_name:
+            return ex[2], ex[3], ex[4]
+        weight = self.ix.const(weight_name, f"{label} weight")
+        bias = self.ix.const(bias_name, f"{label} bias") if bias_name else None
+        return weight, bias, weight.dtype
+
+    def _may_chain(self, layer: onnx.NodeProto, out: str) -> bool:
+        """Whether another BN may fold into `layer` in this pass (worth keeping float64 values): a Conv or
+        Gemm (bias in slot 2) whose new output, or data input, is a BatchNorm's."""
+        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm") or self.scope:
+            return False
+        after = [u for u in self.ix.consumers.get(out, []) if u.op_type == "BatchNormalization"]
+        before = self.ix.producer.get(layer.input[0]) if layer.input else None
+        return bool(after) or (before is not None and before.op_type == "BatchNormalization")
+
+    def remember_exact(self, layer: onnx.NodeProto, folded: kernel.Folded) -> None:
+        """Keep a fold's float64 weight and bias for a later fold into the same layer (see layer_params)."""
+        if folded.weight64 is None:
+            self.exact.pop(id(layer), None)
+            return
+        bias = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+        self.exact[id(layer)] = (layer.input[1], bias, folded.weight64, folded.bias64, folded.weight.dtype)
 
     def located(self, d: Decision, x: str, y: str) -> Decision:
         """Record where a fold sits: the region from data input `x` to output `y`, two tensors that mean the

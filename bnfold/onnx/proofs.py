@@ -46,8 +46,15 @@ def needed_inputs(decisions: Iterable[Decision]) -> set[str]:
 
 
 def prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[Decision],
-          captured: dict[str, np.ndarray]) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed)."""
+          captured: dict[str, np.ndarray], captured_folded: dict[str, np.ndarray] | None = None,
+          ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed).
+
+    `captured` holds the original's values from onnxruntime (each region's input and output),
+    `captured_folded` the folded model's: both replays must agree with onnxruntime's run of their region,
+    or the proof is 'not run' (the reference evaluator has had bugs, e.g. grouped ConvTranspose with a bias).
+    """
+    captured_folded = captured_folded or {}
     counts = {"proven": 0, "failed": 0, "not_run": 0}
     blame: list[dict[str, Any]] = []
     orig_g, fold_g = _Graph(original), _Graph(folded)
@@ -59,7 +66,8 @@ def prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[De
         elif d.site[0] not in captured:
             d.proof = {"not_run": f"its input {d.site[0]!r} was not captured"}
         else:
-            d.proof = _prove_one(orig_g, fold_g, d.site, captured[d.site[0]], captured.get(d.site[1]))
+            d.proof = _prove_one(orig_g, fold_g, d.site, captured[d.site[0]], captured.get(d.site[1]),
+                                 captured_folded.get(d.site[1]))
         if "not_run" in d.proof:
             counts["not_run"] += 1
         elif d.proof["passed"]:
@@ -110,7 +118,7 @@ class _Graph:
 
 
 def _prove_one(orig_g: _Graph, fold_g: _Graph, site: tuple[str, str], x: np.ndarray,
-               witness: np.ndarray | None) -> dict[str, Any]:
+               witness: np.ndarray | None, witness_folded: np.ndarray | None) -> dict[str, Any]:
     xin, y = site
     ro, rf = orig_g.region(xin, y), fold_g.region(xin, y)
     for r in (ro, rf):
@@ -130,14 +138,15 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, site: tuple[str, str], x: np.ndar
     except Exception as e:  # noqa: BLE001 - the reference evaluator lacks some ops / versions: say so
         return {"not_run": f"the region could not be replayed in float64 ({type(e).__name__}: "
                            f"{(str(e).splitlines() or [''])[0][:160]})"}
-    if witness is None or np.shape(witness) != ref.shape:
-        return {"not_run": f"onnxruntime's value of {y!r} in the original was not captured"}
-    w = np.asarray(witness, np.float64)
-    fine = np.isfinite(w) & np.isfinite(ref)
-    if np.any(np.abs(np.where(fine, ref - w, 0.0)) > FAITHFUL * (mag + np.abs(ref))):
-        # the reference evaluator itself computes this region differently from onnxruntime (it has had
-        # bugs in grouped ConvTranspose, for one): no proof rather than a false accusation
-        return {"not_run": "the float64 replay of the original region disagrees with onnxruntime's own run of it"}
+    for which, value, seen in (("original", ref, witness), ("folded", new, witness_folded)):
+        if seen is None or np.shape(seen) != value.shape:
+            return {"not_run": f"onnxruntime's value of {y!r} in the {which} model was not captured"}
+        w = np.asarray(seen, np.float64)
+        fine = np.isfinite(w) & np.isfinite(value)
+        if np.any(np.abs(np.where(fine, value - w, 0.0)) > FAITHFUL * (mag + np.abs(value))):
+            # the reference evaluator itself computes this region differently from onnxruntime (it has had
+            # bugs in grouped ConvTranspose, for one): no proof rather than a false accusation
+            return {"not_run": f"the float64 replay of the {which} region disagrees with onnxruntime's own run of it"}
     if ref.shape != new.shape or mag.shape != new.shape:
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "how": HOW,
                 "why": f"shapes differ: {list(ref.shape)} vs {list(new.shape)}"}
@@ -145,10 +154,11 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, site: tuple[str, str], x: np.ndar
     both = np.isfinite(ref) & np.isfinite(new)
     if not np.array_equal(np.isfinite(ref), np.isfinite(new)):
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "how": HOW, "why": "non-finite values differ"}
-    diff = np.where(both, np.abs(new - ref), 0.0)
-    if not diff.size:
-        return {"not_run": "the region's output is empty on the captured input"}
-    ratio = diff / np.maximum(bound, np.finfo(np.float64).tiny)
+    judged = both & np.isfinite(bound)  # an infinite magnitude (an input already at inf) bounds nothing
+    if not judged.any():
+        return {"not_run": "the region's output is empty or not finite on the captured input"}
+    diff = np.where(judged, np.abs(new - ref), 0.0)
+    ratio = diff / np.maximum(np.where(judged, bound, 1.0), np.finfo(np.float64).tiny)
     k = int(np.argmax(ratio))
     worst = float(ratio.reshape(-1)[k])
     return {"passed": worst <= 1.0, "max_abs": float(diff.max()), "bound": float(bound.reshape(-1)[k]),

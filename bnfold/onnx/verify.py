@@ -82,7 +82,13 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
     noise_model = perturbed(original, opts.seed)
     plain = (original, candidate, noise_model)
     models = (with_outputs(original, want), with_outputs(candidate, plan.inner), with_outputs(noise_model, want))
-    return _Comparison(original, candidate, plan, feeds, opts, decisions, "").run(models, plain)
+    cmp = _Comparison(original, candidate, plan, feeds, opts, decisions, "")
+    cmp.more_noise = lambda k: with_outputs(perturbed(original, opts.seed + k), want)
+    return cmp.run(models, plain)
+
+
+SMALL = 256           # elements: a compared tensor smaller than this gets SMALL_NOISE_RUNS noise samples
+SMALL_NOISE_RUNS = 3
 
 
 class _Comparison:
@@ -96,6 +102,8 @@ class _Comparison:
         self.auto = opts.atol is None and opts.rtol is None
         self.out_names = [o.name for o in original.graph.output]
         self.captured: dict[str, np.ndarray] = {}
+        self.captured_folded: dict[str, np.ndarray] = {}
+        self.more_noise: Any = None  # k -> another noise model (seed + k), where memory allows
 
     def run(self, models: tuple, plain: tuple) -> Verification:
         names, explicit = _requested(self.opts.providers)
@@ -110,7 +118,8 @@ class _Comparison:
             self.opts.say(f"verifying on {name}")
             ver.providers[name] = self._provider(name, models, plain, ver)
         if self.decisions is not None:
-            counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured)
+            counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured,
+                                         self.captured_folded)
             ver.proofs = counts
             ver.blame = blame
             if ver.verdict == "failed" or any(p.ran and not p.passed for p in ver.providers.values()):
@@ -132,9 +141,16 @@ class _Comparison:
             self.plan.inner, self.plan.extra, models = [], [], plain
             runs = [_run_all(m, name, batches, lbl) for m, lbl in zip(models, ("original", "candidate", "noise model"))]
         if not self.captured:
-            self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs, from the first batch
+            self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs and witnesses, first batch
+            self.captured_folded = dict(runs[1][0])
         ref, cand, noise1 = (_concat(r) for r in runs)
         noise = [noise1]
+        if self.more_noise is not None and min((np.size(v) for v in ref.values()), default=SMALL) < SMALL:
+            # One nudged model is one sample of the noise: over many elements its maximum is a steady
+            # estimate, over a handful the random nudges can cancel by chance. Small tensors get more samples.
+            for k in range(1, SMALL_NOISE_RUNS):
+                noise.append(_concat(_run_all(self.more_noise(k), name, batches, "noise model")))
+            notes["noise_sources"][0] = f"weights nudged one ulp ({SMALL_NOISE_RUNS} samples: some tensors are small)"
         if name == "CUDAExecutionProvider":
             notes["tf32"] = True  # onnxruntime's CUDA EP default; the noise run below measures its effect
             noise.append(_concat(_run_all(models[0], name, batches, "original (TF32 off)", _options(name, tf32=False))))
