@@ -122,7 +122,9 @@ class _Comparison:
                                          self.captured_folded)
             ver.proofs = counts
             ver.blame = blame
-            if ver.verdict == "failed" or any(p.ran and not p.passed for p in ver.providers.values()):
+            # a failed local proof names its fold exactly; the end-to-end divergence it causes downstream may
+            # surface at another fold's output, so it is traced back only when every local proof held
+            if not blame and any(p.ran and not p.passed for p in ver.providers.values()):
                 self._blame_divergence(ver)
         return ver
 
