@@ -251,7 +251,7 @@ def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
         place = (slice(None), slice(None)) + tuple(
             slice(off[i] * d[i], off[i] * d[i] + s[i] * (ins[i] - 1) + 1, s[i]) for i in range(nd))
         for gi in range(g):
-            part = np.einsum("nc...,cm->nm...", x[:, gi * cg:(gi + 1) * cg], w[gi * cg:(gi + 1) * cg, :, *off])
+            part = np.einsum("nc...,cm->nm...", x[:, gi * cg:(gi + 1) * cg], w[(slice(gi * cg, (gi + 1) * cg), slice(None)) + tuple(off)])
             y[(place[0], slice(gi * mg, (gi + 1) * mg)) + place[2:]] += part
     # negative pads (SAME or output_shape asking for more than the scatter covers) are zeros added
     y = np.pad(y, [(0, 0), (0, 0)] + [(max(0, -begin[i]), max(0, -end[i])) for i in range(nd)])
