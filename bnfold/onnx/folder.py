@@ -153,7 +153,11 @@ class OnnxFolder:
 
     def _match_layer(self, prod: onnx.NodeProto) -> Match:
         if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
-            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}",
+            hint = ""
+            if prod.op_type == "DequantizeLinear":  # ONNX's or com.microsoft's: the layer before is quantized
+                hint = ("; the model is quantized: fold the float model with bnfold first, then quantize it "
+                        "(folding belongs before quantization)")
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}{hint}",
                        producer=node_label(prod))
         label = node_label(prod)
         if prod.op_type in ("Conv", "ConvTranspose"):
