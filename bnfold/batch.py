@@ -374,8 +374,8 @@ def _bench(o: Outcome, opts: Options) -> None:
     from .onnx.io import load_onnx
     original = load_onnx(o.job.source)
     ver = rep.verification
-    ran = [n for n, p in (ver.providers.items() if ver is not None else ()) if p.ran]
-    providers = ran or providers_for(opts.providers)
+    # the providers verification considered (one that could not run says why here too)
+    providers = list(ver.providers) if ver is not None and ver.providers else providers_for(opts.providers)
     opts.say("timing the original and the folded model (--bench)")
     feeds = bench_feeds(original, opts, ver.inputs if ver is not None else None)
     rep.before_after["latency_ms"] = latency(o.job.source, o.job.output or "", feeds, providers)

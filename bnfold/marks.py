@@ -37,16 +37,26 @@ def make(source: str, source_sha256: str, options: str, verdict: str | None) -> 
 
 
 def digest(path: str, companions: Iterable[str] = ()) -> str:
-    """SHA-256 over a model's bytes: the file (every file of a directory) and the files it reads."""
+    """SHA-256 of a model's bytes: the plain file digest, or over each file (by relative name) of a
+    directory and the files it reads (ONNX external data)."""
     h = hashlib.sha256()
     p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for f in [*files, *sorted(Path(c) for c in companions)]:
-        h.update(str(f.relative_to(p) if p.is_dir() and f.is_relative_to(p) else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+    if p.is_dir():
+        parts = [(str(f.relative_to(p)), f) for f in sorted(p.rglob("*")) if f.is_file()]
+    else:
+        _feed(h, p)
+        parts = []
+    parts += [(Path(c).name, Path(c)) for c in sorted(companions)]
+    for name, f in parts:
+        h.update(name.encode() + b"\0")
+        _feed(h, f)
     return h.hexdigest()
+
+
+def _feed(h: Any, f: Path) -> None:
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
 
 
 def read(path: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ the one line on stderr. stdout never sees any of it: it carries the report (or t
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, TextIO
 
@@ -59,8 +60,9 @@ class Progress:
         self.k += 1
         self.name = path
         tag = f"[{self.k}/{self.models}] " if self.models > 1 else ""
-        if self._live is not None:
-            self._live.reset(self._step_task, total=None, description=f"{tag}{path}: loading")
+        if self._live is not None:  # a bar line is one terminal line: the file's name, not its whole path
+            self.name = os.path.basename(os.path.normpath(path))
+            self._live.reset(self._step_task, total=None, description=f"{tag}{self.name}: loading")
         elif self.mode in ("lines", "plain"):
             self._line(f"{tag}{path}")
 
@@ -72,10 +74,12 @@ class Progress:
             done = getattr(msg, "done", None)
             kw = {"total": total, "completed": done} if total else {}
             self._live.update(self._step_task, description=f"{tag}{self.name}: {msg}", **kw)
+        elif getattr(msg, "total", None) is not None:
+            return  # plain lines carry the notable steps, not every batch run
         elif self.mode == "plain":
-            self._line(f"{msg}...")
-        elif self.mode == "lines" and getattr(msg, "total", None) is None:
-            self._line(f"{tag}{self.name}: {msg}")  # a log gets the notable steps, not every batch run
+            self._line(f"{tag}{msg}...")
+        elif self.mode == "lines":
+            self._line(f"{tag}{self.name}: {msg}")
 
     def done(self, path: str, status: str) -> None:
         """A model ended with `status` (a short phrase)."""
