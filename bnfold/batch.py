@@ -157,7 +157,10 @@ def plan(models: Sequence[str], output: str | None, recursive: bool = False) -> 
 def _walk(root: Path, recursive: bool, out_root: Path | None, ignored: list[dict[str, str]]):
     """Model files (and SavedModel folders) in `root`, sorted; never inside hidden or output folders."""
     skip = os.path.realpath(out_root) if out_root is not None else None
-    for dirpath, dirnames, filenames in os.walk(root):
+    def unreadable(err: OSError) -> None:
+        raise BnfoldError(f"cannot read this folder: {err.strerror or err}", err.filename or str(root))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         keep = []
         for name in sorted(dirnames):

@@ -370,8 +370,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _fail(json_wanted: bool, message: str, path: str | None, code: int) -> int:
     """One line on stderr; with --json also the one JSON document on stdout."""
-    print(f"bnfold: error: {f'{path}: ' if path and not message.startswith(path) else ''}{message}"
-          if code != 130 else "bnfold: interrupted; nothing written", file=sys.stderr)
+    print(f"bnfold: {'' if code == 130 else 'error: '}{f'{path}: ' if path else ''}{message}", file=sys.stderr)
     if json_wanted:
         from .report import json_safe, to_json
         print(to_json(json_safe({"schema": 1, "error": {"message": message, "path": path, "code": code}})))
@@ -402,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
     except KeyboardInterrupt:
-        return _fail(json_wanted, "interrupted; nothing written", None, 130)
+        done = "; the models proven before it are written, the rest is not" if getattr(a, "keep_going", False) \
+            else "; nothing written"
+        return _fail(json_wanted, f"interrupted{done}", None, 130)
 
 
 def entry() -> None:

@@ -128,10 +128,11 @@ def _summary(doc: dict[str, Any], reports: list[dict[str, Any]]) -> str:
                "<th>parameters</th><th>file size</th><th>output</th></tr>")
     for row in rows:
         ba = row.get("before_after") or {}
-        verdict = "error" if row.get("error") else row.get("verdict") or ("passed" if row["exit_code"] == 0 else None)
+        verdict = "error" if row.get("error") else row.get("verdict")
         status = row["error"]["message"] if row.get("error") else row.get("status")
+        label = verdict or ("up to date" if status == "up to date" else "not verified")
         folded = f"{row['folded']} / {row['bn']}" if "bn" in row else ""
-        out.append(f"<tr class=\"model-row\"><td><code>{e(row['model'])}</code></td><td>{_badge(verdict, verdict)} "
+        out.append(f"<tr class=\"model-row\"><td><code>{e(row['model'])}</code></td><td>{_badge(verdict, label)} "
                    f"{e(status)}</td><td class=\"num\">{e(folded)}</td><td>{e(fmt_change(ba['parameters'])) if ba else ''}"
                    f"</td><td>{e(fmt_change(ba['file_bytes'], fmt_bytes)) if ba else ''}</td>"
                    f"<td><code>{e(row.get('output') or '')}</code></td></tr>")
