@@ -157,6 +157,7 @@ def plan(models: Sequence[str], output: str | None, recursive: bool = False) -> 
 def _walk(root: Path, recursive: bool, out_root: Path | None, ignored: list[dict[str, str]]):
     """Model files (and SavedModel folders) in `root`, sorted; never inside hidden or output folders."""
     skip = os.path.realpath(out_root) if out_root is not None else None
+
     def unreadable(err: OSError) -> None:
         raise BnfoldError(f"cannot read this folder: {err.strerror or err}", err.filename or str(root))
 
@@ -228,6 +229,14 @@ def run(pl: Plan, opts: Options, st: Settings, progress: Progress,
             if not st.keep_going:
                 raise
             o = Outcome(j, EXIT_BAD_INPUT, "error", error=error_doc(e))
+        except Exception as e:  # noqa: BLE001 - a bug met on one model must not stop the others
+            if not st.keep_going:
+                raise
+            import traceback
+            traceback.print_exc()  # for whoever fixes it; the summary carries the one line
+            o = Outcome(j, EXIT_BAD_INPUT, "error", error={
+                "message": f"internal error (a bug in bnfold; please report it): {type(e).__name__}: {e}",
+                "path": j.source, "code": EXIT_BAD_INPUT, "internal": True})
         o.seconds = time.perf_counter() - t0
         progress.done(j.source, o.status if o.error is None else f"error: {o.error['message']}")
         outcomes.append(o)
@@ -284,15 +293,24 @@ def _up_to_date(j: Job, opts: Options, st: Settings) -> bool:
     return mark.get("source_sha256") == marks.digest(j.source, _companions(j.source))
 
 
+_COMPANIONS: dict[tuple[str, int, int], set[str]] = {}
+
+
 def _companions(path: str) -> set[str]:
+    """The files a model reads besides itself (ONNX external data), asked once per file version: for a
+    model with its weights inside, finding out parses the whole file."""
     try:
         fw = framework_of(path)
-    except BnfoldError:
+        st = os.stat(path)
+    except (BnfoldError, OSError):
         return set()
     if not os.path.isfile(path):
         return set()
-    import importlib
-    return importlib.import_module(api.REGISTRY[fw]).FRONTEND.companion_files(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _COMPANIONS:
+        import importlib
+        _COMPANIONS[key] = importlib.import_module(api.REGISTRY[fw]).FRONTEND.companion_files(path)
+    return _COMPANIONS[key]
 
 
 def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:

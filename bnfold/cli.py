@@ -400,6 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bnfold: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
+    except Exception as e:
+        if a.json:  # a bug: its traceback follows on stderr, and --json still gets its one document
+            from .report import json_safe, to_json
+            print(to_json(json_safe({"schema": 1, "error": {
+                "message": f"internal error (a bug in bnfold; please report it): {type(e).__name__}: {e}",
+                "path": None, "code": 1, "internal": True}})))
+        raise
     except KeyboardInterrupt:
         done = "; the models proven before it are written, the rest is not" if getattr(a, "keep_going", False) \
             else "; nothing written"

@@ -224,7 +224,10 @@ def _verification(ver: dict[str, Any], k: int) -> str:
     if ver.get("not_run") and not ver.get("providers"):
         return out[0] + f"<p class=\"muted\">not run: {e(ver['not_run'])}</p>"
     tol = ver.get("tolerance") or {}
-    rule = tol.get("rule") or (f"atol {_g(tol.get('atol'))}, rtol {_g(tol.get('rtol'))} (given)" if tol else "")
+    if tol.get("how") == "user":
+        rule = f"atol {_g(tol.get('atol'))}, rtol {_g(tol.get('rtol'))} (given)"
+    else:
+        rule = tol.get("rule") or "derived from the model's own numeric noise"
     out.append(f"<p>{_badge(ver.get('verdict'))} tolerance: <span class=\"mono\">{e(rule)}</span></p>")
     if ver.get("inputs"):
         out.append("<ul class=\"inputs\">" + "".join(

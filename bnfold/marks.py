@@ -77,7 +77,7 @@ def read(path: str) -> dict[str, Any] | None:
                 for name in z.namelist():
                     if name == "metadata.json":  # .keras
                         meta = json.loads(z.read(name)[:MAX_ENTRY])
-                        if isinstance(meta, dict) and isinstance(meta.get(KEY), dict):
+                        if isinstance(meta, dict) and isinstance(meta.get(KEY), dict) and "written_by" in meta[KEY]:
                             return meta[KEY]
                     elif name.endswith(f"/extra/{EXTRA_NAME}") and name.count("/") == 2:  # torch archives
                         return _parse(z.read(name)[:MAX_ENTRY].decode("utf-8"))

@@ -124,6 +124,7 @@ class _Comparison:
             self.opts.say(f"verifying on {name}")
             ver.providers[name] = self._provider(name, models, plain, ver)
         if self.decisions is not None:
+            self.opts.say(f"proving each of {sum(d.is_folded for d in self.decisions)} fold(s) on its own")
             counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured)
             ver.proofs = counts
             ver.blame = blame
