@@ -119,7 +119,7 @@ def plan(models: Sequence[str], output: str | None, recursive: bool = False) -> 
             return
         seen.add(key)
         if several:  # a batch never takes what bnfold wrote as an input
-            why = _left_out(src, out_root)
+            why = _left_out(src)
             if why:
                 pl.ignored.append({"path": str(src), "why": why})
                 return
@@ -132,6 +132,9 @@ def plan(models: Sequence[str], output: str | None, recursive: bool = False) -> 
     for m in models:
         p = Path(m)
         if _is_folder(p):
+            if out_root is not None and os.path.realpath(out_root) == os.path.realpath(p):
+                raise BnfoldError("-o/--output is the input folder itself: the outputs would replace the inputs, "
+                                  "which are never overwritten; give another folder", output)
             found = list(_walk(p, recursive, out_root, pl.ignored))
             if not found and not any(i["path"].startswith(str(p)) for i in pl.ignored):
                 raise BnfoldError("no model files in this folder" + ("" if recursive else " (add --recursive to "
@@ -181,15 +184,13 @@ def _walk(root: Path, recursive: bool, out_root: Path | None, ignored: list[dict
                 yield here / name
 
 
-def _left_out(src: Path, out_root: Path | None) -> str | None:
+def _left_out(src: Path) -> str | None:
     """Why a batch does not fold this file (it is a bnfold output), or None."""
     mark = marks.read(str(src))
     if mark is not None:
         return f"written by {mark.get('written_by', 'bnfold')} (folded from {mark.get('source', '?')})"
     if _named_as_output(src):
         return "named like a bnfold output (*.folded.*)"
-    if out_root is not None and os.path.realpath(src).startswith(os.path.realpath(out_root) + os.sep):
-        return "inside the output folder of this run"
     return None
 
 
@@ -266,6 +267,8 @@ def error_doc(e: BnfoldError, code: int = EXIT_BAD_INPUT) -> dict[str, Any]:
 
 def _precheck(j: Job, opts: Options) -> None:
     """Refuse an output that could not be written, before any model is folded."""
+    if not os.path.lexists(j.source):
+        raise BnfoldError("no such file", j.source)  # before its extension is judged: the path is the problem
     if opts.dry_run or j.output is None:
         return
     try:
@@ -314,10 +317,10 @@ def _companions(path: str) -> set[str]:
 
 
 def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
-    if pl.walked and _up_to_date(j, opts, st):
-        return Outcome(j, EXIT_OK, "up to date")
     if st.keep_going:
         _precheck(j, opts)
+    if pl.walked and _up_to_date(j, opts, st):
+        return Outcome(j, EXIT_OK, "up to date")
     t0 = time.perf_counter()
     with api.naming(j.source):
         fe = api.frontend(framework_of(j.source))

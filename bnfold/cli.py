@@ -216,7 +216,7 @@ def cmd_fold(a: argparse.Namespace) -> int:
         raise BnfoldError("--bench times the folded model as written; it makes no sense with --dry-run")
     pl = batch.plan(a.models, a.output, a.recursive)
     if a.html:
-        api.check_output(a.html, [j.source for j in pl.jobs] + list(a.models))
+        api.check_output(a.html, [j.source for j in pl.jobs] + [j.output for j in pl.jobs if j.output] + list(a.models))
     st = batch.Settings(keep_going=a.keep_going and not pl.single, force=a.force, bench=a.bench,
                         fingerprint=batch.fingerprint(_shaping(a)))
     prog = _progress(a, len(pl.jobs))

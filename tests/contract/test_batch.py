@@ -246,11 +246,13 @@ def test_failed_proof_without_keep_going_writes_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["-o", "x.onnx"], "exactly one MODEL"),              # a file name for a batch
     (["--bench", "--dry-run"], "--bench"),
+    (["-o", "{tmp}/"], "would overwrite the input"),      # the mirror of the inputs is the inputs
+    (["{tmp}/nothing-here"], "no such file"),
 ])
 def test_batch_usage_errors_are_exit_2_one_line(tmp_path, capsys, args, needle):
     a, b = _two_models(tmp_path)
     before = snapshot(tmp_path)
-    assert main([str(a), str(b), *args]) == 2
+    assert main([str(a), str(b), *(x.replace("{tmp}", str(tmp_path)) for x in args)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and snapshot(tmp_path) == before
 
@@ -265,6 +267,13 @@ def test_empty_folder_is_a_usage_error_and_a_folder_of_outputs_is_nothing_to_do(
     assert main([str(d), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"]["models"] == [] and doc["summary"]["ignored"][0]["why"].startswith("named like")
+
+
+def test_output_folder_equal_to_the_input_folder_is_refused(tmp_path, capsys):
+    shutil.copy(os.path.join(SAMPLES, "mlp.onnx"), tmp_path)
+    before = snapshot(tmp_path)
+    assert main([str(tmp_path), "-o", f"{tmp_path}/", "--keep-going"]) == 2
+    assert "the input folder itself" in capsys.readouterr().err and snapshot(tmp_path) == before
 
 
 def test_two_inputs_that_would_write_one_output_are_refused(tmp_path, capsys):
