@@ -46,7 +46,7 @@ class Progress:
         except ImportError:
             self.mode = "plain"  # a terminal without rich: the plain lines, as before
             return
-        self._live = RichProgress(SpinnerColumn(), TextColumn("bnfold: {task.description}"), BarColumn(),
+        self._live = RichProgress(SpinnerColumn(), TextColumn("bnfold: {task.description}"), BarColumn(bar_width=24),
                                   MofNCompleteColumn(), TimeElapsedColumn(),
                                   console=Console(file=self.stream, stderr=True), transient=True)
         self._live.start()
@@ -87,7 +87,8 @@ class Progress:
         if self._live is not None:
             if self._batch_task is not None:
                 self._live.advance(self._batch_task)
-                self._live.console.print(f"bnfold: {tag}{path}: {status}", highlight=False, markup=False)
+                self._live.console.print(f"bnfold: {tag}{path}: {status}", highlight=False, markup=False,
+                                         soft_wrap=True)
         elif self.mode == "lines" or (self.mode == "plain" and self.models > 1):
             self._line(f"{tag}{path}: {status}")
 
@@ -96,7 +97,7 @@ class Progress:
         if self.mode == "off":
             return
         if self._live is not None:
-            self._live.console.print(f"bnfold: {msg}", highlight=False, markup=False)
+            self._live.console.print(f"bnfold: {msg}", highlight=False, markup=False, soft_wrap=True)
         else:
             self._line(msg)
 

@@ -248,7 +248,9 @@ def test_progress_bar_on_a_terminal_for_a_batch(sample):
     a, b = sample("mlp"), sample("resnet_block")
     code, out, err = _with_tty_stderr([str(a), str(b), "--dry-run"])
     assert code == 0 and "summary" in out and "bnfold:" not in out
-    assert "[1/2]" in err and "[2/2]" in err and "verifying on CPUExecutionProvider" in err
+    # each finished model is printed above the live display at once; what the bar showed in between
+    # depends on when it refreshed (10 times a second), so only the finished lines are asserted
+    assert f"[1/2] {a}: dry run: nothing written" in err and f"[2/2] {b}: dry run: nothing written" in err
     assert "\x1b[" in err, "a live display draws with terminal control sequences"
     code, out, err = _with_tty_stderr([str(a), str(b), "--dry-run", "-q"])
     assert code == 0 and err.strip() == ""
