@@ -25,8 +25,9 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 
 color:#1d1d1f;background:#fff}
 h1{font-size:22px;margin:4px 0}h2{font-size:18px;margin:28px 0 6px;border-top:1px solid #ddd;padding-top:14px}
 h3{font-size:15px;margin:16px 0 6px}code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
-table{border-collapse:collapse;width:100%;margin:6px 0}th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eee;
-vertical-align:top}th{background:#f6f6f7;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;width:100%;margin:6px 0}
+th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eee;vertical-align:top}
+th{background:#f6f6f7;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px;color:#fff}
 .v-passed{background:#2e7d32}.v-failed{background:#c62828}.v-inconclusive{background:#ef6c00}.v-none{background:#757575}
 .v-error{background:#6a1b9a}tr.folded td.st{color:#2e7d32}tr.skipped td.st{color:#b26a00}
@@ -133,7 +134,8 @@ def _summary(doc: dict[str, Any], reports: list[dict[str, Any]]) -> str:
         label = verdict or ("up to date" if status == "up to date" else "not verified")
         folded = f"{row['folded']} / {row['bn']}" if "bn" in row else ""
         out.append(f"<tr class=\"model-row\"><td><code>{e(row['model'])}</code></td><td>{_badge(verdict, label)} "
-                   f"{e(status)}</td><td class=\"num\">{e(folded)}</td><td>{e(fmt_change(ba['parameters'])) if ba else ''}"
+                   f"{e(status)}</td><td class=\"num\">{e(folded)}</td>"
+                   f"<td>{e(fmt_change(ba['parameters'])) if ba else ''}"
                    f"</td><td>{e(fmt_change(ba['file_bytes'], fmt_bytes)) if ba else ''}</td>"
                    f"<td><code>{e(row.get('output') or '')}</code></td></tr>")
     out.append("</table>")
@@ -238,7 +240,8 @@ def _verification(ver: dict[str, Any], k: int) -> str:
         where = fd.get("tensor") or fd.get("layer")
         out.append(f"<p class=\"divergence\">First divergence: <code>{e(where)}</code> "
                    f"{e(fd.get('op') or fd.get('module') or '')} {e(fd.get('node') or '')} — max abs "
-                   f"{_g(fd.get('max_abs'))} &gt; atol {_g(fd.get('atol'))} ({e(fd.get('provider') or fd.get('device'))})"
+                   f"{_g(fd.get('max_abs'))} &gt; atol {_g(fd.get('atol'))} "
+                   f"({e(fd.get('provider') or fd.get('device'))})"
                    "</p>")
     if ver.get("hint"):
         out.append(f"<p class=\"hint\">Hint: {e(ver['hint'])}</p>")
@@ -304,7 +307,8 @@ def _chart(provider: str, p: dict[str, Any], fd: dict[str, Any] | None, sid: str
         tip = (f"{m.get('tensor')} (depth {m.get('order')}): max abs {_g(m.get('max_abs'))} vs atol {_g(m.get('atol'))}"
                + (" · output" if m.get("output") else "") + (f" · {m['explained']}" if m.get("explained") else "")
                + (" · after the first divergence (not judged)" if m.get("after_divergence") else ""))
-        svg.append(f"<circle class=\"{cls}\" cx=\"{x(i):.1f}\" cy=\"{yy:.1f}\" r=\"3.2\" data-tensor=\"{e(m.get('tensor'))}\">"
+        svg.append(f"<circle class=\"{cls}\" cx=\"{x(i):.1f}\" cy=\"{yy:.1f}\" r=\"3.2\" "
+                   f"data-tensor=\"{e(m.get('tensor'))}\">"
                    f"<title>{e(tip)}</title></circle>")
     if div_x is not None:
         svg.append(f"<g class=\"first-divergence\"><line class=\"divline\" x1=\"{div_x:.1f}\" x2=\"{div_x:.1f}\" "
@@ -312,9 +316,11 @@ def _chart(provider: str, p: dict[str, Any], fd: dict[str, Any] | None, sid: str
                    "first divergence</text></g>")
     svg.append(f"<text class=\"axis\" x=\"{LEFT + pw / 2:.0f}\" y=\"{H - 10}\" text-anchor=\"middle\">compared tensors "
                "along the model's depth (topological order) →</text>"
-               f"<text class=\"axis\" x=\"12\" y=\"{TOP + ph / 2:.0f}\" transform=\"rotate(-90 12 {TOP + ph / 2:.0f})\" "
+               f"<text class=\"axis\" x=\"12\" y=\"{TOP + ph / 2:.0f}\" "
+               f"transform=\"rotate(-90 12 {TOP + ph / 2:.0f})\" "
                "text-anchor=\"middle\">max abs error / tolerance</text></svg>")
-    n_bad = sum(1 for m in ms if (_ratio(m) or LOG_MIN) > 0 and not m.get("explained") and not m.get("after_divergence"))
+    n_bad = sum(1 for m in ms if (_ratio(m) or LOG_MIN) > 0
+                and not m.get("explained") and not m.get("after_divergence"))
     cap = (f"<figcaption><b>{e(provider)}</b> {_badge(p.get('verdict'))} {len(ms)} compared tensor(s)"
            f"{'' if 'profile' in p else ' (outputs only: this verifier reports no per-layer profile)'}"
            f"{f', {n_bad} over tolerance' if n_bad else ''}</figcaption>")
