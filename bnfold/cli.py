@@ -19,10 +19,13 @@ examples:
   bnfold model.onnx -o deploy.onnx --json    the report as JSON on stdout
   bnfold model.onnx --dry-run                list every BatchNorm and what would happen, write nothing
   bnfold model.onnx --input images:1x3x224x224     shape for a dynamic input
+  bnfold models/ -r --keep-going -o out/     every model under models/, mirrored into out/; a summary table
+  bnfold model.onnx --bench --html r.html    latency before/after on onnxruntime, and a self-contained HTML report
   bnfold check original.onnx candidate.onnx  are two models the same function? (exit 0/1/2)
   bnfold export model.pt2 --to onnx          fold a PyTorch/Keras model, export ONNX, verify it
 
 exit codes: 0 ok · 1 verification failed (nothing written) · 2 bad input or usage (nothing written)
+            with --keep-going each model is written once proven, and the exit code is the worst of them
 """
 
 
@@ -30,7 +33,9 @@ def _common(p: argparse.ArgumentParser, verify_opts: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout, nothing else")
     p.add_argument("--trust", action="store_true",
                    help="allow formats that run code when loaded (pickled PyTorch modules, Keras Lambda layers)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress on stderr (by default: a progress bar on a terminal, one line per model of a "
+                        "batch in a log)")
     if not verify_opts:
         return
     g = p.add_argument_group("verification")
@@ -53,14 +58,32 @@ def _common(p: argparse.ArgumentParser, verify_opts: bool = True) -> None:
 
 
 def _fold_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bnfold", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FOLD_EPILOG,
         description="Fold inference BatchNorm into neighbouring layers of ONNX, PyTorch and Keras models, "
                     "and prove the folded model computes the same function.\n"
                     "Other commands: 'bnfold check --help', 'bnfold export --help'.")
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help=".onnx, .pt2, TorchScript .pt, a pickled nn.Module (--trust), .keras or .h5")
-    p.add_argument("-o", "--output", metavar="OUT", help="output path (one MODEL only; default <stem>.folded<ext>)")
+    p.add_argument("models", nargs="+", metavar="MODEL|DIR",
+                   help=".onnx, .pt2, TorchScript .pt, a pickled nn.Module (--trust), .keras or .h5; a folder "
+                        "folds every model file in it (files bnfold wrote are left out)")
+    p.add_argument("-o", "--output", metavar="OUT|DIR/",
+                   help="output file for one MODEL, or a folder (ending in /, or with several models or a folder) "
+                        "that mirrors the input tree with the same file names (default: <stem>.folded<ext> beside "
+                        "each input)")
+    b = p.add_argument_group("batches")
+    b.add_argument("-r", "--recursive", action="store_true", help="fold the models in subfolders of a DIR too")
+    b.add_argument("--keep-going", action="store_true",
+                   help="fold what can be folded: write each model once proven, report each failure, exit with the "
+                        "worst code (without it a run writes every model or none)")
+    b.add_argument("--force", action="store_true",
+                   help="fold the models of a folder run again even where the output is up to date")
+    rp = p.add_argument_group("reports")
+    rp.add_argument("--bench", action="store_true",
+                    help="ONNX: time the original and the folded model on onnxruntime (optimisations on, as deployed) "
+                         "on each provider: median latency and speed-up")
+    rp.add_argument("--html", metavar="FILE",
+                    help="also write a self-contained HTML report: summary, every BatchNorm decision, error vs "
+                         "tolerance along the model's depth (written whatever the verdict)")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
     p.add_argument("--strict", action="store_true",
                    help="a fold that fails its proof fails the run (exit 1, nothing written); by default that one "
@@ -74,7 +97,7 @@ def _fold_parser() -> argparse.ArgumentParser:
 
 
 def _check_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bnfold check", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Verify that CANDIDATE computes the same function as ORIGINAL (any two ONNX models with the "
                     "same inputs and outputs, or a PyTorch/Keras original against its export).",
@@ -82,12 +105,13 @@ def _check_parser() -> argparse.ArgumentParser:
     p.add_argument("original", metavar="ORIGINAL")
     p.add_argument("candidate", metavar="CANDIDATE")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (one test case per output and provider)")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report of the comparison")
     _common(p)
     return p
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bnfold export", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fold a PyTorch or Keras model, export it to ONNX and verify the ONNX on onnxruntime against "
                     "the original framework model.",
@@ -97,6 +121,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT", help="output path (default <stem>.folded.onnx)")
     p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
     p.add_argument("--strict", action="store_true", help="a fold that fails its proof fails the run (exit 1)")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     _common(p)
     return p
 
@@ -151,14 +176,13 @@ def _options(a: argparse.Namespace, **more: Any) -> Options:
         providers=[p for p in a.providers.split(",") if p.strip()] if a.providers else None,
         atol=_parse_atol(a.atol), rtol=a.rtol, seed=a.seed,
         input_specs=[parse_input_spec(s) for s in a.input], inputs_npz=a.inputs, batches=a.batches,
-        outputs_only=getattr(a, "outputs_only", False), trust=a.trust, progress=_progress(a),
+        outputs_only=getattr(a, "outputs_only", False), trust=a.trust,
         strict=getattr(a, "strict", False), save_inputs=a.save_inputs, **more)
 
 
-def _progress(a: argparse.Namespace):
-    if a.quiet or a.json or not sys.stderr.isatty():
-        return None
-    return lambda msg: print(f"bnfold: {msg}...", file=sys.stderr, flush=True)
+def _progress(a: argparse.Namespace, models: int = 1) -> Any:
+    from .progress import Progress
+    return Progress.choose(a.quiet, models)
 
 
 def _emit(a: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
@@ -166,45 +190,75 @@ def _emit(a: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
     print(to_json(json_safe(doc)) if a.json else text)
 
 
+def _shaping(a: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that shape a written model: an output made with others is not up to date."""
+    npz = None
+    if a.inputs and os.path.isfile(a.inputs):
+        st = os.stat(a.inputs)
+        npz = [os.path.realpath(a.inputs), st.st_size, st.st_mtime_ns]
+    return {"verify": not a.no_verify, "strict": a.strict, "standalone": a.standalone, "providers": a.providers,
+            "atol": a.atol, "rtol": a.rtol, "seed": a.seed, "input": a.input, "inputs": npz, "batches": a.batches,
+            "outputs_only": a.outputs_only, "trust": a.trust}
+
+
+def _write_html(path: str | None, doc: dict[str, Any]) -> None:
+    if path:
+        from .html import write_html
+        write_html(doc, path)
+
+
 def cmd_fold(a: argparse.Namespace) -> int:
-    from . import api, report
-    from .core.files import default_output, framework_of
-    if a.output and len(a.models) > 1:
-        raise BnfoldError("-o/--output needs exactly one MODEL")
+    from . import api, batch, report
     opts = _options(a, verify=not a.no_verify, standalone=a.standalone, dry_run=a.dry_run)
     if a.no_verify and (opts.atol is not None or opts.rtol is not None):
         raise BnfoldError("--atol/--rtol make no sense with --no-verify")
-    docs, texts, code = [], [], EXIT_OK
-    outs = []
-    for m in a.models:
-        out = a.output or default_output(m)
-        if not a.dry_run:
-            api.check_output(out, a.models, framework_of(m))
-        outs.append(out)
-    # Every model is folded and verified before anything is written: a bad input (exit 2) anywhere
-    # in the list leaves nothing behind.
-    results = [api.fold_with(m, opts) for m in a.models]
-    _check_atol_names(opts.atol, [r.report.verification for r in results])
-    # Likewise a failed proof anywhere (exit 1) writes nothing: a run either delivers every model or none.
-    failed = [not a.no_verify and (r.report.verification is None or r.report.verification.passed is not True)
-              for r in results]
-    if any(failed):
-        code = max(code, EXIT_DIFFERENT)
-    for m, out, res, bad in zip(a.models, outs, results, failed):
-        rep = res.report
-        rep.model = m
-        rep.timing_s.setdefault("save", 0.0)
-        if not any(failed) and not a.dry_run:
-            import time
-            t = time.perf_counter()
-            api.save(res, out)
-            rep.timing_s["save"] = time.perf_counter() - t
-        docs.append(rep.to_dict())
-        why = ("verification did not pass" if bad else "another model's verification did not pass") if any(failed) else ""
-        texts.append(report.text(rep) + (f"\nnothing written: {why}" if why else ""))
-    doc = docs[0] if len(docs) == 1 else {"schema": 1, "reports": docs}
+    if a.bench and a.dry_run:
+        raise BnfoldError("--bench times the folded model as written; it makes no sense with --dry-run")
+    pl = batch.plan(a.models, a.output, a.recursive)
+    if a.html:
+        api.check_output(a.html, [j.source for j in pl.jobs] + [j.output for j in pl.jobs if j.output] + list(a.models))
+    st = batch.Settings(keep_going=a.keep_going and not pl.single, force=a.force, bench=a.bench,
+                        fingerprint=batch.fingerprint(_shaping(a)))
+    prog = _progress(a, len(pl.jobs))
+    for i in pl.ignored:
+        prog.note(f"left out {i['path']}: {i['why']}")
+    late: list[dict[str, Any]] = []
+
+    def names_ok(outcomes: list[Any]) -> None:
+        _check_atol_names(opts.atol, [o.report.verification for o in outcomes if o.report is not None])
+
+    try:
+        outcomes = batch.run(pl, opts.but(progress=prog.say), st, prog, before_writing=names_ok)
+    finally:
+        prog.close()
+    if st.keep_going:
+        try:
+            names_ok(outcomes)
+        except BnfoldError as e:
+            late.append(batch.error_doc(e))
+    code = max([o.code for o in outcomes] + [EXIT_BAD_INPUT for _ in late], default=EXIT_OK)
+    texts = [_report_text(o) for o in outcomes if o.report is not None]
+    if pl.single:
+        doc = outcomes[0].report.to_dict()
+    else:
+        rows = [o.row() for o in outcomes]
+        doc = {"schema": 1, "reports": [o.report.to_dict() for o in outcomes if o.report is not None],
+               "summary": {"models": rows, "ignored": pl.ignored, "exit_code": code}}
+        errors = [o.error for o in outcomes if o.error is not None] + late
+        if errors:
+            doc["errors"] = errors
+        texts.append(report.summary_table(rows, pl.ignored, late))
+    _write_html(a.html, doc)
     _emit(a, doc, "\n\n".join(texts))
     return code
+
+
+def _report_text(o: Any) -> str:
+    from . import report
+    why = {EXIT_DIFFERENT: "verification did not pass"}.get(o.code, "")
+    if o.status.startswith("not written: another"):
+        why = "another model's verification did not pass"
+    return report.text(o.report) + (f"\nnothing written: {why}" if why else "")
 
 
 def _check_atol_names(atol: Any, verifications: list[Any]) -> None:
@@ -226,20 +280,28 @@ def cmd_check(a: argparse.Namespace) -> int:
             raise BnfoldError("no such file", p)
     if a.junit:
         api.check_output(a.junit, [a.original, a.candidate])
+    if a.html:
+        api.check_output(a.html, [a.original, a.candidate])
     opts = _options(a)
-    ver = api.check_with(a.original, a.candidate, opts)
+    prog = _progress(a)
+    try:
+        prog.model(a.candidate)
+        ver = api.check_with(a.original, a.candidate, opts.but(progress=prog.say))
+    finally:
+        prog.close()
     _check_atol_names(opts.atol, [ver])
     doc = {"schema": 1, "original": a.original, "candidate": a.candidate, "verification": ver.to_dict()}
     text = f"{a.original} vs {a.candidate}\n" + "\n".join(report.verification_lines(ver))
     if a.junit:
         from .junit import write_junit
         write_junit(ver, a.junit, suite=f"bnfold check {os.path.basename(a.candidate)}")
+    _write_html(a.html, doc)
     _emit(a, doc, text)
     return EXIT_OK if ver.passed is True else EXIT_DIFFERENT
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from . import api, report
+    from . import api
     from .core.files import framework_of
     from pathlib import Path
     fw = framework_of(a.model)
@@ -248,7 +310,20 @@ def cmd_export(a: argparse.Namespace) -> int:
     p = Path(a.model)
     out = a.output or str(p.with_name(f"{p.stem if p.is_file() else p.name}.folded.onnx"))
     api.check_output(out, [a.model], "onnx")
-    opts = _options(a, verify=not a.no_verify)
+    if a.html:
+        api.check_output(a.html, [a.model, out])
+    prog = _progress(a)
+    opts = _options(a, verify=not a.no_verify).but(progress=prog.say)
+    prog.model(a.model)
+    try:
+        return _export(a, fw, out, opts)
+    finally:
+        prog.close()
+
+
+def _export(a: argparse.Namespace, fw: str, out: str, opts: Options) -> int:
+    from . import api, batch, marks, report
+    from pathlib import Path
     model = api.load(a.model, trust=a.trust)
     fe = api.frontend(fw)
     with api.naming(a.model):
@@ -270,13 +345,36 @@ def cmd_export(a: argparse.Namespace) -> int:
         if failed:
             rep.output = None
         else:
+            mark = marks.make(a.model, marks.digest(a.model), batch.fingerprint({"export": vars(a)}),
+                              ver.verdict if ver is not None else None)
+            marks.stamp(tmp, mark)  # an export is bnfold's output too: a folder run leaves it out
             os.replace(tmp, out)
             rep.output = out
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _emit(a, rep.to_dict(), report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
+    doc = rep.to_dict()
+    _write_html(a.html, doc)
+    _emit(a, doc, report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
     return EXIT_DIFFERENT if failed else EXIT_OK
+
+
+class _UsageError(Exception):
+    """argparse's complaint, raised instead of exiting so --json can still print its document."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _fail(json_wanted: bool, message: str, path: str | None, code: int) -> int:
+    """One line on stderr; with --json also the one JSON document on stdout."""
+    print(f"bnfold: {'' if code == 130 else 'error: '}{f'{path}: ' if path else ''}{message}", file=sys.stderr)
+    if json_wanted:
+        from .report import json_safe, to_json
+        print(to_json(json_safe({"schema": 1, "error": {"message": message, "path": path, "code": code}})))
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,15 +385,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser, cmd, rest = _export_parser(), cmd_export, args[1:]
     else:
         parser, cmd, rest = _fold_parser(), cmd_fold, args
-    a = parser.parse_args(rest)
+    json_wanted = "--json" in rest
+    try:
+        a = parser.parse_args(rest)
+    except _UsageError as e:
+        parser.print_usage(sys.stderr)
+        return _fail(json_wanted, str(e), None, EXIT_BAD_INPUT)
     try:
         return cmd(a)
     except BnfoldError as e:
-        print(f"bnfold: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        from .batch import error_doc
+        d = error_doc(e)
+        if not a.json:
+            print(f"bnfold: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
+    except Exception as e:
+        if a.json:  # a bug: its traceback follows on stderr, and --json still gets its one document
+            from .report import json_safe, to_json
+            print(to_json(json_safe({"schema": 1, "error": {
+                "message": f"internal error (a bug in bnfold; please report it): {type(e).__name__}: {e}",
+                "path": None, "code": 1, "internal": True}})))
+        raise
     except KeyboardInterrupt:
-        print("bnfold: interrupted; nothing written", file=sys.stderr)
-        return 130
+        done = "; the models proven before it are written, the rest is not" if getattr(a, "keep_going", False) \
+            else "; nothing written"
+        return _fail(json_wanted, f"interrupted{done}", None, 130)
 
 
 def entry() -> None:

@@ -92,6 +92,65 @@ def verification_lines(v: Verification | None) -> list[str]:
     return lines
 
 
+def name(d: Any) -> str:
+    """A BatchNorm as a person knows it: the module path the exporter recorded, else its node name."""
+    return d.extra.get("module_path") or d.bn
+
+
+def fmt_count(n: Any) -> str:
+    """A count made short: 12.3k, 4.56M."""
+    if not isinstance(n, (int, float)):
+        return "?"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
+
+
+def fmt_bytes(n: Any) -> str:
+    """A size in bytes made short: 4.2 MiB."""
+    if not isinstance(n, (int, float)):
+        return "?"
+    for div, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n} B"
+
+
+def fmt_change(pair: Any, fmt: Any = fmt_count) -> str:
+    """[before, after] as "before -> after (+x%)"."""
+    before, after = (list(pair) + [None, None])[:2] if isinstance(pair, (list, tuple)) else (None, None)
+    if after is None:
+        return f"{fmt(before)} -> (not written)" if before is not None else "?"
+    pct = f" ({(after - before) / before * 100:+.1f}%)" if before and isinstance(after, (int, float)) else ""
+    return f"{fmt(before)} -> {fmt(after)}{pct}"
+
+
+def before_after_lines(ba: dict[str, Any] | None) -> list[str]:
+    """Op counts that changed, parameters, file size and (--bench) latency, before -> after."""
+    if not ba:
+        return []
+    out = []
+    if ba.get("ops"):
+        out.append("ops            " + " · ".join(f"{op} {b} -> {a}" for op, (b, a) in ba["ops"].items()))
+    elif ba.get("parameters", [None, None])[1] is not None:
+        out.append("ops            unchanged")
+    out.append(f"parameters     {fmt_change(ba.get('parameters'))}")
+    out.append(f"file size      {fmt_change(ba.get('file_bytes'), fmt_bytes)}")
+    lat = ba.get("latency_ms")
+    if isinstance(lat, dict) and "not_measured" in lat:
+        out.append(f"latency        not measured: {lat['not_measured']}")
+    elif isinstance(lat, dict):
+        for prov, m in lat.items():
+            if not m.get("ran"):
+                out.append(f"latency        {prov}: not run: {m.get('why')}")
+                continue
+            sp = m.get("speedup")
+            out.append(f"latency        {prov}: {m['original_ms']:.3g} ms -> {m['folded_ms']:.3g} ms"
+                       f"{f', {sp:.2f}x' if sp else ''} (median of {m['runs']} runs each, {m['optimization']})")
+    return out
+
+
 def text(report: Report) -> str:
     """The human summary of one fold."""
     out = []
@@ -110,7 +169,7 @@ def text(report: Report) -> str:
     for d in report.skipped:
         by_reason.setdefault(d.reason.value if d.reason else "?", []).append(d)
     for reason, ds in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
-        shown = "; ".join(f"{d.bn}: {d.detail}" for d in ds[:3])
+        shown = "; ".join(f"{name(d)}: {d.detail}" for d in ds[:3])
         more = f"; +{len(ds) - 3} more" if len(ds) > 3 else ""
         out.append(f"  {reason:<28} {len(ds):>3}  {shown}{more}")
     if report.info.get("dry_run"):
@@ -118,13 +177,52 @@ def text(report: Report) -> str:
         for d in report.decisions:
             nb = d.extra.get("neighbourhood") or {}
             where = f"   [{nb.get('input', '?')} -> BN -> {', '.join(nb.get('feeds', [])) or '?'}]" if nb else ""
-            what = (f"folds into {d.producer} ({d.pattern}, {d.direction})" if d.is_folded
+            into = d.extra.get("into_module_path") or d.producer
+            what = (f"folds into {into} ({d.pattern}, {d.direction})" if d.is_folded
                     else f"kept: {d.reason.value if d.reason else '?'}")
-            out.append(f"  {d.bn}: {what}{where}")
+            node = f" [{d.bn}]" if name(d) != d.bn else ""
+            out.append(f"  {name(d)}{node}: {what}{where}")
     for k, v in report.info.items():
         if k not in ("dry_run",):
             out.append(f"{k:<14} {v}")
+    out.extend(before_after_lines(report.before_after))
     out.extend(verification_lines(report.verification))
     if report.timing_s:
         out.append("time           " + " · ".join(f"{k} {v:.2f}s" for k, v in report.timing_s.items()))
+    return "\n".join(out)
+
+
+def summary_table(rows: list[dict[str, Any]], ignored: list[dict[str, str]],
+                  errors: list[dict[str, Any]] = ()) -> str:  # type: ignore[assignment]
+    """The end of a batch: one line per model (status, BatchNorms folded, parameters, size, speed-up)."""
+    states = Counter("error" if r.get("error") else r["status"].split(":")[0] for r in rows)
+    head = f"summary        {len(rows)} model(s): " + (", ".join(f"{n} {s}" for s, n in states.items()) or "none")
+    if ignored:
+        head += f" · {len(ignored)} file(s) left out"
+    out = [head]
+    width = min(48, max([len(r["model"]) for r in rows] + [5]))
+    for r in rows:
+        if r.get("error"):
+            out.append(f"  {r['model']:<{width}}  ERROR  {r['error']['message']}")
+            continue
+        cells = [r["status"]]
+        if "bn" in r:
+            cells.append(f"BN {r['folded']}/{r['bn']} folded")
+        ba = r.get("before_after") or {}
+        if ba.get("parameters", [None, None])[1] is not None:
+            cells.append(f"params {fmt_change(ba['parameters'])}")
+        if ba.get("file_bytes", [None, None])[1] is not None:
+            cells.append(f"size {fmt_change(ba['file_bytes'], fmt_bytes)}")
+        lat = ba.get("latency_ms") or {}
+        speed = [f"{p.replace('ExecutionProvider', '')} {m['speedup']:.2f}x" for p, m in lat.items()
+                 if isinstance(m, dict) and m.get("ran") and m.get("speedup")]
+        if speed:
+            cells.append("speed-up " + ", ".join(speed))
+        if r.get("output") and r["status"] in ("written", "up to date") or r["status"].startswith("written"):
+            cells.append(f"-> {r['output']}")
+        out.append(f"  {r['model']:<{width}}  " + " · ".join(cells))
+    for e in errors:
+        out.append(f"  error: {e.get('path') + ': ' if e.get('path') else ''}{e['message']}")
+    for i in ignored:
+        out.append(f"  left out {i['path']}: {i['why']}")
     return "\n".join(out)

@@ -9,6 +9,19 @@ from .decisions import Decision
 SCHEMA = 1
 
 
+class Step(str):
+    """A progress message that also says how far a long task is (`done` of `total` steps); listeners
+    that only read text see the message."""
+
+    done: int
+    total: int
+
+    def __new__(cls, message: str, done: int, total: int) -> "Step":
+        s = super().__new__(cls, message)
+        s.done, s.total = done, total
+        return s
+
+
 @dataclass
 class ProviderResult:
     """One execution provider / device: ran or not, and per-output statistics when it ran."""
@@ -119,6 +132,9 @@ class Report:
     verification: Verification | None = None
     timing_s: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. {"capture": "fx"} for PyTorch
+    # what the fold changed, measured: {"ops": {op: [before, after]} (changed ops only), "parameters":
+    # [before, after], "file_bytes": [before, after or None], "latency_ms": per provider (--bench)}
+    before_after: dict[str, Any] | None = None
 
     @property
     def folded(self) -> list[Decision]:
@@ -146,6 +162,8 @@ class Report:
             "verification": ver,
             "timing_s": {k: round(v, 6) for k, v in self.timing_s.items()},
         }
+        if self.before_after is not None:
+            d["before_after"] = self.before_after
         d.update(self.info)
         return d
 

@@ -7,6 +7,7 @@ import onnx
 
 from ..core.options import Options
 from ..core.results import FoldResult, Report, Verification
+from .names import readable_names
 from .scopes import fold_all_scopes, neighbourhoods
 
 
@@ -24,6 +25,7 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
     else:
         folded = model
     decisions = fold_all_scopes(folded, opts)
+    _name_readably(model, decisions)
     t_fold = time.perf_counter() - t0
     report = Report(model=original_path, framework="onnx", decisions=decisions)
     t1 = time.perf_counter()
@@ -41,3 +43,15 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
             if d.bn in around:
                 d.extra.setdefault("neighbourhood", around[d.bn])
     return FoldResult(model=folded if not opts.dry_run else model, report=report)
+
+
+def _name_readably(model: onnx.ModelProto, decisions: list) -> None:
+    """Beside generated node names, the module paths the exporter recorded (the node name stays the key)."""
+    names = readable_names(model)
+    if not names:
+        return
+    for d in decisions:
+        if d.bn in names:
+            d.extra.setdefault("module_path", names[d.bn])
+        if d.producer and d.producer in names:
+            d.extra.setdefault("into_module_path" if d.is_folded else "producer_module_path", names[d.producer])

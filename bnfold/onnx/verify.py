@@ -12,7 +12,7 @@ values are read as such (onnx/divergence.py). When folds are given, each is also
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnx
 from ..core.decisions import Decision
 from ..core.errors import BnfoldError
 from ..core.options import Options
-from ..core.results import ProviderResult, Verification
+from ..core.results import ProviderResult, Step, Verification
 from ..verify import compare
 from ..verify import inputs as inp
 from . import proofs
@@ -104,12 +104,26 @@ class _Comparison:
         self.captured: dict[str, np.ndarray] = {}
         self.captured_folded: dict[str, np.ndarray] = {}
         self.more_noise: Any = None  # k -> another noise model (seed + k), where memory allows
+        # depth of each tensor (its producer's place in the original's node order), for the report's picture
+        self.depth = {o: i for i, n in enumerate(original.graph.node) for o in n.output if o}
+        self.runs_done = self.runs_total = 0
+
+    def _tick(self, provider: str) -> Callable[[str, int, int], None]:
+        """Progress for one provider: a Step per batch run, counted over the whole verification."""
+        def tick(label: str, k: int, n: int) -> None:
+            self.runs_total = max(self.runs_total, self.runs_done + 1)
+            self.opts.say(Step(f"verifying on {provider}: {label}, batch {k}/{n}", self.runs_done, self.runs_total))
+            self.runs_done += 1
+        return tick
 
     def run(self, models: tuple, plain: tuple) -> Verification:
         names, explicit = _requested(self.opts.providers)
         ver = Verification(tolerance=_tolerance_doc(self.atol, self.rtol))
+        usable = {name: runners.availability(name) for name in names}
+        per_batch = [4 if n == "CUDAExecutionProvider" else 3 for n, (ok, _) in usable.items() if ok]
+        self.runs_total = sum(per_batch) * len(self.feeds.batches)
         for name in names:
-            ok, why = runners.availability(name)
+            ok, why = usable[name]
             if not ok:
                 if explicit:
                     raise BnfoldError(f"provider {name} was requested but cannot run: {why}")
@@ -118,6 +132,7 @@ class _Comparison:
             self.opts.say(f"verifying on {name}")
             ver.providers[name] = self._provider(name, models, plain, ver)
         if self.decisions is not None:
+            self.opts.say(f"proving each of {sum(d.is_folded for d in self.decisions)} fold(s) on its own")
             counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured,
                                          self.captured_folded)
             ver.proofs = counts
@@ -133,15 +148,19 @@ class _Comparison:
         if self.big_note:
             notes["note"] = self.big_note
         batches = self.feeds.batches
+        tick = self._tick(name)
         try:
-            runs = [_run_all(m, name, batches, lbl) for m, lbl in zip(models, ("original", "candidate", "noise model"))]
+            runs = [_run_all(m, name, batches, lbl, tick=tick)
+                    for m, lbl in zip(models, ("original", "candidate", "noise model"))]
         except BnfoldError:
             if not (self.plan.inner or self.plan.extra):
                 raise
             # some intermediate cannot be an output (e.g. a sequence); compare the outputs only (and if the
             # original cannot run at all, that error comes from here, plainly)
             self.plan.inner, self.plan.extra, models = [], [], plain
-            runs = [_run_all(m, name, batches, lbl) for m, lbl in zip(models, ("original", "candidate", "noise model"))]
+            self.runs_total += 3 * len(batches)
+            runs = [_run_all(m, name, batches, lbl, tick=tick)
+                    for m, lbl in zip(models, ("original", "candidate", "noise model"))]
         if not self.captured:
             self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs and witnesses, first batch
             self.captured_folded = dict(runs[1][0])
@@ -151,11 +170,13 @@ class _Comparison:
             # One nudged model is one sample of the noise: over many elements its maximum is a steady
             # estimate, over a handful the random nudges can cancel by chance. Small tensors get more samples.
             for k in range(1, SMALL_NOISE_RUNS):
-                noise.append(_concat(_run_all(self.more_noise(k), name, batches, "noise model")))
+                self.runs_total += len(batches)
+                noise.append(_concat(_run_all(self.more_noise(k), name, batches, "noise model", tick=tick)))
             notes["noise_sources"][0] = f"weights nudged one ulp ({SMALL_NOISE_RUNS} samples: some tensors are small)"
         if name == "CUDAExecutionProvider":
             notes["tf32"] = True  # onnxruntime's CUDA EP default; the noise run below measures its effect
-            noise.append(_concat(_run_all(models[0], name, batches, "original (TF32 off)", _options(name, tf32=False))))
+            noise.append(_concat(_run_all(models[0], name, batches, "original (TF32 off)", _options(name, tf32=False),
+                                          tick=tick)))
             notes["noise_sources"].append("TF32 on vs off")
         passed, outs, div = self._judge(ref, cand, noise, notes)
         if (not passed or div is not None) and self.auto:
@@ -165,9 +186,11 @@ class _Comparison:
             # downstream, e.g. by a Div; weights that are all one value). Intermediates included: the
             # fusion keeps every tensor asked for as an output. Only run when needed: it costs a session.
             fused = None
+            self.runs_total += len(batches)
             for m in (models[0], plain[0]):
                 try:
-                    fused = _concat(_run_all(m, name, batches, "original (onnxruntime-optimised)", optimize=True))
+                    fused = _concat(_run_all(m, name, batches, "original (onnxruntime-optimised)", optimize=True,
+                                             tick=tick))
                     break
                 except BnfoldError as e:  # onnxruntime's optimiser itself may fail (mixed BN-15 dtypes)
                     notes["fused_noise"] = f"not measured: {e}"
@@ -230,12 +253,18 @@ class _Comparison:
                                    f"{', '.join(behind)}, which agree")
         passed = all(st.get("passed") for st in outs.values())
         div = None
+        # every compared tensor's error and tolerance along the depth: the report's picture
+        profile = [self._mark(k, st, output=True) for k, st in outs.items()]
         for t in self.plan.inner:
             if t not in ref or t not in cand:
+                continue
+            if div is not None:  # past the first divergence: measured for the picture, no longer judged
+                profile.append(self._mark(t, self._measure(t, ref[t], cand[t], noise), after_divergence=True))
                 continue
             ok, st = self._one(t, ref[t], cand[t], noise)
             cache[t] = ok
             if ok:
+                profile.append(self._mark(t, st))
                 continue
             carried = self.plan.other_tool_fold(t, cand[t], ref, lambda u, c, r: self._one(u, r, c, noise)[0])
             if carried is not None:
@@ -243,22 +272,37 @@ class _Comparison:
                     {"tensor": t, "carries": carried,
                      "why": "the candidate folded the per-channel affine ops after this tensor into the layer "
                             "computing it and kept its name"})
+                profile.append(self._mark(t, st, explained="carries a fold the candidate made"))
                 continue
             behind = self.plan.unstable(t, agree)
             if behind is not None:
                 notes.setdefault("unstable", []).append({"tensor": t, "judged_by": behind})
+                profile.append(self._mark(t, st, explained="order flip of near-equal values"))
                 continue
             div = {"tensor": t, "max_abs": st.get("max_abs"), "max_rel": st.get("max_rel"), "atol": st.get("atol"),
                    "noise_max_abs": st.get("noise_max_abs")}
-            break
+            profile.append(self._mark(t, st, divergence=True))
+        notes["profile"] = sorted(profile, key=lambda m: m["order"])
         return passed, outs, div
+
+    def _mark(self, t: str, st: Mapping[str, Any], **flags: Any) -> dict[str, Any]:
+        mark = {"tensor": t, "max_abs": st.get("max_abs"), "atol": st.get("atol"),
+                "order": self.depth.get(t, len(self.depth))}
+        mark.update({k: v for k, v in flags.items() if v})
+        return mark
+
+    def _measure(self, t: str, ref: np.ndarray, cand: np.ndarray, noise: list[Mapping]) -> dict[str, Any]:
+        """Error and tolerance of one tensor without a verdict (the cheap max-abs when it applies)."""
+        r, c = np.asarray(ref), np.asarray(cand)
+        m = compare.quick_measure(r, c, [np.asarray(n[t]) for n in noise if t in n]) if self.auto else None
+        return {"max_abs": m[0], "atol": m[1]} if m is not None else self._one(t, r, c, noise)[1]
 
     def _one(self, t: str, ref: np.ndarray, cand: np.ndarray, noise: list[Mapping]) -> tuple[bool, dict[str, Any]]:
         r, c = np.asarray(ref), np.asarray(cand)
         ns = [np.asarray(n[t]) for n in noise if t in n]
         user_atol = self.atol if not isinstance(self.atol, Mapping) else None
-        if self.auto and compare.quick_pass(r, c, ns):
-            return True, {}
+        if self.auto and (m := compare.quick_measure(r, c, ns)) is not None and m[0] <= 0.9 * m[1]:
+            return True, {"max_abs": m[0], "atol": m[1]}  # quick_pass, keeping its numbers for the report
         ok, st = compare.judge({t: r}, {t: c}, [{t: n} for n in ns], atol=user_atol, rtol=self.rtol)
         return ok, st[t]
 
@@ -304,9 +348,15 @@ def _options(provider: str, tf32: bool | None = None) -> dict[str, Any]:
 
 
 def _run_all(model: Any, provider: str, feeds: list[dict[str, np.ndarray]], label: str,
-             options: Mapping[str, Any] | None = None, optimize: bool = False) -> list[dict[str, np.ndarray]]:
+             options: Mapping[str, Any] | None = None, optimize: bool = False,
+             tick: Callable[[str, int, int], None] | None = None) -> list[dict[str, np.ndarray]]:
     r = runners.OrtRunner(model, provider, options, label, optimize=optimize)
-    return [r.run(f, label) for f in feeds]
+    out = []
+    for k, f in enumerate(feeds, 1):
+        if tick is not None:
+            tick(label, k, len(feeds))
+        out.append(r.run(f, label))
+    return out
 
 
 def _concat(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

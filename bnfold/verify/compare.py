@@ -81,12 +81,20 @@ def quick_pass(ref: np.ndarray, cand: np.ndarray, noise: list[np.ndarray]) -> bo
     """True when `cand` surely passes the automatic tolerance against `ref` (max-abs only, no
     quantiles): the cheap test for the hundreds of intermediate tensors of a deep net. False means
     "look closer with judge()", not "failed"."""
+    m = quick_measure(ref, cand, noise)
+    # a little under the judge's tolerance, so float32 subtraction here never decides a close call
+    return m is not None and m[0] <= 0.9 * m[1]
+
+
+def quick_measure(ref: np.ndarray, cand: np.ndarray, noise: list[np.ndarray]) -> tuple[float, float] | None:
+    """(max |cand - ref|, automatic tolerance) computed cheaply in the tensor's own dtype, or None when
+    that cannot be done (shapes or dtypes differ, non-finite values): judge() must look instead."""
     if ref.shape != cand.shape or ref.dtype.kind != "f" or cand.dtype != ref.dtype:
-        return False
+        return None
     with np.errstate(invalid="ignore", over="ignore"):
         d = float(np.max(np.abs(cand - ref))) if ref.size else 0.0
         if not np.isfinite(d):
-            return False
+            return None
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
         nmax = 0.0
         for n in noise:
@@ -95,9 +103,8 @@ def quick_pass(ref: np.ndarray, cand: np.ndarray, noise: list[np.ndarray]) -> bo
                 if np.isfinite(v):
                     nmax = max(nmax, v)
     if not np.isfinite(scale):
-        return False
-    # a little under the judge's tolerance, so float32 subtraction here never decides a close call
-    return d <= 0.9 * max(NOISE_MULTIPLE * nmax, FLOOR_ULPS * unit_roundoff(ref.dtype) * scale)
+        return None
+    return d, max(NOISE_MULTIPLE * nmax, FLOOR_ULPS * unit_roundoff(ref.dtype) * scale)
 
 
 def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],

@@ -204,7 +204,9 @@ def test_json_stdout_is_pure_for_ok_fail_and_error(tmp_path, model, path):
     assert diff.returncode == 1 and json.loads(diff.stdout)["verification"]["passed"] is False
 
     err = _cli(str(tmp_path / "missing.onnx"), "--json")
-    assert err.returncode == 2 and err.stdout == ""
+    # --json prints one document on errors too: the error, naming the file (DESIGN, issue 14)
+    assert err.returncode == 2 and json.loads(err.stdout) == {
+        "schema": 1, "error": {"message": "no such file", "path": str(tmp_path / "missing.onnx"), "code": 2}}
     _one_line_error(err.stderr, "missing.onnx")
 
 

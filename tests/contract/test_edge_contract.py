@@ -227,7 +227,11 @@ def _assert_bad(r: subprocess.CompletedProcess, needle: str, before, after) -> N
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bnfold: error:") and needle in lines[0], r.stderr
-    assert r.stdout == "", "--json: nothing on stdout but a JSON report"
+    if "--json" in r.args:  # one JSON document on stdout, the error (DESIGN: --json always prints one)
+        err = json.loads(r.stdout)["error"]
+        assert err["code"] == 2 and needle in f"{err['path']}: {err['message']}", r.stdout
+    else:
+        assert r.stdout == ""
     assert after == before, "nothing written, nothing touched"
 
 

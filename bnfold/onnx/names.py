@@ -1,0 +1,67 @@
+"""Readable names for ONNX nodes, from the file's own metadata.
+
+torch.onnx's dynamo exporter names nodes after the aten op it lowered
+(`node__native_batch_norm_legit_no_training_53__0`) but records, per node, the module path it came
+from (`pkg.torch.onnx.name_scopes`, and `namespace` as `path: class/...` segments). A report shows
+that path (`layer3.4.bn2`) beside the node's own name, which stays the identifier.
+"""
+from __future__ import annotations
+
+import ast
+from collections import Counter
+
+import onnx
+
+from .nodes import graphs_of, node_label
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+NAMESPACE_KEY = "namespace"
+
+
+def scopes_of(node: onnx.NodeProto) -> list[str] | None:
+    """The exporter's scope list of a node (module paths from the root, then the op), or None."""
+    props = {p.key: p.value for p in node.metadata_props}
+    if SCOPES_KEY in props:
+        try:
+            scopes = ast.literal_eval(props[SCOPES_KEY])
+        except (ValueError, SyntaxError):
+            scopes = None
+        if isinstance(scopes, list) and scopes and all(isinstance(s, str) for s in scopes):
+            return scopes
+    if NAMESPACE_KEY in props:
+        # ": pkg.Model/layer1: pkg.Sequential/layer1.0.bn: torch...BatchNorm2d/op: aten.op"
+        parts = [seg.split(": ", 1)[0].strip() for seg in props[NAMESPACE_KEY].split("/")]
+        if len(parts) >= 2:
+            return parts
+    return None
+
+
+def _module_path(scopes: list[str]) -> str | None:
+    """The innermost module's path (the last scope but the op itself); None at the top level."""
+    mods = [s for s in scopes[:-1] if s]
+    return mods[-1] if mods else None
+
+
+def readable_names(model: onnx.ModelProto) -> dict[str, str]:
+    """Node label (as decisions spell it, scope included) -> module path, for nodes whose exporter recorded
+    one that differs from the node's name. Two nodes of one op in one module are told apart by the op."""
+    found: list[tuple[str, str, str, str]] = []  # (label, op_type, path, op scope)
+
+    def walk(graph: onnx.GraphProto, scope: str) -> None:
+        for n in graph.node:
+            for a in n.attribute:
+                for sub in graphs_of(a):
+                    walk(sub, f"{scope}{node_label(n)}/{a.name}/")
+            scopes = scopes_of(n)
+            path = _module_path(scopes) if scopes else None
+            if path and path != n.name:
+                found.append((scope + node_label(n), n.op_type, path, scopes[-1] if scopes else ""))
+
+    walk(model.graph, "")
+    for fn in model.functions:
+        g = onnx.GraphProto()
+        g.node.extend(fn.node)
+        walk(g, f"{fn.domain}.{fn.name}/" if fn.domain else f"{fn.name}/")
+    shared = Counter((op, path) for _, op, path, _ in found)
+    return {label: (path if shared[(op, path)] == 1 else f"{path} ({last})")
+            for label, op, path, last in found}
