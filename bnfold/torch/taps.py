@@ -1,0 +1,220 @@
+"""Taps on a running PyTorch model: every submodule call's output, by module path, in call order.
+
+Forward hooks copy each submodule call's output (a copy: an in-place ReLU later would overwrite it)
+and key it by (module path, call index). On the original, the taps also follow the data between calls
+by tensor identity: which BatchNorm-like calls (modules, or `F.batch_norm` written in a forward) read a
+call's output as it is, and which calls hand on a BatchNorm's output object unchanged (a container
+whose last child is the BN). That is what says where a fold moved a value: the layer a BN was folded
+into now carries the BN's output, and a container that ended in a BN folded into the next layer now
+carries the BN's input. Modules whose inputs a local proof needs get their first call's arguments
+copied as well.
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .capture import functional_kind, module_kind
+
+Key = tuple[str, int]  # (module path, call index)
+FUNCTIONAL = " (F.batch_norm)"  # suffix of the key path of a batch_norm called in a forward's own code
+
+
+def bn_like(m: nn.Module) -> bool:
+    """A module whose call is one BatchNorm and nothing else: torch.nn's (a subclass only if it keeps the
+    forward: timm's BatchNormAct2d adds an activation), a frozen BN, or a graph module (a submodule of an
+    unflattened torch.export program) whose only op is one batch_norm."""
+    if module_kind(m) == "bn":
+        return True
+    graph = getattr(m, "graph", None)
+    if isinstance(graph, torch.fx.Graph) and not any(True for _ in m.children()):
+        ops = [n for n in graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+        return len(ops) == 1 and (functional_kind(ops[0].target) or ("",))[0] == "bn"
+    return False
+
+
+def _traced_into(m: nn.Module) -> bool:
+    """A graph submodule without a batch_norm op: a frozen BN that torch.export traced into plain ops
+    (a decision names it a BN; one holding a batch_norm op is seen at that op instead)."""
+    graph = getattr(m, "graph", None)
+    return isinstance(graph, torch.fx.Graph) and not any(
+        n.op == "call_function" and (functional_kind(n.target) or ("",))[0] == "bn" for n in graph.nodes)
+
+
+def copy_value(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of a tensor in its own precision (bf16 via ml_dtypes)."""
+    from .rules import to_numpy
+    return np.array(to_numpy(t), copy=True)
+
+
+def _tid(t: torch.Tensor) -> tuple[int, int]:
+    return id(t), t._version  # an in-place op makes it another value
+
+
+class Taps:
+    """One forward run's module outputs. `full` (the original and its noise copy) also records the dataflow
+    around BatchNorms and the arguments of the modules in `capture`."""
+
+    def __init__(self, root: nn.Module | None, full: bool = False, capture: Iterable[str] = (),
+                 bns: Iterable[str] = ()) -> None:
+        self.root, self.full, self.want = root, full, set(capture)
+        self.known_bns = set(bns)  # module paths that decisions name as BNs (a traced frozen BN's ops)
+        self.values: dict[Key, list[np.ndarray]] = {}
+        self.order: list[Key] = []
+        self.calls: Counter = Counter()
+        self.classes: dict[str, str] = {}
+        self.next_bn: dict[Key, list[Key]] = {}       # call -> BN-like calls reading its output as it is
+        self.bn_output_of: dict[Key, Key] = {}         # call whose output object is a BN-like call's output
+        self.bn_input: dict[Key, Key | np.ndarray] = {}  # BN-like call -> the call whose output it reads, or a copy
+        self.bn_names: dict[Key, str] = {}             # BN-like call -> the BN's name (as decisions name it)
+        self.bn_args: dict[Key, tuple] = {}            # F.batch_norm call -> (weight, bias, mean, var, eps)
+        self.captured: dict[str, tuple[tuple, dict]] = {}
+        self.of_params: set[Key] = set()  # calls that read only parameters (a weight's parametrization)
+        self._params: set[int] = set()
+        self.notes: list[str] = []
+        self._producers: dict[tuple[int, int], list[Key]] = {}
+        self._copies: dict[tuple[int, int], np.ndarray] = {}
+        self._stack: dict[int, list[Key]] = {}
+        self._keep: list[Any] = []
+        self._bn_depth = 0
+
+    # -- recording ---------------------------------------------------------------------------------
+    def _pre(self, path: str, bn: bool) -> Any:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            key = (path, self.calls[path])
+            self.calls[path] += 1
+            self._stack.setdefault(id(mod), []).append(key)
+            if self.full and all(id(t) in self._params for t in tree_flatten((args, kwargs))[0]
+                                 if isinstance(t, torch.Tensor)):
+                self.of_params.add(key)  # its output is a (folded) weight, not a value of the data path
+            if self.full and bn:
+                self._bn_depth += 1
+                self._enter_bn(key, args[0] if args else next(iter(kwargs.values()), None))
+            if path in self.want and key[1] == 0:
+                self.captured[path] = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a,
+                                               (tuple(args), dict(kwargs)))
+        return hook
+
+    def _post(self, path: str, bn: bool) -> Any:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            key = self._stack[id(mod)].pop()
+            if self.full and bn:
+                self._bn_depth -= 1
+            self._record(key, output, bn)
+        return hook
+
+    def _enter_bn(self, key: Key, x: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            return
+        src = self._producers.get(_tid(x), [])
+        for p in src:
+            self.next_bn.setdefault(p, []).append(key)
+        self.bn_input[key] = src[-1] if src else copy_value(x)
+
+    def _record(self, key: Key, output: Any, bn: bool) -> None:
+        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        vals = []
+        for t in leaves:
+            tid = _tid(t)
+            if tid not in self._copies:
+                self._copies[tid] = copy_value(t)
+                self._keep.append(t)  # alive until the run ends, so its id() is not reused
+            vals.append(self._copies[tid])
+        self.values[key] = vals
+        self.order.append(key)
+        if self.full and len(leaves) == 1:
+            tid = _tid(leaves[0])
+            earlier = self._producers.setdefault(tid, [])
+            if not bn:
+                first_bn = next((k for k in earlier if k in self.bn_input), None)
+                if first_bn is not None:
+                    self.bn_output_of[key] = first_bn
+            earlier.append(key)
+
+    def run(self, model: Any, args: tuple) -> Any:
+        """Call `model(*args)` with the taps on (hooks on `self.root`'s submodules); returns its result."""
+        handles = []
+        if self.root is not None:
+            if self.full:
+                self._params = {id(t) for t in list(self.root.parameters()) + list(self.root.buffers())}
+            for path, m in self.root.named_modules():
+                if not path:
+                    continue
+                bn = bn_like(m) or (path in self.known_bns and _traced_into(m))
+                self.classes[path] = type(m).__name__
+                if bn:
+                    self.bn_names[(path, 0)] = path
+                handles.append(m.register_forward_pre_hook(self._pre(path, bn), with_kwargs=True))
+                handles.append(m.register_forward_hook(self._post(path, bn), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                if self.full and self.root is not None:
+                    with _FunctionalBN(self):
+                        return model(*args)
+                return model(*args)
+        finally:
+            for h in handles:
+                h.remove()
+            self._producers.clear()
+            self._copies.clear()
+            self._keep.clear()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def name_of(self, key: Key) -> str:
+        """The name a Decision gives the BN of a BN-like call."""
+        return self.bn_names.get((key[0], 0), key[0])
+
+    def chain(self, key: Key) -> list[Key]:
+        """The BN-like calls that follow `key` one after another, each reading the previous output alone."""
+        out, cur = [], key
+        while len(self.next_bn.get(cur, [])) == 1 and len(out) < 8:
+            cur = self.next_bn[cur][0]
+            out.append(cur)
+        return out
+
+    def value(self, target: tuple[str, Key]) -> list[np.ndarray] | None:
+        """A recorded value: ("out", key) a call's output, ("in", bn) the input a BN-like call read."""
+        kind, key = target
+        if kind == "out":
+            return self.values.get(key)
+        src = self.bn_input.get(key)
+        if isinstance(src, np.ndarray):
+            return [src]
+        return self.values.get(src) if src is not None else None
+
+
+class _FunctionalBN(TorchFunctionMode):
+    """Sees `F.batch_norm` / `torch.batch_norm` called in a forward's own code (not inside a BN module)."""
+
+    def __init__(self, taps: Taps) -> None:
+        super().__init__()
+        self.taps = taps
+        self.paths = {id(t): n for n, t in list(taps.root.named_parameters()) + list(taps.root.named_buffers())}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        fk = functional_kind(func) if self.taps._bn_depth == 0 else None
+        if fk is None or fk[0] != "bn":
+            return func(*args, **kwargs)
+        from .capture import arg
+        rm = arg(args, kwargs, fk[1], "running_mean")
+        name = self.paths.get(id(rm), "") if isinstance(rm, torch.Tensor) else ""
+        name = name.rpartition(".")[0] or name or "batch_norm"
+        path = name + FUNCTIONAL
+        key = (path, self.taps.calls[path])
+        self.taps.calls[path] += 1
+        self.taps.bn_names[(path, 0)] = name
+        self.taps._enter_bn(key, arg(args, kwargs, fk[1], "input"))
+        stats = [arg(args, kwargs, fk[1], r) for r in ("weight", "bias", "running_mean", "running_var")]
+        self.taps.bn_args[key] = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else None for t in stats) + (
+            float(arg(args, kwargs, fk[1], "eps")),)
+        out = func(*args, **kwargs)
+        self.taps._record(key, out[0] if isinstance(out, tuple) else out, True)
+        return out
