@@ -10,6 +10,12 @@
 - Tolerance: the same rule as compare.judge, over every batch at once (maxima kept per batch, so only
   one batch's module outputs are in memory at a time): max |cand - ref| <= max(NOISE_MULTIPLE x noise,
   FLOOR_ULPS ulp x max |ref|), noise = the noise runs' largest deviation from the reference.
+- Amplified rounding: a module that holds no tensors of its own and whose code is the same in both
+  models (same class, same plain attributes), fed with values that agree, cannot compute a different
+  function; when its output still diverges, its own code amplified rounding-sized differences (a
+  saturated sigmoid whose 0/1 flips at another element than in the noise runs, say). Such a module is
+  "unstable", like the order flips of discrete ops in the ONNX verifier: it is noted, not decisive, and
+  so is everything computed from it (the outputs are always judged, and each fold has its own proof).
 - Blame: a first divergence at a layer that folds were made into, or where a folded BN's value is
   expected, is those folds' fault.
 """
@@ -21,7 +27,7 @@ import numpy as np
 
 from ..core.decisions import Decision
 from ..verify import compare
-from .taps import Key, Taps
+from .taps import INPUT, Key, Taps
 
 Target = tuple[str, Key]  # ("out", call) or ("in", BN call): a value recorded in the original's run
 
@@ -42,9 +48,22 @@ class Intermediates:
         self.tally: dict[tuple[Key, Target], dict[str, Any]] = {}
         self.uncompared: dict[str, str] = {}
         self.folded_into: dict[Key, list[str]] = {}
+        self.calls: list[Key] = []  # every call of the original's first run, compared or not
+        self.sources: dict[Key, set[Key]] = {}
+        self.direct: set[Key] = set()
+        self.inside: dict[Key, list[Key]] = {}
+        self.same_code: dict[str, bool] = {}
+        self.unstable: list[dict[str, Any]] = []
 
     # -- one batch ---------------------------------------------------------------------------------
     def add(self, ref: Taps, cand: Taps, noise: list[Taps]) -> None:
+        if not self.calls:
+            self.calls = list(ref.order)
+            for key in ref.order:
+                self.sources[key] = ref.sources.get(key, set())
+                lo, hi = ref.window.get(key, (0, 0))
+                self.inside[key] = ref.order[lo:hi]
+            self.direct = set(ref.direct)
         for key in ref.order:
             path, k = key
             if key not in self.targets:
@@ -53,6 +72,8 @@ class Intermediates:
                 self.order.append(key)
                 self.classes[path] = ref.classes.get(path, "")
                 self.targets[key] = self._targets(ref, key)
+                own, plain = ref.own.get(path, (True, ()))
+                self.same_code[path] = not own and cand.own.get(path, (True, None)) == (False, plain)
             if key not in cand.values:
                 continue
             for target in self.targets[key]:
@@ -145,13 +166,33 @@ class Intermediates:
         return t["user_ok"], float(self.atol or 0.0)
 
     def first_divergence(self, device: str) -> dict[str, Any] | None:
-        """The earliest compared call (the original's order) that no acceptable value explains."""
-        for key in self.order:
-            results = [(target, self.tally[(key, target)]) for target in self.targets[key] if (key, target) in self.tally]
-            if not results or any(self._verdict(t)[0] for _, t in results):
+        """The earliest compared call (the original's order) that no acceptable value explains; unstable
+        calls and those computed from them are noted in `self.unstable` instead."""
+        agreed: set[Key] = {INPUT}
+        tainted: set[Key] = set()
+        self.unstable = []
+        for key in self.calls:
+            derived = any(s in tainted for s in self.sources.get(key, ())) or any(
+                k in tainted for k in self.inside.get(key, ()))
+            results = [(target, self.tally[(key, target)]) for target in self.targets.get(key, ())
+                       if (key, target) in self.tally]
+            if not results:  # not compared (a folded BN's slot, another class): its value follows its sources
+                if derived:
+                    tainted.add(key)
+                continue
+            good = [target for target, t in results if self._verdict(t)[0]]
+            if good:
+                agreed.update([key] + [other for kind, other in good if kind == "out"])
                 continue
             target, t = results[0]
             atol = self._verdict(t)[1]
+            if derived or (self.same_code.get(key[0]) and not t["bad"] and key in self.direct
+                           and all(s in agreed for s in self.sources[key])):
+                tainted.update([key] + [other for kind, other in self.targets[key] if kind == "out"])
+                self.unstable.append({"layer": key[0], "module": self.classes.get(key[0]), "max_abs": t["max_abs"],
+                                      "atol": atol, "why": "computed from an unstable module's output" if derived else
+                                      "tensor-free code fed with values that agree: amplified rounding"})
+                continue
             div: dict[str, Any] = {"layer": key[0], "module": self.classes.get(key[0]), "device": device,
                                    "max_abs": t["max_abs"], "atol": atol, "noise_max_abs": t["noise"]}
             if key[1]:

@@ -12,6 +12,7 @@ copied as well.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections import Counter
 from typing import Any, Iterable
 
@@ -24,6 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .capture import functional_kind, module_kind
 
 Key = tuple[str, int]  # (module path, call index)
+INPUT: Key = ("<model input>", 0)  # the producer of the model's own inputs
 FUNCTIONAL = " (F.batch_norm)"  # suffix of the key path of a batch_norm called in a forward's own code
 
 
@@ -46,6 +48,14 @@ def _traced_into(m: nn.Module) -> bool:
     graph = getattr(m, "graph", None)
     return isinstance(graph, torch.fx.Graph) and not any(
         n.op == "call_function" and (functional_kind(n.target) or ("",))[0] == "bn" for n in graph.nodes)
+
+
+def _plain(m: nn.Module) -> tuple:
+    """A module's plain attributes (numbers, strings, tuples of them): what its code may read besides
+    tensors and submodules."""
+    ok = (bool, int, float, str, type(None))
+    return tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, ok) or (
+        isinstance(v, tuple) and all(isinstance(e, ok) for e in v))))
 
 
 def copy_value(t: torch.Tensor) -> np.ndarray:
@@ -77,6 +87,12 @@ class Taps:
         self.bn_args: dict[Key, tuple] = {}            # F.batch_norm call -> (weight, bias, mean, var, eps)
         self.captured: dict[str, tuple[tuple, dict]] = {}
         self.of_params: set[Key] = set()  # calls that read only parameters (a weight's parametrization)
+        self.sources: dict[Key, set[Key]] = {}          # call -> the calls its tensor inputs were computed from
+        self.direct: set[Key] = set()                   # calls whose every tensor input is a call's output as is
+        self.window: dict[Key, tuple[int, int]] = {}    # call -> the span of `order` recorded while it ran
+        self.own: dict[str, tuple[bool, Any]] = {}      # path -> (holds tensors itself, its plain attributes)
+        self._made_by: dict[tuple[int, int], tuple[Any, frozenset, bool]] = {}  # (weakref, sources, direct)
+        self._start: dict[Key, int] = {}
         self._params: set[int] = set()
         self.notes: list[str] = []
         self._producers: dict[tuple[int, int], list[Key]] = {}
@@ -91,9 +107,15 @@ class Taps:
             key = (path, self.calls[path])
             self.calls[path] += 1
             self._stack.setdefault(id(mod), []).append(key)
-            if self.full and all(id(t) in self._params for t in tree_flatten((args, kwargs))[0]
-                                 if isinstance(t, torch.Tensor)):
-                self.of_params.add(key)  # its output is a (folded) weight, not a value of the data path
+            self._start[key] = len(self.order)
+            if self.full:
+                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                if all(id(t) in self._params for t in ins):
+                    self.of_params.add(key)  # its output is a (folded) weight, not a value of the data path
+                lines = [self.lineage(t) for t in ins if id(t) not in self._params]
+                self.sources[key] = set().union(*(keys for keys, _ in lines))
+                if all(direct for _, direct in lines):
+                    self.direct.add(key)
             if self.full and bn:
                 self._bn_depth += 1
                 self._enter_bn(key, args[0] if args else next(iter(kwargs.values()), None))
@@ -128,7 +150,11 @@ class Taps:
                 self._keep.append(t)  # alive until the run ends, so its id() is not reused
             vals.append(self._copies[tid])
         self.values[key] = vals
+        self.window[key] = (self._start.pop(key, len(self.order)), len(self.order))
         self.order.append(key)
+        if self.full:
+            for t in leaves:
+                self.mark(t, frozenset([key]), True)
         if self.full and len(leaves) == 1:
             tid = _tid(leaves[0])
             earlier = self._producers.setdefault(tid, [])
@@ -149,14 +175,19 @@ class Taps:
                     continue
                 bn = bn_like(m) or (path in self.known_bns and _traced_into(m))
                 self.classes[path] = type(m).__name__
+                self.own[path] = (any(True for _ in m.parameters(recurse=False)) or
+                                  any(True for _ in m.buffers(recurse=False)), _plain(m))
                 if bn:
                     self.bn_names[(path, 0)] = path
                 handles.append(m.register_forward_pre_hook(self._pre(path, bn), with_kwargs=True))
                 handles.append(m.register_forward_hook(self._post(path, bn), with_kwargs=True))
+        for t in tree_flatten(args)[0]:
+            if isinstance(t, torch.Tensor):
+                self.mark(t, frozenset([INPUT]), True)
         try:
             with torch.no_grad():
                 if self.full and self.root is not None:
-                    with _FunctionalBN(self):
+                    with _Code(self):
                         return model(*args)
                 return model(*args)
         finally:
@@ -165,6 +196,18 @@ class Taps:
             self._producers.clear()
             self._copies.clear()
             self._keep.clear()
+            self._made_by.clear()
+
+    def mark(self, t: torch.Tensor, sources: frozenset, direct: bool) -> None:
+        """Remember which calls `t` was computed from (weakly: a freed tensor's id may be reused)."""
+        self._made_by[_tid(t)] = (weakref.ref(t), sources, direct)
+
+    def lineage(self, t: torch.Tensor) -> tuple[frozenset, bool]:
+        """(the calls `t` was computed from, whether it is one call's output as is); unknown: (empty, False)."""
+        hit = self._made_by.get(_tid(t))
+        if hit is None or hit[0]() is not t:
+            return frozenset(), False
+        return hit[1], hit[2]
 
     # -- reading -----------------------------------------------------------------------------------
     def name_of(self, key: Key) -> str:
@@ -190,8 +233,9 @@ class Taps:
         return self.values.get(src) if src is not None else None
 
 
-class _FunctionalBN(TorchFunctionMode):
-    """Sees `F.batch_norm` / `torch.batch_norm` called in a forward's own code (not inside a BN module)."""
+class _Code(TorchFunctionMode):
+    """Sees every torch call made while the model runs: a `batch_norm` in a forward's own code (not inside a
+    BN module) is a BN-like call of its own, and every other result remembers what it was computed from."""
 
     def __init__(self, taps: Taps) -> None:
         super().__init__()
@@ -202,7 +246,15 @@ class _FunctionalBN(TorchFunctionMode):
         kwargs = kwargs or {}
         fk = functional_kind(func) if self.taps._bn_depth == 0 else None
         if fk is None or fk[0] != "bn":
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            # the code between modules: its results are computed from what its inputs were computed from
+            sources = frozenset().union(*(self.taps.lineage(t)[0] for t in tree_flatten((args, kwargs))[0]
+                                          if isinstance(t, torch.Tensor)))
+            if sources:
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        self.taps.mark(t, sources, False)
+            return out
         from .capture import arg
         rm = arg(args, kwargs, fk[1], "running_mean")
         name = self.paths.get(id(rm), "") if isinstance(rm, torch.Tensor) else ""

@@ -283,6 +283,7 @@ class _Job:
         inter = Intermediates(self.decisions, self.atol, self.rtol)
         want = proofs.layer_paths(self.decisions or ()) if not self.proven else set()
         bns = {d.bn for d in self.decisions or () if d.is_folded}
+        state = {n: t.detach().clone() for n, t in ref.call.named_buffers() if t.is_floating_point()}
         # original, candidate, noisy original (and on CUDA the original with TF32 toggled): outputs per batch
         outs: list[list[dict[str, np.ndarray]]] = [[] for _ in range(4 if dev == "cuda" else 3)]
         for b, args in enumerate(self.inputs):
@@ -301,6 +302,11 @@ class _Job:
                 self.proven = True
             if not untapped:
                 inter.add(taps[0], taps[1], taps[2:])
+        changed = [n for n, t in ref.call.named_buffers() if n in state and not torch.equal(state[n], t)]
+        if changed:
+            notes["stateful"] = (f"running the original changed {len(changed)} of its buffers ({', '.join(changed[:3])}"
+                                 f"{', ...' if len(changed) > 3 else ''}): it updates its own state in eval mode (e.g. "
+                                 "quantization observers), so two copies agree only after the same runs")
         ref_out, cand_out = concat(outs[0]), concat(outs[1])
         passed, judged = compare.judge(ref_out, cand_out, [concat(o) for o in outs[2:]], atol=self.atol,
                                        rtol=self.rtol)
@@ -312,6 +318,10 @@ class _Job:
             if inter.uncompared:
                 notes["intermediates_not_compared"] = dict(list(inter.uncompared.items())[:10])
         div = inter.first_divergence(dev) if not untapped else None
+        if inter.unstable:
+            notes["unstable"] = {"count": len(inter.unstable), "first": inter.unstable[:5],
+                                 "why": "module outputs that diverge only by amplified rounding (tensor-free code fed "
+                                        "with values that agree) and what is computed from them: not decisive"}
         if div is not None and self.outputs_only and passed:
             notes["ignored_divergence"] = div  # reported, not decisive, as asked
             div = None
