@@ -184,7 +184,8 @@ class Intermediates:
             if good:
                 agreed.update([key] + [other for kind, other in good if kind == "out"])
                 continue
-            target, t = results[0]
+            # the value it came closest to is the one it was meant to carry
+            target, t = min(results, key=lambda r: r[1]["max_abs"] / max(self._verdict(r[1])[1], 1e-300))
             atol = self._verdict(t)[1]
             if derived or (self.same_code.get(key[0]) and not t["bad"] and key in self.direct
                            and all(s in agreed for s in self.sources[key])):

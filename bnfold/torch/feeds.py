@@ -142,4 +142,4 @@ def save(model: Any, runs: list[tuple], path: str) -> None:
     """Write every batch that ran (verify.inputs.save_npz), for a bit-for-bit replay with --inputs."""
     from .rules import to_numpy
     names = input_names(model, len(runs[0]))
-    inp.save_npz([{n: np.array(to_numpy(t)) for n, t in zip(names, run)} for run in runs], path)
+    inp.save_npz([{n: to_numpy(t.detach().clone()) for n, t in zip(names, run)} for run in runs], path)

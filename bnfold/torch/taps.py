@@ -61,7 +61,8 @@ def _plain(m: nn.Module) -> tuple:
 def copy_value(t: torch.Tensor) -> np.ndarray:
     """A numpy copy of a tensor in its own precision (bf16 via ml_dtypes)."""
     from .rules import to_numpy
-    return np.array(to_numpy(t), copy=True)
+    # numpy over a tensor's own memory would make its storage non-resizable: convert a clone
+    return to_numpy(t.detach().clone() if t.device.type == "cpu" else t)
 
 
 def _tid(t: torch.Tensor) -> tuple[int, int]:

@@ -130,8 +130,10 @@ def perturbed(model: Any, seed: int) -> None:
         tensors = list(model.named_parameters()) + list(model.named_buffers())
         for _, t in tensors:
             if t.is_floating_point() and t.numel():
-                # from_numpy makes a 0-dim array (a ReZero gate, an observer's min_val) a (1,) tensor
-                t.copy_(from_numpy(compare.perturb(to_numpy(t), rng), t).reshape(t.shape))
+                # a clone: numpy over the tensor's own memory would make it non-resizable (an observer
+                # resizes its min/max); from_numpy makes a 0-dim array (a ReZero gate, an observer's min_val)
+                # a (1,) tensor
+                t.copy_(from_numpy(compare.perturb(to_numpy(t.detach().clone()), rng), t).reshape(t.shape))
 
 
 def outputs(result: Any) -> dict[str, np.ndarray]:
