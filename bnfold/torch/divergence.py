@@ -11,8 +11,9 @@
   one batch's module outputs are in memory at a time): max |cand - ref| <= max(NOISE_MULTIPLE x noise,
   FLOOR_ULPS ulp x max |ref|), noise = the noise runs' largest deviation from the reference.
 - Amplified rounding: a module that holds no tensors of its own and whose code is the same in both
-  models (same class, same plain attributes), fed with values that agree, cannot compute a different
-  function; when its output still diverges, its own code amplified rounding-sized differences (a
+  models (same class, same plain attributes), fed with values that agree and whose every submodule call
+  agrees, cannot compute a different function; when its output still diverges, its own code amplified
+  rounding-sized differences (a
   saturated sigmoid whose 0/1 flips at another element than in the noise runs, say). Such a module is
   "unstable", like the order flips of discrete ops in the ONNX verifier: it is noted, not decisive, and
   so is everything computed from it (the outputs are always judged, and each fold has its own proof).
@@ -188,7 +189,8 @@ class Intermediates:
             target, t = min(results, key=lambda r: r[1]["max_abs"] / max(self._verdict(r[1])[1], 1e-300))
             atol = self._verdict(t)[1]
             if derived or (self.same_code.get(key[0]) and not t["bad"] and key in self.direct
-                           and all(s in agreed for s in self.sources[key])):
+                           and all(s in agreed for s in self.sources[key])
+                           and all(k in agreed for k in self.inside[key])):
                 tainted.update([key] + [other for kind, other in self.targets[key] if kind == "out"])
                 self.unstable.append({"layer": key[0], "module": self.classes.get(key[0]), "max_abs": t["max_abs"],
                                       "atol": atol, "why": "computed from an unstable module's output" if derived else

@@ -278,7 +278,7 @@ def _in_float64(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | str:
     graph = getattr(m, "graph", None)
     if not isinstance(graph, torch.fx.Graph) or any(True for _ in m.children()):
         return f"{type(m).__name__} holds no eps the replay can read"
-    m64 = copy.deepcopy(m).double()
+    m64 = copy.deepcopy(m).cpu().double()
     return lambda x: m64(x)
 
 
@@ -301,9 +301,10 @@ def _apply_bn(x: torch.Tensor, bn: BnParams | Callable[[torch.Tensor], torch.Ten
 def _affine(x: torch.Tensor, w: Any, b: Any, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
     """The BN's inference map in float64, along axis 1: (x - mean) / sqrt(var + eps) * w + b."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.detach().double().reshape(shape)) / torch.sqrt(var.detach().double().reshape(shape) + eps)
+    wide = lambda t: t.detach().cpu().double().reshape(shape)  # noqa: E731 - the replay runs on the CPU
+    y = (x - wide(mean)) / torch.sqrt(wide(var) + eps)
     if isinstance(w, torch.Tensor):
-        y = y * w.detach().double().reshape(shape)
+        y = y * wide(w)
     if isinstance(b, torch.Tensor):
-        y = y + b.detach().double().reshape(shape)
+        y = y + wide(b)
     return y

@@ -127,6 +127,43 @@ def test_a_changed_plain_attribute_in_tensor_free_code_is_not_excused():
     assert ver.verdict == "failed" and ver.first_divergence["layer"] == "scale", ver.to_dict()
 
 
+def test_a_swapped_submodule_class_inside_tensor_free_code_is_not_excused():
+    """A candidate whose conv inside a tensor-free block is another class (so not compared itself) must
+    still fail at the block: not every call inside it agreed."""
+    class Hacked(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            return y + (torch.arange(y.shape[1]) == DEAD).float().reshape(1, -1, 1, 1)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * 2.0
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.bn, self.head = Block(), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.bn(self.block(x))))
+
+    torch.manual_seed(0)
+    original = _randomize(Net(), 1)
+    with torch.no_grad():
+        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    candidate = copy.deepcopy(original)
+    hacked = Hacked(3, 8, 3, padding=1)
+    hacked.load_state_dict(original.block.conv.state_dict())
+    candidate.block.conv = hacked
+    _assert_masked(original, candidate)
+    ver = bnfold.check(original, candidate, example_inputs=(X,))
+    assert ver.verdict == "failed" and ver.first_divergence["layer"] == "block", ver.to_dict()
+
+
 def test_a_graph_module_candidate_is_compared_by_module_path():
     """torch.fx's own Conv+BN fusion (a GraphModule whose BN calls are gone) passes; the same with conv1's
     dead channel scaled fails at conv1."""
