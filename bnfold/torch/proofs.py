@@ -12,7 +12,7 @@ float type:
 
 u is the unit roundoff of the lowest float precision involved (torch.finfo(dtype).eps); 2**-36 M covers
 float64's own rounding. The replay is witnessed: ref must match the BN output the original computed in
-the same run within 1e-3 (M + |ref|), else the proof is "not run" (the replay would not be evidence),
+the same run within max(1e-3, 8 u) (M + |ref|), else the proof is "not run" (the replay would not be evidence),
 never a false accusation. Once witnessed, the same replay also runs on a seeded random input of the same
 shape: a fold is exact for every input, and data whose channel a ReLU kills would not show a wrong
 weight there. The arithmetic is written here, not taken from core.kernel, so that a kernel bug cannot
@@ -35,6 +35,7 @@ from .taps import Key, Taps
 SLACK = 2.0
 F64_TERM = 2.0 ** -36
 FAITHFUL = 1e-3
+WITNESS_ULPS = 8.0
 HOW = "float64 replay of the layer and its BatchNorm(s) on the input captured from the original run; bound 2 u M"
 
 
@@ -156,7 +157,9 @@ def _judge(ref: np.ndarray, new: np.ndarray, mag: np.ndarray, witness: np.ndarra
         return {"not_run": "the original's own value of the region's output was not captured"}
     w = np.asarray(witness if witness is not None else ref, np.float64)
     fine = np.isfinite(w) & np.isfinite(ref)
-    if np.any(np.abs(np.where(fine, ref - w, 0.0)) > FAITHFUL * (np.where(fine, mag, 0.0) + np.abs(np.where(fine, ref, 0.0)))):
+    # the original ran in its own precision: a bfloat16 layer's output alone is off by 2**-8 of itself
+    faithful = max(FAITHFUL, WITNESS_ULPS * u)
+    if np.any(np.abs(np.where(fine, ref - w, 0.0)) > faithful * (np.where(fine, mag, 0.0) + np.abs(np.where(fine, ref, 0.0)))):
         return {"not_run": "the float64 replay of the original region disagrees with the original's own run of it"}
     if ref.shape != new.shape or mag.shape != new.shape:
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "ratio": float("inf"), "how": HOW,
