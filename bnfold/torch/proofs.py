@@ -2,7 +2,7 @@
 
 A fold into layer L replaces the region "L, then the BNs folded after it" (or "the BN folded before it,
 then L") by L with new weights W', b'. The region's input x is captured from the original's run on the
-first verification batch (a forward pre-hook on L; for a backward fold, the BN's input), and both
+first verification batch that calls L (a forward pre-hook on L; for a backward fold, the BN's input), and both
 regions run on it in float64, so the only difference left is the rounding of W' and b' to the model's
 float type:
 
@@ -39,41 +39,52 @@ WITNESS_ULPS = 8.0
 HOW = "float64 replay of the layer and its BatchNorm(s) on the input captured from the original run; bound 2 u M"
 
 
-def layer_paths(decisions: list[Decision]) -> set[str]:
-    """The layers whose first call's arguments the proofs need captured."""
-    return {d.producer for d in decisions if d.is_folded and d.producer}
+class Prover:
+    """The proofs of one verification. Each region is proven on the first batch that calls its layer
+    (a branch the example inputs do not take may be taken by a variant)."""
 
+    def __init__(self, decisions: list[Decision]) -> None:
+        self.regions: dict[str, list[Decision]] = {}
+        for d in decisions:
+            if d.is_folded:
+                self.regions.setdefault(d.producer or "", []).append(d)
+        self.done: dict[str, dict[str, Any]] = {}
 
-def prove(decisions: list[Decision], original: nn.Module | None, candidate: nn.Module | None,
-          taps: Taps | None, cand_taps: Taps | None, why_none: str = "") -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed)."""
-    counts = {"proven": 0, "failed": 0, "not_run": 0}
-    blame: list[dict[str, Any]] = []
-    regions: dict[str, list[Decision]] = {}
-    for d in decisions:
-        if d.is_folded:
-            regions.setdefault(d.producer or "", []).append(d)
-    for layer, ds in regions.items():
-        if original is None or candidate is None or taps is None or cand_taps is None:
-            proof: dict[str, Any] = {"not_run": why_none or "the models' modules cannot be hooked"}
-        else:
+    @property
+    def wanted(self) -> set[str]:
+        """The layers whose first call's arguments are still to be captured."""
+        return {layer for layer in self.regions if layer not in self.done}
+
+    def step(self, original: nn.Module, candidate: nn.Module, taps: Taps, cand_taps: Taps) -> None:
+        """Prove every region whose layer this batch's taps captured."""
+        for layer in self.wanted:
+            if layer not in taps.captured and _module(original, layer) is not None:
+                continue  # not called on this batch: maybe on the next
             try:
-                proof = _prove_region(layer, ds, original, candidate, taps, cand_taps)
+                self.done[layer] = _prove_region(layer, self.regions[layer], original, candidate, taps, cand_taps)
             except Exception as e:  # noqa: BLE001 - a replay that cannot run proves nothing; it accuses nobody
-                proof = {"not_run": f"the float64 replay could not run ({type(e).__name__}: "
-                                    f"{(str(e).splitlines() or [''])[0][:160]})"}
-        for d in ds:
-            d.proof = dict(proof)
-            if "not_run" in proof:
-                counts["not_run"] += 1
-            elif proof["passed"]:
-                counts["proven"] += 1
-            else:
-                counts["failed"] += 1
-                blame.append({"bn": d.bn, "why": f"its local proof failed: max abs {proof['max_abs']:.3g} > bound "
-                                                  f"{proof['bound']:.3g} at {layer!r}",
-                              "max_abs": proof["max_abs"], "bound": proof["bound"], "layer": layer})
-    return counts, blame
+                self.done[layer] = {"not_run": f"the float64 replay could not run ({type(e).__name__}: "
+                                               f"{(str(e).splitlines() or [''])[0][:160]})"}
+
+    def finish(self, why_none: str = "") -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed)."""
+        counts = {"proven": 0, "failed": 0, "not_run": 0}
+        blame: list[dict[str, Any]] = []
+        for layer, ds in self.regions.items():
+            proof = self.done.get(layer) or {"not_run": why_none or f"{layer!r} was not called on the verification "
+                                                                   "inputs"}
+            for d in ds:
+                d.proof = dict(proof)
+                if "not_run" in proof:
+                    counts["not_run"] += 1
+                elif proof["passed"]:
+                    counts["proven"] += 1
+                else:
+                    counts["failed"] += 1
+                    blame.append({"bn": d.bn, "why": f"its local proof failed: max abs {proof['max_abs']:.3g} > "
+                                                      f"bound {proof['bound']:.3g} at {layer!r}",
+                                  "max_abs": proof["max_abs"], "bound": proof["bound"], "layer": layer})
+        return counts, blame
 
 
 def _module(root: nn.Module, path: str) -> nn.Module | None:
@@ -91,7 +102,7 @@ def _prove_region(layer: str, ds: list[Decision], original: nn.Module, candidate
     if type(lo) is not type(lc):
         return {"not_run": f"{layer!r} is a {type(lo).__name__} in the original and a {type(lc).__name__} folded"}
     if layer not in taps.captured or layer not in cand_taps.captured:
-        return {"not_run": f"{layer!r} was not called on the verification inputs"}
+        return {"not_run": f"{layer!r} is not called by the folded model where the original calls it"}
     after = [d for d in ds if d.direction == "after"]
     before = [d for d in ds if d.direction != "after"]
     if len(before) > 1:

@@ -251,8 +251,8 @@ def verify_torch(original: Any, candidate: Any, inputs: Sequence[tuple], *, prov
             ver.providers[key] = ProviderResult(key, ran=False, why=why)
             continue
         ver.providers[key] = job.device(dev, ver)
-    if decisions is not None:
-        ver.proofs, ver.blame = job.proof_counts, list(job.proof_blame)
+    if job.prover is not None:
+        ver.proofs, ver.blame = job.prover.finish(job.untapped)
         for b in job.div_blame:
             if all(b["bn"] != other["bn"] for other in ver.blame):
                 ver.blame.append(b)
@@ -267,10 +267,9 @@ class _Job:
         self.original, self.candidate, self.inputs = original, candidate, list(inputs)
         self.atol, self.rtol, self.seed = atol, rtol, seed
         self.decisions, self.outputs_only = decisions, outputs_only
-        self.proof_counts: dict[str, int] = {}
-        self.proof_blame: list[dict[str, Any]] = []
+        self.prover = proofs.Prover(decisions) if decisions is not None else None
         self.div_blame: list[dict[str, Any]] = []
-        self.proven = False
+        self.untapped = ""
 
     def device(self, dev: str, ver: Verification) -> ProviderResult:
         ref, cand = instance(self.original, dev), instance(self.candidate, dev)
@@ -283,25 +282,24 @@ class _Job:
         untapped = ref.why_untapped or cand.why_untapped or (
             "" if ref.root is not None and cand.root is not None else "the models' submodules cannot be tapped")
         inter = Intermediates(self.decisions, self.atol, self.rtol)
-        want = proofs.layer_paths(self.decisions or ()) if not self.proven else set()
+        self.untapped = self.untapped or untapped
         bns = {d.bn for d in self.decisions or () if d.is_folded}
         state = {n: t.detach().clone() for n, t in ref.call.named_buffers() if t.is_floating_point()}
         # original, candidate, noisy original (and on CUDA the original with TF32 toggled): outputs per batch
         outs: list[list[dict[str, np.ndarray]]] = [[] for _ in range(4 if dev == "cuda" else 3)]
-        for b, args in enumerate(self.inputs):
+        for args in self.inputs:
             args = moved(args, dev)
-            taps = [Taps(ref.root, full=True, capture=want if b == 0 else (), bns=bns),
-                    Taps(cand.root, capture=want if b == 0 else ()), Taps(noisy.root, full=True, bns=bns)]
+            want = self.prover.wanted if self.prover is not None and not untapped else set()
+            taps = [Taps(ref.root, full=True, capture=want, bns=bns), Taps(cand.root, capture=want),
+                    Taps(noisy.root, full=True, bns=bns)]
             for i, (inst, tap) in enumerate(zip((ref, cand, noisy), taps)):
                 outs[i].append(outputs(tap.run(inst.call, args)))
             if dev == "cuda":
                 taps.append(Taps(ref.root, full=True, bns=bns))
                 with _TF32(not torch.backends.cudnn.allow_tf32):
                     outs[3].append(outputs(taps[3].run(ref.call, args)))
-            if b == 0 and self.decisions is not None and not self.proven:
-                self.proof_counts, self.proof_blame = proofs.prove(
-                    self.decisions, ref.root, cand.root, *((None, None) if untapped else taps[:2]), untapped)
-                self.proven = True
+            if want:
+                self.prover.step(ref.root, cand.root, taps[0], taps[1])
             if not untapped:
                 inter.add(taps[0], taps[1], taps[2:])
         changed = [n for n, t in ref.call.named_buffers() if n in state and not torch.equal(state[n], t)]

@@ -23,7 +23,8 @@ def _randomize(model: nn.Module, seed: int) -> nn.Module:
                 st = random_bn(rng, m.num_features)
                 for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"),
                                   ("running_var", "var")):
-                    getattr(m, name).copy_(torch.tensor(st[key]))
+                    if getattr(m, name) is not None:
+                        getattr(m, name).copy_(torch.tensor(st[key]))
     return model.eval()
 
 

@@ -232,3 +232,33 @@ def test_a_divergence_at_a_folded_layer_blames_that_fold_when_no_proof_runs(dama
     assert [b["bn"] for b in ver.blame] == ["bn_conv"] and "diverges at 'conv'" in ver.blame[0]["why"]
     healed = bnfold.fold(planted(), example_inputs=(X,))
     assert [d.bn for d in healed.report.reverted] == ["bn_conv"] and healed.report.verification.verdict == "passed"
+
+
+def test_a_fold_on_a_branch_only_a_variant_takes_is_proven_there(damage):
+    """The example input takes one branch; the negated variant takes the other: both folds are proven,
+    each on the batch that calls its layer, and a wrong fold on the second branch is caught."""
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn_a = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.b, self.bn_b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return self.bn_a(self.a(x))
+            return self.bn_b(self.b(x))
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for bn in (model.bn_a, model.bn_b):
+            st = random_bn(rng, 4)
+            for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"), ("running_var", "var")):
+                getattr(bn, name).copy_(torch.tensor(st[key]))
+    x = X.abs()  # sum > 0: branch a; its negation takes branch b
+    res = bnfold.fold(model, example_inputs=(x,))
+    assert res.report.verification.proofs == {"proven": 2, "failed": 0, "not_run": 0}, res.report.to_dict()
+    damage("bn_b", "scale")
+    res = bnfold.fold(model, example_inputs=(x,), strict=True)
+    assert [b["bn"] for b in res.report.verification.blame] == ["bn_b"], res.report.verification.to_dict()
