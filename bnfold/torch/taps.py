@@ -69,6 +69,12 @@ def _tid(t: torch.Tensor) -> tuple[int, int]:
     return id(t), t._version  # an in-place op makes it another value
 
 
+def _alive(table: dict[tuple[int, int], tuple[Any, Any]], t: torch.Tensor) -> Any:
+    """The entry for tensor `t` itself, not for a freed tensor whose id() `t` now has."""
+    hit = table.get(_tid(t))
+    return hit[1] if hit is not None and hit[0]() is t else None
+
+
 class Taps:
     """One forward run's module outputs. `full` (the original and its noise copy) also records the dataflow
     around BatchNorms and the arguments of the modules in `capture`."""
@@ -92,14 +98,14 @@ class Taps:
         self.direct: set[Key] = set()                   # calls whose every tensor input is a call's output as is
         self.window: dict[Key, tuple[int, int]] = {}    # call -> the span of `order` recorded while it ran
         self.own: dict[str, tuple[bool, Any]] = {}      # path -> (holds tensors itself, its plain attributes)
-        self._made_by: dict[tuple[int, int], tuple[Any, frozenset, bool]] = {}  # (weakref, sources, direct)
+        self._made_by: dict[tuple[int, int], tuple[Any, tuple[frozenset, bool]]] = {}
         self._start: dict[Key, int] = {}
         self._params: set[int] = set()
-        self.notes: list[str] = []
-        self._producers: dict[tuple[int, int], list[Key]] = {}
-        self._copies: dict[tuple[int, int], np.ndarray] = {}
+        # by tensor identity, each entry holding a weak reference: a freed tensor's id() may be reused, and
+        # keeping every output alive would hold all of the model's activations at once
+        self._producers: dict[tuple[int, int], tuple[Any, list[Key]]] = {}
+        self._copies: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}
         self._stack: dict[int, list[Key]] = {}
-        self._keep: list[Any] = []
         self._bn_depth = 0
 
     # -- recording ---------------------------------------------------------------------------------
@@ -136,7 +142,7 @@ class Taps:
     def _enter_bn(self, key: Key, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
             return
-        src = self._producers.get(_tid(x), [])
+        src = _alive(self._producers, x) or []
         for p in src:
             self.next_bn.setdefault(p, []).append(key)
         self.bn_input[key] = src[-1] if src else copy_value(x)
@@ -145,11 +151,11 @@ class Taps:
         leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
         vals = []
         for t in leaves:
-            tid = _tid(t)
-            if tid not in self._copies:
-                self._copies[tid] = copy_value(t)
-                self._keep.append(t)  # alive until the run ends, so its id() is not reused
-            vals.append(self._copies[tid])
+            value = _alive(self._copies, t)
+            if value is None:
+                value = copy_value(t)
+                self._copies[_tid(t)] = (weakref.ref(t), value)
+            vals.append(value)
         self.values[key] = vals
         self.window[key] = (self._start.pop(key, len(self.order)), len(self.order))
         self.order.append(key)
@@ -157,8 +163,10 @@ class Taps:
             for t in leaves:
                 self.mark(t, frozenset([key]), True)
         if self.full and len(leaves) == 1:
-            tid = _tid(leaves[0])
-            earlier = self._producers.setdefault(tid, [])
+            earlier = _alive(self._producers, leaves[0])
+            if earlier is None:
+                earlier = []
+                self._producers[_tid(leaves[0])] = (weakref.ref(leaves[0]), earlier)
             if not bn:
                 first_bn = next((k for k in earlier if k in self.bn_input), None)
                 if first_bn is not None:
@@ -196,19 +204,15 @@ class Taps:
                 h.remove()
             self._producers.clear()
             self._copies.clear()
-            self._keep.clear()
             self._made_by.clear()
 
     def mark(self, t: torch.Tensor, sources: frozenset, direct: bool) -> None:
-        """Remember which calls `t` was computed from (weakly: a freed tensor's id may be reused)."""
-        self._made_by[_tid(t)] = (weakref.ref(t), sources, direct)
+        """Remember which calls `t` was computed from."""
+        self._made_by[_tid(t)] = (weakref.ref(t), (sources, direct))
 
     def lineage(self, t: torch.Tensor) -> tuple[frozenset, bool]:
         """(the calls `t` was computed from, whether it is one call's output as is); unknown: (empty, False)."""
-        hit = self._made_by.get(_tid(t))
-        if hit is None or hit[0]() is not t:
-            return frozenset(), False
-        return hit[1], hit[2]
+        return _alive(self._made_by, t) or (frozenset(), False)
 
     # -- reading -----------------------------------------------------------------------------------
     def name_of(self, key: Key) -> str:
