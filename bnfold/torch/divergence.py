@@ -49,7 +49,7 @@ class Intermediates:
         self.tally: dict[tuple[Key, Target], dict[str, Any]] = {}
         self.uncompared: dict[str, str] = {}
         self.folded_into: dict[Key, list[str]] = {}
-        self.calls: list[Key] = []  # every call of the original's first run, compared or not
+        self.calls: list[Key] = []  # every call of the original, compared or not, in the order first seen
         self.sources: dict[Key, set[Key]] = {}
         self.direct: set[Key] = set()
         self.inside: dict[Key, list[Key]] = {}
@@ -58,13 +58,18 @@ class Intermediates:
 
     # -- one batch ---------------------------------------------------------------------------------
     def add(self, ref: Taps, cand: Taps, noise: list[Taps]) -> None:
-        if not self.calls:
-            self.calls = list(ref.order)
-            for key in ref.order:
+        at = -1  # a call first made on a later batch (a branch a variant takes) joins after its predecessor
+        for key in ref.order:
+            if key in self.sources:
+                at = self.calls.index(key)
+            else:
+                at += 1
+                self.calls.insert(at, key)
                 self.sources[key] = ref.sources.get(key, set())
                 lo, hi = ref.window.get(key, (0, 0))
                 self.inside[key] = ref.order[lo:hi]
-            self.direct = set(ref.direct)
+                if key in ref.direct:
+                    self.direct.add(key)
         for key in ref.order:
             path, k = key
             if key not in self.targets:

@@ -261,3 +261,29 @@ def test_a_module_called_twice_is_compared_call_by_call():
         wrong.conv.weight.mul_(1.0005)
     ver = bnfold.check(original, wrong, example_inputs=(X,))
     assert ver.verdict == "failed" and ver.first_divergence["layer"] == "conv", ver.to_dict()
+
+
+def test_a_masked_error_on_a_branch_only_a_variant_takes_fails():
+    """The example input takes branch a; only its negated variant runs branch b, whose damaged conv a ReLU
+    hides from the outputs: still a failed check, naming b's conv."""
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+            self.bn, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x) if x.sum() > 0 else self.b(x)
+            return self.head(torch.relu(self.bn(y)))
+
+    torch.manual_seed(0)
+    original = _randomize(Branchy(), 2)
+    with torch.no_grad():
+        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    candidate = copy.deepcopy(original)
+    with torch.no_grad():
+        candidate.b.bias[DEAD] += 0.25
+    x = X.abs()
+    _assert_masked(original, candidate)
+    ver = bnfold.check(original, candidate, example_inputs=(x,))
+    assert ver.verdict == "failed" and ver.first_divergence["layer"] == "b", ver.to_dict()
