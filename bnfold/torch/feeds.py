@@ -99,7 +99,6 @@ def batches(model: Any, ex: tuple, opts: Options) -> tuple[list[tuple], dict[str
         saved = inp.npz_batches(inp.load_npz(opts.inputs_npz))
         if len(saved) > 1:
             runs = [_from_arrays(model, b, names, ex, opts.inputs_npz, k) for k, b in enumerate(saved)]
-            runs[0] = tuple(ex)
     note = (f"{len(runs)} batches from the file, run as they are" if runs is not None else
             f"also run on 2 variants: {VARIANTS[0]}, and {VARIANTS[1]} (seed {opts.seed + 7919})")
     if runs is None:

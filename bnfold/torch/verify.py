@@ -337,8 +337,10 @@ class _Job:
         if not passed and ver.first_divergence is None:
             worst = max((k for k in judged if judged[k].get("verdict") == "failed"),
                         key=lambda k: judged[k].get("max_abs", 0) / (judged[k].get("atol") or 1e-300))
-            ver.first_divergence = {"layer": None, "module": "model output", "output": worst, "device": dev,
-                                    "max_abs": judged[worst].get("max_abs"), "atol": judged[worst].get("atol")}
+            ver.first_divergence = {"layer": None, "module": None, "output": worst, "device": dev,
+                                    "max_abs": judged[worst].get("max_abs"), "atol": judged[worst].get("atol"),
+                                    "why": f"no module output both models compute diverges; the model output "
+                                           f"{worst!r} does"}
         return ProviderResult(f"torch-{dev}", ran=True, passed=passed, outputs=judged, notes=notes)
 
 
