@@ -51,11 +51,15 @@ def _traced_into(m: nn.Module) -> bool:
 
 
 def _plain(m: nn.Module) -> tuple:
-    """A module's plain attributes (numbers, strings, tuples of them): what its code may read besides
-    tensors and submodules."""
+    """What a module's code may read besides tensors and submodules: its plain attributes (numbers,
+    strings, tuples of them), functions set on the instance (a replaced forward) and its hooks."""
     ok = (bool, int, float, str, type(None))
-    return tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, ok) or (
-        isinstance(v, tuple) and all(isinstance(e, ok) for e in v))))
+    own = [(k, v) for k, v in vars(m).items() if isinstance(v, ok) or (
+        isinstance(v, tuple) and all(isinstance(e, ok) for e in v))]
+    own += [(k, id(getattr(v, "__func__", v))) for k, v in vars(m).items() if callable(v) and not isinstance(v, nn.Module)]
+    hooks = [(k, tuple(id(h) for h in d.values())) for k in ("_forward_hooks", "_forward_pre_hooks")
+             if isinstance(d := getattr(m, k, None), dict)]
+    return tuple(sorted(own, key=repr)) + tuple(hooks)
 
 
 def copy_value(t: torch.Tensor) -> np.ndarray:

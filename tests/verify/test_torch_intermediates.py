@@ -287,3 +287,35 @@ def test_a_masked_error_on_a_branch_only_a_variant_takes_fails():
     _assert_masked(original, candidate)
     ver = bnfold.check(original, candidate, example_inputs=(x,))
     assert ver.verdict == "failed" and ver.first_divergence["layer"] == "b", ver.to_dict()
+
+
+@pytest.mark.parametrize("how", ["forward", "hook"])
+def test_a_replaced_forward_or_an_added_hook_is_not_excused(how):
+    """Same class, no tensors, inputs agree: still another function when the instance's forward was
+    replaced or a hook changes its output."""
+    class Gate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2.0
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.gate, self.head = Gate(), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.gate(self.bn(self.conv(x)))))
+
+    torch.manual_seed(0)
+    original = _randomize(Net(), 3)
+    with torch.no_grad():
+        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    candidate = copy.deepcopy(original)
+    bump = lambda y: y + 0.1 * (torch.arange(8) == DEAD).float().reshape(1, -1, 1, 1)  # noqa: E731
+    if how == "forward":
+        candidate.gate.forward = lambda x: bump(x * 2.0)
+    else:
+        candidate.gate.register_forward_hook(lambda mod, args, out: bump(out))
+    _assert_masked(original, candidate)
+    ver = bnfold.check(original, candidate, example_inputs=(X,))
+    assert ver.verdict == "failed" and ver.first_divergence["layer"] == "gate", ver.to_dict()
