@@ -170,7 +170,8 @@ def _judge(ref: np.ndarray, new: np.ndarray, mag: np.ndarray, witness: np.ndarra
     fine = np.isfinite(w) & np.isfinite(ref)
     # the original ran in its own precision: a bfloat16 layer's output alone is off by 2**-8 of itself
     faithful = max(FAITHFUL, WITNESS_ULPS * u)
-    if np.any(np.abs(np.where(fine, ref - w, 0.0)) > faithful * (np.where(fine, mag, 0.0) + np.abs(np.where(fine, ref, 0.0)))):
+    scale = np.where(fine, mag, 0.0) + np.abs(np.where(fine, ref, 0.0))
+    if np.any(np.abs(np.where(fine, ref - w, 0.0)) > faithful * scale):
         return {"not_run": "the float64 replay of the original region disagrees with the original's own run of it"}
     if ref.shape != new.shape or mag.shape != new.shape:
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "ratio": float("inf"), "how": HOW,
@@ -206,7 +207,8 @@ def _layer(mod: nn.Module, args: tuple, kwargs: dict) -> Layer | str:
     """The call of `mod` captured with (args, kwargs) as a Layer, or why it cannot be replayed."""
     kind = module_kind(mod)
     if kind in ("conv", "convT", "linear"):
-        tensors = [mod.weight.detach(), None if mod.bias is None else mod.bias.detach()]  # a weight-normed weight is computed
+        # as the module computes with them: a weight-normed weight is computed from its parametrization
+        tensors = [mod.weight.detach(), None if mod.bias is None else mod.bias.detach()]
         x = args[0] if args else kwargs.get("input")
         if kind == "linear":
             return Layer(x, tensors, F.linear)
