@@ -123,9 +123,9 @@ def example_inputs_for(model: Any, input_specs: Sequence[tuple[str, tuple, str]]
                        inputs_npz: str | None = None, seed: int = 0) -> tuple:
     """Example inputs from --inputs FILE.npz, --input NAME:SHAPE[:DTYPE], or an ExportedProgram's own."""
     if inputs_npz:
-        from ..verify.inputs import load_npz
-        arrays = load_npz(inputs_npz)
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in _ordered(model, arrays))
+        from ..verify.inputs import load_npz, npz_batches
+        arrays = npz_batches(load_npz(inputs_npz))[0]  # NAME@k are further batches, replayed by verification
+        return tuple(tensor_from_numpy(a) for a in _ordered(model, arrays))
     if input_specs:
         g = torch.Generator().manual_seed(seed)
         named = {}
@@ -144,6 +144,14 @@ def example_inputs_for(model: Any, input_specs: Sequence[tuple[str, tuple, str]]
         return _from_placeholders(model, seed)
     raise BnfoldError("PyTorch models need example inputs to trace and verify: pass --input NAME:SHAPE[:DTYPE] "
                       "(e.g. --input x:1x3x224x224) or --inputs FILE.npz")
+
+
+def tensor_from_numpy(a: np.ndarray) -> torch.Tensor:
+    """An .npz array as a tensor; bfloat16, which .npz stores as 2-byte void, comes back as bfloat16."""
+    if a.dtype.name == "bfloat16" or (a.dtype.kind == "V" and a.dtype.itemsize == 2):
+        import ml_dtypes
+        return torch.from_numpy(a.view(ml_dtypes.bfloat16).astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _program_dtypes(model: Any) -> dict[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -85,8 +85,10 @@ def _dedupe(plans: list[rules.Plan]) -> list[rules.Plan]:
     return list(seen.values())
 
 
-def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0) -> tuple[list[Decision], dict[str, Any]]:
-    """Fold `work` in place (a private copy). Returns one Decision per BN and report info."""
+def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0,
+                exclude: Mapping[str, str] | None = None) -> tuple[list[Decision], dict[str, Any]]:
+    """Fold `work` in place (a private copy). Returns one Decision per BN and report info. A BN in
+    `exclude` (Options.exclude: its fold failed its proof) is kept, with VERIFICATION_FAILED."""
     surgery = isinstance(work, torch.fx.GraphModule)
     decided: dict[str, Decision] = {}
     info: dict[str, Any] = {}
@@ -102,6 +104,10 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0) ->
         edited: set[str] = set()  # layers changed this round: their captured parameters are stale now
         for plan in _combine(caps, work, surgery):
             if plan.name in decided and decided[plan.name].is_folded:
+                continue
+            if plan.skip is None and plan.layer is not None and (exclude or {}).get(plan.name) is not None:
+                decided[plan.name] = Decision.skipped(plan.name, Reason.VERIFICATION_FAILED,
+                                                      f"fold reverted: {exclude[plan.name]}", plan.layer.name)
                 continue
             if plan.skip is None and plan.layer is not None and _layer_key(plan.layer) in edited:
                 waiting += 1  # BN -> layer -> BN: the second fold waits for the next round's fresh capture
@@ -192,11 +198,11 @@ def fold_nn(model: nn.Module, opts: Options, ex: tuple | None) -> FoldResult:
     """Fold a copy of an nn.Module (or GraphModule); verify it against an unfolded copy."""
     t0 = time.perf_counter()
     work, info = prepare(model)
-    decisions, cap_info = fold_module(work, ex, opts.seed)
+    decisions, cap_info = fold_module(work, ex, opts.seed, opts.exclude)
     info.update(cap_info)
     t1 = time.perf_counter()
     report = Report(framework="torch", decisions=decisions, info=info, timing_s={"fold": t1 - t0})
     reference, _ = prepare(model)
-    report.verification = verify_result(reference, work, ex, opts)
+    report.verification = verify_result(reference, work, ex, opts, decisions)
     report.timing_s["verify"] = time.perf_counter() - t1
     return FoldResult(work, report)

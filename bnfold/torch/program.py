@@ -43,7 +43,7 @@ def fold_exported(ep: torch.export.ExportedProgram, opts: Options, example_input
     ex = example_inputs if example_inputs is not None else example_inputs_for(ep, seed=seed)
     _check_static_shapes(ep, ex)
     gm = copy_program(ep).module()  # .module() shares the program's tensors; the input stays untouched
-    decisions, info = fold_module(gm, ex, seed)
+    decisions, info = fold_module(gm, ex, seed, opts.exclude)
     args, kwargs = split_inputs(ep, ex)
     try:
         with quiet():
@@ -54,7 +54,7 @@ def fold_exported(ep: torch.export.ExportedProgram, opts: Options, example_input
     t1 = time.perf_counter()
     info["capture"] = "export-program"
     report = Report(framework="torch", decisions=decisions, info=info, timing_s={"fold": t1 - t0})
-    report.verification = verify_result(ep, new_ep, ex, opts)
+    report.verification = verify_result(ep, new_ep, ex, opts, decisions)
     report.timing_s["verify"] = time.perf_counter() - t1
     return FoldResult(new_ep, report)
 

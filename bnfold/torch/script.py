@@ -321,6 +321,10 @@ def fold_script(sm: Any, opts: Options, example_inputs: tuple | None) -> FoldRes
         if plan.skip is not None:
             decided[plan.name] = Decision.skipped(plan.name, plan.skip.reason, plan.skip.detail, plan.skip.producer)
             continue
+        if opts.reverted(plan.name) is not None:  # an earlier proof failed: keep this BN (self-healing)
+            decided[plan.name] = Decision.skipped(plan.name, Reason.VERIFICATION_FAILED,
+                                                  f"fold reverted: {opts.reverted(plan.name)}", plan.layer.name)
+            continue
         try:
             extra = _apply(work, plan)
         except Skip as e:
@@ -339,6 +343,6 @@ def fold_script(sm: Any, opts: Options, example_inputs: tuple | None) -> FoldRes
     t1 = time.perf_counter()
     report = Report(framework="torch", decisions=list(decided.values()), info={"capture": "torchscript", "torchscript": NOTE},
                     timing_s={"fold": t1 - t0})
-    report.verification = verify_result(sm, work, example_inputs, opts)
+    report.verification = verify_result(sm, work, example_inputs, opts, report.decisions)
     report.timing_s["verify"] = time.perf_counter() - t1
     return FoldResult(work, report)

@@ -3,23 +3,36 @@
 Same rules as the ONNX verifier (compare.judge): the reference is the unfolded original; its noise is
 measured by running the original with every floating parameter and buffer nudged one ulp
 (compare.perturb); on CUDA a second noise run toggles TF32, which PyTorch enables for convolutions by
-default. Each model runs on the example inputs and on two variants of them (negated, fresh random), so
-a branch the first input does not take is still exercised.
+default. Each model runs on the example inputs and on two variants of them (torch/feeds.py), so a
+branch the first input does not take is still exercised.
+
+Besides the outputs, every submodule output both models compute at the same module path is compared
+(torch/taps.py, torch/divergence.py): the first that diverges fails the verification even when a ReLU
+hides it from the outputs. An ExportedProgram is compared through torch.export.unflatten (its module
+paths); TorchScript submodules cannot carry hooks, so a TorchScript comparison is outputs only, and the
+report says so. When folds are given, each is proven on its own (torch/proofs.py), and a failure is
+traced back to the folds it points at: the blame self-healing acts on.
 """
 from __future__ import annotations
 
 import copy
 import io
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
+from ..core.decisions import Decision
 from ..core.errors import BnfoldError
 from ..core.options import Options
 from ..core.results import ProviderResult, Verification
 from ..verify import compare
+from . import feeds as feeds
+from . import proofs as proofs
+from .divergence import Intermediates
+from .taps import Taps
 
 DEVICES = ("cpu", "cuda")
 
@@ -117,16 +130,23 @@ def perturbed(model: Any, seed: int) -> None:
         tensors = list(model.named_parameters()) + list(model.named_buffers())
         for _, t in tensors:
             if t.is_floating_point() and t.numel():
-                t.copy_(from_numpy(compare.perturb(to_numpy(t), rng), t))
+                # a clone: numpy over the tensor's own memory would make it non-resizable (an observer
+                # resizes its min/max); from_numpy makes a 0-dim array (a ReZero gate, an observer's min_val)
+                # a (1,) tensor
+                t.copy_(from_numpy(compare.perturb(to_numpy(t.detach().clone()), rng), t).reshape(t.shape))
 
 
 def outputs(result: Any) -> dict[str, np.ndarray]:
     """Named numpy copies of every tensor in a (nested) model output."""
-    from .rules import to_numpy
+    from .taps import copy_value
     leaves = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
     if len(leaves) == 1:
-        return {"output": to_numpy(leaves[0])}
-    return {f"output.{i}": to_numpy(t) for i, t in enumerate(leaves)}
+        return {"output": copy_value(leaves[0])}
+    return {f"output.{i}": copy_value(t) for i, t in enumerate(leaves)}
+
+
+def moved(args: tuple, device: str) -> tuple:
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def run(model: Any, inputs: Sequence[tuple], device: str) -> dict[str, np.ndarray]:
@@ -134,8 +154,11 @@ def run(model: Any, inputs: Sequence[tuple], device: str) -> dict[str, np.ndarra
     runs = []
     with torch.no_grad():
         for args in inputs:
-            moved = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-            runs.append(outputs(model(*moved)))
+            runs.append(outputs(model(*moved(args, device))))
+    return concat(runs)
+
+
+def concat(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if len(runs) == 1:
         return runs[0]
     return {k: np.concatenate([np.asarray(r[k]).reshape(-1) for r in runs]) for k in runs[0]}
@@ -163,7 +186,7 @@ def tolerance_doc(atol: Any, rtol: float | None) -> dict[str, Any]:
 
 def reference_runs(original: Any, inputs: Sequence[tuple], device: str,
                    seed: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], dict[str, Any]]:
-    """(reference outputs, noise runs, notes) of the original on `device`."""
+    """(reference outputs, noise runs, notes) of the original on `device` (outputs only)."""
     ref_model = on_device(original, device)
     ref = run(as_callable(ref_model), inputs, device)
     noisy = on_device(original, device)
@@ -179,12 +202,46 @@ def reference_runs(original: Any, inputs: Sequence[tuple], device: str,
     return ref, noise, notes
 
 
+@dataclass
+class Instance:
+    """A private copy of a model on one device: what to call, and whose submodules to tap (None: none)."""
+
+    call: Any
+    root: Any
+    why_untapped: str = ""
+
+
+def instance(model: Any, device: str) -> Instance:
+    """A private copy of `model` on `device`. An ExportedProgram is unflattened, so that its submodules
+    (torch.export keeps their paths) can be tapped like an nn.Module's."""
+    if isinstance(model, torch.export.ExportedProgram):
+        private = copy_program(model)
+        if not all(t.device.type == device for t in private.state_dict.values()):
+            from torch.export.passes import move_to_device_pass
+            private = move_to_device_pass(private, device)
+        try:
+            from .quiet import quiet
+            with quiet():
+                flat = torch.export.unflatten(private)
+            return Instance(positional(private, flat), flat)
+        except Exception as e:  # noqa: BLE001 - then the program is compared by its outputs
+            why = f"torch.export.unflatten failed ({type(e).__name__}); outputs compared only"
+            return Instance(positional(private, private.module()), None, why)
+    if isinstance(model, torch.jit.ScriptModule):
+        return Instance(on_device(model, device), None, "TorchScript submodules cannot carry forward hooks, so "
+                                                        "only the outputs are compared and no fold is proven locally")
+    m = on_device(model, device)
+    return Instance(m, m)
+
+
 def verify_torch(original: Any, candidate: Any, inputs: Sequence[tuple], *, providers: Sequence[str] | None = None,
-                 atol: float | Mapping[str, float] | None = None, rtol: float | None = None,
-                 seed: int = 0) -> Verification:
-    """Compare torch model `candidate` with `original` on every requested (or available) device."""
+                 atol: float | Mapping[str, float] | None = None, rtol: float | None = None, seed: int = 0,
+                 decisions: list[Decision] | None = None, outputs_only: bool = False) -> Verification:
+    """Compare torch model `candidate` with `original` on every requested (or available) device:
+    outputs and same-path module outputs, and with `decisions`, each fold's local proof."""
     devices, explicit = requested_devices(providers)
     ver = Verification(tolerance=tolerance_doc(atol, rtol))
+    job = _Job(original, candidate, inputs, atol, rtol, seed, decisions, outputs_only)
     for dev in devices:
         key = f"torch-{dev}"
         why = cuda_why_not() if dev == "cuda" else ""
@@ -193,78 +250,113 @@ def verify_torch(original: Any, candidate: Any, inputs: Sequence[tuple], *, prov
                 raise BnfoldError(f"device cuda was requested but cannot run: {why}")
             ver.providers[key] = ProviderResult(key, ran=False, why=why)
             continue
-        ref, noise, notes = reference_runs(original, inputs, dev, seed)
-        cand = run(as_callable(on_device(candidate, dev)), inputs, dev)
-        passed, outs = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
-        ver.providers[key] = ProviderResult(key, ran=True, passed=passed, outputs=outs, notes=notes)
-        if not passed and ver.first_divergence is None:
-            ver.first_divergence = first_divergence(original, candidate, tuple(inputs[0]), dev, seed, atol, rtol)
+        ver.providers[key] = job.device(dev, ver)
+    if job.prover is not None:
+        ver.proofs, ver.blame = job.prover.finish(job.untapped)
+        for b in job.div_blame:
+            if all(b["bn"] != other["bn"] for other in ver.blame):
+                ver.blame.append(b)
     return ver
 
 
-def _module_outputs(model: Any, args: tuple, device: str) -> tuple[list[str], dict[str, dict[str, np.ndarray]]]:
-    """Every submodule's first output on `args`, by path, in call order."""
-    order: list[str] = []
-    seen: dict[str, dict[str, np.ndarray]] = {}
-    handles = []
+class _Job:
+    """One verification: per device, the three models on every batch, tapped; the proofs on the first."""
 
-    def hook(path: str) -> Any:
-        def record(mod: Any, inp: Any, out: Any) -> None:
-            if path not in seen:
-                try:
-                    seen[path] = outputs(out)
-                    order.append(path)
-                except (TypeError, RuntimeError):
-                    pass
-        return record
+    def __init__(self, original: Any, candidate: Any, inputs: Sequence[tuple], atol: Any, rtol: float | None,
+                 seed: int, decisions: list[Decision] | None, outputs_only: bool) -> None:
+        self.original, self.candidate, self.inputs = original, candidate, list(inputs)
+        self.atol, self.rtol, self.seed = atol, rtol, seed
+        self.decisions, self.outputs_only = decisions, outputs_only
+        self.prover = proofs.Prover(decisions) if decisions is not None else None
+        self.div_blame: list[dict[str, Any]] = []
+        self.untapped = ""
 
-    for path, m in model.named_modules():
-        if path:
-            handles.append(m.register_forward_hook(hook(path)))
-    try:
-        run(model, [args], device)
-    finally:
-        for h in handles:
-            h.remove()
-    return order, seen
+    def device(self, dev: str, ver: Verification) -> ProviderResult:
+        ref, cand = instance(self.original, dev), instance(self.candidate, dev)
+        noisy = instance(self.original, dev)
+        perturbed(noisy.call, self.seed)
+        notes: dict[str, Any] = {"noise_sources": ["parameters and buffers nudged one ulp"]}
+        if dev == "cuda":
+            notes["tf32"] = bool(torch.backends.cudnn.allow_tf32)
+            notes["noise_sources"].append("TF32 on vs off")
+        untapped = ref.why_untapped or cand.why_untapped or (
+            "" if ref.root is not None and cand.root is not None else "the models' submodules cannot be tapped")
+        inter = Intermediates(self.decisions, self.atol, self.rtol)
+        self.untapped = self.untapped or untapped
+        bns = {d.bn for d in self.decisions or () if d.is_folded}
+        state = {n: t.detach().clone() for n, t in ref.call.named_buffers() if t.is_floating_point()}
+        # original, candidate, noisy original (and on CUDA the original with TF32 toggled): outputs per batch
+        outs: list[list[dict[str, np.ndarray]]] = [[] for _ in range(4 if dev == "cuda" else 3)]
+        for args in self.inputs:
+            args = moved(args, dev)
+            want = self.prover.wanted if self.prover is not None and not untapped else set()
+            taps = [Taps(ref.root, full=True, capture=want, bns=bns), Taps(cand.root, capture=want),
+                    Taps(noisy.root, full=True, bns=bns)]
+            for i, (inst, tap) in enumerate(zip((ref, cand, noisy), taps)):
+                outs[i].append(outputs(tap.run(inst.call, args)))
+            if dev == "cuda":
+                taps.append(Taps(ref.root, full=True, bns=bns))
+                with _TF32(not torch.backends.cudnn.allow_tf32):
+                    outs[3].append(outputs(taps[3].run(ref.call, args)))
+            if want:
+                self.prover.step(ref.root, cand.root, taps[0], taps[1])
+            if not untapped:
+                inter.add(taps[0], taps[1], taps[2:])
+        changed = [n for n, t in ref.call.named_buffers() if n in state and not torch.equal(state[n], t)]
+        if changed:
+            notes["stateful"] = (f"running the original changed {len(changed)} of its buffers ({', '.join(changed[:3])}"
+                                 f"{', ...' if len(changed) > 3 else ''}): it updates its own state in eval mode (e.g. "
+                                 "quantization observers), so two copies agree only after the same runs")
+        ref_out, cand_out = concat(outs[0]), concat(outs[1])
+        passed, judged = compare.judge(ref_out, cand_out, [concat(o) for o in outs[2:]], atol=self.atol,
+                                       rtol=self.rtol)
+        compare.require_evidence(judged)
+        if untapped:
+            notes["intermediates"] = f"not compared: {untapped}"
+        else:
+            notes["intermediates_compared"] = inter.compared
+            if inter.uncompared:
+                notes["intermediates_not_compared"] = dict(list(inter.uncompared.items())[:10])
+        div = inter.first_divergence(dev) if not untapped else None
+        if inter.unstable:
+            notes["unstable"] = {"count": len(inter.unstable), "first": inter.unstable[:5],
+                                 "why": "module outputs that diverge only by amplified rounding (tensor-free code fed "
+                                        "with values that agree) and what is computed from them: not decisive"}
+        if div is not None and self.outputs_only and passed:
+            notes["ignored_divergence"] = div  # reported, not decisive, as asked
+            div = None
+        if div is not None:
+            if passed:
+                notes["masked_divergence"] = (
+                    "the outputs agree on these inputs, but a module's output diverges: the error is masked "
+                    "downstream (e.g. a ReLU cut the damaged channel) and shows on other inputs")
+            passed = False
+            if ver.first_divergence is None:
+                ver.first_divergence = div
+                self.div_blame = inter.blame(div)
+        if not passed and ver.first_divergence is None:
+            worst = max((k for k in judged if judged[k].get("verdict") == "failed"),
+                        key=lambda k: judged[k].get("max_abs", 0) / (judged[k].get("atol") or 1e-300))
+            ver.first_divergence = {"layer": None, "module": None, "output": worst, "device": dev,
+                                    "max_abs": judged[worst].get("max_abs"), "atol": judged[worst].get("atol"),
+                                    "why": f"no module output both models compute diverges; the model output "
+                                           f"{worst!r} does"}
+        return ProviderResult(f"torch-{dev}", ran=True, passed=passed, outputs=judged, notes=notes)
 
 
-def first_divergence(original: Any, candidate: Any, args: tuple, device: str, seed: int, atol: Any = None,
-                     rtol: float | None = None) -> dict[str, Any] | None:
-    """The earliest module (in the original's call order) whose output differs beyond tolerance.
-
-    Only modules of the same class at the same path in both models are compared, and not the layers a
-    BN may have been folded into (their outputs legitimately differ) nor the BN slots themselves.
-    """
-    import torch.nn as nn
-    from .capture import module_kind
-    if not (isinstance(original, nn.Module) and isinstance(candidate, nn.Module)) or isinstance(
-            original, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        return None
-    ref_model, cand_model, noisy = on_device(original, device), on_device(candidate, device), on_device(original, device)
-    perturbed(noisy, seed)
-    order, ref = _module_outputs(ref_model, args, device)
-    _, cand = _module_outputs(cand_model, args, device)
-    _, noise = _module_outputs(noisy, args, device)
-    cand_mods = dict(cand_model.named_modules())
-    for path in order:
-        om, cm = ref_model.get_submodule(path), cand_mods.get(path)
-        if cm is None or type(om) is not type(cm) or module_kind(om) is not None or path not in cand:
-            continue
-        ok, stats = compare.judge(ref[path], cand[path], [noise.get(path, {})], atol=atol, rtol=rtol)
-        if not ok:
-            worst = max(stats.values(), key=lambda s: s.get("max_abs", 0.0))
-            return {"layer": path, "module": type(om).__name__, "device": device,
-                    "max_abs": worst.get("max_abs"), "atol": worst.get("atol")}
-    return None
-
-
-def verify_result(original: Any, candidate: Any, ex: tuple | None, opts: Options) -> Verification:
-    """Verification of a folded torch model on the example inputs and variants, or why it was not run."""
-    from .hooks import variants
+def verify_result(original: Any, candidate: Any, ex: tuple | None, opts: Options,
+                  decisions: list[Decision] | None = None) -> Verification:
+    """Verification of a torch model against the original on the example inputs and their variants (or
+    the batches of --inputs), or why it was not run. With the fold's `decisions`, folds are proven too."""
     if not opts.verify:
         return Verification(skipped_reason="verification off")
     if ex is None:
         return Verification(skipped_reason="no example inputs: pass example_inputs (or --input) to verify")
-    return verify_torch(original, candidate, variants(ex, opts.seed), providers=opts.providers, atol=opts.atol,
-                        rtol=opts.rtol, seed=opts.seed)
+    feeds.check_savable(original, ex, opts)
+    runs, doc = feeds.batches(original, ex, opts)
+    ver = verify_torch(original, candidate, runs, providers=opts.providers, atol=opts.atol, rtol=opts.rtol,
+                       seed=opts.seed, decisions=decisions, outputs_only=opts.outputs_only)
+    ver.inputs = doc
+    if opts.save_inputs:
+        feeds.save(original, runs, opts.save_inputs)
+    return ver
