@@ -78,7 +78,7 @@ class _Positional(torch.nn.Module):
 def positional(ep: Any, module: Any) -> Any:
     """`module` (ep.module()) as is, or wrapped when the program was exported with keyword inputs."""
     spec = ep.call_spec.in_spec
-    if spec is None or spec.num_children != 2 or spec.children_specs[1].num_leaves == 0:
+    if spec is None or spec.num_children != 2 or spec.child(1).num_leaves == 0:
         return module
     return _Positional(ep, module)
 
@@ -117,7 +117,8 @@ def perturbed(model: Any, seed: int) -> None:
         tensors = list(model.named_parameters()) + list(model.named_buffers())
         for _, t in tensors:
             if t.is_floating_point() and t.numel():
-                t.copy_(from_numpy(compare.perturb(to_numpy(t), rng), t))
+                # reshape: a 0-dim tensor comes back from numpy as shape [1], which copy_ refuses
+                t.copy_(from_numpy(compare.perturb(to_numpy(t), rng), t).reshape(t.shape))
 
 
 def outputs(result: Any) -> dict[str, np.ndarray]:
