@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from ..core import kernel, layouts
 from ..core.decisions import Reason, Skip
 from . import bnlike as bnlike
-from .capture import LAYER_KINDS, Capture, Op
+from . import layout as layout
+from .ops import LAYER_KINDS, Capture, Op
+from .rewrite import without_call
 
 PATTERNS = {"conv": "Conv", "convT": "ConvTranspose", "linear": "Linear"}
 
@@ -198,32 +200,56 @@ def _check_rank(cap: Capture, root: nn.Module | None, layer: Op, value: int, wha
                                          "axis 0); the BatchNorm normalises axis 1", producer=layer.name)
 
 
+def _through_layout(cap: Capture, v: int) -> tuple[int, list[Op]]:
+    """Walk back from value `v` over layout ops: (the value they rearrange, the ops, BN side first)."""
+    chain: list[Op] = []
+    op = cap.producer(v)
+    while op is not None and op.kind == "layout" and op.inputs and len(chain) < layout.MAX_CHAIN:
+        chain.append(op)
+        v = op.inputs[0]
+        op = cap.producer(v)
+    return v, chain
+
+
 def check_after(cap: Capture, bn: Op, can_add_bias: bool, root: nn.Module | None = None) -> Op:
-    """The layer the BN can fold into, as the producer of its input."""
+    """The layer the BN can fold into, as the producer of its input (directly, or through layout ops
+    that provably keep the layer's channel axis as the BN's)."""
     v = bn.inputs[0] if bn.inputs else None
-    layer = cap.producer(v) if v is not None else None
+    if v is None:
+        raise Skip(Reason.NO_PRODUCER, "the BatchNorm's input is a model input or a constant")
+    src, chain = _through_layout(cap, v)
+    layer = cap.producer(src)
     if layer is None:
         raise Skip(Reason.NO_PRODUCER, "the BatchNorm's input is a model input or a constant")
     if layer.kind not in LAYER_KINDS:
-        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the BatchNorm's input comes from {layer.name}, not a "
+        via = f" after {'->'.join(op.name for op in reversed(chain))}" if chain else ""
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the BatchNorm's input comes from {layer.name}{via}, not a "
                                                 "Conv/ConvTranspose/Linear")
-    if v in cap.graph_outputs:
-        raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{layer.name}'s output is also a model output", producer=layer.name)
-    others = _others(cap, v, bn)
-    if others:
-        raise Skip(Reason.PRODUCER_FANOUT, f"{layer.name}'s output also feeds {', '.join(others[:3])}", producer=layer.name)
-    _check_layer(cap, layer, can_add_bias, root)
-    _check_rank(cap, root, layer, v, "output")
-    if layer.kind == "linear":
-        rank = cap.ranks.get(v)
-        if rank is None:
-            raise Skip(Reason.AXIS_MISMATCH, f"cannot prove that {layer.name}'s output features are the axis the "
-                                             "BatchNorm normalises: its output rank is unknown (no example inputs, "
-                                             "or a scripted TorchScript graph, which records no shapes)",
+    values = [src] + [op.outputs[0] for op in reversed(chain)]  # layer side first; the last is the BN input
+    for value, reader in zip(values, list(reversed(chain)) + [bn]):
+        if value in cap.graph_outputs:
+            raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{layer.name}'s output is also a model output", producer=layer.name)
+        others = _others(cap, value, reader)
+        if others:
+            raise Skip(Reason.PRODUCER_FANOUT, f"{layer.name}'s output also feeds {', '.join(others[:3])}",
                        producer=layer.name)
-        if rank != 2:
-            raise Skip(Reason.AXIS_MISMATCH, f"{layer.name} produces a {rank}-D tensor with features on the last "
-                                             "axis; the BatchNorm normalises axis 1", producer=layer.name)
+    _check_layer(cap, layer, can_add_bias, root)
+    _check_rank(cap, root, layer, src, "output")
+    rank = cap.ranks.get(src)
+    if layer.kind == "linear" and rank is None:
+        raise Skip(Reason.AXIS_MISMATCH, f"cannot prove that {layer.name}'s output features are the axis the "
+                                         "BatchNorm normalises: its output rank is unknown (no example inputs, "
+                                         "or a scripted TorchScript graph, which records no shapes)",
+                   producer=layer.name)
+    start = rank - 1 if layer.kind == "linear" else 1
+    axis = start
+    for op in reversed(chain):
+        axis = layout.moved_axis(op.name, op.attrs, axis)
+    if axis != 1:
+        where = f"on axis {start} of its {rank}-D output" + (
+            f", axis {axis} after {'->'.join(op.name for op in reversed(chain))}" if chain else "")
+        raise Skip(Reason.AXIS_MISMATCH, f"{layer.name} puts its channels {where}; the BatchNorm normalises axis 1",
+                   producer=layer.name)
     return layer
 
 
@@ -327,22 +353,7 @@ def identity_var(var: torch.Tensor, eps: float) -> torch.Tensor:
     raise Skip(Reason.UNSUPPORTED_BN_MODE, f"this batch_norm call cannot be made an exact identity (eps={eps:g}, {var.dtype})")
 
 
-def _identity_stats(root: nn.Module, bn: Op) -> Callable[[], None]:
-    """A writer that turns a functional batch_norm into an exact identity."""
-    var = get_tensor(root, bn.params["running_var"])
-    vv = identity_var(var, bn.attrs["eps"])
-
-    def write() -> None:
-        set_tensor(root, bn.params["running_mean"], torch.zeros_like(var))
-        set_tensor(root, bn.params["running_var"], vv)
-        if bn.params.get("weight"):
-            set_tensor(root, bn.params["weight"], torch.ones_like(get_tensor(root, bn.params["weight"])))
-        if bn.params.get("bias"):
-            set_tensor(root, bn.params["bias"], torch.zeros_like(get_tensor(root, bn.params["bias"])))
-    return write
-
-
-def _removal(root: nn.Module, bn: Op, surgery: bool) -> tuple[Callable[[], None], str | None]:
+def _removal(root: nn.Module, bn: Op, surgery: bool) -> Callable[[], None]:
     if surgery and bn.node is not None:
         node = bn.node
 
@@ -350,14 +361,14 @@ def _removal(root: nn.Module, bn: Op, surgery: bool) -> tuple[Callable[[], None]
             src = bn.attrs.get("region_input")  # a frozen BN traced into: its output stands for the call
             node.replace_all_uses_with(src if src is not None else node.args[0] if node.args else node.kwargs["input"])
             node.graph.erase_node(node)
-        return erase, None
+        return erase
     if bn.module is not None:
         parent_path, _, attr = bn.module.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
         if not bn.module:
             raise Skip(Reason.UNSUPPORTED_BN_MODE, "the model itself is the BatchNorm")
-        return (lambda: setattr(parent, attr, nn.Identity())), None
-    return _identity_stats(root, bn), "F.batch_norm call kept with identity statistics (it is in the model's code)"
+        return lambda: setattr(parent, attr, nn.Identity())
+    return without_call(root, bn)
 
 
 def _add_bias(root: nn.Module, layer: Op, bias: torch.Tensor, surgery: bool) -> None:
@@ -416,7 +427,9 @@ def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
     res = fold(to_numpy(w), to_numpy(b) if b is not None else None, s, t, layer_layout(layer))
     new_w = from_numpy(res.weight, w)
     new_b = from_numpy(res.bias, b if b is not None else w)
-    remove, note = _removal(root, bn, surgery)
+    remove, note = _removal(root, bn, surgery), None
+    if bn.module is None and not surgery:
+        note = f"{bn.attrs['owner']} calls batch_norm in its own forward: replaced by a traced copy without the call"
     if layer.attrs.get("clone"):
         _clone_layer(root, layer, plan.name)
         note = f"{layer.name} is shared, so this call site got its own copy"

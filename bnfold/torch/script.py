@@ -23,7 +23,7 @@ from ..core.options import Options
 from ..core.results import FoldResult, Report
 from . import bnlike as bnlike
 from . import rules as rules
-from .capture import Capture, Op
+from .ops import Capture, Op
 from .verify import verify_result
 
 LEAF = {"Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "ConvTranspose1d": "convT",
