@@ -25,6 +25,7 @@ from ..core.errors import BnfoldError
 from ..core.options import Options
 from ..core.results import FoldResult, Report
 from . import bnlike as bnlike
+from . import rewrite as rewrite
 from . import rules as rules
 from .capture import Capture, capture_export, capture_fx
 from .hooks import capture_runs
@@ -111,11 +112,11 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0) ->
                 decided[plan.name] = Decision.skipped(plan.name, s.reason, s.detail, s.producer)
                 continue
             try:
-                extra = rules.apply(work, plan, surgery)
+                extra = rewrite.apply(work, plan, surgery)
             except Skip as e:
                 decided[plan.name] = Decision.skipped(plan.name, e.reason, e.detail, plan.layer.name if plan.layer else None)
                 continue
-            decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rules.pattern(plan), plan.direction, **extra)
+            decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rewrite.pattern(plan), plan.direction, **extra)
             edited.add(_layer_key(plan.layer))
             new += 1
         if surgery:

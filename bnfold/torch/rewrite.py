@@ -1,13 +1,15 @@
-"""Remove a batch_norm call from the code of the module that makes it.
+"""The edits that fold a BN into a PyTorch model (rules.py decides which).
 
-A BN module of torch.nn is replaced by nn.Identity when it folds. A module whose own forward calls
-`F.batch_norm` and then does more (timm's BatchNormAct2d: drop + activation; a user's BN+act block)
-cannot be: its other work must stay. It is replaced, locally, by an fx-traced copy of just that module
-in which the call is gone: every submodule stays one call of the very same module object, so the copy
-computes what the module did minus the normalisation. The model's root class and every other module
-are left as they are. Code fx cannot trace alone (a branch on the input's values), a call in the root
-model's own forward, or a module with hooks is not rewritten: that BN is skipped, saying why, since a
-folded BN must not run.
+Math (kernel.py): after a layer W' = W * s[out], b' = s*b + t; before one W' = W * s[in], b' = b + W.t.
+The layer gets new parameters (fresh Parameters: the old tensor may be shared) and the BN goes: a
+torch.nn BN module becomes nn.Identity; a node of an editable graph (GraphModule, torch.export
+program) is erased; and a module whose own forward calls `F.batch_norm` and then does more (timm's
+BatchNormAct2d: drop + activation; a user's BN+act block) is replaced, locally, by an fx-traced copy
+of just that module in which the call is gone. Every submodule of that copy is the very same module
+object, so it computes what the module did minus the normalisation; the model's root class and every
+other module stay as they are. Code fx cannot trace alone (a branch on the input's values), a call in
+the root model's own forward, or a module with hooks is not rewritten: that BN is skipped, saying why,
+since a folded BN must not run.
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from ..core import kernel, layouts
 from ..core.decisions import Reason, Skip
 from .capture import shadow
 from .ops import Op, arg, functional_kind
+from .rules import PATTERNS, Plan, from_numpy, get_tensor, scale_shift, set_tensor, to_numpy
 
 
 class OwnCode(torch.fx.Tracer):
@@ -90,3 +95,131 @@ def without_call(root: nn.Module, bn: Op) -> Callable[[], None]:
         new.train(owner.training)
         setattr(parent, attr, new)
     return write
+
+
+# Rewrite -----------------------------------------------------------------------------------------
+
+def layer_layout(layer: Op) -> layouts.Layout:
+    g = int(layer.attrs.get("groups", 1))
+    if layer.kind == "conv":
+        return layouts.conv(g)
+    if layer.kind == "convT":
+        return layouts.conv_transpose(g)
+    return layouts.linear()
+
+
+def identity_var(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """A running_var that makes batch_norm with mean 0, weight 1, bias 0 an exact identity, found by
+    running it (the kernel's own arithmetic decides); Skip(UNSUPPORTED_BN_MODE) if none exists."""
+    c = var.numel()
+    probe = torch.randn(3, c, generator=torch.Generator().manual_seed(0)).to(var.dtype)
+    zeros = torch.zeros(c, dtype=var.dtype)
+    ones = torch.ones(c, dtype=var.dtype)
+    base = torch.tensor(1.0 - eps, dtype=var.dtype)
+    cands = [base]
+    for direction in (2.0, 0.0):
+        x = base
+        for _ in range(4):
+            x = torch.nextafter(x, torch.tensor(direction, dtype=var.dtype))
+            cands.append(x)
+    for v in cands:
+        vv = v.expand(c).clone()
+        if torch.equal(F.batch_norm(probe, zeros, vv, ones, zeros, False, 0.0, eps), probe):
+            return vv.to(var.device)
+    raise Skip(Reason.UNSUPPORTED_BN_MODE, f"this batch_norm call cannot be made an exact identity (eps={eps:g}, {var.dtype})")
+
+
+def _removal(root: nn.Module, bn: Op, surgery: bool) -> Callable[[], None]:
+    if surgery and bn.node is not None:
+        node = bn.node
+
+        def erase() -> None:
+            src = bn.attrs.get("region_input")  # a frozen BN traced into: its output stands for the call
+            node.replace_all_uses_with(src if src is not None else node.args[0] if node.args else node.kwargs["input"])
+            node.graph.erase_node(node)
+        return erase
+    if bn.module is not None:
+        parent_path, _, attr = bn.module.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        if not bn.module:
+            raise Skip(Reason.UNSUPPORTED_BN_MODE, "the model itself is the BatchNorm")
+        return lambda: setattr(parent, attr, nn.Identity())
+    return without_call(root, bn)
+
+
+def _add_bias(root: nn.Module, layer: Op, bias: torch.Tensor, surgery: bool) -> None:
+    home = layer.module if layer.module is not None else layer.attrs.get("bias_home", ".").rpartition(".")[0] or None
+    if home is not None:
+        mod = root.get_submodule(home)
+        mod.bias = nn.Parameter(bias, requires_grad=mod.weight.requires_grad)
+        return
+    assert surgery and layer.node is not None
+    name = layer.params["weight"].replace(".", "_") + "_bnfold_bias"
+    root.register_parameter(name, nn.Parameter(bias, requires_grad=False))
+    node = layer.node
+    with node.graph.inserting_before(node):
+        getter = node.graph.get_attr(name)
+    if "bias" in node.kwargs:
+        node.update_kwarg("bias", getter)
+    elif len(node.args) > 2:
+        node.update_arg(2, getter)
+    else:
+        node.args = tuple(node.args) + (getter,)
+
+
+def _clone_layer(root: nn.Module, layer: Op, bn: str) -> None:
+    """Point this call site (an fx node) at a private copy of a shared layer or its parameters."""
+    import copy
+    node = layer.node
+    tag = "_bnfold_" + bn.replace(".", "_")
+    if node.op == "call_module":
+        new = node.target.replace(".", "_") + tag
+        root.add_submodule(new, copy.deepcopy(root.get_submodule(node.target)))
+        node.target = new
+        layer.module = new
+        layer.params = {k: (f"{new}.{k}" if v else None) for k, v in layer.params.items()}
+        layer.name = new
+        return
+    for role, path in list(layer.params.items()):
+        if not path:
+            continue
+        new = path.replace(".", "_") + tag
+        root.register_parameter(new, nn.Parameter(get_tensor(root, path).detach().clone(), requires_grad=False))
+        with node.graph.inserting_before(node):
+            getter = node.graph.get_attr(new)
+        old = next(a for a in node.all_input_nodes if a.op == "get_attr" and a.target == path)
+        node.replace_input_with(old, getter)
+        layer.params[role] = new
+    layer.name = layer.params["weight"] or layer.name
+
+
+def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
+    """Fold `plan` into `root` (all values computed first, so a Skip leaves `root` untouched)."""
+    bn, layer = plan.bn, plan.layer
+    assert layer is not None
+    s, t = scale_shift(root, bn)
+    w = get_tensor(root, layer.params["weight"])
+    b = get_tensor(root, layer.params["bias"]) if layer.params.get("bias") else None
+    fold = kernel.fold_after if plan.direction == "after" else kernel.fold_before
+    res = fold(to_numpy(w), to_numpy(b) if b is not None else None, s, t, layer_layout(layer))
+    new_w = from_numpy(res.weight, w)
+    new_b = from_numpy(res.bias, b if b is not None else w)
+    remove, note = _removal(root, bn, surgery), None
+    if bn.module is None and not surgery:
+        note = f"{bn.attrs['owner']} calls batch_norm in its own forward: replaced by a traced copy without the call"
+    if layer.attrs.get("clone"):
+        _clone_layer(root, layer, plan.name)
+        note = f"{layer.name} is shared, so this call site got its own copy"
+    set_tensor(root, layer.params["weight"], new_w)
+    if b is not None:
+        set_tensor(root, layer.params["bias"], new_b)
+    else:
+        _add_bias(root, layer, new_b, surgery)
+    remove()
+    return {"note": note} if note else {}
+
+
+def pattern(plan: Plan) -> str:
+    assert plan.layer is not None
+    kind = PATTERNS[plan.layer.kind]
+    return f"{kind}->BN" if plan.direction == "after" else f"BN->{kind}"

@@ -1,30 +1,28 @@
-"""Check and rewrite for PyTorch: which BN may fold into which layer, and the edit that does it.
+"""Checks for PyTorch: which BN may fold into which layer (rewrite.py makes the edit).
 
-Math (kernel.py): after a layer W' = W * s[out], b' = s*b + t; before one W' = W * s[in],
-b' = b + W.t. A BN folds *after* the layer that produces its input when that output feeds nothing
-else; otherwise *before* the single layer it feeds, when that layer reads no zero padding. The rewrite
-sets new parameters on the layer (a fresh Parameter: the old tensor may be shared) and removes the BN:
-nn.Identity in place of a BN module, the node erased from a GraphModule, or, for an `F.batch_norm`
-call written in user code, statistics that make that call an exact identity. In an editable graph
-(GraphModule, torch.export program) a layer shared by several call sites is cloned for the one that
-gets the BN; in a user's module it cannot be, and the BN is skipped with SHARED_PRODUCER.
+A BN folds *after* the layer that produces its input when that output feeds nothing else (directly,
+or through layout ops that keep the layer's channel axis as the BN's, layout.py); otherwise *before*
+the single layer it feeds, when that layer reads no zero padding. Uses are value reads: metadata
+reads do not count (reads.py). In an editable graph (GraphModule, torch.export program) a layer
+shared by several call sites is cloned for the one that gets the BN; in a user's module it cannot be,
+and the BN is skipped with SHARED_PRODUCER.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..core import kernel, layouts
+from ..core import kernel
 from ..core.decisions import Reason, Skip
 from . import bnlike as bnlike
 from . import layout as layout
 from .ops import LAYER_KINDS, Capture, Op
-from .rewrite import without_call
 
 PATTERNS = {"conv": "Conv", "convT": "ConvTranspose", "linear": "Linear"}
 
@@ -181,8 +179,47 @@ def _check_layer(cap: Capture, layer: Op, can_add_bias: bool, root: nn.Module | 
         if p and cap.param_uses[p] > 1:
             raise Skip(Reason.SHARED_PRODUCER, f"{layer.name}'s {role} {p} is also used elsewhere", producer=layer.name)
     if layer.params.get("bias") is None and layer.module is None and not can_add_bias:
-        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{layer.name} is a functional call without a bias argument, so "
-                                                "there is nowhere to put the BatchNorm's shift", producer=layer.name)
+        home = bias_home(root, layer)
+        if home is None:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{layer.name} is a functional call without a bias argument, so "
+                                                    "there is nowhere to put the BatchNorm's shift", producer=layer.name)
+        layer.attrs["bias_home"] = home
+
+
+def bias_home(root: nn.Module | None, layer: Op) -> str | None:
+    """For a bias-free functional conv/linear call made by the forward of a Conv/Linear subclass on its
+    own weight (timm's Conv2dSame pads, then calls F.conv2d with self.bias): the module path whose
+    `bias`, once set, that forward adds to its output. Proven by running a copy with and without a
+    random bias; None when it does not add exactly that."""
+    owner_path = layer.attrs.get("owner")
+    m = bnlike.submodule(root, owner_path) if owner_path else None
+    if not isinstance(m, (_ConvNd, nn.Linear)) or m.bias is not None or layer.params.get("weight") != (
+            f"{owner_path}.weight"):
+        return None
+    g = torch.Generator().manual_seed(0)
+    w = m.weight
+    if isinstance(m, nn.Linear):
+        shape, view = (2, m.in_features), (1, -1)
+    else:
+        span = [d * (k - 1) + 1 for d, k in zip(m.dilation, m.kernel_size)]
+        shape, view = (2, m.in_channels, *[s + 4 for s in span]), (1, -1) + (1,) * len(span)
+    x = torch.randn(shape, generator=g).to(dtype=w.dtype, device=w.device)
+    b = (torch.randn(w.shape[1] * m.groups if isinstance(m, _ConvTransposeNd) else w.shape[0], generator=g) + 0.5)
+    probe = copy.deepcopy(m).eval()
+    try:
+        with torch.no_grad():
+            y0 = probe(x)
+            probe.bias = nn.Parameter(b.to(dtype=w.dtype, device=w.device))
+            y1 = probe(x)
+    except Exception:  # noqa: BLE001 - a forward that refuses the probe proves nothing
+        return None
+    want = b.to(torch.float64).reshape(view)
+    err = ((y1.double() - y0.double()) - want).abs()
+    ulp = torch.finfo(w.dtype).eps if w.is_floating_point() else 0.0
+    # the backend may sum a bias in another order than it adds one after: allow rounding of the whole output
+    scale = float(y0.double().abs().max()) + float(want.abs().max())
+    ok = y1.shape == y0.shape and bool((err <= 64 * ulp * scale).all())
+    return f"{owner_path}.bias" if ok else None
 
 
 def _others(cap: Capture, value: int, but: Op) -> list[str]:
@@ -319,130 +356,3 @@ def decide(cap: Capture, root: nn.Module, can_add_bias: bool) -> list[Plan]:
                 chosen = before if before.producer and not after.producer else after
                 plans.append(Plan(name, bn, skip=chosen))
     return plans
-
-
-# Rewrite -----------------------------------------------------------------------------------------
-
-def layer_layout(layer: Op) -> layouts.Layout:
-    g = int(layer.attrs.get("groups", 1))
-    if layer.kind == "conv":
-        return layouts.conv(g)
-    if layer.kind == "convT":
-        return layouts.conv_transpose(g)
-    return layouts.linear()
-
-
-def identity_var(var: torch.Tensor, eps: float) -> torch.Tensor:
-    """A running_var that makes batch_norm with mean 0, weight 1, bias 0 an exact identity, found by
-    running it (the kernel's own arithmetic decides); Skip(UNSUPPORTED_BN_MODE) if none exists."""
-    c = var.numel()
-    probe = torch.randn(3, c, generator=torch.Generator().manual_seed(0)).to(var.dtype)
-    zeros = torch.zeros(c, dtype=var.dtype)
-    ones = torch.ones(c, dtype=var.dtype)
-    base = torch.tensor(1.0 - eps, dtype=var.dtype)
-    cands = [base]
-    for direction in (2.0, 0.0):
-        x = base
-        for _ in range(4):
-            x = torch.nextafter(x, torch.tensor(direction, dtype=var.dtype))
-            cands.append(x)
-    for v in cands:
-        vv = v.expand(c).clone()
-        if torch.equal(F.batch_norm(probe, zeros, vv, ones, zeros, False, 0.0, eps), probe):
-            return vv.to(var.device)
-    raise Skip(Reason.UNSUPPORTED_BN_MODE, f"this batch_norm call cannot be made an exact identity (eps={eps:g}, {var.dtype})")
-
-
-def _removal(root: nn.Module, bn: Op, surgery: bool) -> Callable[[], None]:
-    if surgery and bn.node is not None:
-        node = bn.node
-
-        def erase() -> None:
-            src = bn.attrs.get("region_input")  # a frozen BN traced into: its output stands for the call
-            node.replace_all_uses_with(src if src is not None else node.args[0] if node.args else node.kwargs["input"])
-            node.graph.erase_node(node)
-        return erase
-    if bn.module is not None:
-        parent_path, _, attr = bn.module.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        if not bn.module:
-            raise Skip(Reason.UNSUPPORTED_BN_MODE, "the model itself is the BatchNorm")
-        return lambda: setattr(parent, attr, nn.Identity())
-    return without_call(root, bn)
-
-
-def _add_bias(root: nn.Module, layer: Op, bias: torch.Tensor, surgery: bool) -> None:
-    if layer.module is not None:
-        mod = root.get_submodule(layer.module)
-        mod.bias = nn.Parameter(bias, requires_grad=mod.weight.requires_grad)
-        return
-    assert surgery and layer.node is not None
-    name = layer.params["weight"].replace(".", "_") + "_bnfold_bias"
-    root.register_parameter(name, nn.Parameter(bias, requires_grad=False))
-    node = layer.node
-    with node.graph.inserting_before(node):
-        getter = node.graph.get_attr(name)
-    if "bias" in node.kwargs:
-        node.update_kwarg("bias", getter)
-    elif len(node.args) > 2:
-        node.update_arg(2, getter)
-    else:
-        node.args = tuple(node.args) + (getter,)
-
-
-def _clone_layer(root: nn.Module, layer: Op, bn: str) -> None:
-    """Point this call site (an fx node) at a private copy of a shared layer or its parameters."""
-    import copy
-    node = layer.node
-    tag = "_bnfold_" + bn.replace(".", "_")
-    if node.op == "call_module":
-        new = node.target.replace(".", "_") + tag
-        root.add_submodule(new, copy.deepcopy(root.get_submodule(node.target)))
-        node.target = new
-        layer.module = new
-        layer.params = {k: (f"{new}.{k}" if v else None) for k, v in layer.params.items()}
-        layer.name = new
-        return
-    for role, path in list(layer.params.items()):
-        if not path:
-            continue
-        new = path.replace(".", "_") + tag
-        root.register_parameter(new, nn.Parameter(get_tensor(root, path).detach().clone(), requires_grad=False))
-        with node.graph.inserting_before(node):
-            getter = node.graph.get_attr(new)
-        old = next(a for a in node.all_input_nodes if a.op == "get_attr" and a.target == path)
-        node.replace_input_with(old, getter)
-        layer.params[role] = new
-    layer.name = layer.params["weight"] or layer.name
-
-
-def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
-    """Fold `plan` into `root` (all values computed first, so a Skip leaves `root` untouched)."""
-    bn, layer = plan.bn, plan.layer
-    assert layer is not None
-    s, t = scale_shift(root, bn)
-    w = get_tensor(root, layer.params["weight"])
-    b = get_tensor(root, layer.params["bias"]) if layer.params.get("bias") else None
-    fold = kernel.fold_after if plan.direction == "after" else kernel.fold_before
-    res = fold(to_numpy(w), to_numpy(b) if b is not None else None, s, t, layer_layout(layer))
-    new_w = from_numpy(res.weight, w)
-    new_b = from_numpy(res.bias, b if b is not None else w)
-    remove, note = _removal(root, bn, surgery), None
-    if bn.module is None and not surgery:
-        note = f"{bn.attrs['owner']} calls batch_norm in its own forward: replaced by a traced copy without the call"
-    if layer.attrs.get("clone"):
-        _clone_layer(root, layer, plan.name)
-        note = f"{layer.name} is shared, so this call site got its own copy"
-    set_tensor(root, layer.params["weight"], new_w)
-    if b is not None:
-        set_tensor(root, layer.params["bias"], new_b)
-    else:
-        _add_bias(root, layer, new_b, surgery)
-    remove()
-    return {"note": note} if note else {}
-
-
-def pattern(plan: Plan) -> str:
-    assert plan.layer is not None
-    kind = PATTERNS[plan.layer.kind]
-    return f"{kind}->BN" if plan.direction == "after" else f"BN->{kind}"
