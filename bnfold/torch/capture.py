@@ -28,6 +28,7 @@ from . import bnlike as bnlike
 from . import layout as layout
 from .ops import (LAYER_KINDS, Capture, Op, arg, functional_kind, functional_op, module_kind, module_op,
                   tuple_bn)
+from .quiet import quiet
 from .reads import call_name, node_value_inputs
 
 __all__ = ["LAYER_KINDS", "Capture", "Op", "LeafTracer", "capture_fx", "capture_export", "graph_capture",
@@ -82,7 +83,8 @@ def capture_fx(root: nn.Module, example_inputs: tuple | None) -> Capture:
 
 def capture_export(root: nn.Module, example_inputs: tuple) -> Capture:
     """Capture with torch.export; ops carry the original model's parameter and module paths."""
-    ep = torch.export.export(shadow(root), tuple(example_inputs), strict=False)
+    with quiet():  # a failing torch.export prints the whole traced graph (hundreds of KB) on stderr
+        ep = torch.export.export(shadow(root), tuple(example_inputs), strict=False)
     gm = ep.module()
     cap = graph_capture(gm, "export", module_root=root)
     _ranks_from_meta(cap, gm)
