@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from . import layout as layout
+from .capture import shadow
 from .ops import Capture, Op, functional_kind, functional_op, module_kind, module_op
 from .reads import call_name, metadata_only, value_positions
 
@@ -65,13 +66,14 @@ class _Recorder(TorchFunctionMode):
         vals, params = self.read(read)
         if not vals and not params:
             return out
-        outs = self.new_values(out)
         fk = functional_kind(func)
+        moves = self.layout(func, name, args, kwargs, out) if fk is None else None
+        first = self.read(args[0])[0] if moves is not None else []  # before `out` (maybe args[0] itself) gets an id
+        outs = self.new_values(out)
         for p in params:
             self.cap.param_uses[p] += 1
-        moves = self.layout(func, name, args, kwargs, out) if fk is None else None
         if moves is not None:
-            self.cap.ops.append(Op(name, "layout", self.read(args[0])[0], outs, attrs=moves))
+            self.cap.ops.append(Op(name, "layout", first, outs, attrs=moves))
         elif fk is None:
             self.cap.ops.append(Op(name or str(func), "other", vals, outs))
         else:
@@ -99,6 +101,9 @@ class _Recorder(TorchFunctionMode):
 
 def capture_hooks(root: nn.Module, example_inputs: tuple) -> Capture:
     """Run `root` once on `example_inputs` and record its ops (see the module docstring)."""
+    # a copy sharing the real tensors runs: what forward stores on a module (a cache computed from
+    # weights the fold will change) must not stay in the result, nor the hooks if the run fails
+    root = shadow(root)
     cap = Capture("module-hooks")
     param_paths: dict[int, str] = {}
     for name, t in list(root.named_parameters(remove_duplicate=False)) + list(root.named_buffers(remove_duplicate=False)):

@@ -43,12 +43,14 @@ class Plan:
 
 
 def bn_name(op: Op) -> str:
-    """A stable name for a BN call: its module path, or the owner of its running statistics."""
+    """A stable name for a BN call: its module path, or the owner of its running statistics when they
+    are called running_mean (a BN-like module), else the statistics' own path (a module may hold several)."""
     if op.module is not None:
         return op.module
     rm = op.params.get("running_mean")
     if rm:
-        return rm.rpartition(".")[0] or rm
+        owner, _, attr = rm.rpartition(".")
+        return owner if owner and attr == "running_mean" else rm
     return op.name
 
 

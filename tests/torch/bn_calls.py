@@ -80,8 +80,12 @@ class _Probe(TorchFunctionMode):
         self.inside = 0  # > 0 inside a frozen BN module's forward: its own reads are the BN call
 
     def _owner(self, t: Any, default: str) -> str:
+        """The BN's name: the module holding `running_mean`, or the statistics' own path."""
         path = self.paths.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return path.rpartition(".")[0] if path else default
+        if not path:
+            return default
+        owner, _, attr = path.rpartition(".")
+        return owner if owner and attr == "running_mean" else path
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
