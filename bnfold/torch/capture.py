@@ -117,15 +117,18 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
         elif n.op == "output":
             cap.graph_outputs.update(ids[a] for a in _flat_nodes(n.args))
     claimed = _frozen_regions(gm, lookup if lookup is not None else module_root, cap, ids)
+    absorbed = _layer_regions(gm, module_root) if module_root is not None else {}
     through: set[Any] = set()
     for n in gm.graph.nodes:
         if n in claimed:
             if isinstance(claimed[n], Op):
                 cap.ops.append(claimed[n])  # at the region's output: ops stay in call order
             continue
-        if n.op in ("placeholder", "get_attr", "output"):
+        if n.op in ("placeholder", "get_attr", "output") or absorbed.get(n, n) is None:
             continue
-        data_in = [ids[a] for a in node_value_inputs(n) if a.op != "get_attr"]
+        data_in = [ids[a] for a in node_value_inputs(n) if a.op != "get_attr" and absorbed.get(a, a) is not None]
+        if absorbed.get(n) is not None:
+            data_in = [ids[absorbed[n]]] + data_in
         out = [ids[n]]
         if n.op == "call_module":
             m = gm.get_submodule(n.target)
@@ -174,7 +177,7 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
                            lambda a: a is None, data_in, out, node=node)
         if node is not n:
             op.attrs["region_input"] = arg(n.args, n.kwargs, fk[1], "input")
-        first = arg(n.args, n.kwargs, fk[1], "input")
+        first = absorbed.get(n) or arg(n.args, n.kwargs, fk[1], "input")
         if isinstance(first, torch.fx.Node) and first in ids:
             op.inputs = [ids[first]] + [i for i in op.inputs if i != ids[first]]
         op.attrs["owner"] = owner_path(n)
@@ -182,6 +185,30 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
             _attribute_to_module(op, n, module_root, cap)
         cap.ops.append(op)
     return cap
+
+
+def _layer_regions(gm: torch.fx.GraphModule, root: nn.Module) -> dict[Any, Any]:
+    """torch.export spells one call of a conv module that pads by copies (padding_mode reflect, ...) as
+    pad + convolution, both made by the module's own forward. Maps each such helper node to None and
+    the layer's node to the module call's input, so the call is one op, as fx and the hooks see it."""
+    calls: dict[str, list[Any]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.meta.get("nn_module_stack"):
+            path = owner_path(n)
+            if module_kind(bnlike.submodule(root, path) or nn.Identity()) in LAYER_KINDS:
+                calls.setdefault(path, []).append(n)
+    out: dict[Any, Any] = {}
+    for nodes in calls.values():
+        layers = [n for n in nodes if (functional_kind(n.target) or ("",))[0] in LAYER_KINDS + ("conv?",)]
+        if len(nodes) < 2 or len(layers) != 1:
+            continue  # a plain call, or a module called twice: nothing to merge
+        inside = set(nodes)
+        helpers = [n for n in nodes if n is not layers[0]]
+        outer = {a for n in nodes for a in node_value_inputs(n) if a not in inside and a.op != "get_attr"}
+        if len(outer) == 1 and all(u in inside for h in helpers for u in h.users):
+            out.update(dict.fromkeys(helpers))
+            out[layers[0]] = outer.pop()
+    return out
 
 
 def owner_path(node: Any) -> str:

@@ -102,8 +102,13 @@ class _Probe(TorchFunctionMode):
             if id(t) not in self.paths:
                 self.uses[id(t)] += 1
         if func in (F.batch_norm, torch.batch_norm):
-            rm = args[1] if func is F.batch_norm else args[3]
-            self.bn_inputs.append((self._owner(rm, f"batch_norm#{len(self.bn_inputs)}"), id(args[0])))
+            # named by its statistics, else (batch statistics) by the owner of its weight or bias
+            pos = ({"running_mean": 1, "weight": 3, "bias": 4} if func is F.batch_norm else
+                   {"running_mean": 3, "weight": 1, "bias": 2})
+            rm, w, b = (args[i] if len(args) > i else kwargs.get(k) for k, i in pos.items())
+            name = self._owner(rm, "") or self._owner(w, "").rpartition(".")[0] or self._owner(b, "").rpartition(
+                ".")[0] or f"batch_norm#{len(self.bn_inputs)}"
+            self.bn_inputs.append((name, id(args[0])))
         elif name in LAYERS and isinstance(out, torch.Tensor):
             self.made[id(out)] = ("layer", None)
         elif name in LAYOUT and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor) \

@@ -51,13 +51,15 @@ def calibrate(model: nn.Module, inputs: tuple, seed: int, batches: int = 2) -> n
     return model
 
 
-def timm_model(name: str, seed: int = 0, size: int = 64, batch: int = 2) -> tuple[nn.Module, tuple]:
+def timm_model(name: str, seed: int = 0, size: int | None = 64, batch: int = 2) -> tuple[nn.Module, tuple]:
     """A timm model built without pretrained weights, calibrated, and an input for it: `size` square,
-    or the config's own size for a model built for one input size that does not take `img_size`."""
+    or the config's own size (size None, or a model built for one input size without `img_size`)."""
     import timm
     torch.manual_seed(seed)
     cfg = timm.models.get_pretrained_cfg(name)
     fixed = bool(getattr(cfg, "fixed_input_size", False))
+    if size is None:
+        size = int(cfg.input_size[-1]) if cfg is not None else 224
     try:
         model = timm.create_model(name, pretrained=False, num_classes=10, **({"img_size": size} if fixed else {}))
     except TypeError:
