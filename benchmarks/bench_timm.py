@@ -21,6 +21,11 @@ beyond float noise (4x its own error + 16 ulp of the output scale), crashes.
     python benchmarks/bench_timm.py --n 40 --seed 1          # a seeded sample of 40 BN architectures
     python benchmarks/bench_timm.py                          # all of them (hours on two cores)
     python benchmarks/bench_timm.py --models resnet18,levit_128s,tv:r3d_18 --json out.json
+    python benchmarks/bench_timm.py --models tvf:fasterrcnn_mobilenet_v3_large_fpn,qat:mobilenet_v2 --size 96
+
+Names: timm's; tv:NAME a torchvision model (classification, segmentation, video, detection); tvf:NAME the
+same with every BatchNorm2d turned into FrozenBatchNorm2d; qat:NAME torchvision's quantizable NAME,
+fused and prepared with torch.ao.quantization.prepare_qat.
 """
 from __future__ import annotations
 
@@ -72,8 +77,12 @@ def has_bn(model: nn.Module) -> bool:
 
 def build(name: str, size: int | None) -> tuple[nn.Module, tuple]:
     """The model `name` and its input; `size` None: the size it was made for."""
-    if name.startswith("tv:"):
-        return torchvision_model(name[3:], size=size or 224)
+    if name.startswith(("tv:", "tvf:")):  # tvf: every BatchNorm2d frozen, as for pretrained backbones
+        tv, _, arch = name.partition(":")
+        kw: dict[str, Any] = {}
+        if any(k in arch for k in ("rcnn", "retinanet", "fcos")):
+            kw = {"min_size": size or 224, "max_size": size or 224}  # their transform resizes to 800 px else
+        return torchvision_model(arch, size=size or 224, frozen=tv == "tvf", **kw)
     if name.startswith("qat:"):
         return qat_model(name[4:], size=size or 224)
     return timm_model(name, size=size)
@@ -88,7 +97,7 @@ def max_err(model: nn.Module, x: tuple, ref: list[torch.Tensor]) -> float:
         got = leaves(model(*x))
     if [g.shape for g in got] != [r.shape for r in ref]:
         return float("inf")
-    return max(((g.double() - r).abs().max().item() for g, r in zip(got, ref)), default=0.0)
+    return max(((g.double() - r).abs().max().item() for g, r in zip(got, ref) if r.numel()), default=0.0)
 
 
 def one(name: str, size: int, limit: int) -> dict[str, Any]:
@@ -105,9 +114,12 @@ def one(name: str, size: int, limit: int) -> dict[str, Any]:
             row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
             row.update(bn=len(before.calls), foldable=len(before.foldable), via_layout=len(before.through_layout))
             with torch.no_grad():
-                ref = leaves(copy.deepcopy(model).double()(*(t.double() for t in x)))
+                try:
+                    ref = leaves(copy.deepcopy(model).double()(*(t.double() for t in x)))
+                except RuntimeError:  # no float64 kernels (fake quantization): the fp32 original is the reference
+                    ref = [t.double() for t in leaves(model(*x))]
             row["err_orig"] = max_err(model, x, ref)
-            row["scale"] = max((r.abs().max().item() for r in ref), default=0.0)
+            row["scale"] = max((r.abs().max().item() for r in ref if r.numel()), default=0.0)
 
             import bnfold
             stderr = io.StringIO()
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=0, help="a seeded sample of N BN architectures (0: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", default="", help="comma-separated names (timm, tv:NAME, qat:NAME) instead")
+    ap.add_argument("--models", default="", help="comma-separated names (timm, tv:NAME, tvf:NAME, qat:NAME)")
     ap.add_argument("--size", type=int, default=64, help="input height/width where the model accepts it")
     ap.add_argument("--max-params", type=float, default=40.0, help="skip models over this many million params")
     ap.add_argument("--limit", type=int, default=600, help="seconds per model before it counts as failed")

@@ -181,6 +181,8 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
         if isinstance(first, torch.fx.Node) and first in ids:
             op.inputs = [ids[first]] + [i for i in op.inputs if i != ids[first]]
         op.attrs["owner"] = owner_path(n)
+        if "non_constant" in op.attrs and op.kind != "bn" and op.attrs["owner"]:
+            op.name = f"{op.attrs['owner']} ({n.name})"  # a computed weight (CondConv): name the module
         if module_root is not None:
             _attribute_to_module(op, n, module_root, cap)
         cap.ops.append(op)
