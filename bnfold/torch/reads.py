@@ -20,7 +20,7 @@ META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout",
 META_CALLS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "element_size", "is_floating_point",
                         "is_complex", "is_contiguous", "stride", "storage_offset", "get_device", "data_ptr", "__len__",
                         "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata",
-                        "untyped_storage", "__format__", "__hash__"})
+                        "__hash__"})
 # calls that read one operand (by position) for its shape/dtype/device only
 SHAPE_ONLY = {"reshape_as": 1, "view_as": 1, "expand_as": 1, "type_as": 1, "to": 1, "new_zeros": 0, "new_ones": 0,
               "new_empty": 0, "new_full": 0, "new_tensor": 0, "zeros_like": 0, "ones_like": 0, "empty_like": 0,
