@@ -13,14 +13,17 @@ since a folded BN must not run.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..core import kernel, layouts
 from ..core.decisions import Reason, Skip
+from . import bnlike as bnlike
 from .capture import shadow
 from .ops import Op, arg, functional_kind
 from .rules import PATTERNS, Plan, from_numpy, get_tensor, scale_shift, set_tensor, to_numpy
@@ -31,6 +34,47 @@ class OwnCode(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+
+def _cloned(obj: Any) -> Any:
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
+
+
+def record_inputs(root: nn.Module, paths: set[str], example_inputs: tuple) -> dict[str, tuple[tuple, dict]]:
+    """The arguments each module at `paths` gets on its first call when `root` runs `example_inputs`
+    (copied: a later in-place op must not change them). A shadow copy of `root` runs, so nothing the
+    run stores on a module stays in `root`; a run that fails gives no samples."""
+    run = shadow(root)
+    seen: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for path in paths:
+        m = bnlike.submodule(run, path) if path else None
+        if m is not None:
+            def hook(mod: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+                seen.setdefault(path, _cloned((args, kwargs)))
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run(*example_inputs)
+    except Exception:  # noqa: BLE001 - no samples: the end-to-end verification still judges the result
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def same_function(a: nn.Module, b: nn.Module, sample: tuple[tuple, dict]) -> bool:
+    """Do modules `a` and `b` return the same tensors, bit for bit, on `sample` (args, kwargs)?"""
+    try:
+        with torch.no_grad():
+            ya = tree_flatten(a(*_cloned(sample[0]), **_cloned(sample[1])))[0]
+            yb = tree_flatten(b(*_cloned(sample[0]), **_cloned(sample[1])))[0]
+    except Exception:  # noqa: BLE001 - a copy that cannot even run is not the same function
+        return False
+    return len(ya) == len(yb) and all(
+        (torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x == y)
+        for x, y in zip(ya, yb))
 
 
 def _bn_call_reading(graph: Any, rel: str) -> list[Any]:
@@ -46,9 +90,12 @@ def _bn_call_reading(graph: Any, rel: str) -> list[Any]:
     return out
 
 
-def without_call(root: nn.Module, bn: Op) -> Callable[[], None]:
+def without_call(root: nn.Module, bn: Op, sample: tuple[tuple, dict] | None = None) -> Callable[[], None]:
     """A writer that puts, in place of the module whose forward makes the batch_norm call `bn`, a traced
-    copy of it without that call. Everything is prepared here, so a Skip leaves `root` untouched."""
+    copy of it without that call. Everything is prepared here, so a Skip leaves `root` untouched.
+    `sample` (the module's arguments in a real run, record_inputs) proves that the traced copy, call
+    kept, computes bit for bit what the module does: a forward that behaves differently when traced
+    (a branch on isinstance(x, Tensor), on is_fx_tracing()) is not rewritten."""
     owner_path = bn.attrs.get("owner")
     rm = bn.params.get("running_mean") or ""
     if owner_path is None:
@@ -77,6 +124,9 @@ def without_call(root: nn.Module, bn: Op) -> Callable[[], None]:
     if len(calls) != 1:
         raise Skip(Reason.UNSUPPORTED_BN_MODE, f"{owner_path} ({cls}): its traced forward has {len(calls)} batch_norm "
                                                f"calls reading {rel}, not one")
+    if sample is not None and not same_function(owner, torch.fx.GraphModule(owner, copy.deepcopy(graph)), sample):
+        raise Skip(Reason.UNSUPPORTED_BN_MODE, f"{owner_path} ({cls}) calls batch_norm in its forward, and its "
+                                               "fx-traced copy computes something else than it on the inputs it gets")
     node, fk = calls[0]
     source = arg(node.args, node.kwargs, fk[1], "input")
     reads = list(node.all_input_nodes)
@@ -129,7 +179,7 @@ def identity_var(var: torch.Tensor, eps: float) -> torch.Tensor:
     raise Skip(Reason.UNSUPPORTED_BN_MODE, f"this batch_norm call cannot be made an exact identity (eps={eps:g}, {var.dtype})")
 
 
-def _removal(root: nn.Module, bn: Op, surgery: bool) -> Callable[[], None]:
+def _removal(root: nn.Module, bn: Op, surgery: bool, sample: tuple[tuple, dict] | None) -> Callable[[], None]:
     if surgery and bn.node is not None:
         node = bn.node
 
@@ -144,7 +194,7 @@ def _removal(root: nn.Module, bn: Op, surgery: bool) -> Callable[[], None]:
         if not bn.module:
             raise Skip(Reason.UNSUPPORTED_BN_MODE, "the model itself is the BatchNorm")
         return lambda: setattr(parent, attr, nn.Identity())
-    return without_call(root, bn)
+    return without_call(root, bn, sample)
 
 
 def _add_bias(root: nn.Module, layer: Op, bias: torch.Tensor, surgery: bool) -> None:
@@ -193,8 +243,10 @@ def _clone_layer(root: nn.Module, layer: Op, bn: str) -> None:
     layer.name = layer.params["weight"] or layer.name
 
 
-def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
-    """Fold `plan` into `root` (all values computed first, so a Skip leaves `root` untouched)."""
+def apply(root: nn.Module, plan: Plan, surgery: bool,
+          samples: dict[str, tuple[tuple, dict]] | None = None) -> dict[str, Any]:
+    """Fold `plan` into `root` (all values computed first, so a Skip leaves `root` untouched).
+    `samples`: record_inputs of the modules whose code a fold rewrites."""
     bn, layer = plan.bn, plan.layer
     assert layer is not None
     s, t = scale_shift(root, bn)
@@ -204,7 +256,7 @@ def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
     res = fold(to_numpy(w), to_numpy(b) if b is not None else None, s, t, layer_layout(layer))
     new_w = from_numpy(res.weight, w)
     new_b = from_numpy(res.bias, b if b is not None else w)
-    remove, note = _removal(root, bn, surgery), None
+    remove, note = _removal(root, bn, surgery, (samples or {}).get(bn.attrs.get("owner") or "")), None
     if bn.module is None and not surgery:
         note = f"{bn.attrs['owner']} calls batch_norm in its own forward: replaced by a traced copy without the call"
     if layer.attrs.get("clone"):

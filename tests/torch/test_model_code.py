@@ -246,6 +246,27 @@ def test_bn_act_module_fx_cannot_trace_is_kept_honestly(how: str) -> None:
     assert census(folded, x).counts == {"inner.1": 1}
 
 
+class TraceSensitive(BNAct):
+    """Computes something else when traced: fx hands forward a Proxy, which is no Tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            x = x * 0.5
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("how", ["fx", "hooks"])
+def test_bn_act_module_whose_traced_copy_differs_is_kept(how: str) -> None:
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), _stats(TraceSensitive(4), 5))
+    x = _x(2, 3, 6, 6)
+    d, res, folded = _fold(inner, x, how, bns={"1"})
+    assert type(folded.inner[1]) is TraceSensitive and census(folded, x).counts == {"inner.1": 1}
+    if how == "fx":  # the trace misses the multiplication: only running the traced copy shows it
+        assert d["1"].reason is Reason.UNSUPPORTED_BN_MODE and "something else" in d["1"].detail, d["1"]
+    else:  # the hooks see the real code: a multiplication between the conv and the BN
+        assert d["1"].reason is Reason.UNSUPPORTED_PRODUCER, d["1"]
+
+
 def test_bn_act_module_with_hooks_is_kept() -> None:
     inner = nn.Sequential(nn.Conv2d(3, 4, 3), _stats(BNAct(4), 4))
     seen = []
