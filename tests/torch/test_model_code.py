@@ -25,6 +25,16 @@ from tests.torch.test_edge import _fold_checked, _run, _x
 CAPTURES = ["fx", "export", "hooks", "graph", "program"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small inputs: with several intra-op threads torch spends most of its CPU time spinning (5x here
+    on a shared machine), so this file runs single-threaded; the setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Forced(nn.Module):
     """`inner`, behind control flow that leaves bnfold one capture: a branch on a shape stops fx but not
     torch.export; a branch on values stops both, leaving the module hooks."""

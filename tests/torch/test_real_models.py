@@ -47,6 +47,16 @@ MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, tuple]], str]] = {
 EXPORT_ONNX = {"regnetz_005", "levit_128s", "tf_efficientnet_lite0"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small inputs: with several intra-op threads torch spends most of its CPU time spinning (5x here
+    on a shared machine), so this file runs single-threaded; the setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
