@@ -24,7 +24,7 @@ LAYER_KINDS = ("conv", "convT", "linear")
 
 @dataclass
 class Op:
-    """One call: a BN, a foldable layer, or anything else ("other")."""
+    """One call: a BN, a foldable layer, a layout op (layout.py), or anything else ("other")."""
 
     name: str
     kind: str
@@ -38,6 +38,8 @@ class Op:
 
 @dataclass
 class Capture:
+    """A model's ops in call order, how they were seen (`method`), and who reads what."""
+
     method: str
     ops: list[Op] = field(default_factory=list)
     graph_outputs: set[int] = field(default_factory=set)
@@ -48,9 +50,11 @@ class Capture:
     notes: list[str] = field(default_factory=list)
 
     def users(self, value: int) -> list[Op]:
+        """The ops that read `value`'s values."""
         return [op for op in self.ops if value in op.inputs]
 
     def producer(self, value: int) -> Op | None:
+        """The op that made `value`, if any (None for a model input or a constant)."""
         for op in self.ops:
             if value in op.outputs:
                 return op
