@@ -117,7 +117,15 @@ class Intermediates:
             return [("in", alias)]
         if names:
             self.folded_into[key] = names
-        return [("out", chain[folded - 1])] if folded else [("out", key)]
+        if folded:
+            return [("out", chain[folded - 1])]
+        through = [d.bn for d in self.decisions if d.is_folded and d.direction == "after" and d.producer == key[0]]
+        if through:  # folded through layout ops: the layer now carries the BN's output in its own layout,
+            self.folded_into[key] = through  # a value no module of the original returns (the fold's proof
+            self.uncompared.setdefault(key[0], "carries the output of " + ", ".join(repr(b) for b in through) +
+                                       " in the layer's layout (folded through layout ops)")
+            return []  # and the modules after it judge it)
+        return [("out", key)]
 
     def _add(self, key: Key, target: Target, ref: list[np.ndarray], cand: list[np.ndarray],
              noise: list[list[np.ndarray]]) -> None:

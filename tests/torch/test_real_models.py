@@ -91,7 +91,12 @@ def test_real_model_folds_every_foldable_bn(name: str, tmp_path) -> None:
     for n in calls.through_layout:  # a layout op between: folded, unless the channel axis provably moves
         assert n not in left.counts or decided[n].reason is Reason.AXIS_MISMATCH, decided[n]
 
-    assert rep.verification.passed is True, rep.to_dict()["verification"]
+    v = rep.verification
+    if v.verdict == "inconclusive":  # random weights can make a model chaotic: its own one-ulp noise swamps
+        # the outputs; then every fold must have its own local proof, and none may fail
+        assert v.proofs == {"proven": len(rep.folded), "failed": 0, "not_run": 0} and rep.folded, v.to_dict()
+    else:
+        assert v.passed is True, rep.to_dict()["verification"]
     assert type(res.model) is type(model) and not res.model.training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the input model was changed"

@@ -20,7 +20,7 @@ import bnfold
 from bnfold.cli import main
 from bnfold.core import kernel
 from bnfold.core.decisions import Reason
-from bnfold.torch import rules, script
+from bnfold.torch import rewrite, script
 from tests.conftest import random_bn
 
 
@@ -109,7 +109,7 @@ def damage(monkeypatch):
                 f = real(*a, **k)
                 return _hurt(f, how, groups) if state["on"] else f
             return fold
-        monkeypatch.setattr(rules, "apply", marking(rules.apply))
+        monkeypatch.setattr(rewrite, "apply", marking(rewrite.apply))
         monkeypatch.setattr(script, "_apply", marking(script._apply))
         monkeypatch.setattr(kernel, "fold_after", wrap(real_after))
         monkeypatch.setattr(kernel, "fold_before", wrap(real_before))
