@@ -10,7 +10,7 @@ rebuild step only copies them into fresh layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -29,6 +29,19 @@ class LayerEdit:
     add_bias: bool = False
 
 
+@dataclass(frozen=True)
+class FoldSite:
+    """Where one fold sits in its graph (Decision.site): what its local proof replays."""
+
+    layer: Any          # the layer the BN went into
+    bn: Any             # the BatchNormalization layer
+    direction: str      # "after" (layer -> BN) or "before" (BN -> layer)
+    layer_in: Any       # the layer's data input tensor in the graph
+    layer_out: Any      # the layer's output tensor
+    bn_in: Any          # the BN's input tensor
+    bn_out: Any         # the BN's output tensor
+
+
 @dataclass
 class Plan:
     """Everything the rebuild needs for one (possibly nested) model."""
@@ -41,6 +54,7 @@ class Plan:
     nested: dict[int, "Plan"] = field(default_factory=dict)    # id(inner model) -> its plan
     after_target: dict[int, Any] = field(default_factory=dict)  # id(folded BN) -> layer it went into
     output_bns: set[int] = field(default_factory=set)         # removed BNs whose output is a model output
+    sites: dict[int, FoldSite] = field(default_factory=dict)   # id(folded BN) -> where it was folded
 
     def all_decisions(self) -> list[Decision]:
         """Every decision, nested models' included, in graph order."""
@@ -93,12 +107,14 @@ def graphs_per_layer(fn: Any) -> dict[int, set[int]]:
     return out
 
 
-def plan_model(model: Any, prefix: str = "", graph: Any = None,
-               opaque: Any = None, graphs: dict[int, set[int]] | None = None) -> Plan:
+def plan_model(model: Any, prefix: str = "", graph: Any = None, opaque: Any = None,
+               graphs: dict[int, set[int]] | None = None, exclude: Mapping[str, str] | None = None) -> Plan:
     """Examine `graph` (default: the model's own Functional) and decide every BN in it.
 
-    `opaque(model, prefix)` returns decisions for a nested model whose graph cannot be seen.
+    `opaque(model, prefix)` returns decisions for a nested model whose graph cannot be seen; a BN named in
+    `exclude` (BN path -> why) stays, its fold reverted because an earlier proof of it failed.
     """
+    exclude = exclude or {}
     import keras
 
     fn = graph if graph is not None else functional_of(model)
@@ -113,13 +129,18 @@ def plan_model(model: Any, prefix: str = "", graph: Any = None,
         seen.add(id(op))
         if isinstance(op, keras.Model):
             if is_graph_model(op):
-                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque, graphs=view.graphs)
+                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque, graphs=view.graphs,
+                                                 exclude=exclude)
                 plan.decisions.append(plan.nested[id(op)])
             elif opaque is not None:
                 plan.decisions.extend(opaque(op, f"{prefix}{op.name}/"))
             continue
         if isinstance(op, keras.layers.BatchNormalization):
             name = prefix + op.name
+            if name in exclude:
+                plan.decisions.append(Decision.skipped(name, Reason.VERIFICATION_FAILED,
+                                                       f"fold reverted: {exclude[name]}"))
+                continue
             try:
                 plan.decisions.append(_decide(view, node, plan, name, prefix))
             except Skip as s:
@@ -241,7 +262,9 @@ def _fold_after(view: GraphView, bn: Any, x: Any, rank: int, axis: int, s: np.nd
     if isinstance(prod, keras.layers.BatchNormalization) and id(prod) in plan.after_target:
         # BN -> BN: the first one already lives in the layer before it; fold the second there too.
         _check_single_use(view, x, prod.name)
+        first = plan.sites[id(prod)]
         prod = plan.after_target[id(prod)]
+        layer_in, layer_out = first.layer_in, first.layer_out
     else:
         role = role_of(prod)
         if role is None:
@@ -253,15 +276,20 @@ def _fold_after(view: GraphView, bn: Any, x: Any, rank: int, axis: int, s: np.nd
             raise Skip(Reason.NONLINEAR_PRODUCER, f"{prod.name} applies activation {act!r}", prod.name)
         _check_single_use(view, x, prod.name)
         _check_bias_axis(prod, x)
+        layer_in, layer_out = main_input(pnode), x
     _check_dtypes(bn, prod, "layer")
     ch = channel_axis(prod, rank)
     if axis != ch:
         raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {prod.name}'s channels are "
                                          f"on axis {ch}", prod.name)
     _apply(plan, prod, s, t, after=True)
-    _remove(view, plan, bn, node_output=_output_of(view, bn))
+    out = _output_of(view, bn)
+    _remove(view, plan, bn, node_output=out)
     plan.after_target[id(bn)] = prod
-    return Decision.folded(name, prefix + prod.name, f"{type(prod).__name__}->BatchNormalization", "after")
+    plan.sites[id(bn)] = FoldSite(prod, bn, "after", layer_in, layer_out, x, out)
+    d = Decision.folded(name, prefix + prod.name, f"{type(prod).__name__}->BatchNormalization", "after")
+    d.site = plan.sites[id(bn)]
+    return d
 
 
 def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: np.ndarray, t: np.ndarray,
@@ -287,7 +315,10 @@ def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: n
                                          f"axis {ch}", cons.name)
     _apply(plan, cons, s, t, after=False)
     _remove(view, plan, bn, node_output=y)
-    return Decision.folded(name, prefix + cons.name, f"BatchNormalization->{type(cons).__name__}", "before")
+    plan.sites[id(bn)] = FoldSite(cons, bn, "before", y, cnode.outputs[0], main_input(node), y)
+    d = Decision.folded(name, prefix + cons.name, f"BatchNormalization->{type(cons).__name__}", "before")
+    d.site = plan.sites[id(bn)]
+    return d
 
 
 def _output_of(view: GraphView, bn: Any) -> Any:
