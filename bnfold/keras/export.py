@@ -57,7 +57,12 @@ def _export(model: Any, path: str, feeds: Sequence[np.ndarray]) -> None:
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     try:
         with quiet():
-            model.export(path, format="onnx", verbose=False)
+            try:
+                model.export(path, format="onnx", verbose=False)
+            except Exception:
+                if backend.name() != "torch":
+                    raise
+                _export_torch(model, path, feeds)
         graph = onnx.load(path, load_external_data=False).graph
         inits = {i.name for i in graph.initializer}
         if len([i for i in graph.input if i.name not in inits]) > len(feeds) and backend.name() == "tensorflow":
@@ -68,6 +73,34 @@ def _export(model: Any, path: str, feeds: Sequence[np.ndarray]) -> None:
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise BnfoldError(f"Keras' ONNX export failed ({type(e).__name__}: {first})") from None
+
+
+def _export_torch(model: Any, path: str, feeds: Sequence[np.ndarray]) -> None:
+    """Keras' torch exporter, traced on the verification feeds: Keras traces with 1 for every unknown
+    dimension, which a model with a 3x3 'valid' convolution cannot run on. The unknown dimensions stay
+    dynamic in the ONNX file (named as Keras names them)."""
+    import torch
+
+    from .files import model_input_specs
+
+    specs = model_input_specs(model)
+    names = [n for n, _, _ in specs]
+    dynamic = {n: {i: ("batch" if i == 0 else f"dim_{k}_{i}") for i, d in enumerate(shape) if d is None}
+               for k, (n, shape, _) in enumerate(specs)}
+    struct = getattr(model, "_inputs_struct", None)
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *flat: Any) -> Any:
+            return self.model(backend.pack_inputs(model, list(flat)) if struct is not None else flat[0],
+                              training=False)
+
+    sample = tuple(torch.as_tensor(np.asarray(f)) for f in feeds)
+    torch.onnx.export(Flat().eval(), sample, path, input_names=names, dynamo=False, do_constant_folding=True,
+                      dynamic_axes={n: d for n, d in dynamic.items() if d})
 
 
 def _export_frozen(model: Any, path: str) -> None:

@@ -93,7 +93,10 @@ def _copy(model: Any) -> Any:
 def settled_feeds(model: Any, example_inputs: Any, opts: Options) -> Feeds:
     """The feeds to verify on: the caller's, or planned ones the original can run on (larger unknown
     dims tried when it cannot run at the default size)."""
-    return runnable(model, feeds_for(model, example_inputs, opts), opts, lambda m, b: run(m, b, "cpu"))
+    feeds = feeds_for(model, example_inputs, opts)
+    if not feeds.defaulted:
+        return feeds  # nothing to enlarge: a model that cannot run on them says so when verified
+    return runnable(model, feeds, opts, lambda m, b: run(m, b, "cpu"))
 
 
 def fold(model: Any, opts: Options, example_inputs: Any = None) -> FoldResult:
