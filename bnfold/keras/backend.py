@@ -142,7 +142,9 @@ class Runner:
     def here(self, model: Any) -> Any:
         """`model` itself when it can run on this device, else a copy of it made there."""
         if id(model) in self.copies:
-            return self.copies[id(model)]
+            copy = self.copies[id(model)]
+            copy.set_weights(model.get_weights())  # a model nudged in place since (noise runs)
+            return copy
         places = {platform(v) for v in getattr(model, "variables", [])} - {None}
         if not places or places == {self.device}:
             return model
