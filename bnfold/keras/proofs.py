@@ -17,8 +17,8 @@ and the fold is proven when |new - ref| <= (2u + 2^-36) M elementwise, u the uni
 folded weights' dtype (2^-36 covers float64's own rounding over sums of up to 2^16 terms). A weight off
 by one part in 1e4, a shifted bias, a wrong channel axis or a swapped group exceed it by orders of
 magnitude; rounding cannot. The float64 replay of the original region must match Keras' own run of it
-(the region's output captured from the original) within 1e-3 (M + |ref|), else there is no proof
-rather than a false accusation.
+(the region's output captured from the original) within 1e-3 (M + |ref|) (8 ulp of a 16-bit compute
+dtype), else there is no proof rather than a false accusation.
 
 Several BNs folded into one layer (BN -> Dense -> BN, conv -> BN -> BN) are proven one step at a time,
 each against the weights the previous step left: a wrong step is named alone, and the steps together
@@ -37,6 +37,8 @@ from .backend import DEVICE_NAMES, float64, no_grad, to_numpy
 SLACK = 2.0
 F64_TERM = 2.0 ** -36
 FAITHFUL = 1e-3
+FAITHFUL_ULPS = 8.0
+COMPUTE_EPS = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
 HOW = "float64 replay of the folded layer and the original layer + BatchNorm(s) on captured data; bound 2 u M"
 
 
@@ -104,7 +106,10 @@ def _prove_one(site: Any, folded: Any, is_last: bool, tensors: dict[int, np.ndar
     new = run(new_w, x)
     mag = run([np.abs(np.asarray(w, np.float64)) for w in new_w], np.abs(x))
     fine = np.isfinite(witness) & np.isfinite(seen)
-    if witness.shape != seen.shape or np.any(np.abs(np.where(fine, seen - witness, 0.0)) > FAITHFUL * (mag + np.abs(ref))):
+    # Keras' own run rounds in the layer's compute dtype: a bfloat16 layer is off by far more than 1e-3
+    faithful = max(FAITHFUL, FAITHFUL_ULPS * max(COMPUTE_EPS.get(str(site.layer.compute_dtype), 0.0),
+                                                  COMPUTE_EPS.get(str(site.bn.compute_dtype), 0.0)))
+    if witness.shape != seen.shape or np.any(np.abs(np.where(fine, seen - witness, 0.0)) > faithful * (mag + np.abs(ref))):
         return {"not_run": f"the float64 replay of the original {layer.name} disagrees with Keras' own run of it"}
     if ref.shape != new.shape:
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "ratio": float("inf"), "how": HOW,

@@ -169,3 +169,19 @@ def test_proofs_hold_for_channels_first_and_bias_free_layers(center, scale, rng)
     rep = bnfold.fold(model).report
     assert [(d.bn, d.direction) for d in rep.folded] == [("bn", "after"), ("bn2", "before")]
     assert rep.verification.proofs == {"proven": 2, "failed": 0, "not_run": 0}, [d.proof for d in rep.folded]
+
+
+@pytest.mark.parametrize("policy", ["float64", "float16", "bfloat16", "mixed_float16", "mixed_bfloat16"])
+def test_every_dtype_policy_verifies_and_proves_its_folds(policy, rng):
+    """No false alarm from a model's own precision: each fold is proven with the weights' own rounding
+    and Keras' run of the original region is recognised at the compute dtype's precision."""
+    inp = keras.Input((10, 10, 3))
+    y = L.ReLU(dtype=policy)(L.BatchNormalization(name="bn1", dtype=policy)(
+        L.Conv2D(8, 3, padding="same", name="c1", dtype=policy)(inp)))
+    y = L.BatchNormalization(name="bn2", dtype=policy)(L.SeparableConv2D(6, 3, name="sep", dtype=policy)(y))
+    y = L.GlobalAveragePooling2D(dtype=policy)(y)
+    model = keras.Model(inp, L.BatchNormalization(name="bn3", dtype=policy)(L.Dense(4, name="d", dtype=policy)(y)))
+    randomise(model, rng)
+    rep = bnfold.fold(model).report
+    assert rep.verification.verdict == "passed", rep.verification.to_dict()
+    assert rep.verification.proofs == {"proven": 3, "failed": 0, "not_run": 0}, [d.proof for d in rep.folded]
