@@ -1,13 +1,11 @@
-"""Keras model files (.keras, .h5, SavedModel directories) and example inputs for Keras models."""
+"""Keras model files (.keras, .h5, SavedModel directories), the Keras import and a model's input signature."""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-import numpy as np
+from typing import Any
 
 from ..core.errors import BnfoldError, MissingExtraError
 from ..core.files import atomic_write, check_input_file
@@ -28,12 +26,22 @@ def before_tensorflow() -> None:
             pass
 
 
+BACKEND_PACKAGES = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax", "jaxlib": "jax"}
+
+
 def import_keras(path: str | None = None) -> Any:
-    """keras (TensorFlow backend), or MissingExtraError naming the `keras` extra."""
+    """keras on the backend KERAS_BACKEND names, or MissingExtraError naming what is missing: keras
+    itself (the `keras` extra) or the backend's framework."""
     before_tensorflow()
     try:
         import keras
     except ImportError as e:
+        top = (e.name or "").split(".")[0]
+        if top in BACKEND_PACKAGES:
+            backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+            raise BnfoldError(f"Keras runs on the {backend} backend here (KERAS_BACKEND), which needs "
+                              f"{BACKEND_PACKAGES[top]}, and {top} is not installed: pip install {BACKEND_PACKAGES[top]}, "
+                              "or set KERAS_BACKEND to a backend that is installed", path) from None
         raise MissingExtraError("keras", "keras", path) from e
     return keras
 
@@ -135,83 +143,3 @@ def model_input_specs(model: Any) -> list[tuple[str, tuple, str]]:
             return [("input", tuple(shape), getattr(model, "input_dtype", "float32") or "float32")]
     raise BnfoldError(f"cannot tell the input shape of Keras model {model.name!r} (subclassed and never built "
                       "on a known shape); give example inputs (--input NAME:SHAPE or --inputs FILE.npz)")
-
-
-def example_inputs_for(model: Any, input_specs: Sequence[tuple[str, tuple, str]] | None = None,
-                       inputs_npz: str | None = None, seed: int = 0) -> list[np.ndarray]:
-    """Seeded random feeds from the model's input shapes (None dims from input_specs, else 1), or an .npz."""
-    specs = model_input_specs(model)
-    if inputs_npz is not None:
-        return _from_npz(specs, inputs_npz)
-    user = {name: (tuple(shape), dtype) for name, shape, dtype in (input_specs or [])}
-    if len(specs) == 1 and len(user) == 1 and specs[0][0] not in user:
-        user = {specs[0][0]: next(iter(user.values()))}  # one input: its name may be left out
-    unknown = set(user) - {name for name, _, _ in specs}
-    if unknown:
-        raise BnfoldError(f"--input names {sorted(unknown)} are not inputs of the model "
-                          f"(inputs: {[n for n, _, _ in specs]})")
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for name, shape, dtype in specs:
-        if name in user:
-            ushape, udtype = user[name]
-            if len(ushape) != len(shape) or any(d is not None and d != u for d, u in zip(shape, ushape)):
-                raise BnfoldError(f"--input {name}: shape {ushape} does not match the model's {shape}")
-            shape, dtype = ushape, udtype or dtype
-        shape = tuple(1 if d is None else int(d) for d in shape)
-        feeds.append(_random(rng, shape, dtype))
-    return feeds
-
-
-def _random(rng: np.random.Generator, shape: tuple, dtype: str) -> np.ndarray:
-    dt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype("float32")
-    if dt.kind == "f":
-        return rng.standard_normal(shape).astype(dt)
-    if dt.kind in "iu":
-        return rng.integers(0, 10, size=shape).astype(dt)  # small and non-negative: safe as indices
-    if dt.kind == "b":
-        return rng.random(shape) < 0.5
-    raise BnfoldError(f"cannot make random data of dtype {dtype}; give --inputs FILE.npz")
-
-
-def _from_npz(specs: list[tuple[str, tuple, str]], npz: str) -> list[np.ndarray]:
-    check_input_file(npz)
-    try:
-        data = np.load(npz, allow_pickle=False)
-        files = list(data.files)
-    except Exception as e:
-        raise BnfoldError(f"cannot be read as an .npz file ({_first_line(e)})", npz) from None
-    names = [n for n, _, _ in specs]
-    if all(n in files for n in names):
-        arrays = [data[n] for n in names]
-    elif len(files) == len(names):
-        arrays = [data[f] for f in files]
-    else:
-        raise BnfoldError(f"holds {files} but the model's inputs are {names}", npz)
-    for (name, shape, _), a in zip(specs, arrays):
-        if a.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape, a.shape)):
-            raise BnfoldError(f"array for input {name!r} has shape {a.shape}, the model expects {shape}", npz)
-    return arrays
-
-
-def feeds_for(model: Any, example_inputs: Any, seed: int) -> list[np.ndarray]:
-    """Inputs as the flat list of arrays the model is run on (example inputs, a dict of them, or random)."""
-    if example_inputs is None:
-        return example_inputs_for(model, seed=seed)
-    if isinstance(example_inputs, Mapping):
-        return _feeds_by_name(model, example_inputs)
-    if isinstance(example_inputs, np.ndarray) or not isinstance(example_inputs, (list, tuple)):
-        return [np.asarray(example_inputs)]
-    return [np.asarray(x) for x in example_inputs]
-
-
-def _feeds_by_name(model: Any, example_inputs: Mapping[str, Any]) -> list[np.ndarray]:
-    """A dict of inputs, in the order the model's inputs are flattened (what keras_runner packs)."""
-    keras = import_keras()
-    struct = getattr(model, "_inputs_struct", None)
-    if isinstance(struct, Mapping) and set(struct) == set(example_inputs):
-        return [np.asarray(x) for x in keras.tree.flatten(dict(example_inputs))]  # same key order as struct
-    names = [n for n, _, _ in model_input_specs(model)]
-    if set(names) == set(example_inputs):
-        return [np.asarray(example_inputs[n]) for n in names]
-    raise BnfoldError(f"example_inputs names {sorted(example_inputs)} do not match the model's inputs {names}")

@@ -12,17 +12,17 @@ import inspect
 import time
 from typing import Any
 
-import numpy as np
-
 from ..core.decisions import Decision, Reason
 from ..core.errors import BnfoldError
 from ..core.results import FoldResult, Report, Verification
 from ..core.options import Options
-from .files import feeds_for, import_keras, model_input_specs
+from .feeds import Feeds, feeds_for, runnable
+from .files import import_keras, model_input_specs
 from .graph import all_batchnorms
 from .plan import Plan, is_graph_model, plan_model
 from .rebuild import rebuild
-from .verify import normalise_providers, verify_keras
+from .verify import normalise_providers, run, verify_keras
+
 
 def _opaque(model: Any, prefix: str) -> list[Decision]:
     """Decisions for a nested model whose graph bnfold cannot see (a subclassed model inside another)."""
@@ -31,7 +31,7 @@ def _opaque(model: Any, prefix: str) -> list[Decision]:
             for path, _ in all_batchnorms(model)]
 
 
-def _trace(model: Any, feeds: list[np.ndarray] | None) -> tuple[Any, Any]:
+def _trace(model: Any, feeds: Feeds | None) -> tuple[Any, Any]:
     """A Functional graph of a subclassed model's call() on symbolic inputs, and an undo function.
 
     Calling sub-layers on symbolic tensors records nodes on those (original) layers; the undo
@@ -61,10 +61,10 @@ def _trace(model: Any, feeds: list[np.ndarray] | None) -> tuple[Any, Any]:
         raise
 
 
-def _plan(model: Any, feeds: list[np.ndarray] | None) -> tuple[Plan | None, Any, str]:
+def _plan(model: Any, feeds: Feeds | None, opts: Options) -> tuple[Plan | None, Any, str]:
     """(plan or None, undo, why-not). A subclassed model that cannot be traced has no plan."""
     if is_graph_model(model):
-        return plan_model(model, opaque=_opaque), (lambda: None), ""
+        return plan_model(model, opaque=_opaque, exclude=opts.exclude), (lambda: None), ""
     try:
         graph, undo = _trace(model, feeds)
     except BnfoldError:
@@ -73,7 +73,7 @@ def _plan(model: Any, feeds: list[np.ndarray] | None) -> tuple[Plan | None, Any,
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return None, (lambda: None), f"its call() cannot be traced into a layer graph ({type(e).__name__}: {first})"
     try:
-        return plan_model(model, graph=graph, opaque=_opaque), undo, ""
+        return plan_model(model, graph=graph, opaque=_opaque, exclude=opts.exclude), undo, ""
     except BaseException:
         undo()
         raise
@@ -90,6 +90,15 @@ def _copy(model: Any) -> Any:
         return model
 
 
+def settled_feeds(model: Any, example_inputs: Any, opts: Options) -> Feeds:
+    """The feeds to verify on: the caller's, or planned ones the original can run on (larger unknown
+    dims tried when it cannot run at the default size)."""
+    feeds = feeds_for(model, example_inputs, opts)
+    if not feeds.defaulted:
+        return feeds  # nothing to enlarge: a model that cannot run on them says so when verified
+    return runnable(model, feeds, opts, lambda m, b: run(m, b, "cpu"))
+
+
 def fold(model: Any, opts: Options, example_inputs: Any = None) -> FoldResult:
     """Fold every foldable BatchNorm of a keras.Model into a new model, then verify it numerically."""
     keras = import_keras()
@@ -98,8 +107,13 @@ def fold(model: Any, opts: Options, example_inputs: Any = None) -> FoldResult:
     normalise_providers(opts.providers)  # reject bad names before any work
     report = Report(framework="keras")
     t0 = time.perf_counter()
-    feeds = feeds_for(model, example_inputs, opts.seed) if (example_inputs is not None or opts.verify) else None
-    plan, undo, why_not = _plan(model, feeds)
+    feeds = None
+    if opts.verify:
+        feeds = settled_feeds(model, example_inputs, opts)
+    elif example_inputs is not None:
+        feeds = feeds_for(model, example_inputs, opts)
+    plan, undo, why_not = _plan(model, feeds, opts)
+    built: dict[int, Any] = {}
     try:
         if plan is None:
             decisions = [Decision.skipped(path, Reason.UNSUPPORTED_PRODUCER, f"subclassed model: {why_not}")
@@ -107,22 +121,24 @@ def fold(model: Any, opts: Options, example_inputs: Any = None) -> FoldResult:
         else:
             decisions = plan.all_decisions()
             named = {d.bn for d in decisions}
-            decisions += [Decision.skipped(path, Reason.UNSUPPORTED_PRODUCER, "not called in the model's layer graph")
+            decisions += [Decision.skipped(path, Reason.NOT_CALLED, "not called in the model's layer graph")
                           for path, _ in all_batchnorms(model) if path not in named]
         report.decisions = decisions
         if plan is None or not any(d.is_folded for d in decisions):
             new = _copy(model)
         else:
-            new = rebuild(model, plan)
+            new = rebuild(model, plan, built)
+        report.timing_s["fold"] = time.perf_counter() - t0
+        if opts.verify:
+            # before undo(): the proofs of a traced subclassed model replay the traced graph
+            t1 = time.perf_counter()
+            report.verification = verify_keras(model, new, feeds, opts, decisions, built,
+                                               plan.graph if plan is not None else None)
+            report.timing_s["verify"] = time.perf_counter() - t1
+        else:
+            report.verification = Verification(skipped_reason="verification off")
     finally:
         undo()
-    report.timing_s["fold"] = time.perf_counter() - t0
-    if opts.verify:
-        t1 = time.perf_counter()
-        report.verification = verify_keras(model, new, feeds, opts)
-        report.timing_s["verify"] = time.perf_counter() - t1
-    else:
-        report.verification = Verification(skipped_reason="verification off")
     if opts.dry_run:
         # Decided, built and verified like a real run, so the report says what a fold would do.
         report.info["dry_run"] = True
@@ -130,10 +146,9 @@ def fold(model: Any, opts: Options, example_inputs: Any = None) -> FoldResult:
     return FoldResult(model=new, report=report)
 
 
-
 def check(original: Any, candidate: Any, opts: Options, example_inputs: Any = None) -> Verification:
     """Is the Keras `candidate` the same function as the Keras `original`? Judged with the original's noise."""
-    feeds = feeds_for(original, example_inputs, opts.seed)
+    feeds = settled_feeds(original, example_inputs, opts)
     n_orig, n_cand = len(model_input_specs(original)), len(model_input_specs(candidate))
     if n_orig != n_cand:
         raise BnfoldError(f"the models take different numbers of inputs ({n_orig} vs {n_cand})")

@@ -6,26 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.errors import MissingExtraError
 from ..core.options import Options
 from ..core.results import FoldResult, Verification
 
 
 class KerasFrontend:
     name = "keras"
-    needs = "Keras 3 with TensorFlow"
+    needs = "Keras 3 (with TensorFlow, PyTorch or JAX as its backend)"
     extra = "keras"
 
     def owns(self, model: Any) -> bool:
         return any(c.__module__.startswith(("keras", "tf_keras", "tensorflow")) for c in type(model).__mro__)
 
     def available(self) -> None:
-        from .files import before_tensorflow
-        before_tensorflow()
-        try:
-            import keras  # noqa: F401
-        except ImportError:
-            raise MissingExtraError(self.needs, self.extra) from None
+        from .files import import_keras
+        import_keras()
 
     def load(self, path: str, *, trust: bool = False) -> Any:
         from .files import load
@@ -39,8 +34,9 @@ class KerasFrontend:
         return set()
 
     def example_inputs(self, model: Any, opts: Options) -> Any:
-        from .files import example_inputs_for
-        return example_inputs_for(model, input_specs=opts.spec_tuples(), inputs_npz=opts.inputs_npz, seed=opts.seed)
+        """Feeds (batches, and how each input was chosen) from --input / --inputs / the model's signature."""
+        from .feeds import plan_feeds
+        return plan_feeds(model, opts)
 
     def fold(self, model: Any, opts: Options, *, example_inputs: Any = None, path: str | None = None) -> FoldResult:
         from .fold import fold
@@ -51,18 +47,18 @@ class KerasFrontend:
         Keras `original`? Judged with the original's own numeric noise."""
         if type(candidate).__module__.startswith("onnx") and hasattr(candidate, "SerializeToString"):
             from .export import verify_onnx
-            from .files import feeds_for
-            return verify_onnx(original, candidate, feeds_for(original, example_inputs, opts.seed), opts)
+            from .fold import settled_feeds
+            return verify_onnx(original, candidate, settled_feeds(original, example_inputs, opts), opts)
         from .fold import check
         return check(original, candidate, opts, example_inputs)
 
     def export_onnx(self, model: Any, out_path: str, opts: Options, *, example_inputs: Any = None) -> FoldResult:
         """Fold, export to ONNX with Keras' own exporter, verify the ONNX on onnxruntime against the original."""
-        from .export import check_exportable, write_and_verify
-        from .files import feeds_for
+        from .export import check_exportable, fold_healed, write_and_verify
+        from .fold import settled_feeds
         check_exportable(model)
-        feeds = feeds_for(model, example_inputs, opts.seed)
-        result = self.fold(model, opts, example_inputs=feeds)
+        feeds = settled_feeds(model, example_inputs, opts)
+        result = fold_healed(lambda o: self.fold(model, o, example_inputs=feeds), opts)
         return write_and_verify(result, model, out_path, feeds, opts)
 
 

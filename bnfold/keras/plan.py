@@ -10,7 +10,7 @@ rebuild step only copies them into fresh layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -29,6 +29,20 @@ class LayerEdit:
     add_bias: bool = False
 
 
+@dataclass(frozen=True)
+class FoldSite:
+    """One fold, as its local proof replays it (Decision.site): the layer's weights before and after this
+    BN went in, on the region's input `x`, against the original's value of the region's output `y`."""
+
+    layer: Any                  # the layer the BN went into
+    bn: Any                     # the BatchNormalization layer
+    direction: str              # "after" (layer -> BN) or "before" (BN -> layer)
+    x: Any                      # the tensor the layer (with weights_in) reads in the original graph
+    y: Any                      # the BN's output (after) or the layer's output (before) in the original graph
+    weights_in: list[np.ndarray]
+    weights_out: list[np.ndarray]
+
+
 @dataclass
 class Plan:
     """Everything the rebuild needs for one (possibly nested) model."""
@@ -41,6 +55,8 @@ class Plan:
     nested: dict[int, "Plan"] = field(default_factory=dict)    # id(inner model) -> its plan
     after_target: dict[int, Any] = field(default_factory=dict)  # id(folded BN) -> layer it went into
     output_bns: set[int] = field(default_factory=set)         # removed BNs whose output is a model output
+    sites: dict[int, FoldSite] = field(default_factory=dict)   # id(folded BN) -> where it was folded
+    reads: dict[int, Any] = field(default_factory=dict)        # id(layer) -> its input once a BN folded in front
 
     def all_decisions(self) -> list[Decision]:
         """Every decision, nested models' included, in graph order."""
@@ -93,12 +109,14 @@ def graphs_per_layer(fn: Any) -> dict[int, set[int]]:
     return out
 
 
-def plan_model(model: Any, prefix: str = "", graph: Any = None,
-               opaque: Any = None, graphs: dict[int, set[int]] | None = None) -> Plan:
+def plan_model(model: Any, prefix: str = "", graph: Any = None, opaque: Any = None,
+               graphs: dict[int, set[int]] | None = None, exclude: Mapping[str, str] | None = None) -> Plan:
     """Examine `graph` (default: the model's own Functional) and decide every BN in it.
 
-    `opaque(model, prefix)` returns decisions for a nested model whose graph cannot be seen.
+    `opaque(model, prefix)` returns decisions for a nested model whose graph cannot be seen; a BN named in
+    `exclude` (BN path -> why) stays, its fold reverted because an earlier proof of it failed.
     """
+    exclude = exclude or {}
     import keras
 
     fn = graph if graph is not None else functional_of(model)
@@ -113,13 +131,18 @@ def plan_model(model: Any, prefix: str = "", graph: Any = None,
         seen.add(id(op))
         if isinstance(op, keras.Model):
             if is_graph_model(op):
-                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque, graphs=view.graphs)
+                plan.nested[id(op)] = plan_model(op, f"{prefix}{op.name}/", opaque=opaque, graphs=view.graphs,
+                                                 exclude=exclude)
                 plan.decisions.append(plan.nested[id(op)])
             elif opaque is not None:
                 plan.decisions.extend(opaque(op, f"{prefix}{op.name}/"))
             continue
         if isinstance(op, keras.layers.BatchNormalization):
             name = prefix + op.name
+            if name in exclude:
+                plan.decisions.append(Decision.skipped(name, Reason.VERIFICATION_FAILED,
+                                                       f"fold reverted: {exclude[name]}"))
+                continue
             try:
                 plan.decisions.append(_decide(view, node, plan, name, prefix))
             except Skip as s:
@@ -241,6 +264,7 @@ def _fold_after(view: GraphView, bn: Any, x: Any, rank: int, axis: int, s: np.nd
     if isinstance(prod, keras.layers.BatchNormalization) and id(prod) in plan.after_target:
         # BN -> BN: the first one already lives in the layer before it; fold the second there too.
         _check_single_use(view, x, prod.name)
+        layer_in = plan.sites[id(prod)].x
         prod = plan.after_target[id(prod)]
     else:
         role = role_of(prod)
@@ -253,15 +277,21 @@ def _fold_after(view: GraphView, bn: Any, x: Any, rank: int, axis: int, s: np.nd
             raise Skip(Reason.NONLINEAR_PRODUCER, f"{prod.name} applies activation {act!r}", prod.name)
         _check_single_use(view, x, prod.name)
         _check_bias_axis(prod, x)
+        # a BN folded into this layer from the front already: the layer now reads that BN's input
+        layer_in = plan.reads.get(id(prod), main_input(pnode))
     _check_dtypes(bn, prod, "layer")
     ch = channel_axis(prod, rank)
     if axis != ch:
         raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {prod.name}'s channels are "
                                          f"on axis {ch}", prod.name)
-    _apply(plan, prod, s, t, after=True)
-    _remove(view, plan, bn, node_output=_output_of(view, bn))
+    w_in, w_out = _apply(plan, prod, s, t, after=True)
+    out = _output_of(view, bn)
+    _remove(view, plan, bn, node_output=out)
     plan.after_target[id(bn)] = prod
-    return Decision.folded(name, prefix + prod.name, f"{type(prod).__name__}->BatchNormalization", "after")
+    plan.sites[id(bn)] = FoldSite(prod, bn, "after", layer_in, out, w_in, w_out)
+    d = Decision.folded(name, prefix + prod.name, f"{type(prod).__name__}->BatchNormalization", "after")
+    d.site = plan.sites[id(bn)]
+    return d
 
 
 def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: np.ndarray, t: np.ndarray,
@@ -285,9 +315,13 @@ def _fold_before(view: GraphView, node: Any, bn: Any, rank: int, axis: int, s: n
     if axis != ch:
         raise Skip(Reason.AXIS_MISMATCH, f"{bn.name} normalises axis {axis} but {cons.name} reads channels on "
                                          f"axis {ch}", cons.name)
-    _apply(plan, cons, s, t, after=False)
+    w_in, w_out = _apply(plan, cons, s, t, after=False)
     _remove(view, plan, bn, node_output=y)
-    return Decision.folded(name, prefix + cons.name, f"BatchNormalization->{type(cons).__name__}", "before")
+    plan.reads[id(cons)] = main_input(node)
+    plan.sites[id(bn)] = FoldSite(cons, bn, "before", main_input(node), cnode.outputs[0], w_in, w_out)
+    d = Decision.folded(name, prefix + cons.name, f"BatchNormalization->{type(cons).__name__}", "before")
+    d.site = plan.sites[id(bn)]
+    return d
 
 
 def _output_of(view: GraphView, bn: Any) -> Any:
@@ -300,8 +334,10 @@ def _remove(view: GraphView, plan: Plan, bn: Any, node_output: Any) -> None:
         plan.output_bns.add(id(bn))  # keeps its name as an Identity: users compile/export by output name
 
 
-def _apply(plan: Plan, layer: Any, s: np.ndarray, t: np.ndarray, after: bool) -> None:
-    """Fold (s, t) into the layer's current weights; raises Skip before changing anything."""
+def _apply(plan: Plan, layer: Any, s: np.ndarray, t: np.ndarray,
+           after: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Fold (s, t) into the layer's current weights: (weights before, weights after). Raises Skip
+    before changing anything."""
     edit = plan.edits.get(id(layer)) or LayerEdit(layer, [np.asarray(w) for w in layer.get_weights()])
     slots = slots_for(layer, edit.weights)
     w = edit.weights[slots.kernel]
@@ -313,6 +349,7 @@ def _apply(plan: Plan, layer: Any, s: np.ndarray, t: np.ndarray, after: bool) ->
         # mixed precision keeps float32 variables but computes in float16/bfloat16: must fit that too.
         kernel.round_to(f.weight.astype(np.float64), compute, "weight")
         kernel.round_to(f.bias.astype(np.float64), compute, "bias")
+    old = list(edit.weights)
     new = list(edit.weights)
     new[slots.kernel] = f.weight
     if slots.bias is None:
@@ -322,6 +359,7 @@ def _apply(plan: Plan, layer: Any, s: np.ndarray, t: np.ndarray, after: bool) ->
         new[slots.bias] = f.bias
     edit.weights = new
     plan.edits[id(layer)] = edit
+    return old, new
 
 
 def _np_dtype(name: str) -> Any:

@@ -128,9 +128,12 @@ class Rebuilder:
         return keras.Sequential(layers, name=model.name)
 
 
-def rebuild(model: Any, plan: Plan) -> Any:
-    """A new model computing `model` with the plan's BNs folded away."""
+def rebuild(model: Any, plan: Plan, built: dict[int, Any] | None = None) -> Any:
+    """A new model computing `model` with the plan's BNs folded away. `built`, when given, receives
+    id(original layer) -> its layer in the new model (what the per-fold proofs read the weights of)."""
     r = Rebuilder()
     new = r.model(model, plan)
     r.finish()
+    if built is not None:
+        built.update({k: v for k, v in r.new_ops.items() if v is not _DROP})
     return new

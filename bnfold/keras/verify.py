@@ -1,41 +1,41 @@
-"""Run Keras models on CPU / GPU and judge a candidate against the original.
+"""Is a Keras candidate the same function as the Keras original? Run both on every device, judge.
 
-The noise of the original is measured by running clones of it whose float weights were nudged by
-one ulp (compare.perturb) on the same device; mixed-precision models are nudged by one ulp of their
-16-bit compute dtype, since that is where their rounding happens.
+Each device (CPU always, the GPU when the Keras backend in use sees one) runs the original, the
+candidate and noise models (clones of the original whose float weights were nudged by one ulp,
+compare.perturb; mixed-precision models by one ulp of their 16-bit compute dtype, TF32 GPUs by one
+TF32 ulp) on the same feeds. The outputs are judged by compare.judge, and so is every layer output
+both models compute under the same name (keras/intermediates.py): the first that diverges fails the
+verification even when the outputs agree. With the fold's decisions, each fold is also proven on its
+own (keras/proofs.py), and a failed proof, or a first divergence at a fold, blames that fold: what
+self-healing reverts.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import re
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..verify import compare
+from ..core.decisions import Decision
 from ..core.errors import BnfoldError
 from ..core.options import Options
-from .files import before_tensorflow
 from ..core.results import ProviderResult, Verification
+from ..verify import compare
+from . import backend, intermediates, probes, proofs
+from .feeds import Feeds, missing, save
 
 NOISE_RUNS = 2
 TF32_EPS = 2.0 ** -11  # unit roundoff of TF32's 10-bit mantissa
-DEVICES = {"cpu": "/CPU:0", "gpu": "/GPU:0", "cuda": "/GPU:0"}
-
-
-def _tf() -> Any:
-    before_tensorflow()
-    import tensorflow as tf
-
-    return tf
 
 
 def gpu_available() -> bool:
-    """Whether TensorFlow sees a GPU."""
-    return bool(_tf().config.list_physical_devices("GPU"))
+    """Whether the Keras backend in use sees a GPU."""
+    return backend.gpu_available()
 
 
 def tf32_enabled() -> bool:
-    """Whether TensorFlow may run float32 matmuls/convolutions in TF32 on the GPU (its default)."""
-    return bool(_tf().config.experimental.tensor_float_32_execution_enabled())
+    """Whether the Keras backend in use may run float32 GPU matmuls/convolutions in TF32."""
+    return backend.tf32_enabled()
 
 
 def output_names(model: Any) -> list[str]:
@@ -50,24 +50,9 @@ def output_names(model: Any) -> list[str]:
     return names if names and len(names) == n else [f"output_{i}" for i in range(max(n, 1))]
 
 
-def pack_inputs(model: Any, feeds: Sequence[np.ndarray]) -> Any:
-    """Feeds in the structure the model's call expects."""
-    import keras
-
-    struct = getattr(model, "_inputs_struct", None)
-    if struct is not None:
-        return keras.tree.pack_sequence_as(struct, list(feeds))
-    return feeds[0] if len(feeds) == 1 else list(feeds)
-
-
 def run(model: Any, feeds: Sequence[np.ndarray], device: str = "cpu") -> list[np.ndarray]:
     """Outputs of `model` (inference mode) on `device`, flattened, as numpy arrays."""
-    import keras
-
-    tf = _tf()
-    with tf.device(DEVICES[device]):
-        out = model(pack_inputs(model, feeds), training=False)
-    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+    return backend.Runner(device).run(model, list(feeds))
 
 
 def _perturb_eps(model: Any) -> float | None:
@@ -97,32 +82,46 @@ def _nudged(weights: list[np.ndarray], rng: np.random.Generator, eps: float | No
     return out
 
 
-def noise_outputs(original: Any, feeds: Sequence[np.ndarray], device: str, seed: int,
-                  runs: int = NOISE_RUNS) -> list[list[np.ndarray]]:
-    """Outputs of `runs` one-ulp-nudged copies of `original` (the original itself is left as it was)."""
+def nudged_models(original: Any, device: str, seed: int, runs: int = NOISE_RUNS) -> Iterator[Any]:
+    """`runs` one-ulp-nudged versions of `original`, one at a time: a clone made on `device`, or (a model
+    Keras cannot clone) the original itself, nudged in place and restored bit for bit afterwards."""
     import keras
 
     weights = original.get_weights()
     eps = _noise_eps(original, device)
     try:
-        clone = keras.models.clone_model(original)
-        run(clone, feeds, device)  # builds a clone of a subclassed model
+        with keras.device(backend.DEVICE_NAMES[device]):
+            clone = keras.models.clone_model(original)
+            if not clone.built or len(clone.weights) != len(original.weights):
+                backend.call(clone, _probe_feeds(original), device)  # builds a clone of a subclassed model
         # a layer shared across nesting levels comes back as two layers: other weights than the original
         own = [tuple(w.shape) for w in clone.weights] == [tuple(w.shape) for w in original.weights]
         if not own:
             raise ValueError("the clone's weights do not match the original's")
     except Exception:
-        # Models that cannot be cloned are nudged in place and restored bit for bit afterwards.
         clone, own = original, False
-    results = []
     try:
         for k in range(runs):
             clone.set_weights(_nudged(weights, np.random.default_rng(seed + 1 + k), eps))
-            results.append(run(clone, feeds, device))
+            yield clone
     finally:
         if not own:
             original.set_weights(weights)
-    return results
+
+
+def _probe_feeds(model: Any) -> list[np.ndarray]:
+    """Small zero inputs of the model's own signature (only to build a clone)."""
+    from .files import model_input_specs
+
+    return [np.zeros(tuple(2 if d is None else d for d in shape), dtype="float32" if dt == "bfloat16" else dt)
+            for _, shape, dt in model_input_specs(model)]
+
+
+def noise_outputs(original: Any, feeds: Sequence[np.ndarray], device: str, seed: int,
+                  runs: int = NOISE_RUNS) -> list[list[np.ndarray]]:
+    """Outputs of `runs` one-ulp-nudged copies of `original` (the original itself is left as it was)."""
+    runner = backend.Runner(device)
+    return [runner.run(m, list(feeds)) for m in nudged_models(original, device, seed, runs)]
 
 
 def normalise_providers(providers: Sequence[str] | None) -> list[str]:
@@ -140,108 +139,176 @@ def normalise_providers(providers: Sequence[str] | None) -> list[str]:
     return out
 
 
-def verify_keras(original: Any, candidate: Any, feeds: Sequence[np.ndarray], opts: Options) -> Verification:
-    """Run original and candidate on each device and judge the candidate with compare.judge."""
-    providers, atol, rtol, seed = opts.providers, opts.atol, opts.rtol, opts.seed
-    names = output_names(original)
+def _by_name(names: list[str], runs: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Outputs of several batches, per output name (flattened and concatenated when more than one)."""
+    if len(runs) == 1:
+        return dict(zip(names, runs[0]))
+    return {n: np.concatenate([np.asarray(r[i]).reshape(-1) for r in runs]) for i, n in enumerate(names)}
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+class _Check:
+    """One verification of `candidate` against `original`: every device, then proofs and blame."""
+
+    def __init__(self, original: Any, candidate: Any, feeds: Feeds, opts: Options,
+                 decisions: list[Decision] | None) -> None:
+        self.original, self.candidate, self.feeds, self.opts = original, candidate, feeds, opts
+        self.decisions = decisions
+        self.names = output_names(original)
+        self.layers = probes.can_capture(original) and probes.can_capture(candidate)
+        self.tensors: dict[int, np.ndarray] | None = None  # the original's first batch, for the proofs
+
+    def provider(self, dev: str, ver: Verification) -> ProviderResult:
+        key = f"keras-{dev}"
+        runner = backend.Runner(dev)
+        batches = self.feeds.batches
+        try:
+            ref_runs = [runner.run(self.original, b) for b in batches]
+        except ImportError as e:
+            raise missing(e) from None
+        except BnfoldError:
+            raise
+        except Exception as e:  # the model itself rejects the inputs: a usage problem, not a verdict
+            shapes = ", ".join("x".join(str(d) for d in np.shape(f)) for f in batches[0])
+            raise BnfoldError(f"the model cannot run on inputs of shape {shapes} on {dev} ({_first_line(e)}); give "
+                              "the input shapes with --input NAME:SHAPE or real data with --inputs") from None
+        try:
+            cand_runs = [runner.run(self.candidate, b) for b in batches]
+        except Exception as e:  # a candidate that cannot even take the original's inputs is not equivalent
+            return ProviderResult(key, ran=True, passed=False, outputs={
+                "_": {"passed": False, "verdict": "failed", "why": f"the candidate fails on the inputs ({_first_line(e)})"}})
+        if any(len(c) != len(self.names) for c in cand_runs):
+            return ProviderResult(key, ran=True, passed=False, outputs={
+                "_": {"passed": False, "verdict": "failed",
+                      "why": f"{len(cand_runs[0])} outputs, expected {len(self.names)}"}})
+        notes: dict[str, Any] = {"backend": backend.name()}
+        if dev == "gpu" and tf32_enabled():
+            notes["tf32"] = True
+        caps = self._captures(runner, notes)
+        noise, noise_caps = [], []
+        ref, cand = _by_name(self.names, ref_runs), _by_name(self.names, cand_runs)
+        # a node-by-node run that gives the original's own outputs bit for bit gives the noise models' too
+        same = caps is not None and len(caps[0].outputs) == len(self.names) and all(
+            np.array_equal(a, ref[n], equal_nan=True) for n, a in zip(self.names, caps[0].outputs))
+        nudged = nudged_models(self.original, dev, self.opts.seed)
+        try:
+            for m in nudged:
+                if caps is not None:
+                    try:
+                        noise_caps.append(probes.concat([probes.capture(runner.here(m), b, dev) for b in batches]))
+                    except Exception as e:  # noqa: BLE001 - without the noise's layers, the outputs decide alone
+                        notes["intermediates"] = f"not compared: a noise model's layers could not be run ({_first_line(e)})"
+                        caps, same, noise_caps = None, False, []
+                if same:
+                    noise.append(dict(zip(self.names, noise_caps[-1].outputs)))
+                else:
+                    noise.append(_by_name(self.names, [runner.run(m, b) for b in batches]))
+        finally:
+            nudged.close()  # an original nudged in place gets its own weights back even when a run fails
+        passed, outs = compare.judge(ref, cand, noise, atol=self.opts.atol, rtol=self.opts.rtol)
+        compare.require_evidence(outs)
+        div = None
+        if caps is not None:
+            if not self._faithful(caps, ref, cand, noise):
+                notes["intermediates"] = ("not compared: running the layer graph node by node did not reproduce "
+                                          "the models' own outputs")
+            else:
+                after = intermediates.folded_after(self.decisions)
+                div, more = intermediates.first_divergence(caps[0], caps[1], noise_caps, self.opts.atol,
+                                                           self.opts.rtol, after, dev)
+                notes.update(more)
+        if div is not None and self.opts.outputs_only:
+            notes["ignored_divergence"] = div  # reported, not decisive, as asked
+            div = None
+        if div is not None:
+            if passed:
+                notes["masked_divergence"] = (
+                    "the outputs agree on these inputs, but a layer's output diverges: the error is masked "
+                    "downstream (e.g. a ReLU cut the damaged channel) and shows on other inputs")
+            passed = False
+            if ver.first_divergence is None:
+                ver.first_divergence = div
+        if not passed and ver.first_divergence is None:
+            worst = max((k for k in outs if outs[k].get("verdict") == "failed"),
+                        key=lambda k: outs[k].get("max_abs", 0) / (outs[k].get("atol") or 1e-300))
+            ver.first_divergence = {"layer": worst, "module": "model output", "device": dev,
+                                    "max_abs": outs[worst].get("max_abs"), "atol": outs[worst].get("atol")}
+        return ProviderResult(key, ran=True, passed=passed, outputs=outs, notes=notes)
+
+    def _captures(self, runner: backend.Runner, notes: dict[str, Any]) -> tuple[probes.Capture, probes.Capture] | None:
+        if not self.layers:
+            notes["intermediates"] = "not compared: the models have no recorded layer graph (subclassed)"
+            return None
+        try:
+            here = runner.here(self.original)
+            ref = [probes.capture(here, b, runner.device) for b in self.feeds.batches]
+            cand = [probes.capture(runner.here(self.candidate), b, runner.device) for b in self.feeds.batches]
+        except Exception as e:  # noqa: BLE001 - the outputs still decide; say why the layers could not
+            notes["intermediates"] = f"not compared: the layer graph could not be run node by node ({_first_line(e)})"
+            return None
+        if self.tensors is None and here is self.original:
+            self.tensors = ref[0].tensors
+        return probes.concat(ref), probes.concat(cand)
+
+    def _faithful(self, caps: tuple[probes.Capture, probes.Capture], ref: dict, cand: dict, noise: list) -> bool:
+        """Whether the node-by-node runs reproduce the models' own outputs (within the outputs' noise)."""
+        for cap, own in zip(caps, (ref, cand)):
+            if len(cap.outputs) != len(self.names):
+                return False
+            ok, _ = compare.judge(own, dict(zip(self.names, cap.outputs)), noise)
+            if not ok:
+                return False
+        return True
+
+    def prove(self, ver: Verification, built: dict[int, Any], graph: Any) -> None:
+        """The per-fold proofs, then the blame: failed proofs, and a first divergence at a fold."""
+        if self.tensors is None and graph is not None:
+            try:
+                self.tensors = probes.capture(graph, self.feeds.batches[0], backend.home(self.original)).tensors
+            except Exception:  # noqa: BLE001 - the proofs say they could not run
+                self.tensors = None
+        counts, blame = proofs.prove(self.decisions or [], built, self.tensors)
+        ver.proofs, ver.blame = counts, blame
+        fd = ver.first_divergence or {}
+        at = str(fd.get("layer") or "")
+        path = re.sub(r"#\d+", "", at).split(":")[0]  # fold sites are named by layer path, without call numbers
+        there = [d for d in self.decisions or [] if d.is_folded and path and path in (d.producer, d.bn)]
+        # a fold proven on its own is not what diverges, unless every fold there is proven (then it is their sum)
+        suspects = [d for d in there if not (d.proof and d.proof.get("passed"))] or there
+        named = {b["bn"] for b in blame}
+        for d in suspects:
+            if d.bn not in named:
+                ver.blame.append({"bn": d.bn, "why": f"the end-to-end check diverges at {at!r} ({fd.get('device')}): "
+                                                     f"max abs {fd.get('max_abs'):.3g} > atol {fd.get('atol'):.3g}",
+                                  "max_abs": fd.get("max_abs"), "bound": fd.get("atol"), "layer": at})
+
+
+def verify_keras(original: Any, candidate: Any, feeds: Feeds, opts: Options, decisions: list[Decision] | None = None,
+                 built: dict[int, Any] | None = None, graph: Any = None) -> Verification:
+    """Run original and candidate on each device and judge the candidate: outputs, every same-named layer
+    output and, given the fold's decisions (with `built`, id(original layer) -> folded layer, and `graph`,
+    the original's graph the plan read), every fold's own proof."""
+    atol, rtol = opts.atol, opts.rtol
     ver = Verification(tolerance={"atol": atol, "rtol": rtol,
                                   "how": "user" if atol is not None or rtol is not None else "auto"})
-    for dev in normalise_providers(providers):
+    check = _Check(original, candidate, feeds, opts, decisions)
+    for dev in normalise_providers(opts.providers):
         key = f"keras-{dev}"
         if dev == "gpu" and not gpu_available():
-            if providers is not None:
+            if opts.providers is not None:
                 # asked for by name: a GPU that cannot run is the user's problem to hear about (exit 2)
-                raise BnfoldError("provider gpu was requested but TensorFlow sees no GPU")
-            ver.providers[key] = ProviderResult(key, ran=False, why="TensorFlow sees no GPU")
+                raise BnfoldError(f"provider gpu was requested but {backend.no_gpu_why()}")
+            ver.providers[key] = ProviderResult(key, ran=False, why=backend.no_gpu_why())
             continue
-        try:
-            ref = dict(zip(names, run(original, feeds, dev)))
-        except Exception as e:  # the model itself rejects the inputs: a usage problem, not a verdict
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            shapes = ", ".join("x".join(str(d) for d in np.shape(f)) for f in feeds)
-            raise BnfoldError(f"the model cannot run on inputs of shape {shapes} ({type(e).__name__}: {first}); "
-                              "give the input shapes with --input NAME:SHAPE or real data with --inputs") from None
-        try:
-            cand_out = run(candidate, feeds, dev)
-        except Exception as e:  # a candidate that cannot even take the original's inputs is not equivalent
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            ver.providers[key] = ProviderResult(key, ran=True, passed=False, outputs={
-                "_": {"passed": False, "why": f"the candidate fails on the inputs ({type(e).__name__}: {first})"}})
-            continue
-        if len(cand_out) != len(names):
-            ver.providers[key] = ProviderResult(key, ran=True, passed=False, outputs={
-                "_": {"passed": False, "why": f"{len(cand_out)} outputs, expected {len(names)}"}})
-            continue
-        cand = dict(zip(names, cand_out))
-        noise = [dict(zip(names, o)) for o in noise_outputs(original, feeds, dev, seed)]
-        ok, per_output = compare.judge(ref, cand, noise, atol=atol, rtol=rtol)
-        notes = {"tf32": True} if dev == "gpu" and tf32_enabled() else {}
-        ver.providers[key] = ProviderResult(key, ran=True, passed=ok, outputs=per_output, notes=notes)
-        if not ok and ver.first_divergence is None:
-            try:
-                ver.first_divergence = first_divergence(original, candidate, feeds, dev, seed)
-            except Exception as e:  # locating the layer is a diagnosis; it must not hide the verdict
-                ver.first_divergence = {"layer": None, "why": f"could not be located ({type(e).__name__}: {e})"}
+        opts.say(f"verifying on {dev} (Keras backend {backend.name()})")
+        ver.providers[key] = check.provider(dev, ver)
+    ver.inputs = feeds.doc
+    ver.notes["keras_backend"] = backend.name()
+    if decisions is not None:
+        check.prove(ver, built or {}, graph)
+    if opts.save_inputs:
+        save(feeds, opts.save_inputs)
     return ver
-
-
-def _probe_tensors(functional: Any, names: set[str]) -> dict[str, Any]:
-    """Output tensor of every single-call layer named in `names`. Where the layer's only reader is a
-    BatchNorm missing from `names` (folded away), the BN's output stands for it: that is the value
-    the folded layer now computes."""
-    from .graph import GraphView
-
-    view = GraphView(functional)
-    out: dict[str, Any] = {}
-    for node in view.nodes:
-        name = node.operation.name
-        if name not in names or view.calls[id(node.operation)] > 1 or len(node.outputs) != 1:
-            continue
-        t = node.outputs[0]
-        while True:
-            readers = view.consumers.get(id(t), [])
-            if len(readers) != 1 or readers[0].operation.name in names or id(t) in view.output_ids:
-                break
-            if type(readers[0].operation).__name__ != "BatchNormalization":
-                break
-            t = readers[0].outputs[0]
-        out[name] = t
-    return out
-
-
-def first_divergence(original: Any, candidate: Any, feeds: Sequence[np.ndarray], device: str = "cpu",
-                     seed: int = 0) -> dict[str, Any] | None:
-    """The earliest layer of `candidate` whose output differs from the original's beyond its noise."""
-    import keras
-
-    from .plan import functional_of, is_graph_model
-
-    if not (is_graph_model(original) and is_graph_model(candidate)):
-        return None
-    fo, fc = functional_of(original), functional_of(candidate)
-    from .graph import GraphView
-
-    order = [n.operation.name for n in GraphView(fc).nodes]
-    cand_t = _probe_tensors(fc, set(order))
-    orig_t = _probe_tensors(fo, set(order))
-    common = [n for n in order if n in cand_t and n in orig_t and cand_t[n].shape == orig_t[n].shape]
-    if not common:
-        return None
-    clone = keras.models.clone_model(original)
-    clone.set_weights(_nudged(original.get_weights(), np.random.default_rng(seed + 1),
-                               _noise_eps(original, device)))
-    noise_t = _probe_tensors(functional_of(clone), set(common))
-    common = [n for n in common if n in noise_t]
-
-    def probe(fn: Any, tensors: dict[str, Any]) -> dict[str, np.ndarray]:
-        m = keras.Model(fn.inputs, [tensors[n] for n in common])
-        return dict(zip(common, run(m, feeds, device)))
-
-    ref, cand = probe(fo, orig_t), probe(fc, cand_t)
-    noise = probe(functional_of(clone), noise_t)
-    _, per = compare.judge(ref, cand, [noise])
-    for name in common:
-        if not per[name]["passed"]:
-            s = per[name]
-            return {"layer": name, "device": device, "max_abs": s["max_abs"], "atol": s["atol"]}
-    return None

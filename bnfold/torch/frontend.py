@@ -28,7 +28,10 @@ class TorchFrontend:
     extra = "torch"
 
     def owns(self, model: Any) -> bool:
-        return any(c.__module__.startswith("torch") for c in type(model).__mro__)
+        # a Keras model on Keras' torch backend is also an nn.Module: it is Keras' to fold
+        mro = type(model).__mro__
+        return any(c.__module__.startswith("torch") for c in mro) and not any(c.__module__.startswith("keras")
+                                                                              for c in mro)
 
     def available(self) -> None:
         try:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..core.decisions import Decision
 from .capture import arg, functional_kind, module_kind
-from .taps import Key, Taps
+from .taps import Taps
 
 SLACK = 2.0
 F64_TERM = 2.0 ** -36

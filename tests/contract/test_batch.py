@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold import marks
 from bnfold.batch import plan
 from bnfold.cli import main
 from tests.conftest import SAMPLES, random_bn

@@ -3,6 +3,8 @@ channels_first bias quirk of Keras' TensorFlow backend, dynamic input shapes, di
 dtypes, output names, variables captured by a traced call(), and the check report's culprit line."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -58,15 +60,37 @@ def test_channels_first_producer_whose_width_equals_its_channels(kind, rng):
     _fold(model, rng, ["bn"])
 
 
-def test_dynamic_spatial_dims_without_an_input_shape_is_exit_2(tmp_path, rng, capsys):
+def _dynamic(tmp_path, rng, pool: int | None):
     inp = keras.Input((None, None, 3), name="img")
-    model = keras.Model(inp, L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="c")(inp)))
+    y = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="c")(inp))
+    if pool:
+        y = L.MaxPooling2D(pool, name="pool")(y)
+    model = keras.Model(inp, y)
     randomise(model, rng)
     src = tmp_path / "dyn.keras"
     keras_pass.save(model, str(src))
-    assert main([str(src)]) == 2  # the default of 1 for None dims is too small for a 3x3 valid conv
+    return src
+
+
+def test_dynamic_spatial_dims_get_a_realistic_default(tmp_path, rng, capsys):
+    """None dims: batch 2, every other 64 (never 1, where a 3x3 kernel sees only its centre)."""
+    src = _dynamic(tmp_path, rng, None)
+    assert main([str(src), "--json"]) == 0
+    ver = json.loads(capsys.readouterr().out)["verification"]
+    assert ver["inputs"]["img"]["shape"] == [2, 64, 64, 3] and "defaulted" in ver["inputs"]["img"]["how"]
+
+
+def test_dynamic_spatial_dims_grow_until_the_model_runs(tmp_path, rng, capsys):
+    src = _dynamic(tmp_path, rng, 100)  # a 100-wide pooling window cannot run on 64 (62 after the conv)
+    assert main([str(src), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verification"]["inputs"]["img"]["shape"] == [2, 128, 128, 3]
+
+
+def test_dynamic_spatial_dims_too_small_at_every_size_is_exit_2(tmp_path, rng, capsys):
+    src = _dynamic(tmp_path, rng, 400)
+    assert main([str(src)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(src) in err[0] and "--input" in err[0]
+    assert len(err) == 1 and str(src) in err[0] and "--input" in err[0] and "320" in err[0]
     assert _listing(tmp_path) == ["dyn.keras"]
 
 

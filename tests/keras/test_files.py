@@ -104,7 +104,7 @@ def test_example_inputs_from_shapes_and_npz(tmp_path):
     a, b = keras.Input((None, 3), name="seq"), keras.Input((4,), name="ids", dtype="int32")
     model = keras.Model([a, b], L.Dense(2)(L.GlobalAveragePooling1D()(a)) + keras.ops.cast(b[:, :2], "float32"))
     feeds = keras_pass.example_inputs_for(model)
-    assert [f.shape for f in feeds] == [(1, 1, 3), (1, 4)] and feeds[1].dtype == np.int32
+    assert [f.shape for f in feeds] == [(2, 64, 3), (2, 4)] and feeds[1].dtype == np.int32  # batch 2, others 64
     feeds = keras_pass.example_inputs_for(model, input_specs=[("seq", (2, 7, 3), "float32")], seed=3)
     assert feeds[0].shape == (2, 7, 3) and feeds[1].min() >= 0
     assert np.array_equal(feeds[0], keras_pass.example_inputs_for(

@@ -32,6 +32,9 @@ def _fold_checked(model, rng, **kw):
     result = keras_pass.fold(model, example_inputs=feeds, **kw)
     assert result.report.verification.passed is True, result.report.verification.to_dict()
     assert_same_function(model, result.model, feeds)
+    # every fold is proven on its own (its float64 replay ran: not merely "not run"), within its bound
+    for d in result.report.folded:
+        assert d.proof.get("passed") is True and d.proof["ratio"] <= 1.0, d.to_dict()
     return result
 
 

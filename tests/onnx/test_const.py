@@ -3,7 +3,6 @@ and any other subgraph computable from constants alone are evaluated in numpy an
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.onnx.const import ConstEvaluator

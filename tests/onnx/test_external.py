@@ -14,7 +14,6 @@ from onnx import numpy_helper
 import bnfold
 from bnfold.onnx import ondisk as onnx_io
 from bnfold.cli import main
-from bnfold.core.errors import BnfoldError
 from bnfold.onnx.io import load_onnx, save_onnx
 from tests.helpers.onnx_build import G
 from tests.helpers.onnx_fold_check import assert_same_function, ort_session

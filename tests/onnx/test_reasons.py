@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper
 
 import bnfold
@@ -148,5 +147,5 @@ def test_every_reason_code_is_provoked_somewhere():
     import pathlib
     text = "".join(p.read_text() for p in pathlib.Path(__file__).parents[1].rglob("test_*.py"))
     missing = [r.value for r in Reason if f"Reason.{r.value}" not in text.replace(
-        f'f"Reason.{{r.value}}"', "")]
+        'f"Reason.{r.value}"', "")]
     assert not missing, f"no test provokes {missing}"

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.onnx.scopes import all_names
 from tests.conftest import random_bn
 from tests.helpers.onnx_fold_check import decisions, fold_verified, ort_session
 
