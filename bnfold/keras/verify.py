@@ -208,7 +208,8 @@ class _Check:
                     noise.append(_by_name(self.names, [runner.run(m, b) for b in batches]))
         finally:
             nudged.close()  # an original nudged in place gets its own weights back even when a run fails
-        passed, outs = compare.judge(ref, cand, noise, atol=self.opts.atol, rtol=self.opts.rtol)
+        passed, outs = compare.judge(ref, cand, noise, atol=self.opts.atol, rtol=self.opts.rtol,
+                                     roundoff=_perturb_eps(self.original))
         compare.require_evidence(outs)
         div = None
         if caps is not None:

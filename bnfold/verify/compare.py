@@ -109,8 +109,13 @@ def quick_measure(ref: np.ndarray, cand: np.ndarray, noise: list[np.ndarray]) ->
 
 def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
           noise_runs: list[Mapping[str, np.ndarray]], atol: float | Mapping[str, float] | None = None,
-          rtol: float | None = None, floor_multiplier: float = 1.0) -> tuple[bool, dict[str, dict[str, Any]]]:
+          rtol: float | None = None, floor_multiplier: float = 1.0,
+          roundoff: float | None = None) -> tuple[bool, dict[str, dict[str, Any]]]:
     """Compare every output of `candidate` with `reference`. Returns (passed, per-output dict).
+
+    `roundoff`: the unit roundoff of the coarsest arithmetic the model computes in, when coarser than
+    its outputs' dtype (a mixed-precision model's float16 layers behind a float32 output): whether the
+    tolerance is small against the values is judged at that precision, not the outputs' dtype.
 
     `noise_runs` are outputs of the reference model with nudged weights (or of another execution
     path); the largest deviation among them is the noise. `atol` may be global or per output name;
@@ -163,7 +168,8 @@ def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarra
             entry["nothing_finite"] = True  # NaN == NaN everywhere: this output proves nothing
         # bit-identical values need no tolerance: a large one proves nothing only where it was needed
         loose = s["max_abs"] > 0 or "non_finite" in s
-        why = unproven(ref, finite, ref_max, tol_abs if loose else 0.0, tol_rel if loose else 0.0) if ok else None
+        why = unproven(ref, finite, ref_max, tol_abs if loose else 0.0, tol_rel if loose else 0.0,
+                       roundoff) if ok else None
         entry["verdict"] = "failed" if not ok else "inconclusive" if why else "passed"
         if why:
             entry["inconclusive"] = why
@@ -178,7 +184,8 @@ SWAMPED = 0.01
 SWAMPED_ULPS = 64.0
 
 
-def unproven(ref: np.ndarray, finite: np.ndarray, ref_max: float, atol: float, rtol: float) -> str | None:
+def unproven(ref: np.ndarray, finite: np.ndarray, ref_max: float, atol: float, rtol: float,
+             roundoff: float | None = None) -> str | None:
     """Why agreement on this tensor proves nothing (empty, all zero, nothing finite, tolerance as large as
     the values), or None when it is evidence."""
     floating = ref.dtype.kind in "fc" or ref.dtype.name == "bfloat16"
@@ -188,7 +195,7 @@ def unproven(ref: np.ndarray, finite: np.ndarray, ref_max: float, atol: float, r
         return "no finite value in the original"
     if floating and ref_max == 0.0:
         return "all zero in the original"
-    limit = max(SWAMPED, SWAMPED_ULPS * unit_roundoff(ref.dtype))
+    limit = max(SWAMPED, SWAMPED_ULPS * max(unit_roundoff(ref.dtype), roundoff or 0.0))
     if floating and (atol >= limit * ref_max or rtol >= limit):
         return (f"the tolerance (atol {atol:.3g}{f', rtol {rtol:.3g}' if rtol else ''}) is not small against the "
                 f"values (max |reference| {ref_max:.3g})")
