@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import BnfoldError, MissingExtraError
-from ..core.files import atomic_write, check_input_file
+from ..core.files import atomic_write, check_input_file, temp_path
 
 
 def before_tensorflow() -> None:
@@ -108,8 +107,7 @@ def save(model: Any, path: str) -> None:
 def _save_saved_model(model: Any, target: Path) -> None:
     if target.exists() and not (target / "saved_model.pb").exists():
         raise BnfoldError("is an existing directory that is not a SavedModel; it is left as it is", str(target))
-    parent = target.parent if str(target.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent)))
+    tmp = Path(temp_path(target, directory=True))
     old = None
     try:
         out = tmp / "model"

@@ -42,6 +42,7 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
             raise BnfoldError(f"external data file missing: {_short(e)}", path) from None
         except Exception as e:  # noqa: BLE001
             raise BnfoldError(f"cannot read external data: {_short(e)}", path) from None
+    _check_sizes(model, path)
     try:
         onnx.checker.check_model(structure_only(model), full_check=False)
     except onnx.checker.ValidationError as e:
@@ -52,13 +53,44 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
 
 
 def _check_external_files(model: onnx.ModelProto, base: str, path: str) -> None:
-    for t in model.graph.initializer:
+    """Every external data file is a file inside the model's folder: a location that is absolute, climbs
+    out with '..' or is a symbolic link is refused before anything is opened (a hostile model could
+    otherwise make bnfold read, and copy into its output, any file the user can read)."""
+    for t in all_tensors(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if loc and (os.path.isabs(loc) or ".." in Path(loc.replace("\\", "/")).parts
+                    or os.path.islink(os.path.join(base, loc))
+                    or not os.path.realpath(os.path.join(base, loc)).startswith(os.path.join(base, ""))):
+            raise BnfoldError(f"external data location {loc!r} (weights of {t.name!r}) is outside the model's "
+                              "folder or a symbolic link; refused", path)
         if not loc or not os.path.isfile(os.path.join(base, loc)):
             raise BnfoldError(f"external data file {loc!r} (weights of {t.name!r}) is missing next to the model",
                               path)
+
+
+def _check_sizes(model: onnx.ModelProto, path: str) -> None:
+    """Each tensor holds as much data as its dims declare (a mismatch would crash, or allocate what the
+    dims claim, later); on-disk tensors were checked against their files when left there."""
+    T = onnx.TensorProto
+    for t in all_tensors(model):
+        if is_external(t) or t.data_type in (T.STRING, T.UNDEFINED):
+            continue
+        if any(d < 0 for d in t.dims):
+            raise BnfoldError(f"tensor {t.name!r} has a negative dimension {list(t.dims)}", path)
+        if t.HasField("raw_data"):
+            have, want, unit = len(t.raw_data), nbytes(t), "bytes"
+        else:
+            n = 1
+            for d in t.dims:
+                n *= int(d)
+            have = len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
+            want = 2 * n if t.data_type in (T.COMPLEX64, T.COMPLEX128) else (n + 1) // 2 if nbytes(t) < n else n
+            unit = "values"
+        if have != want:
+            raise BnfoldError(f"tensor {t.name!r} declares dims {list(t.dims)} ({want} {unit}) but holds {have} "
+                              f"{unit}; the file is corrupt", path)
 
 
 def external_files(path: str) -> set[str]:

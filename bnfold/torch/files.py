@@ -74,13 +74,25 @@ def load(path: str, *, trust: bool = False) -> Any:
 def save(model: Any, path: str) -> None:
     """Write `model` atomically in its own format (.pt2, TorchScript, or a pickled nn.Module)."""
     if isinstance(model, torch.export.ExportedProgram):
-        atomic_write(path, lambda tmp: torch.export.save(model, tmp))
+        how = torch.export.save
     elif isinstance(model, torch.jit.ScriptModule):
-        atomic_write(path, lambda tmp: torch.jit.save(model, tmp))
+        how = torch.jit.save
     elif isinstance(model, nn.Module):
-        atomic_write(path, lambda tmp: torch.save(model, tmp))
+        how = torch.save
     else:
         raise BnfoldError(f"cannot save a {type(model).__name__} as a PyTorch model", path)
+    atomic_write(path, lambda tmp: _writing(how, model, tmp))
+
+
+def _writing(how: Any, model: Any, tmp: str) -> None:
+    """torch's zip writer reports a failed write (disk full, file size limit) as a RuntimeError."""
+    try:
+        how(model, tmp)
+    except RuntimeError as e:
+        if "failed writing" in str(e) or "file write failed" in str(e):
+            import errno
+            raise OSError(errno.EIO, f"write failed ({_first_line(e)})", tmp) from None
+        raise
 
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
