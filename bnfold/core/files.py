@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import BnfoldError
+from .errors import BnfoldError, WriteFailed
 
 ONNX_EXTS = {".onnx"}
 TORCH_EXTS = {".pt2", ".pt", ".pth", ".ts", ".torchscript", ".jit"}
@@ -109,7 +109,7 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str | None = N
         raise
 
 
-def write_error(e: OSError, path: str | Path) -> BnfoldError:
+def write_error(e: OSError, path: str | Path) -> WriteFailed:
     """A failed write as a one-line error naming the output (disk full, read-only folder...)."""
     import errno
     why = e.strerror or str(e) or type(e).__name__
@@ -117,7 +117,7 @@ def write_error(e: OSError, path: str | Path) -> BnfoldError:
         why += " (disk full, quota or file size limit)"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why += " (the output folder is not writable)"
-    return BnfoldError(f"cannot write the output: {why}; nothing written", str(path))
+    return WriteFailed(f"cannot write the output: {why}; nothing written", str(path), e.errno, e.strerror)
 
 
 # -- temporary names ------------------------------------------------------------------------------
