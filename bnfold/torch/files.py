@@ -85,14 +85,20 @@ def save(model: Any, path: str) -> None:
 
 
 def _writing(how: Any, model: Any, tmp: str) -> None:
-    """torch's zip writer reports a failed write (disk full, file size limit) as a RuntimeError."""
+    """Serialise into memory, then write the bytes: torch's zip writer, when a write to a file fails (disk
+    full, file size limit), throws again from its destructor and aborts the whole process. The archive
+    is held once in memory meanwhile (about the size of the weights)."""
+    import io
+    buf = io.BytesIO()
+    how(model, buf)
+    view = buf.getbuffer()
     try:
-        how(model, tmp)
-    except RuntimeError as e:
-        if "failed writing" in str(e) or "file write failed" in str(e):
-            import errno
-            raise OSError(errno.EIO, f"write failed ({_first_line(e)})", tmp) from None
-        raise
+        with open(tmp, "wb") as fh:
+            step = 64 << 20
+            for i in range(0, len(view), step):
+                fh.write(view[i:i + step])
+    finally:
+        view.release()
 
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
