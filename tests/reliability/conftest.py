@@ -157,3 +157,41 @@ def copy_model(src: Path, folder: Path) -> Path:
 
 def folded_bytes(src: Path) -> bytes:
     return src.with_name(f"{src.stem}.folded{src.suffix}").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def pt2_model(tmp_path_factory):
+    """A torch.export program of Linear -> BatchNorm1d twice (statistics calibrated in train mode)."""
+    import torch
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.ReLU(),
+                            torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024))
+    m.train()
+    with torch.no_grad():
+        for _ in range(4):
+            m(torch.randn(64, 256) * 3 + 1)
+    m.eval()
+    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
+    x = torch.randn(2, 256)
+    torch.export.save(torch.export.export(m, (x,)), str(path))
+    return path, m, x
+
+
+@pytest.fixture(scope="session")
+def keras_model(tmp_path_factory):
+    import keras
+    rng = np.random.default_rng(5)
+    x = keras.Input((256,))
+    y = keras.layers.Dense(1024)(x)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU()(y)
+    y = keras.layers.Dense(512)(y)
+    y = keras.layers.BatchNormalization()(y)
+    m = keras.Model(x, y)
+    for layer in m.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            st = random_bn(rng, layer.gamma.shape[0])
+            layer.set_weights([st[k].astype("float32") for k in ("gamma", "beta", "mean", "var")])
+    path = tmp_path_factory.mktemp("keras") / "model.keras"
+    m.save(str(path))
+    return path, m

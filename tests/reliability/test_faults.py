@@ -61,24 +61,6 @@ def test_sigkill_mid_save_onnx_leaves_no_partial_output_and_the_rerun_cleans_up(
     assert strays(src.parent) == []  # the killed runs' temporary files are gone too
 
 
-@pytest.fixture(scope="module")
-def pt2_model(tmp_path_factory):
-    """A torch.export program of Linear -> BatchNorm1d twice (statistics calibrated in train mode)."""
-    import torch
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.ReLU(),
-                            torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024))
-    m.train()
-    with torch.no_grad():
-        for _ in range(4):
-            m(torch.randn(64, 256) * 3 + 1)
-    m.eval()
-    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
-    x = torch.randn(2, 256)
-    torch.export.save(torch.export.export(m, (x,)), str(path))
-    return path, m, x
-
-
 def _same_function_pt2(path: Path, module, x) -> None:
     import torch
     with torch.no_grad():
@@ -97,28 +79,6 @@ def test_sigkill_mid_save_pt2(pt2_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert strays(src.parent) == [] and _inputs(src.parent) == inputs
     _same_function_pt2(out, module, x)
-
-
-@pytest.fixture(scope="module")
-def keras_model(tmp_path_factory):
-    import keras
-
-    from tests.conftest import random_bn
-    rng = np.random.default_rng(5)
-    x = keras.Input((256,))
-    y = keras.layers.Dense(1024)(x)
-    y = keras.layers.BatchNormalization()(y)
-    y = keras.layers.ReLU()(y)
-    y = keras.layers.Dense(512)(y)
-    y = keras.layers.BatchNormalization()(y)
-    m = keras.Model(x, y)
-    for layer in m.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            st = random_bn(rng, layer.gamma.shape[0])
-            layer.set_weights([st[k].astype("float32") for k in ("gamma", "beta", "mean", "var")])
-    path = tmp_path_factory.mktemp("keras") / "model.keras"
-    m.save(str(path))
-    return path, m
 
 
 def test_sigkill_mid_save_keras(keras_model, tmp_path):

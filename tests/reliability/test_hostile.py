@@ -1,0 +1,276 @@
+"""Hostile files, crafted to crash, exhaust, read outside their folder or run code: each is refused with
+one error line and exit 2, nothing is written, nothing outside the model's folder is read, no code runs."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import random_bn
+
+from .conftest import assert_one_line_error, bnfold, snapshot, strays
+
+SECRET = b"SECRET-" * 62 + b"END!!!"  # 440 bytes: enough for the 432-byte weight a hostile model points at
+
+
+def conv_bn(c: int = 4) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    st = random_bn(rng, c)
+    inits = [numpy_helper.from_array(rng.normal(0, .3, (c, 3, 3, 3)).astype(np.float32), "w")]
+    inits += [numpy_helper.from_array(st[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    n, varint = len(payload), bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        varint.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes([(number << 3) | 2]) + bytes(varint) + payload
+
+
+def nesting_bomb() -> bytes:
+    """ModelProto.graph -> node -> attribute -> g -> node -> ... 3,000 levels deep (a parser that recursed
+    without a limit would overflow the C stack)."""
+    inner = b""
+    for _ in range(3000):
+        inner = _field(6, _field(1, _field(5, inner)))  # AttributeProto.g, GraphProto.node, NodeProto.attribute
+    return b"\x08\x08" + _field(7, _field(1, _field(5, inner)))
+
+
+def length_bomb() -> bytes:
+    """A graph field that declares 4 GiB and holds 100 bytes."""
+    return b"\x08\x08" + bytes([(7 << 3) | 2]) + b"\xff\xff\xff\xff\x0f" + b"\0" * 100
+
+
+def _external(m: onnx.ModelProto, location: str) -> onnx.ModelProto:
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "432")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return m
+
+
+def _dims_short() -> onnx.ModelProto:
+    m = conv_bn()
+    m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:100]
+    return m
+
+
+def _dims_huge() -> onnx.ModelProto:
+    m = conv_bn()
+    m.graph.initializer[0].dims[:] = [1 << 20, 1 << 20, 1 << 20, 1 << 20]  # 2^80 elements claimed
+    return m
+
+
+def _typed_short() -> onnx.ModelProto:
+    m = conv_bn()
+    t = m.graph.initializer[1]  # gamma, as float_data with one value missing
+    values = numpy_helper.to_array(t).tolist()
+    t.ClearField("raw_data")
+    t.float_data.extend(values[:-1])
+    return m
+
+
+def _duplicate_initializer() -> onnx.ModelProto:
+    m = conv_bn()
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), "gamma"))
+    return m
+
+
+def _duplicate_node() -> onnx.ModelProto:
+    m = conv_bn()
+    m.graph.node[1].name = "conv"
+    return m
+
+
+def _cycle() -> onnx.ModelProto:
+    m = conv_bn()
+    m.graph.node[0].input[0] = "y"  # conv reads bn's output, bn reads conv's
+    return m
+
+
+HOSTILE_ONNX = {
+    "nesting-bomb": (nesting_bomb, "cannot parse"),
+    "length-bomb": (length_bomb, "cannot parse"),
+    "dims-disagree-with-data": (_dims_short, "declares dims"),
+    "dims-claim-2^80-elements": (_dims_huge, "declares dims"),
+    "typed-data-short": (_typed_short, "declares dims"),
+    "duplicate-initializer-names": (_duplicate_initializer, "'gamma'"),
+    "duplicate-node-names": (_duplicate_node, "conv"),
+    "cycle": (_cycle, "topologically sorted"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ONNX))
+def test_hostile_onnx_is_refused_and_nothing_is_written(case, tmp_path):
+    make, words = HOSTILE_ONNX[case]
+    path = tmp_path / "m.onnx"
+    made = make()
+    path.write_bytes(made if isinstance(made, bytes) else made.SerializeToString())
+    before = snapshot(tmp_path)
+    r = bnfold(path, timeout=120)
+    assert_one_line_error(r, path, words)
+    assert snapshot(tmp_path) == before
+
+
+def _untouched_since(secret: Path) -> float | None:
+    """Give `secret` an old access time; None where this file system does not record reads."""
+    old = time.time() - 3 * 86400
+    st = secret.stat()
+    os.utime(secret, (old, st.st_mtime))
+    secret.read_bytes()
+    if secret.stat().st_atime <= old + 1:
+        return None
+    os.utime(secret, (old, st.st_mtime))
+    return old
+
+
+@pytest.mark.parametrize("how", ["dot-dot", "absolute", "symlink", "symlinked-folder"])
+def test_external_data_outside_the_model_folder_is_never_read(how, tmp_path):
+    """The location points at a file outside the model's folder that would fit the weight exactly: were
+    it read, the fold would succeed with its bytes as weights."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET)
+    folder = tmp_path / "deep" / "down" / "model"
+    folder.mkdir(parents=True)
+    location = {"dot-dot": "../../../secret.bin", "absolute": str(secret), "symlink": "weights.bin",
+                "symlinked-folder": "sub/secret.bin"}[how]
+    if how == "symlink":
+        (folder / "weights.bin").symlink_to(secret)
+    if how == "symlinked-folder":
+        (folder / "sub").symlink_to(tmp_path)
+    path = folder / "m.onnx"
+    onnx.save(_external(conv_bn(), location), str(path))
+    before = snapshot(tmp_path)
+    old = _untouched_since(secret)  # after the snapshot, which reads it
+    r = bnfold(path, "--json", timeout=120)
+    if old is not None:
+        assert secret.stat().st_atime <= old + 1, "the file outside the model's folder was read"
+    assert_one_line_error(r, path, "outside the model's folder")
+    assert json.loads(r.stdout)["error"]["code"] == 2
+    assert snapshot(tmp_path) == before
+
+
+def test_external_data_to_etc_passwd(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_external(conv_bn(), "../" * 40 + "etc/passwd"), str(path))
+    r = bnfold(path, timeout=120)
+    assert_one_line_error(r, path, "outside the model's folder")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+# -- PyTorch ------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this makes a folder: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _rewrite_zip(src: Path, dst: Path, change=lambda name, data: data, extra: dict | None = None) -> Path:
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            out.writestr(info.filename, change(info.filename, z.read(info.filename)))
+        for name, data in (extra or {}).items():
+            out.writestr(name, data)
+    return dst
+
+
+def _hostile_pt2(src: Path, folder: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    evil = pickle.dumps(_Payload(marker), protocol=2)
+    root = zipfile.ZipFile(src).namelist()[0].split("/")[0]
+    weights = f"{root}/data/weights/"
+
+    def pickled_weight(name: str, data: bytes) -> bytes:
+        if name == weights + "model_weights_config.json":
+            cfg = json.loads(data)
+            first = next(iter(cfg["config"].values()))
+            first["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        first = next(iter(json.loads(zipfile.ZipFile(src).read(weights + "model_weights_config.json"))["config"]
+                          .values()))["path_name"]
+        return evil if name == weights + first else data
+
+    return {
+        "pickled-weight": (_rewrite_zip(src, folder / "pickled_weight.pt2", pickled_weight), "pickled objects"),
+        "pickled-sample-inputs": (_rewrite_zip(src, folder / "sample_inputs.pt2", lambda n, d: evil if
+                                               n.startswith(f"{root}/data/sample_inputs/") else d),
+                                  "pickled objects"),
+        "member-outside": (_rewrite_zip(src, folder / "traversal.pt2", extra={"../../evil.sh": b"echo"}),
+                           "outside the archive"),
+        "member-absolute": (_rewrite_zip(src, folder / "absolute.pt2", extra={"/tmp/evil.sh": b"echo"}),
+                            "outside the archive"),
+        "aotinductor-library": (_rewrite_zip(src, folder / "aoti.pt2", extra={
+            f"{root}/data/aotinductor/model/model.so": b"\x7fELF", f"{root}/data/aotinductor/model/m.cpp": b""}),
+            "AOTInductor"),
+    }
+
+
+def test_hostile_torch_files_run_no_code_without_trust(pt2_model, tmp_path):
+    """One batch run over every hostile PyTorch file (one process: PyTorch starts once): each refused
+    with its own error, no code from any file ran, nothing written."""
+    import torch
+    folder = tmp_path / "models"
+    folder.mkdir()
+    marker = tmp_path / "PWNED"
+    cases = _hostile_pt2(pt2_model[0], folder, marker)
+    torch.save(_Payload(marker), folder / "pickled_module.pt")  # a pickle that runs code
+    cases["pickled-file"] = (folder / "pickled_module.pt", "pass --trust")
+    assert not marker.exists()
+    before = snapshot(tmp_path)
+    r = bnfold("--keep-going", "--json", "-q", folder, "-o", tmp_path / "out", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = {e["path"]: e["message"] for e in json.loads(r.stdout)["errors"]}
+    for case, (path, words) in cases.items():
+        assert words in errors.get(str(path), ""), (case, errors)
+    assert not marker.exists(), "code from a hostile file ran"
+    assert snapshot(tmp_path) == before
+    # the payloads are live: torch.export.load itself runs them (what bnfold did before it refused them)
+    for case in ("pickled-weight", "pickled-sample-inputs"):
+        try:
+            torch.export.load(str(cases[case][0]))
+        except Exception:  # noqa: BLE001 - the payload returns None where a tensor belongs
+            pass
+        assert marker.exists(), case
+        marker.rmdir()
+
+
+# -- Keras --------------------------------------------------------------------------------------------
+
+def test_keras_archive_with_members_outside_it(keras_model, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    src = keras_model[0]
+    bad = {_rewrite_zip(src, folder / "dotdot.keras", extra={"../../evil.txt": b"x"}): "'../../evil.txt'",
+           _rewrite_zip(src, folder / "absolute.keras", extra={"/tmp/evil.txt": b"x"}): "'/tmp/evil.txt'"}
+    before = snapshot(tmp_path)
+    r = bnfold("--keep-going", "--json", "-q", folder, "-o", tmp_path / "out", timeout=300)  # Keras starts once
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = {e["path"]: e["message"] for e in json.loads(r.stdout)["errors"]}
+    for path, words in bad.items():
+        assert "outside the archive" in errors[str(path)] and words in errors[str(path)], errors
+    assert snapshot(tmp_path) == before and strays(tmp_path) == []
+    assert not Path("/tmp/evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
