@@ -159,39 +159,67 @@ def folded_bytes(src: Path) -> bytes:
     return src.with_name(f"{src.stem}.folded{src.suffix}").read_bytes()
 
 
-@pytest.fixture(scope="session")
-def pt2_model(tmp_path_factory):
-    """A torch.export program of Linear -> BatchNorm1d twice (statistics calibrated in train mode)."""
-    import torch
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.ReLU(),
-                            torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024))
-    m.train()
-    with torch.no_grad():
-        for _ in range(4):
-            m(torch.randn(64, 256) * 3 + 1)
-    m.eval()
-    path = tmp_path_factory.mktemp("pt2") / "model.pt2"
-    x = torch.randn(2, 256)
-    torch.export.save(torch.export.export(m, (x,)), str(path))
-    return path, m, x
+# The PyTorch and Keras models are built by subprocesses started with the session, so that their
+# frameworks start on the second core while the ONNX tests run (and never in the test process itself).
+_BUILD_PT2 = r"""
+import sys, torch
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.ReLU(),
+                        torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024))
+m.train()
+with torch.no_grad():
+    for _ in range(4):
+        m(torch.randn(64, 256) * 3 + 1)  # statistics far from the defaults
+m.eval()
+torch.export.save(torch.export.export(m, (torch.randn(2, 256),)), sys.argv[1])
+"""
+
+_BUILD_KERAS = r"""
+import sys, numpy as np, keras
+from tests.conftest import random_bn
+rng = np.random.default_rng(5)
+x = keras.Input((256,))
+y = keras.layers.BatchNormalization()(keras.layers.Dense(1024)(x))
+y = keras.layers.BatchNormalization()(keras.layers.Dense(512)(keras.layers.ReLU()(y)))
+m = keras.Model(x, y)
+for layer in m.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        st = random_bn(rng, layer.gamma.shape[0])
+        layer.set_weights([st[k].astype("float32") for k in ("gamma", "beta", "mean", "var")])
+m.save(sys.argv[1])
+"""
 
 
-@pytest.fixture(scope="session")
-def keras_model(tmp_path_factory):
-    import keras
-    rng = np.random.default_rng(5)
-    x = keras.Input((256,))
-    y = keras.layers.Dense(1024)(x)
-    y = keras.layers.BatchNormalization()(y)
-    y = keras.layers.ReLU()(y)
-    y = keras.layers.Dense(512)(y)
-    y = keras.layers.BatchNormalization()(y)
-    m = keras.Model(x, y)
-    for layer in m.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            st = random_bn(rng, layer.gamma.shape[0])
-            layer.set_weights([st[k].astype("float32") for k in ("gamma", "beta", "mean", "var")])
-    path = tmp_path_factory.mktemp("keras") / "model.keras"
-    m.save(str(path))
-    return path, m
+@pytest.fixture(scope="session", autouse=True)
+def _framework_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("framework_models")
+    builds = {}
+    for name, code in (("model.pt2", _BUILD_PT2), ("model.keras", _BUILD_KERAS)):
+        (folder / name.split(".")[1]).mkdir()
+        path = folder / name.split(".")[1] / name
+        builds[name] = (path, subprocess.Popen([sys.executable, "-c", code, str(path)], env=ENV, cwd=ROOT,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    yield builds
+    for _, p in builds.values():
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def _built(builds, name: str) -> Path:
+    path, p = builds[name]
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and path.is_file(), err[-3000:]
+    return path
+
+
+@pytest.fixture
+def pt2_model(_framework_models) -> Path:
+    """A torch.export program: Linear -> BatchNorm1d twice (statistics calibrated in train mode), 5 MB."""
+    return _built(_framework_models, "model.pt2")
+
+
+@pytest.fixture
+def keras_model(_framework_models) -> Path:
+    """A functional Keras model: Dense -> BatchNormalization twice (random statistics), 3 MB."""
+    return _built(_framework_models, "model.keras")

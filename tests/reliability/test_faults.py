@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,22 +22,40 @@ def _inputs(folder: Path) -> dict[str, str]:
     return {k: v for k, v in snapshot(folder).items() if ".folded." not in k and not k.startswith(".")}
 
 
-def kill_at_first_temp(args, folder: Path, delay: float, cmd=None) -> int:
-    """Start a run, SIGKILL it `delay` s after its first temporary file appears in `folder` (a save has
-    begun); the exit status (-9, or 0 when it finished first)."""
-    p = start(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) if cmd is None else \
-        subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while p.poll() is None and time.monotonic() < deadline:
-        if any(n.startswith(".") for n in os.listdir(folder)):
-            if delay:
-                time.sleep(delay)
-            p.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.0002)
-    _, err = p.communicate(timeout=240)
-    assert p.returncode in (0, -signal.SIGKILL), (p.returncode, err[-3000:])
-    return p.returncode
+# Runs bnfold (or a script) in a child that SIGKILLs itself at a chosen point of its save: on the `nth`
+# opening of one of bnfold's temporary files (a Python audit event, before that open happens), or `delay`
+# seconds later from a timer thread. The child picks its own moment, so no scheduling of the test process
+# can make the kill land early or late.
+_KILLER = r"""
+import os, runpy, signal, sys, threading
+nth, delay, what = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+seen = 0
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def hook(event, args):
+    global seen
+    if event == "open" and args and ".bnfold-tmp-" in os.fspath(args[0] if not isinstance(args[0], int) else ""):
+        seen += 1
+        if seen == nth:
+            die() if delay == 0 else threading.Timer(delay, die).start()
+sys.addaudithook(hook)
+if what == "-m":
+    sys.argv = ["bnfold", *sys.argv[4:]]
+    runpy.run_module("bnfold", run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *sys.argv[4:]]
+    exec(compile(what, "<script>", "exec"))
+"""
+
+
+def killed_run(nth: int, delay: float, *args, script: str | None = None) -> int:
+    """The exit status of a run killed at the `nth` temporary-file opening (+ `delay` s): -9, or 0 when it
+    finished before the timer fired (or opened fewer temporary files)."""
+    r = subprocess.run([sys.executable, "-c", _KILLER, str(nth), str(delay), script or "-m", *map(str, args)],
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, -signal.SIGKILL), (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.returncode
 
 
 # -- killed in the middle of a save -------------------------------------------------------------------
@@ -49,9 +66,10 @@ def test_sigkill_mid_save_onnx_leaves_no_partial_output_and_the_rerun_cleans_up(
     out = src.with_name("model.folded.onnx")
     want, inputs = folded_bytes(onnx_models[key]), _inputs(src.parent)
     rnd = random.Random(16)
-    for i, delay in enumerate([0.0, rnd.uniform(0.0, 0.02)]):
-        code = kill_at_first_temp(["-q", src], src.parent, delay)
-        if i == 0:  # killed as its first temporary file appeared: the save had begun, not ended
+    for i, delay in enumerate([0.0, rnd.uniform(0.0, 0.03)]):
+        # the 2nd opening of a temporary file is onnx.save_model's: the file exists, nothing is in it yet
+        code = killed_run(2, delay, "-q", src)
+        if i == 0:
             assert code == -signal.SIGKILL and strays(src.parent) and not out.exists()
         assert not out.exists() or out.read_bytes() == want  # the old state, or the whole new file
         assert _inputs(src.parent) == inputs
@@ -61,43 +79,25 @@ def test_sigkill_mid_save_onnx_leaves_no_partial_output_and_the_rerun_cleans_up(
     assert strays(src.parent) == []  # the killed runs' temporary files are gone too
 
 
-def _same_function_pt2(path: Path, module, x) -> None:
-    import torch
-    with torch.no_grad():
-        got, want = torch.export.load(str(path)).module()(x), module(x)
-    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
-
-
-def test_sigkill_mid_save_pt2(pt2_model, tmp_path):
-    path, module, x = pt2_model
-    src = copy_model(path, tmp_path / "m")
-    out, inputs = src.with_name("model.folded.pt2"), _inputs(src.parent)
-    kill_at_first_temp(["-q", src], src.parent, 0.0)
-    assert not out.exists() or zipfile.ZipFile(out).testzip() is None
-    assert _inputs(src.parent) == inputs
-    r = bnfold("-q", src)
-    assert r.returncode == 0, r.stderr
-    assert strays(src.parent) == [] and _inputs(src.parent) == inputs
-    _same_function_pt2(out, module, x)
-
-
-def test_sigkill_mid_save_keras(keras_model, tmp_path):
-    import keras
-
+def _complete_archive(path: Path) -> None:
+    """A whole zip (every member's CRC checks) that carries bnfold's mark: what a finished save leaves."""
     from bnfold import marks
-    path, model = keras_model
-    src = copy_model(path, tmp_path / "m")
-    out, inputs = src.with_name("model.folded.keras"), _inputs(src.parent)
-    kill_at_first_temp(["-q", src], src.parent, 0.0)
-    assert not out.exists() or zipfile.ZipFile(out).testzip() is None
+    assert zipfile.ZipFile(path).testzip() is None and marks.read(str(path)) is not None
+
+
+@pytest.mark.parametrize("fixture", ["pt2_model", "keras_model"], ids=["pt2", "keras"])
+def test_sigkill_mid_save_torch_and_keras(fixture, request, tmp_path):
+    """bnfold writes these through a temporary file of its own, then marks it, then renames it."""
+    src = copy_model(request.getfixturevalue(fixture), tmp_path / "m")
+    out, inputs = src.with_name(f"model.folded{src.suffix}"), _inputs(src.parent)
+    # opened 1: bnfold's temporary output, 2: the saver's own temporary file, 3: writing into it
+    assert killed_run(3, 0.0, "-q", src) == -signal.SIGKILL
+    assert strays(src.parent) and not out.exists()
     assert _inputs(src.parent) == inputs
     r = bnfold("-q", src)
     assert r.returncode == 0, r.stderr
     assert strays(src.parent) == [] and _inputs(src.parent) == inputs
-    assert zipfile.ZipFile(out).testzip() is None and marks.read(str(out)) is not None
-    x = np.random.default_rng(0).normal(size=(3, 256)).astype("float32")
-    got, want = keras.saving.load_model(str(out))(x), model(x)
-    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4 * np.abs(np.asarray(want)).max()
+    _complete_archive(out)
 
 
 _SAVE_EXTERNAL = """
@@ -113,7 +113,8 @@ def test_sigkill_mid_external_data_save_and_a_full_disk(onnx_models, tmp_path):
     out = tmp_path / "out" / "big.onnx"
     out.parent.mkdir()
     cmd = [sys.executable, "-c", _SAVE_EXTERNAL, str(src), str(out)]
-    assert kill_at_first_temp(None, out.parent, 0.0, cmd=cmd) == -signal.SIGKILL
+    # opened 1: the data file's temporary name, 2: writing the weights into it
+    assert killed_run(2, 0.0, src, out, script=_SAVE_EXTERNAL) == -signal.SIGKILL
     assert strays(out.parent) and not out.exists()  # data files are renamed in before the model file
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, preexec_fn=file_size_limit(1 << 20))
     assert r.returncode == 1 and "cannot write the output" in r.stderr and "file size limit" in r.stderr
@@ -131,8 +132,8 @@ def test_sigkill_mid_external_data_save_and_a_full_disk(onnx_models, tmp_path):
 # -- an output folder that cannot be written ---------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["onnx", "pt2"])
-def test_read_only_output_folder(which, onnx_models, pt2_model, tmp_path):
-    src = copy_model(onnx_models["a"] if which == "onnx" else pt2_model[0], tmp_path / "m")
+def test_read_only_output_folder(which, onnx_models, request, tmp_path):
+    src = copy_model(onnx_models["a"] if which == "onnx" else request.getfixturevalue("pt2_model"), tmp_path / "m")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -170,8 +171,8 @@ def test_output_folder_made_read_only_mid_run(onnx_models, tmp_path):
 # -- a full disk ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["a", "ext", "pt2"], ids=["onnx", "onnx-external-data", "pt2"])
-def test_disk_full_while_writing(which, onnx_models, pt2_model, tmp_path):
-    src = copy_model(onnx_models[which] if which != "pt2" else pt2_model[0], tmp_path / "m")
+def test_disk_full_while_writing(which, onnx_models, request, tmp_path):
+    src = copy_model(onnx_models[which] if which != "pt2" else request.getfixturevalue("pt2_model"), tmp_path / "m")
     inputs = _inputs(src.parent)
     r = bnfold("-q", src, preexec_fn=file_size_limit(1 << 20))  # the 5 MB output cannot fit
     out = src.with_name(f"model.folded{src.suffix}")
@@ -187,13 +188,12 @@ def test_two_runs_writing_the_same_output_at_once(onnx_models, tmp_path):
     whole = {folded_bytes(onnx_models["a"]), folded_bytes(onnx_models["b"])}
     out = tmp_path / "out" / "model.folded.onnx"
     out.parent.mkdir()
-    for _ in range(2):
-        ps = [start("-q", s, "-o", out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for s in (a, b)]
-        for p in ps:
-            _, err = p.communicate(timeout=240)
-            assert p.returncode == 0, err[-3000:]
-        assert out.read_bytes() in whole  # one whole fold or the other, never a mix
-        assert sorted(os.listdir(out.parent)) == ["model.folded.onnx"]
+    ps = [start("-q", s, "-o", out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for s in (a, b)]
+    for p in ps:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    assert out.read_bytes() in whole  # one whole fold or the other, never a mix
+    assert sorted(os.listdir(out.parent)) == ["model.folded.onnx"]
 
 
 # -- the input replaced while bnfold runs ----------------------------------------------------------------
