@@ -3,11 +3,8 @@ either well or in one clear line, with nothing partial or temporary left on disk
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +12,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from tests.conftest import ROOT, random_bn
+from tests.conftest import random_bn
 
-ENV = {**os.environ, "PYTHONPATH": ROOT, "PYTHONDONTWRITEBYTECODE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-CLI = [sys.executable, "-m", "bnfold"]
+from .early import (CLI, ENV, Early, copy_model, file_size_limit, inputs_of, killed_run,  # noqa: F401 - shared
+                    snapshot, start_all)
+
 # TensorFlow's C++ start-up lines, printed before any Python runs: not bnfold's output
 _TF_NOISE = ("WARNING: All log messages before absl", "I0000 ", "W0000 ", "E0000 ", "To enable the following")
 
@@ -59,20 +57,6 @@ def assert_one_line_error(r: subprocess.CompletedProcess, path: str | Path, *wor
     return line
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under `folder` (hidden ones too): file -> sha256, link -> its target."""
-    out = {}
-    for p in sorted(Path(folder).rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            out[rel] = "dir"
-    return out
-
-
 def strays(folder: Path) -> list[str]:
     """Temporary leftovers: anything hidden (bnfold's temporary names all start with a dot)."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob(".*"))
@@ -86,17 +70,6 @@ def without_dac_override() -> None:
     for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
         if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
             os._exit(97)
-
-
-def file_size_limit(nbytes: int):
-    """preexec_fn: no file may grow past `nbytes` (a full disk); SIGXFSZ ignored so the write fails EFBIG."""
-    import resource
-    import signal
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-    return limit
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -146,80 +119,26 @@ def onnx_models(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def copy_model(src: Path, folder: Path) -> Path:
-    """`src` and its sidecar files (not its fold) into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in src.parent.iterdir():
-        if ".folded." not in f.name:
-            shutil.copy2(f, folder / f.name)
-    return folder / src.name
-
-
 def folded_bytes(src: Path) -> bytes:
     return src.with_name(f"{src.stem}.folded{src.suffix}").read_bytes()
 
 
-# The PyTorch and Keras models are built by subprocesses started with the session, so that their
-# frameworks start on the second core while the ONNX tests run (and never in the test process itself).
-_BUILD_PT2 = r"""
-import sys, torch
-torch.manual_seed(0)
-m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.BatchNorm1d(1024), torch.nn.ReLU(),
-                        torch.nn.Linear(1024, 1024), torch.nn.BatchNorm1d(1024))
-m.train()
-with torch.no_grad():
-    for _ in range(4):
-        m(torch.randn(64, 256) * 3 + 1)  # statistics far from the defaults
-m.eval()
-torch.export.save(torch.export.export(m, (torch.randn(2, 256),)), sys.argv[1])
-"""
-
-_BUILD_KERAS = r"""
-import sys, numpy as np, keras
-from tests.conftest import random_bn
-rng = np.random.default_rng(5)
-x = keras.Input((256,))
-y = keras.layers.BatchNormalization()(keras.layers.Dense(1024)(x))
-y = keras.layers.BatchNormalization()(keras.layers.Dense(512)(keras.layers.ReLU()(y)))
-m = keras.Model(x, y)
-for layer in m.layers:
-    if isinstance(layer, keras.layers.BatchNormalization):
-        st = random_bn(rng, layer.gamma.shape[0])
-        layer.set_weights([st[k].astype("float32") for k in ("gamma", "beta", "mean", "var")])
-m.save(sys.argv[1])
-"""
-
-
 @pytest.fixture(scope="session", autouse=True)
-def _framework_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("framework_models")
-    builds = {}
-    for name, code in (("model.pt2", _BUILD_PT2), ("model.keras", _BUILD_KERAS)):
-        (folder / name.split(".")[1]).mkdir()
-        path = folder / name.split(".")[1] / name
-        builds[name] = (path, subprocess.Popen([sys.executable, "-c", code, str(path)], env=ENV, cwd=ROOT,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    yield builds
-    for _, p in builds.values():
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
-
-
-def _built(builds, name: str) -> Path:
-    path, p = builds[name]
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0 and path.is_file(), err[-3000:]
-    return path
+def early(tmp_path_factory) -> Early:
+    """The PyTorch and Keras runs, started with the session on a background thread (see early.py)."""
+    e = Early()
+    start_all(e, tmp_path_factory.mktemp("early"))
+    yield e
+    e.close()
 
 
 @pytest.fixture
-def pt2_model(_framework_models) -> Path:
+def pt2_model(early) -> Path:
     """A torch.export program: Linear -> BatchNorm1d twice (statistics calibrated in train mode), 5 MB."""
-    return _built(_framework_models, "model.pt2")
+    return early.get("pt2")
 
 
 @pytest.fixture
-def keras_model(_framework_models) -> Path:
+def keras_model(early) -> Path:
     """A functional Keras model: Dense -> BatchNormalization twice (random statistics), 3 MB."""
-    return _built(_framework_models, "model.keras")
+    return early.get("keras")

@@ -15,48 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import (ENV, assert_one_line_error, bnfold, copy_model, file_size_limit, folded_bytes, snapshot,
-                       start, strays, without_dac_override)
-
-def _inputs(folder: Path) -> dict[str, str]:
-    return {k: v for k, v in snapshot(folder).items() if ".folded." not in k and not k.startswith(".")}
-
-
-# Runs bnfold (or a script) in a child that SIGKILLs itself at a chosen point of its save: on the `nth`
-# opening of one of bnfold's temporary files (a Python audit event, before that open happens), or `delay`
-# seconds later from a timer thread. The child picks its own moment, so no scheduling of the test process
-# can make the kill land early or late.
-_KILLER = r"""
-import os, runpy, signal, sys, threading
-nth, delay, what = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-seen = 0
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-def hook(event, args):
-    global seen
-    if event == "open" and args and ".bnfold-tmp-" in os.fspath(args[0] if not isinstance(args[0], int) else ""):
-        seen += 1
-        if seen == nth:
-            die() if delay == 0 else threading.Timer(delay, die).start()
-sys.addaudithook(hook)
-if what == "-m":
-    sys.argv = ["bnfold", *sys.argv[4:]]
-    runpy.run_module("bnfold", run_name="__main__", alter_sys=True)
-else:
-    sys.argv = ["-c", *sys.argv[4:]]
-    exec(compile(what, "<script>", "exec"))
-"""
-
-
-def killed_run(nth: int, delay: float, *args, script: str | None = None) -> int:
-    """The exit status of a run killed at the `nth` temporary-file opening (+ `delay` s): -9, or 0 when it
-    finished before the timer fired (or opened fewer temporary files)."""
-    r = subprocess.run([sys.executable, "-c", _KILLER, str(nth), str(delay), script or "-m", *map(str, args)],
-                       env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode in (0, -signal.SIGKILL), (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    return r.returncode
-
+from .conftest import (ENV, assert_one_line_error, bnfold, copy_model, file_size_limit, folded_bytes, inputs_of,
+                       killed_run, snapshot, start, strays, without_dac_override)
 
 # -- killed in the middle of a save -------------------------------------------------------------------
 
@@ -64,7 +24,7 @@ def killed_run(nth: int, delay: float, *args, script: str | None = None) -> int:
 def test_sigkill_mid_save_onnx_leaves_no_partial_output_and_the_rerun_cleans_up(key, onnx_models, tmp_path):
     src = copy_model(onnx_models[key], tmp_path / "m")
     out = src.with_name("model.folded.onnx")
-    want, inputs = folded_bytes(onnx_models[key]), _inputs(src.parent)
+    want, inputs = folded_bytes(onnx_models[key]), inputs_of(src.parent)
     rnd = random.Random(16)
     for i, delay in enumerate([0.0, rnd.uniform(0.0, 0.03)]):
         # the 2nd opening of a temporary file is onnx.save_model's: the file exists, nothing is in it yet
@@ -72,32 +32,11 @@ def test_sigkill_mid_save_onnx_leaves_no_partial_output_and_the_rerun_cleans_up(
         if i == 0:
             assert code == -signal.SIGKILL and strays(src.parent) and not out.exists()
         assert not out.exists() or out.read_bytes() == want  # the old state, or the whole new file
-        assert _inputs(src.parent) == inputs
+        assert inputs_of(src.parent) == inputs
     r = bnfold("-q", src)
     assert r.returncode == 0, r.stderr
-    assert out.read_bytes() == want and _inputs(src.parent) == inputs
+    assert out.read_bytes() == want and inputs_of(src.parent) == inputs
     assert strays(src.parent) == []  # the killed runs' temporary files are gone too
-
-
-def _complete_archive(path: Path) -> None:
-    """A whole zip (every member's CRC checks) that carries bnfold's mark: what a finished save leaves."""
-    from bnfold import marks
-    assert zipfile.ZipFile(path).testzip() is None and marks.read(str(path)) is not None
-
-
-@pytest.mark.parametrize("fixture", ["pt2_model", "keras_model"], ids=["pt2", "keras"])
-def test_sigkill_mid_save_torch_and_keras(fixture, request, tmp_path):
-    """bnfold writes these through a temporary file of its own, then marks it, then renames it."""
-    src = copy_model(request.getfixturevalue(fixture), tmp_path / "m")
-    out, inputs = src.with_name(f"model.folded{src.suffix}"), _inputs(src.parent)
-    # opened 1: bnfold's temporary output, 2: the saver's own temporary file, 3: writing into it
-    assert killed_run(3, 0.0, "-q", src) == -signal.SIGKILL
-    assert strays(src.parent) and not out.exists()
-    assert _inputs(src.parent) == inputs
-    r = bnfold("-q", src)
-    assert r.returncode == 0, r.stderr
-    assert strays(src.parent) == [] and _inputs(src.parent) == inputs
-    _complete_archive(out)
 
 
 _SAVE_EXTERNAL = """
@@ -137,13 +76,13 @@ def test_read_only_output_folder(which, onnx_models, request, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    inputs = _inputs(src.parent)
+    inputs = inputs_of(src.parent)
     try:
         r = bnfold("-q", src, "-o", ro / src.name.replace("model", "out"), preexec_fn=without_dac_override)
     finally:
         ro.chmod(0o755)
     assert_one_line_error(r, ro / src.name.replace("model", "out"), "not writable")
-    assert os.listdir(ro) == [] and _inputs(src.parent) == inputs and strays(src.parent) == []
+    assert os.listdir(ro) == [] and inputs_of(src.parent) == inputs and strays(src.parent) == []
 
 
 def test_output_folder_made_read_only_mid_run(onnx_models, tmp_path):
@@ -171,13 +110,16 @@ def test_output_folder_made_read_only_mid_run(onnx_models, tmp_path):
 # -- a full disk ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["a", "ext", "pt2"], ids=["onnx", "onnx-external-data", "pt2"])
-def test_disk_full_while_writing(which, onnx_models, request, tmp_path):
-    src = copy_model(onnx_models[which] if which != "pt2" else request.getfixturevalue("pt2_model"), tmp_path / "m")
-    inputs = _inputs(src.parent)
-    r = bnfold("-q", src, preexec_fn=file_size_limit(1 << 20))  # the 5 MB output cannot fit
+def test_disk_full_while_writing(which, onnx_models, early, tmp_path):
+    if which == "pt2":  # run with the session (early.py: disk_full)
+        r, src, inputs = early.get("pt2-disk-full")
+    else:
+        src = copy_model(onnx_models[which], tmp_path / "m")
+        inputs = inputs_of(src.parent)
+        r = bnfold("-q", src, preexec_fn=file_size_limit(1 << 20))  # the 5 MB output cannot fit
     out = src.with_name(f"model.folded{src.suffix}")
     assert_one_line_error(r, out, "cannot write the output", "file size limit", "nothing written")
-    assert not out.exists() and strays(src.parent) == [] and _inputs(src.parent) == inputs
+    assert not out.exists() and strays(src.parent) == [] and inputs_of(src.parent) == inputs
 
 
 # -- two runs writing one output ----------------------------------------------------------------------
@@ -220,3 +162,25 @@ def test_input_replaced_mid_run_is_not_written(key, onnx_models, tmp_path):
     assert_one_line_error(r, src, "changed while bnfold was running")
     assert not out.exists() or snapshot(out) == {}
     assert strays(tmp_path / "in") == []
+
+
+# -- killed mid-save: PyTorch and Keras (last: their killed runs start with the session, see early.py) --
+
+def _complete_archive(path: Path) -> None:
+    """A whole zip (every member's CRC checks) that carries bnfold's mark: what a finished save leaves."""
+    from bnfold import marks
+    assert zipfile.ZipFile(path).testzip() is None and marks.read(str(path)) is not None
+
+
+@pytest.mark.parametrize("framework", ["pt2", "keras"])
+def test_sigkill_mid_save_torch_and_keras(framework, early):
+    """bnfold writes these through a temporary file of its own, then marks it, then renames it. The
+    killed run was started with the session (early.py: killed_mid_save)."""
+    code, src, inputs = early.get(f"{framework}-killed")
+    out = src.with_name(f"model.folded{src.suffix}")
+    assert code == -signal.SIGKILL and strays(src.parent) and not out.exists()
+    assert inputs_of(src.parent) == inputs
+    r = bnfold("-q", src)
+    assert r.returncode == 0, r.stderr
+    assert strays(src.parent) == [] and inputs_of(src.parent) == inputs
+    _complete_archive(out)

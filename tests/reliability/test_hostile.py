@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.conftest import random_bn
 
-from .conftest import ENV, assert_one_line_error, bnfold, snapshot, strays
+from .conftest import assert_one_line_error, bnfold, snapshot, strays
 
 SECRET = b"SECRET-" * 62 + b"END!!!"  # 440 bytes: enough for the 432-byte weight a hostile model points at
 
@@ -182,104 +178,29 @@ def test_external_data_to_etc_passwd(tmp_path):
 
 # -- PyTorch ------------------------------------------------------------------------------------------
 
-class _Payload:
-    """Unpickling this makes a folder: proof that code from the file ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
-def _rewrite_zip(src: Path, dst: Path, change=lambda name, data: data, extra: dict | None = None) -> Path:
-    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
-        for info in z.infolist():
-            out.writestr(info.filename, change(info.filename, z.read(info.filename)))
-        for name, data in (extra or {}).items():
-            out.writestr(name, data)
-    return dst
-
-
-def _hostile_pt2(src: Path, folder: Path, marker: Path) -> dict[str, tuple[Path, str]]:
-    evil = pickle.dumps(_Payload(marker), protocol=2)
-    root = zipfile.ZipFile(src).namelist()[0].split("/")[0]
-    weights = f"{root}/data/weights/"
-
-    def pickled_weight(name: str, data: bytes) -> bytes:
-        if name == weights + "model_weights_config.json":
-            cfg = json.loads(data)
-            first = next(iter(cfg["config"].values()))
-            first["use_pickle"] = True
-            return json.dumps(cfg).encode()
-        first = next(iter(json.loads(zipfile.ZipFile(src).read(weights + "model_weights_config.json"))["config"]
-                          .values()))["path_name"]
-        return evil if name == weights + first else data
-
-    return {
-        "pickled-weight": (_rewrite_zip(src, folder / "pickled_weight.pt2", pickled_weight), "pickled objects"),
-        "pickled-sample-inputs": (_rewrite_zip(src, folder / "sample_inputs.pt2", lambda n, d: evil if
-                                               n.startswith(f"{root}/data/sample_inputs/") else d),
-                                  "pickled objects"),
-        "member-outside": (_rewrite_zip(src, folder / "traversal.pt2", extra={"../../evil.sh": b"echo"}),
-                           "outside the archive"),
-        "member-absolute": (_rewrite_zip(src, folder / "absolute.pt2", extra={"/tmp/evil.sh": b"echo"}),
-                            "outside the archive"),
-        "aotinductor-library": (_rewrite_zip(src, folder / "aoti.pt2", extra={
-            f"{root}/data/aotinductor/model/model.so": b"\x7fELF", f"{root}/data/aotinductor/model/m.cpp": b""}),
-            "AOTInductor"),
-    }
-
-
-_LOAD_ALL = """
-import sys, torch
-for path in sys.argv[1:]:
-    try:
-        torch.export.load(path)
-    except Exception:
-        pass  # the payload returns None where a tensor belongs
-"""
-
-
-def test_hostile_torch_files_run_no_code_without_trust(pt2_model, tmp_path):
-    """One batch run over every hostile PyTorch file (one process: PyTorch starts once): each refused
-    with its own error, no code from any file ran, nothing written."""
-    folder, control = tmp_path / "models", tmp_path / "control"
-    folder.mkdir()
-    control.mkdir()
-    marker, live = tmp_path / "PWNED", tmp_path / "LIVE"
-    cases = _hostile_pt2(pt2_model, folder, marker)
-    (folder / "pickled_module.pt").write_bytes(pickle.dumps(_Payload(marker), protocol=2))
-    cases["pickled-file"] = (folder / "pickled_module.pt", "pass --trust")
-    # the payloads are live: torch.export.load itself runs them (as bnfold did before it refused them)
-    live_files = [str(p) for k, (p, _) in _hostile_pt2(pt2_model, control, live).items() if k.startswith("pickled")]
-    checker = subprocess.Popen([sys.executable, "-c", _LOAD_ALL, *live_files], env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    before = snapshot(folder)
-    r = bnfold("--keep-going", "--json", "-q", folder, "-o", tmp_path / "out", timeout=300)
-    checker.wait(timeout=300)
-    assert live.exists(), "the payloads do not run: this test proves nothing"
+def test_hostile_torch_files_run_no_code_without_trust(early):
+    """One batch run over every hostile PyTorch file, started with the session (early.py: hostile_torch):
+    each refused with its own error, no code from any file ran, nothing written."""
+    got = early.get("torch-hostile")
+    r = got["run"]
+    assert got["live"].exists(), "the payloads do not run under torch.export.load: this test proves nothing"
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = {e["path"]: e["message"] for e in json.loads(r.stdout)["errors"]}
-    for case, (path, words) in cases.items():
+    for case, (path, words) in got["cases"].items():
         assert words in errors.get(str(path), ""), (case, errors)
-    assert not marker.exists(), "code from a hostile file ran"
-    assert snapshot(folder) == before and not (tmp_path / "out").exists()
+    assert not got["marker"].exists(), "code from a hostile file ran"
+    assert snapshot(got["folder"]) == got["before"] and not got["out"].exists()
 
 
 # -- Keras --------------------------------------------------------------------------------------------
 
-def test_keras_archive_with_members_outside_it(keras_model, tmp_path):
-    folder = tmp_path / "models"
-    folder.mkdir()
-    src = keras_model
-    bad = {_rewrite_zip(src, folder / "dotdot.keras", extra={"../../evil.txt": b"x"}): "'../../evil.txt'",
-           _rewrite_zip(src, folder / "absolute.keras", extra={"/tmp/evil.txt": b"x"}): "'/tmp/evil.txt'"}
-    before = snapshot(tmp_path)
-    r = bnfold("--keep-going", "--json", "-q", folder, "-o", tmp_path / "out", timeout=300)  # Keras starts once
+def test_keras_archive_with_members_outside_it(early):
+    """Started with the session (early.py: hostile_keras)."""
+    got = early.get("keras-hostile")
+    r = got["run"]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = {e["path"]: e["message"] for e in json.loads(r.stdout)["errors"]}
-    for path, words in bad.items():
+    for path, words in got["bad"].items():
         assert "outside the archive" in errors[str(path)] and words in errors[str(path)], errors
-    assert snapshot(tmp_path) == before and strays(tmp_path) == []
-    assert not Path("/tmp/evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
+    assert snapshot(got["root"]) == got["before"] and strays(got["root"]) == []
+    assert not Path("/tmp/evil.txt").exists() and not (got["root"].parent / "evil.txt").exists()
