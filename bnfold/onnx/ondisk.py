@@ -102,7 +102,11 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     """numpy_helper.to_array that also reads on-disk tensors (one tensor read, nothing kept)."""
     from onnx import numpy_helper
     if not on_disk(t):
-        return numpy_helper.to_array(t)
+        try:
+            return numpy_helper.to_array(t)
+        except ValueError:  # its data does not fill its dims (load_onnx checks small tensors up front)
+            raise BnfoldError(f"tensor {t.name!r} declares dims {list(t.dims)} but its data does not match; the "
+                              "file is corrupt") from None
     file, offset, length = _source(t)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     simple = dtype.kind in "fiub" or dtype.name == "bfloat16"
