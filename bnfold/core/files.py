@@ -171,7 +171,8 @@ def temp_path(target: str | Path, suffix: str = "", directory: bool = False) -> 
     sweep_temps(folder)
     while True:
         rand = "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
-        tmp = folder / f".{target.name}.bnfold-tmp-{_host_tag()}-{os.getpid()}-{rand}{suffix}"
+        # the target's name cut short: a temporary name of a temporary name stays under NAME_MAX (255)
+        tmp = folder / f".{target.name[:80]}.bnfold-tmp-{_host_tag()}-{os.getpid()}-{rand}{suffix[-16:]}"
         try:
             if directory:
                 os.mkdir(tmp, 0o777)
