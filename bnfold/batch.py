@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 from . import api, marks
 from .beforeafter import anatomy, compare, file_bytes
 from .core.errors import BnfoldError
-from .core.files import KERAS_EXTS, ONNX_EXTS, TORCH_EXTS, default_output, framework_of
+from .core.files import (KERAS_EXTS, ONNX_EXTS, TORCH_EXTS, default_output, framework_of, remove_temp, temp_path,
+                          write_error)
 from .core.options import Options
 from .core.results import FoldResult, Report
 from .progress import Progress
@@ -70,6 +71,7 @@ class Outcome:
     error: dict[str, Any] | None = None
     result: FoldResult | None = None  # held until written (a run that delivers all or nothing)
     seconds: float = 0.0
+    version: list[tuple] | None = None  # the input's files as loaded (see _version)
 
     def row(self) -> dict[str, Any]:
         """The summary's line for this model."""
@@ -245,6 +247,9 @@ def run(pl: Plan, opts: Options, st: Settings, progress: Progress,
         if before_writing is not None:
             before_writing(outcomes)
         failed = any(o.code == EXIT_DIFFERENT for o in outcomes)
+        if not failed:
+            for o in outcomes:
+                _unchanged(o)  # every input still the one folded, before any output is written
         for o in outcomes:
             if o.result is None:
                 continue
@@ -322,6 +327,7 @@ def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
     if pl.walked and _up_to_date(j, opts, st):
         return Outcome(j, EXIT_OK, "up to date")
     t0 = time.perf_counter()
+    version = _version(j.source)
     with api.naming(j.source):
         fe = api.frontend(framework_of(j.source))
         model = api.load(j.source, trust=opts.trust)
@@ -340,13 +346,34 @@ def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
         return Outcome(j, EXIT_DIFFERENT, f"{(verdict or 'not verified').upper()}: not written", rep)
     if opts.dry_run:
         return Outcome(j, EXIT_OK, "dry run: nothing written", rep, result=None)
-    return Outcome(j, EXIT_OK, "pending", rep, result=res)
+    return Outcome(j, EXIT_OK, "pending", rep, result=res, version=version)
+
+
+def _version(path: str) -> list[tuple]:
+    """What a model's files are now: size, time and inode of the file and of each file it reads."""
+    out: list[tuple] = []
+    for f in [path, *sorted(_companions(path))]:
+        try:
+            st = os.stat(f)
+            out.append((f, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+        except OSError:
+            out.append((f, None))
+    return out
+
+
+def _unchanged(o: Outcome) -> None:
+    """Refuse to write a model whose input was rewritten or replaced while it was folded: the output
+    would carry the mark (and name) of a file it was not made from."""
+    if o.result is not None and o.version is not None and _version(o.job.source) != o.version:
+        raise BnfoldError("changed while bnfold was running (rewritten or replaced); nothing written for it, "
+                          "run bnfold again", o.job.source)
 
 
 def _deliver(o: Outcome, opts: Options, st: Settings) -> None:
     """Write a proven result with its mark, then (--bench) time it against the original."""
     res, j = o.result, o.job
     assert res is not None and j.output is not None
+    _unchanged(o)
     t = time.perf_counter()
     write(res, j.source, j.output, st.fingerprint)
     res.report.timing_s["save"] = time.perf_counter() - t
@@ -362,7 +389,10 @@ def _deliver(o: Outcome, opts: Options, st: Settings) -> None:
 def write(res: FoldResult, source: str, out: str, options_fingerprint: str) -> None:
     """Save a fold result at `out` with bnfold's mark in its metadata, atomically; folders of a mirrored
     tree are made as needed. A source that carries a mark passes it on (a re-fold is the same output)."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, out) from None
     api.check_output(out, [source], res.report.framework)
     ver = res.report.verification
     mark = marks.read(source) or marks.make(source, marks.digest(source, _companions(source)), options_fingerprint,
@@ -376,14 +406,18 @@ def write(res: FoldResult, source: str, out: str, options_fingerprint: str) -> N
         api.save(res, out)
         marks.stamp(out, mark)
         return
-    tmp = str(p.with_name(f".{p.stem}.bnfold-{os.getpid()}{p.suffix}"))
+    try:
+        tmp = temp_path(p, p.suffix)
+    except OSError as e:
+        raise write_error(e, out) from None
     try:
         api.save(res, tmp)
         marks.stamp(tmp, mark)
         os.replace(tmp, out)
+    except OSError as e:
+        raise write_error(e, out) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_temp(tmp)
     res.report.output = out
 
 

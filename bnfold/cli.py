@@ -323,14 +323,14 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def _export(a: argparse.Namespace, fw: str, out: str, opts: Options) -> int:
     from . import api, batch, marks, report
-    from pathlib import Path
     model = api.load(a.model, trust=a.trust)
     fe = api.frontend(fw)
     with api.naming(a.model):
         example = fe.example_inputs(model, opts)
     # the exporter writes before the proof: into a temporary name, renamed over `out` only once verified,
     # so a failed proof neither leaves a file nor destroys one already at `out`
-    tmp = str(Path(out).with_name(f".{Path(out).name}.bnfold-{os.getpid()}.onnx"))
+    from .core.files import remove_temp, temp_path
+    tmp = temp_path(out, ".onnx")
     try:
         try:
             res = fe.export_onnx(model, tmp, opts, example_inputs=example)
@@ -351,8 +351,7 @@ def _export(a: argparse.Namespace, fw: str, out: str, opts: Options) -> int:
             os.replace(tmp, out)
             rep.output = out
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_temp(tmp)
     doc = rep.to_dict()
     _write_html(a.html, doc)
     _emit(a, doc, report.text(rep) + ("\nnothing written: verification did not pass" if failed else ""))
@@ -400,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bnfold: error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
+    except OSError as e:  # the file system said no (a folder gone, a disk full...): not a bug in bnfold
+        return _fail(json_wanted, f"{e.strerror or e}", e.filename, EXIT_BAD_INPUT)
     except Exception as e:
         if a.json:  # a bug: its traceback follows on stderr, and --json still gets its one document
             from .report import json_safe, to_json

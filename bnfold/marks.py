@@ -18,10 +18,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
+
+from .core.files import remove_temp, temp_path
 
 KEY = "bnfold"
 EXTRA_NAME = "bnfold.json"
@@ -202,8 +203,7 @@ def stamp(path: str, mark: dict[str, Any]) -> None:
 
 def _rewrite_keras_metadata(p: Path, mark: dict[str, Any]) -> None:
     """A .keras archive with `bnfold` added to its metadata.json (entries can only be replaced by rewriting)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
-    os.close(fd)
+    tmp = temp_path(p, p.suffix)
     try:
         with zipfile.ZipFile(p) as src, zipfile.ZipFile(tmp, "w") as dst:
             for info in src.infolist():
@@ -216,5 +216,4 @@ def _rewrite_keras_metadata(p: Path, mark: dict[str, Any]) -> None:
         shutil.copymode(p, tmp)
         os.replace(tmp, p)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        remove_temp(tmp)

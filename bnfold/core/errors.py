@@ -21,3 +21,15 @@ class MissingExtraError(BnfoldError):
 
 class VerificationFailed(AssertionError):
     """Raised by library helpers (bnfold.testing) when two models are not the same function."""
+
+
+class WriteFailed(BnfoldError, OSError):
+    """An output could not be written (read-only folder, disk full...): one line and exit 2 like any
+    BnfoldError, and still the OSError that callers of bnfold.save caught before it existed."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None,
+                 strerror: str | None = None) -> None:
+        BnfoldError.__init__(self, message, path)
+        self.errno, self.strerror, self.filename = errno, strerror, path
+
+    __str__ = BnfoldError.__str__

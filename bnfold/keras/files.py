@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import BnfoldError, MissingExtraError
-from ..core.files import atomic_write, check_input_file
+from ..core.files import atomic_write, check_input_file, temp_path
 
 
 def before_tensorflow() -> None:
@@ -53,9 +52,11 @@ def _first_line(e: BaseException) -> str:
 
 def load(path: str, *, trust: bool = False) -> Any:
     """Load a .keras / .h5 model; Keras' safe_mode stays on (no Lambda code) unless `trust`."""
-    keras = import_keras(path)
     check_input_file(path)
     p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".keras":
+        _check_keras_zip(p)  # before TensorFlow starts: a damaged or hostile archive is refused at once
+    keras = import_keras(path)
     if p.is_dir():
         try:
             return keras.saving.load_model(path, safe_mode=not trust)
@@ -80,15 +81,28 @@ def load(path: str, *, trust: bool = False) -> Any:
 
 def _check_container(p: Path) -> None:
     """Name a damaged file plainly: Keras reports a non-zip .keras file as 'File not found'."""
-    import zipfile
-
-    if p.suffix.lower() == ".keras" and not zipfile.is_zipfile(p):
-        raise BnfoldError("is not a .keras archive (not a zip file); it may be truncated or corrupt", str(p))
     if p.suffix.lower() in (".h5", ".hdf5"):
         import h5py
 
         if not h5py.is_hdf5(str(p)):
             raise BnfoldError("is not an HDF5 file; it may be truncated or corrupt", str(p))
+
+
+def _check_keras_zip(p: Path) -> None:
+    """A .keras file is a zip whose members all stay inside it (no absolute names, no '..')."""
+    import zipfile
+
+    if not zipfile.is_zipfile(p):
+        raise BnfoldError("is not a .keras archive (not a zip file); it may be truncated or corrupt", str(p))
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BnfoldError(f"is not a readable .keras archive ({_first_line(e)})", str(p)) from None
+    for n in names:
+        parts = n.replace("\\", "/").split("/")
+        if n.startswith(("/", "\\")) or ".." in parts or (len(n) > 1 and n[1] == ":"):
+            raise BnfoldError(f"archive member {n!r} points outside the archive; refused", str(p))
 
 
 def save(model: Any, path: str) -> None:
@@ -108,8 +122,7 @@ def save(model: Any, path: str) -> None:
 def _save_saved_model(model: Any, target: Path) -> None:
     if target.exists() and not (target / "saved_model.pb").exists():
         raise BnfoldError("is an existing directory that is not a SavedModel; it is left as it is", str(target))
-    parent = target.parent if str(target.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(parent)))
+    tmp = Path(temp_path(target, directory=True))
     old = None
     try:
         out = tmp / "model"

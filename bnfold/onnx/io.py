@@ -26,7 +26,8 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
     for t in all_tensors(model):  # a file never speaks for bnfold's bookkeeping (onnx.save of a lazy model)
         if t.external_data and any(e.key.startswith("bnfold.") for e in t.external_data):
             ondisk.drop_private(t)
-    if load_external and _has_external(model):
+    external = _has_external(model)
+    if load_external and external:
         base = str(Path(path).resolve().parent)
         _check_external_files(model, base, path)
         try:
@@ -42,6 +43,7 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
             raise BnfoldError(f"external data file missing: {_short(e)}", path) from None
         except Exception as e:  # noqa: BLE001
             raise BnfoldError(f"cannot read external data: {_short(e)}", path) from None
+    _check_sizes(model, path, None if external else os.path.getsize(path))
     try:
         onnx.checker.check_model(structure_only(model), full_check=False)
     except onnx.checker.ValidationError as e:
@@ -52,13 +54,55 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
 
 
 def _check_external_files(model: onnx.ModelProto, base: str, path: str) -> None:
-    for t in model.graph.initializer:
+    """Every external data file is a file inside the model's folder: a location that is absolute, climbs
+    out with '..' or is a symbolic link is refused before anything is opened (a hostile model could
+    otherwise make bnfold read, and copy into its output, any file the user can read)."""
+    for t in all_tensors(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if loc and (os.path.isabs(loc) or ".." in Path(loc.replace("\\", "/")).parts
+                    or os.path.islink(os.path.join(base, loc))
+                    or not os.path.realpath(os.path.join(base, loc)).startswith(os.path.join(base, ""))):
+            raise BnfoldError(f"external data location {loc!r} (weights of {t.name!r}) is outside the model's "
+                              "folder or a symbolic link; refused", path)
         if not loc or not os.path.isfile(os.path.join(base, loc)):
             raise BnfoldError(f"external data file {loc!r} (weights of {t.name!r}) is missing next to the model",
                               path)
+
+
+_EXACT_RAW = 8 << 20  # reading raw_data's length copies the bytes: bigger tensors are checked when read
+
+
+def _check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
+    """Each tensor holds as much data as its dims declare (a mismatch would crash, or allocate what the
+    dims claim, later); on-disk tensors were checked against their files when left there. A tensor over
+    _EXACT_RAW bytes is only checked against `size`, the file's, here (ondisk.tensor_value checks it
+    exactly)."""
+    T = onnx.TensorProto
+    for t in all_tensors(model):
+        if is_external(t) or t.data_type in (T.STRING, T.UNDEFINED):
+            continue
+        if any(d < 0 for d in t.dims):
+            raise BnfoldError(f"tensor {t.name!r} has a negative dimension {list(t.dims)}", path)
+        if t.HasField("raw_data"):
+            want, unit = nbytes(t), "bytes"
+            if size is not None and want > size:
+                raise BnfoldError(f"tensor {t.name!r} declares dims {list(t.dims)} ({want} bytes), more than the "
+                                  f"whole file holds ({size}); the file is corrupt", path)
+            if want > _EXACT_RAW:
+                continue
+            have = len(t.raw_data)
+        else:
+            n = 1
+            for d in t.dims:
+                n *= int(d)
+            have = len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
+            want = 2 * n if t.data_type in (T.COMPLEX64, T.COMPLEX128) else (n + 1) // 2 if nbytes(t) < n else n
+            unit = "values"
+        if have != want:
+            raise BnfoldError(f"tensor {t.name!r} declares dims {list(t.dims)} ({want} {unit}) but holds {have} "
+                              f"{unit}; the file is corrupt", path)
 
 
 def external_files(path: str) -> set[str]:

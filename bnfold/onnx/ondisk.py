@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import BnfoldError
+from ..core.files import remove_temp, temp_path, write_error
 from .protos import ext_info, is_external, nbytes, structure_only, with_outputs
 
 
@@ -101,7 +102,11 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     """numpy_helper.to_array that also reads on-disk tensors (one tensor read, nothing kept)."""
     from onnx import numpy_helper
     if not on_disk(t):
-        return numpy_helper.to_array(t)
+        try:
+            return numpy_helper.to_array(t)
+        except ValueError:  # its data does not fill its dims (load_onnx checks small tensors up front)
+            raise BnfoldError(f"tensor {t.name!r} declares dims {list(t.dims)} but its data does not match; the "
+                              "file is corrupt") from None
     file, offset, length = _source(t)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     simple = dtype.kind in "fiub" or dtype.name == "bfloat16"
@@ -239,8 +244,6 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
     tensors are copied file to file). Data files are renamed into place before the model file, so
     a reader never sees a model without its data. `transform(name, value)` gives the value written
     for each initializer named in `transform_names` (the verifier's nudged noise model)."""
-    import tempfile
-
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if "/" in location or "\\" in location or location in ("", ".", ".."):
@@ -275,8 +278,8 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
                 continue
             loc = location if all_tensors_to_one_file else f"{location}.{i}"
             if loc not in files:
-                fd, tmp = tempfile.mkstemp(prefix=f".{loc}.", suffix=".tmp", dir=str(folder))
-                files[loc] = (os.fdopen(fd, "wb"), tmp, 0)
+                tmp = temp_path(folder / loc)
+                files[loc] = (open(tmp, "wb"), tmp, 0)
                 pending.append((tmp, folder / loc))
             fh, tmp, offset = files[loc]
             pad = (-offset) % 4096 if n >= 1 << 20 else 0  # page-aligned big tensors can be mmapped
@@ -300,24 +303,22 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             os.fsync(fh.fileno())  # type: ignore[attr-defined]
             fh.close()  # type: ignore[attr-defined]
         files.clear()
-        fd, model_tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(folder))
-        with os.fdopen(fd, "wb") as fh:
+        model_tmp = temp_path(target)
+        with open(model_tmp, "wb") as fh:
             fh.write(light.SerializeToString())
             fh.flush()
             os.fsync(fh.fileno())
         pending.append((model_tmp, target))
-        umask = os.umask(0)
-        os.umask(umask)
         for tmp, final in pending:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are owner-only; give the usual mode
             os.replace(tmp, final)
         pending.clear()
+    except OSError as e:
+        raise write_error(e, path) from None
     finally:
         for fh, _, _ in files.values():
             fh.close()  # type: ignore[attr-defined]
         for tmp, _ in pending:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            remove_temp(tmp)
 
 
 def over_two_gb(model: onnx.ModelProto) -> bool:

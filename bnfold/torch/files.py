@@ -40,10 +40,7 @@ def load(path: str, *, trust: bool = False) -> Any:
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise BnfoldError("file is empty", path)
     if path.endswith(".pt2"):
-        try:
-            return torch.export.load(path)
-        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is the user's input problem
-            raise BnfoldError(f"cannot read as a torch.export program: {_first_line(e)}", path) from None
+        return _load_pt2(path, trust)
     if _is_torchscript(path):
         try:
             return torch.jit.load(path, map_location="cpu")
@@ -71,16 +68,129 @@ def load(path: str, *, trust: bool = False) -> Any:
     raise BnfoldError(f"holds a {type(obj).__name__}, not an nn.Module, ExportedProgram or TorchScript module", path)
 
 
+_REFUSED = "refused to unpickle it without --trust"
+
+
+def _load_pt2(path: str, trust: bool) -> Any:
+    """torch.export.load, which is not as safe as it looks: a .pt2 may hold pickled weights, constants or
+    objects (unpickled with weights_only=False or pickle.loads, running code from the file) and compiled
+    AOTInductor libraries (loaded into the process). Without `trust` the archive's member names are
+    checked first and every unpickling during the load is held to weights only."""
+    import logging
+    if not trust:
+        _check_pt2_members(path)
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                said.append(_first_line(record.exc_info[1]))
+
+    log = logging.getLogger("torch.export")
+    keep, propagate = Keep(), log.propagate
+    log.addHandler(keep)
+    log.propagate = False  # torch logs the real error as a warning, then raises a vaguer one
+    try:
+        with _weights_only(not trust):
+            return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file is the user's input problem
+        why = next((s for s in said if s), _first_line(e))
+        if _REFUSED in why or "Weights only load failed" in why or _REFUSED in str(e):
+            raise BnfoldError("holds pickled objects whose unpickling runs code from the file; bnfold refused "
+                              "them; pass --trust if you trust its source", path) from None
+        raise BnfoldError(f"cannot read as a torch.export program: {why}", path) from None
+    finally:
+        log.removeHandler(keep)
+        log.propagate = propagate
+
+
+def _check_pt2_members(path: str) -> None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BnfoldError(f"cannot read as a torch.export program: not a zip archive ({_first_line(e)})",
+                          path) from None
+    for n in names:
+        parts = n.replace("\\", "/").split("/")
+        if n.startswith(("/", "\\")) or ".." in parts or (len(n) > 1 and n[1] == ":"):
+            raise BnfoldError(f"archive member {n!r} points outside the archive; refused", path)
+        if "aotinductor" in parts:
+            raise BnfoldError(f"holds compiled AOTInductor code ({n!r}), which is loaded into the process and runs; "
+                              "pass --trust if you trust its source", path)
+
+
+class _weights_only:
+    """While active (when `on`): torch.load always loads weights only, and pickle.loads in torch's .pt2
+    reader refuses."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        if not self.on:
+            return
+        import pickle
+        self.real = torch.load
+
+        def only_weights(*args: Any, **kwargs: Any) -> Any:
+            kwargs["weights_only"] = True
+            return self.real(*args, **kwargs)
+
+        class NoPickle:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(pickle, name)
+
+            @staticmethod
+            def loads(*args: Any, **kwargs: Any) -> Any:
+                raise pickle.UnpicklingError(f"a pickled object in a .pt2: {_REFUSED}")
+
+        torch.load = only_weights
+        try:
+            import torch.export.pt2_archive._package as package
+        except ImportError:
+            package = None
+        self.package = package
+        if package is not None and hasattr(package, "pickle"):
+            self.pickle = package.pickle
+            package.pickle = NoPickle()
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.on:
+            return
+        torch.load = self.real
+        if self.package is not None and hasattr(self, "pickle"):
+            self.package.pickle = self.pickle
+
+
 def save(model: Any, path: str) -> None:
     """Write `model` atomically in its own format (.pt2, TorchScript, or a pickled nn.Module)."""
     if isinstance(model, torch.export.ExportedProgram):
-        atomic_write(path, lambda tmp: torch.export.save(model, tmp))
+        how = torch.export.save
     elif isinstance(model, torch.jit.ScriptModule):
-        atomic_write(path, lambda tmp: torch.jit.save(model, tmp))
+        how = torch.jit.save
     elif isinstance(model, nn.Module):
-        atomic_write(path, lambda tmp: torch.save(model, tmp))
+        how = torch.save
     else:
         raise BnfoldError(f"cannot save a {type(model).__name__} as a PyTorch model", path)
+    atomic_write(path, lambda tmp: _writing(how, model, tmp))
+
+
+def _writing(how: Any, model: Any, tmp: str) -> None:
+    """Serialise into memory, then write the bytes: torch's zip writer, when a write to a file fails (disk
+    full, file size limit), throws again from its destructor and aborts the whole process. The archive
+    is held once in memory meanwhile (about the size of the weights)."""
+    import io
+    buf = io.BytesIO()
+    how(model, buf)
+    view = buf.getbuffer()
+    try:
+        with open(tmp, "wb") as fh:
+            step = 64 << 20
+            for i in range(0, len(view), step):
+                fh.write(view[i:i + step])
+    finally:
+        view.release()
 
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
