@@ -33,6 +33,24 @@ from .backward import fold_before
 from .sweep import sweep
 from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
+# numpy float types whose bytes are the ONNX raw data of that element type
+_RAW_FLOAT = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+              np.dtype(np.float64): onnx.TensorProto.DOUBLE}
+_LAYOUTS: dict[tuple[str, int], layouts.Layout] = {}
+
+
+def _conv_layout(op: str, groups: int) -> layouts.Layout:
+    """layouts.conv / conv_transpose, made once per (op, groups): a Layout is frozen, and cheap to share."""
+    lay = _LAYOUTS.get((op, groups))
+    if lay is None:
+        lay = _LAYOUTS[(op, groups)] = layouts.conv(groups) if op == "Conv" else layouts.conv_transpose(groups)
+    return lay
+
+
+_PATTERNS = {"Conv": "Conv->BN", "ConvTranspose": "ConvTranspose->BN"}
+BN_ROLES = ("BatchNorm scale", "BatchNorm bias", "BatchNorm running mean", "BatchNorm running variance")
+
+
 class OnnxFolder:
     """Folds every BatchNormalization of one graph; collects one Decision per BN."""
 
@@ -46,7 +64,7 @@ class OnnxFolder:
         self.opts = opts
         self.ix = GraphIndex.build(graph, model.ir_version, outer_consts, opset, names)
         # Node identity (id()) is used for bookkeeping; holding every wrapper keeps ids stable.
-        self._nodes = list(graph.node)
+        self._nodes = self.ix.nodes
         self.decisions: list[Decision] = []
         self.dead_nodes: set[int] = set()
         self.maybe_dead_inits: set[str] = set()
@@ -58,27 +76,32 @@ class OnnxFolder:
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
-        for node in list(self.ix.graph.node):
-            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
-                label = self.scope + node_label(node)
-                why = self.opts.reverted(label)
-                if why is not None:
-                    self.decisions.append(Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}"))
-                    continue
-                try:
-                    self.decisions.append(self._fold_one(node, label))
-                except Skip as s:
-                    self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
+        for node in self.ix.batchnorms:
+            label = self.scope + node_label(node)
+            why = self.opts.reverted(label)
+            if why is not None:
+                self.decisions.append(Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}"))
+                continue
+            try:
+                self.decisions.append(self._fold_one(node, label))
+            except Skip as s:
+                self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
         sweep(self)
         return self.decisions
 
     # -- check ----------------------------------------------------------------------------------
     def _bn_params(self, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-        if self.opset < 7 and _attr(bn, "is_test", 0) == 0:
+        attrs = {a.name: a for a in bn.attribute[:]}  # one pass instead of one per attribute asked for
+
+        def value(name: str, default: object) -> object:
+            a = attrs.get(name)
+            return default if a is None else helper.get_attribute_value(a)
+
+        if self.opset < 7 and value("is_test", 0) == 0:
             raise Skip(Reason.TRAINING_MODE, "is_test=0: the BatchNorm computes batch statistics")
-        if _attr(bn, "training_mode", 0) == 1:
+        if value("training_mode", 0) == 1:
             raise Skip(Reason.TRAINING_MODE, "training_mode=1: the BatchNorm uses batch statistics")
-        extra = [o for o in bn.output[1:] if o]
+        extra = [o for o in bn.output[1:] if o] if len(bn.output) > 1 else []
         if extra and self.opset < 14:
             # before opset 14 the outputs themselves select the mode: with running mean/var (and saved
             # statistics) as outputs the BatchNorm normalises with batch statistics, used or not
@@ -87,15 +110,16 @@ class OnnxFolder:
         used = [o for o in extra if self.ix.uses(o)]
         if used:
             raise Skip(Reason.TRAINING_MODE, f"the BatchNorm's training outputs are used ({', '.join(used)})")
-        if self.opset < 9 and _attr(bn, "spatial", 1) == 0:
+        if self.opset < 9 and value("spatial", 1) == 0:
             raise Skip(Reason.SPATIAL_MODE)
-        if len(bn.input) < 5 or not all(bn.input[1:5]):
+        params = bn.input[1:5]
+        if len(params) < 4 or not all(params):
             raise Skip(Reason.NO_RUNNING_STATS, "the BatchNorm has no running mean/variance inputs")
-        roles = ("scale", "bias", "running mean", "running variance")
-        gamma, beta, mean, var = (self.ix.const(n, f"BatchNorm {r}") for n, r in zip(bn.input[1:5], roles))
-        eps = float(_attr(bn, "epsilon", 1e-5))
-        channels = int(np.asarray(gamma).size)
-        if np.asarray(gamma).ndim > 1 or any(np.asarray(p).size != channels for p in (beta, mean, var)):
+        const = self.ix.const
+        gamma, beta, mean, var = (np.asarray(const(n, r)) for n, r in zip(params, BN_ROLES))
+        eps = float(value("epsilon", 1e-5))  # type: ignore[arg-type]
+        channels = int(gamma.size)
+        if gamma.ndim > 1 or beta.size != channels or mean.size != channels or var.size != channels:
             raise Skip(Reason.AXIS_MISMATCH, "BatchNorm parameters are not per-channel vectors of one length")
         s, t = kernel.bn_scale_shift(gamma, beta, mean, var, eps)
         return s, t, np.asarray(gamma).dtype
@@ -126,7 +150,9 @@ class OnnxFolder:
         if value in self.ix.graph_outputs:
             raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{node_label(producer)} output {value!r} is a graph output",
                        producer=node_label(producer))
-        users = [u for u in self.ix.consumers.get(value, []) if not shape_reader(u)]
+        users = self.ix.consumers.get(value, [])
+        if len(users) > 1:
+            users = [u for u in users if not shape_reader(u)]
         if len(users) > 1:
             others = [node_label(u) for u in users][:4]
             raise Skip(Reason.PRODUCER_FANOUT,
@@ -139,7 +165,7 @@ class OnnxFolder:
         if prod is None:
             what = "a graph input" if x in self.ix.graph_inputs else "a constant" if x in self.ix.inits else "an outer-scope value"
             raise Skip(Reason.NO_PRODUCER, f"the BatchNorm's input {x!r} is {what}")
-        if prod.domain in ONNX_DOMAINS and prod.op_type in LAYOUT_OPS:
+        if prod.op_type in LAYOUT_OPS and prod.domain in ONNX_DOMAINS:
             return match_through_layout(self, bn)
         m = self._match_layer(prod)
         for hop in hops:  # Identity/Dropout in between: each value on the way has that one reader
@@ -152,17 +178,18 @@ class OnnxFolder:
         return m
 
     def _match_layer(self, prod: onnx.NodeProto) -> Match:
-        if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
-            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}",
+        op = prod.op_type
+        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add") or prod.domain not in ONNX_DOMAINS:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {op} {node_label(prod)!r}",
                        producer=node_label(prod))
         label = node_label(prod)
-        if prod.op_type in ("Conv", "ConvTranspose"):
-            if len(prod.input) < 2:
+        if op == "Conv" or op == "ConvTranspose":
+            ins = prod.input[:]
+            if len(ins) < 2:
                 raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has no weight input", producer=label)
             g = int(_attr(prod, "group", 1))
-            lay = layouts.conv(g) if prod.op_type == "Conv" else layouts.conv_transpose(g)
-            bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
-            return Match(f"{prod.op_type}->BN", prod, prod, lay, prod.input[1], bias, (prod, 2))
+            bias = ins[2] if len(ins) > 2 and ins[2] else None
+            return Match(_PATTERNS[op], prod, prod, _conv_layout(op, g), ins[1], bias, (prod, 2))
         if prod.op_type == "Gemm":
             bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
             beta = float(_attr(prod, "beta", 1.0))
@@ -246,11 +273,11 @@ class OnnxFolder:
     def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
         """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""
         ix = self.ix
-        if name in ix.inits and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
-            t = ix.inits[name]
-            if ((t.HasField("raw_data") or on_disk(t)) and list(t.dims) == list(value.shape)
-                    and sys.byteorder == "little" and value.dtype.kind == "f"
-                    and t.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)):
+        t = ix.inits.get(name)
+        if t is not None and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
+            if (_RAW_FLOAT.get(value.dtype) == t.data_type and sys.byteorder == "little"
+                    and tuple(t.dims[:]) == value.shape
+                    and (name in ix.borrowed or t.HasField("raw_data") or on_disk(t))):
                 if on_disk(t):  # the folded weight lives in memory from now on
                     del t.external_data[:]
                     t.data_location = onnx.TensorProto.DEFAULT
@@ -258,6 +285,7 @@ class OnnxFolder:
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
+            ix.borrowed.pop(name, None)  # its data is its own now
             return name
         new = ix.unique(name or "bias")
         t = numpy_helper.from_array(value, new)
@@ -278,9 +306,7 @@ class OnnxFolder:
         if old == new:
             return
         if old:
-            users = ix.consumers.get(old, [])
-            if node in users:
-                users.remove(node)
+            ix.unread(old, node)
             self.maybe_dead_inits.add(old)
         node.input[slot] = new
         ix.consumers.setdefault(new, []).append(node)
@@ -345,7 +371,7 @@ class OnnxFolder:
             for i, name in enumerate(r.input):
                 if name == old:
                     r.input[i] = new
-            ix.consumers[old].remove(r)
+            ix.unread(old, r)
             ix.consumers.setdefault(new, []).append(r)
 
     def rename_value(self, value: str) -> str:
@@ -384,11 +410,9 @@ class OnnxFolder:
         """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too)."""
         ix = self.ix
         self.dead_nodes.add(id(node))
-        for name in node.input:
+        for name in node.input[:]:
             if name:
-                users = ix.consumers.get(name, [])
-                if node in users:
-                    users.remove(node)
+                ix.unread(name, node)
                 self.maybe_dead_inits.add(name)
 
     def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
@@ -396,7 +420,7 @@ class OnnxFolder:
         ix = self.ix
         for node in (bn, *view.chain):
             self.unlink(node)
-            for o in node.output:
+            for o in node.output[:]:
                 if o and not (o == view.out and ix.producer.get(o) is not node):
                     self.dead_values.add(o)
                     if ix.producer.get(o) is node:

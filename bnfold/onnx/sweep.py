@@ -34,9 +34,7 @@ def _dead_constants(f: "OnnxFolder", dead: set[int]) -> set[str]:
         f.dead_values.update(o for o in src.output if o)
         for i in src.input:
             if i:
-                users = ix.consumers.get(i, [])
-                if src in users:
-                    users.remove(src)
+                ix.unread(i, src)
                 work.append(i)
     return dead_inits
 
