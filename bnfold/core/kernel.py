@@ -42,7 +42,8 @@ def bn_scale_shift(gamma: np.ndarray | None, beta: np.ndarray | None, mean: np.n
     if len(parts) == 4 and all(isinstance(p, np.ndarray) and p.shape == (n,) for p in parts):
         # the common case in a dozen numpy calls instead of forty: the per-BN cost of a long graph
         p64 = np.array(parts, dtype=np.float64)
-        if not (_all(np.isfinite(p64)) and math.isfinite(eps)):
+        # a finite sum means every value is finite (the exact look runs only when it is not)
+        if not (math.isfinite(np.add.reduce(p64, axis=None)) or _all(np.isfinite(p64))) or not math.isfinite(eps):
             raise Skip(Reason.NON_FINITE_PARAM, "a BatchNorm parameter is NaN or Inf")
         return _scale_shift(p64[0], p64[1], p64[2], p64[3], eps)
 
@@ -68,7 +69,7 @@ def bn_scale_shift(gamma: np.ndarray | None, beta: np.ndarray | None, mean: np.n
 
 def _scale_shift(g: np.ndarray, b: np.ndarray, m: np.ndarray, v: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     denom = v + float(eps)
-    if np.logical_or.reduce(denom <= 0, axis=None):
+    if denom.size and not np.minimum.reduce(denom, axis=None) > 0 and np.logical_or.reduce(denom <= 0, axis=None):
         bad = int(np.argmax(denom <= 0))
         raise Skip(Reason.NON_FINITE_PARAM, f"variance + epsilon is not positive (channel {bad}: {denom[bad]:g})")
     s = g / np.sqrt(denom)
@@ -84,6 +85,9 @@ def round_to(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     if dtype == _F64:
         y = x.copy()
     else:
+        top = _FMAX.get(dtype)
+        if top is not None and x.size and np.maximum.reduce(np.abs(x), axis=None) <= top:
+            return x.astype(dtype)  # every value fits: finite, and no overflow warning to silence
         with np.errstate(over="ignore", invalid="ignore"):
             y = x.astype(dtype)
     # (dtype.name is computed in Python on every call: ask for it only for the non-numpy float types)
@@ -98,6 +102,8 @@ def round_to(x: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
 
 
 _F64 = np.dtype(np.float64)
+_FMAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float16)}
+_IEEE = (np.dtype(np.float16), np.dtype(np.float32), _F64)  # float64 times these is float64, exactly
 
 
 def _all(mask: np.ndarray) -> bool:
@@ -134,9 +140,7 @@ def fold_after(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, s
     if bias is None:
         b_new = shift.copy()
     else:
-        b64 = bias.astype(np.float64)
-        if bias_scale != 1.0:
-            b64 = b64 * float(bias_scale)
+        b64 = bias if bias.dtype in _IEEE and bias_scale == 1.0 else bias.astype(np.float64) * float(bias_scale)
         b_new = scale * b64 + shift
     bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else weight.dtype)
     return Folded(w_new, round_to(b_new, bdt, "bias"))
@@ -150,7 +154,8 @@ def _scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     axis 0 at a time so a 256 MiB weight does not need 1 GiB of float64 temporaries."""
     if weight.ndim == 0 or weight.size <= CHUNK:
         # the ufunc widens `weight` to float64 block by block: no full-size float64 copy of it
-        return round_to(np.multiply(weight, factor, dtype=np.float64), weight.dtype, "weight")
+        prod = weight * factor if weight.dtype in _IEEE else np.multiply(weight, factor, dtype=np.float64)
+        return round_to(prod, weight.dtype, "weight")
     out = np.empty(weight.shape, dtype=weight.dtype)
     f = np.broadcast_to(factor, weight.shape)
     step = max(1, CHUNK // max(1, weight[0].size))

@@ -14,6 +14,7 @@ map first. Parameters may be any constant subgraph (onnx_const); every scope is 
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable
 
@@ -27,7 +28,7 @@ from ..core.options import Options
 from .ondisk import on_disk
 from .graph import GraphIndex
 from .match import Match
-from .nodes import ONNX_DOMAINS, attr as _attr, node_label, set_attr
+from .nodes import ONNX_DOMAINS, attr as _attr, node_label, set_attr, value_of
 from .standalone import BnView, absorb_affine_chain, as_mul_add
 from .backward import fold_before
 from .sweep import sweep
@@ -36,18 +37,12 @@ from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_re
 # numpy float types whose bytes are the ONNX raw data of that element type
 _RAW_FLOAT = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float16): onnx.TensorProto.FLOAT16,
               np.dtype(np.float64): onnx.TensorProto.DOUBLE}
-_LAYOUTS: dict[tuple[str, int], layouts.Layout] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _conv_layout(op: str, groups: int) -> layouts.Layout:
     """layouts.conv / conv_transpose, made once per (op, groups): a Layout is frozen, and cheap to share."""
-    lay = _LAYOUTS.get((op, groups))
-    if lay is None:
-        lay = _LAYOUTS[(op, groups)] = layouts.conv(groups) if op == "Conv" else layouts.conv_transpose(groups)
-    return lay
+    return layouts.conv(groups) if op == "Conv" else layouts.conv_transpose(groups)
 
 
-_PATTERNS = {"Conv": "Conv->BN", "ConvTranspose": "ConvTranspose->BN"}
 BN_ROLES = ("BatchNorm scale", "BatchNorm bias", "BatchNorm running mean", "BatchNorm running variance")
 
 
@@ -92,11 +87,7 @@ class OnnxFolder:
     # -- check ----------------------------------------------------------------------------------
     def _bn_params(self, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.dtype]:
         attrs = {a.name: a for a in bn.attribute[:]}  # one pass instead of one per attribute asked for
-
-        def value(name: str, default: object) -> object:
-            a = attrs.get(name)
-            return default if a is None else helper.get_attribute_value(a)
-
+        value = lambda name, default: default if name not in attrs else value_of(attrs[name])  # noqa: E731
         if self.opset < 7 and value("is_test", 0) == 0:
             raise Skip(Reason.TRAINING_MODE, "is_test=0: the BatchNorm computes batch statistics")
         if value("training_mode", 0) == 1:
@@ -189,7 +180,7 @@ class OnnxFolder:
                 raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has no weight input", producer=label)
             g = int(_attr(prod, "group", 1))
             bias = ins[2] if len(ins) > 2 and ins[2] else None
-            return Match(_PATTERNS[op], prod, prod, _conv_layout(op, g), ins[1], bias, (prod, 2))
+            return Match(f"{op}->BN", prod, prod, _conv_layout(op, g), ins[1], bias, (prod, 2))
         if prod.op_type == "Gemm":
             bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
             beta = float(_attr(prod, "beta", 1.0))
@@ -275,13 +266,13 @@ class OnnxFolder:
         ix = self.ix
         t = ix.inits.get(name)
         if t is not None and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
+            raw = t.HasField("raw_data")
             if (_RAW_FLOAT.get(value.dtype) == t.data_type and sys.byteorder == "little"
-                    and tuple(t.dims[:]) == value.shape
-                    and (name in ix.borrowed or t.HasField("raw_data") or on_disk(t))):
-                if on_disk(t):  # the folded weight lives in memory from now on
+                    and tuple(t.dims[:]) == value.shape and (raw or name in ix.borrowed or on_disk(t))):
+                if not raw and on_disk(t):  # the folded weight lives in memory from now on
                     del t.external_data[:]
                     t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
+                t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
