@@ -1,7 +1,6 @@
 """Reading and writing ONNX files: clear errors for bad files, atomic writes, external data kept."""
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -103,8 +102,8 @@ def _check_external_files(model: onnx.ModelProto, base: str, path: str) -> None:
 def external_files(path: str) -> set[str]:
     """Resolved paths of the external data files an ONNX file refers to (empty when unreadable)."""
     try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            if not _mentions(mm, _LOCATION):
+        with open(path, "rb") as fh:
+            if not _mentions(_File(fh), _LOCATION):
                 return set()  # no tensor names a data file: no need to parse the whole model to know
     except (OSError, ValueError):
         return set()  # load_onnx reports bad files; this only guards outputs
@@ -120,52 +119,65 @@ def external_files(path: str) -> set[str]:
 WALK_MIN = 16 << 20  # bytes: a smaller file is searched whole, faster than walked
 
 
-def _mentions(mm: mmap.mmap, word: bytes) -> bool:
-    """Might the serialised model in `mm` hold `word` anywhere but in an initializer's raw data?
+class _File:
+    """Positioned reads of an open file (a file mapped instead would crash the process if it shrank)."""
+
+    def __init__(self, fh) -> None:
+        self.fd, self.size = fh.fileno(), os.fstat(fh.fileno()).st_size
+
+    def find(self, word: bytes, start: int = 0, end: int | None = None) -> int:
+        return os.pread(self.fd, (self.size if end is None else end) - start, start).find(word)
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        return _varint_at(os.pread(self.fd, 10, pos), 0, pos)
+
+
+def _mentions(f: _File, word: bytes) -> bool:
+    """Might the serialised model in file `f` hold `word` anywhere but in an initializer's raw data?
 
     False is certain; True may be a false alarm (the caller then parses). Walking the model's and the
     graph's fields skips the weights, which are nearly all of a big file: searching all of it costs
-    ~1 ns a byte, a field ~1 us, so the walk gives up after one field per KB and searches everything.
+    ~1 ns a byte, a field a few us, so the walk gives up after one field per KB and searches everything.
     """
-    if len(mm) < WALK_MIN:
-        return mm.find(word) >= 0
-    budget = [len(mm) // 1000]
+    if f.size < WALK_MIN:
+        return f.find(word) >= 0
+    budget = [f.size // 1000]
     try:
-        for field, a, b in _fields_of(mm, 0, len(mm), budget):
+        for field, a, b in _fields_of(f, 0, f.size, budget):
             if field != 7:
-                if mm.find(word, a, b) >= 0:
+                if f.find(word, a, b) >= 0:
                     return True
                 continue
-            for gfield, c, d in _fields_of(mm, a, b, budget):  # the graph
+            for gfield, c, d in _fields_of(f, a, b, budget):  # the graph
                 if gfield != 5:
-                    if mm.find(word, c, d) >= 0:
+                    if f.find(word, c, d) >= 0:
                         return True
                     continue
-                for tfield, e, f in _fields_of(mm, c, d, budget):  # an initializer
-                    if tfield != 9 and mm.find(word, e, f) >= 0:  # 9: raw_data
+                for tfield, e, g in _fields_of(f, c, d, budget):  # an initializer
+                    if tfield != 9 and f.find(word, e, g) >= 0:  # 9: raw_data
                         return True
     except (ValueError, IndexError):  # not protobuf as expected, or too many fields: search it all
-        return mm.find(word) >= 0
+        return f.find(word) >= 0
     return False
 
 
-def _fields_of(buf, start: int, end: int, budget: list[int]):
-    """(field number, payload start, payload end) of the length-delimited fields in buf[start:end]."""
+def _fields_of(f: _File, start: int, end: int, budget: list[int]):
+    """(field number, payload start, payload end) of the length-delimited fields in f[start:end]."""
     pos = start
     while pos < end:
         budget[0] -= 1
         if budget[0] < 0:
             raise ValueError("too many fields to walk")
-        key, pos = _varint_at(buf, pos)
+        key, pos = f.varint(pos)
         wire = key & 7
         if wire == 0:
-            _, pos = _varint_at(buf, pos)
+            _, pos = f.varint(pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
             pos += 4
         elif wire == 2:
-            n, pos = _varint_at(buf, pos)
+            n, pos = f.varint(pos)
             if pos + n > end:
                 raise ValueError("field runs past its message")
             yield key >> 3, pos, pos + n
@@ -174,14 +186,15 @@ def _fields_of(buf, start: int, end: int, budget: list[int]):
             raise ValueError(f"wire type {wire}")
 
 
-def _varint_at(buf, pos: int) -> tuple[int, int]:
+def _varint_at(buf: bytes, i: int, pos: int) -> tuple[int, int]:
+    """The varint at buf[i:], which sits at `pos` in the file: (value, position after it)."""
     value, shift = 0, 0
     while True:
-        byte = buf[pos]
-        pos += 1
+        byte = buf[i]
+        i += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, pos
+            return value, pos + i
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
