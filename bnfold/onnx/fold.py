@@ -8,6 +8,7 @@ import onnx
 from ..core.options import Options
 from ..core.results import FoldResult, Report, Verification
 from .names import readable_names
+from .protos import copy_borrowing, fill_borrowed
 from .scopes import fold_all_scopes, neighbourhoods
 
 
@@ -19,12 +20,13 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
     verification against itself (the CLI's freshly loaded file with --no-verify).
     """
     t0 = time.perf_counter()
+    borrowed: dict[str, onnx.TensorProto] = {}
     if copy or opts.verify or opts.dry_run:
-        folded = onnx.ModelProto()
-        folded.CopyFrom(model)
+        folded, borrowed = copy_borrowing(model)  # the weights a fold replaces are never copied
     else:
         folded = model
-    decisions = fold_all_scopes(folded, opts)
+    decisions = fold_all_scopes(folded, opts, borrowed)
+    fill_borrowed(folded, borrowed)
     _name_readably(model, decisions)
     t_fold = time.perf_counter() - t0
     report = Report(model=original_path, framework="onnx", decisions=decisions)
