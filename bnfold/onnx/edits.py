@@ -19,6 +19,7 @@ from .layout import shape_reader
 from .match import Match
 from .nodes import node_label, set_attr
 from .ondisk import on_disk
+from .protos import release_freed
 from .standalone import BnView
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class GraphEdits:
                     del t.external_data[:]
                     t.data_location = onnx.TensorProto.DEFAULT
                 t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
+                release_freed(value.nbytes)
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
                 if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape

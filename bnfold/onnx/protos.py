@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,6 +109,36 @@ def has_unknown_fields(*msgs) -> bool:
     whole-message copies and encodings."""
     from google.protobuf.unknown_fields import UnknownFieldSet
     return any(len(UnknownFieldSet(m)) for m in msgs)
+
+
+# the freed temporaries go back to the system once folded weights of this many bytes have been written
+RELEASE_EVERY = 8 << 20
+_TRIM: list = []  # [glibc's malloc_trim or None, bytes written since the last trim]
+
+
+def release_freed(written: int) -> None:
+    """Count `written` bytes of folded weight; past RELEASE_EVERY, hand the heap's free pages back to the
+    system (glibc's malloc_trim; nothing elsewhere).
+
+    A fold's temporaries (the float64 product, the rounded weight, its bytes) are freed as soon as the
+    weight is written, but glibc keeps what it freed in the heap: the space that the next weights' bytes
+    are allocated above cannot shrink, so every temporary stayed resident until the process ended (a
+    ResNet-50 fold peaked at 1.5x the file instead of 1.25x). A trim walks the heap: one per 8 MiB."""
+    if not _TRIM:
+        trim = None
+        try:
+            import ctypes
+            import ctypes.util
+            name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+            libc = ctypes.CDLL(name) if name else None
+            trim = getattr(libc, "malloc_trim", None)
+        except (OSError, AttributeError):
+            trim = None
+        _TRIM.extend((trim, 0))
+    _TRIM[1] += written
+    if _TRIM[0] is not None and _TRIM[1] >= RELEASE_EVERY:
+        _TRIM[1] = 0
+        _TRIM[0](0)
 
 
 @dataclass(frozen=True)
