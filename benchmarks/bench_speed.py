@@ -11,17 +11,18 @@ child's own VmHWM, read from /proc as it exits.
   2. real      a torchvision ResNet-50 export (random weights, BN statistics calibrated on random
                batches, BatchNormalization kept, ~100 MB): bnfold --no-verify vs the load+save floor
                `onnx.save(onnx.load(p), q)` vs onnxslim vs onnxsim
-  3. chains    N Conv(1x1, 4 ch)->BN pairs, N from --sizes: the same contenders; the cost per pair and
-               the marginal cost per pair between sizes (flat = linear)
+  3. chains    N Conv(1x1, 4 ch)->BN pairs, N from --sizes: the same contenders (peers only up to
+               --peer-max pairs: they are super-linear); the cost per pair and the marginal cost per pair
+               between sizes (flat = linear)
   4. verify    `bnfold MODEL` (full verification, CPU) against creating and running plain onnxruntime
                sessions for the original and the folded model once each, at the default input size and
                at 224x224
   5. memory    peak memory of a fold of an in-memory model (bnfold.fold(model, verify=False)) over the
                file size, and of each whole process
 
-    python benchmarks/bench_speed.py                   # everything (~15 min on 2 busy cores)
+    python benchmarks/bench_speed.py                   # everything (~6 min on 2 busy cores)
     python benchmarks/bench_speed.py --quick           # a smoke run
-    python benchmarks/bench_speed.py --only chains --sizes 1000,32000,128000 --repeat 3
+    python benchmarks/bench_speed.py --only chains --sizes 1000,32000,128000 --chain-repeat 3 --big-repeat 3
 
 The ResNet-50 export needs torch and torchvision (once: it is cached in benchmarks/_work/, git-ignored).
 A peer that is not installed is reported as missing; one that exceeds --timeout is dropped for larger sizes.
@@ -132,11 +133,12 @@ def peers(with_peers: bool) -> tuple[list[Contender], list[str]]:
     return cs, notes
 
 
-def race(contenders: list[Contender], src: Path, repeat: int, timeout: float) -> None:
-    """Interleaved runs of every contender on `src`; a contender that fails or times out stops running."""
+def race(contenders: list[Contender], src: Path, repeat: int, timeout: float, warm_up: bool = True) -> None:
+    """Interleaved runs of every contender on `src`; a contender that fails or times out stops running.
+    `warm_up`: one untimed run of each first (bytecode caches written, first-touch costs paid)."""
     dst = WORK / f"out_{os.getpid()}.onnx"
     src.read_bytes()  # in the page cache before anyone is timed
-    for c in contenders:  # untimed warm-up: bytecode caches written, first-touch costs paid
+    for c in contenders if warm_up else ():
         if not c.failed:
             r = run(c.cmd(src, dst), timeout)
             if not r.ok:
@@ -300,9 +302,11 @@ def _breakdown(path: Path) -> None:
           f"skipped {len(rep.get('skipped', []))}")
 
 
-def section_chains(sizes: list[int], repeat: int, timeout: float, with_peers: bool) -> None:
+def section_chains(sizes: list[int], repeat: int, timeout: float, with_peers: bool, peer_max: int,
+                   big: int, big_repeat: int) -> None:
     print(f"\n== 3. chains of N Conv(1x1, 4 ch)->BN pairs, median of {repeat} interleaved whole-process runs "
-          f"(a peer stops after a run over {timeout:.0f} s)")
+          f"({big_repeat} above {big} pairs; peers, super-linear, up to {peer_max} pairs and while a run takes "
+          f"under {timeout:.0f} s)")
     cs, notes = peers(with_peers)
     for n in notes:
         print(f"   {n}")
@@ -311,14 +315,15 @@ def section_chains(sizes: list[int], repeat: int, timeout: float, with_peers: bo
           f" {'bnfold/floor':>13s} {'cpu ratio':>9s} {'us/pair':>8s} {'marginal us/pair':>24s}")
     prev: tuple[int, float] | None = None
     first: float | None = None
-    for n in sizes:
+    for k, n in enumerate(sizes):
         path = chain(n)
         for c in cs:
             c.runs = []
-        race([c for c in cs if not c.failed], path, repeat, timeout)
+            if n > peer_max and c not in cs[:2] and not c.failed:
+                c.failed = f"not run above {peer_max} pairs"
+        race([c for c in cs if not c.failed], path, repeat if n <= big else big_repeat, timeout, warm_up=k == 0)
         walls = [med([r.wall for r in c.runs]) for c in cs]
-        cells = [f"{w:10.2f}" if c.runs else f"{'(' + ('timeout' if 'timed out' in c.failed else 'failed') + ')':>10s}"
-                 for c, w in zip(cs, walls)]
+        cells = [f"{w:10.2f}" if c.runs else f"{'(' + _why_not(c.failed) + ')':>10s}" for c, w in zip(cs, walls)]
         floor, fold = walls[0], walls[1]
         cpu = med([r.cpu for r in cs[1].runs]) / med([r.cpu for r in cs[0].runs]) if cs[1].runs else float("nan")
         marginal = ""
@@ -331,8 +336,12 @@ def section_chains(sizes: list[int], repeat: int, timeout: float, with_peers: bo
         print(f"   {n:7d} {path.stat().st_size / 2 ** 20:5.1f} " + " ".join(cells) +
               f" {fold / floor:12.2f}x {cpu:8.2f}x {fold / n * 1e6:8.1f} {marginal:>24s}")
         for c in cs[1:]:
-            if c.failed and "timed out" not in c.failed and not c.runs:
+            if c.failed and _why_not(c.failed) == "failed" and not c.runs:
                 print(f"      {c.name}: {c.failed[:100]}")
+
+
+def _why_not(failed: str) -> str:
+    return "timeout" if "timed out" in failed else "not run" if failed.startswith("not run") else "failed"
 
 
 _BASELINE = """
@@ -431,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per contender on the real model (median)")
     ap.add_argument("--chain-repeat", type=int, default=3, help="timed runs per contender per chain size")
-    ap.add_argument("--sizes", default="1000,2000,4000,8000,16000,32000", help="chain lengths (pairs)")
+    ap.add_argument("--sizes", default="2000,8000,32000,128000", help="chain lengths (pairs)")
+    ap.add_argument("--peer-max", type=int, default=8000, help="largest chain the peers are run on (pairs)")
+    ap.add_argument("--big", type=int, default=32000, help="chains above this many pairs get --big-repeat runs")
+    ap.add_argument("--big-repeat", type=int, default=1, help="timed runs per contender on the big chains")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds before a run counts as too slow")
     ap.add_argument("--no-peers", action="store_true", help="floor and bnfold only")
     ap.add_argument("--only", choices=("imports", "real", "chains", "verify", "memory"), action="append")
@@ -455,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     if "real" in only:
         section_real(a.repeat, a.timeout, not a.no_peers)
     if "chains" in only:
-        section_chains([int(s) for s in a.sizes.split(",") if s.strip()], a.chain_repeat, a.timeout, not a.no_peers)
+        section_chains([int(s) for s in a.sizes.split(",") if s.strip()], a.chain_repeat, a.timeout, not a.no_peers,
+                       a.peer_max, a.big, a.big_repeat)
     if "verify" in only:
         section_verify(model, max(1, min(a.repeat, 3)))
     if "memory" in only:

@@ -91,7 +91,10 @@ class GraphEdits:
                     del t.external_data[:]
                     t.data_location = onnx.TensorProto.DEFAULT
                 t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
-                release_freed(value.nbytes)
+                if name in ix.borrowed:
+                    # a fold into a copy, beside the caller's model: its temporaries go back to the system
+                    # (a file's fold peaks at reading the file; there the trim would only cost time)
+                    release_freed(value.nbytes)
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
                 if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape
