@@ -34,12 +34,15 @@ class OnnxFrontend:
     def example_inputs(self, model: Any, opts: Options) -> Any:
         return None  # ONNX feeds come from the graph's declared inputs (onnx/feeds.py) at verification
 
-    def fold(self, model: Any, opts: Options, *, example_inputs: Any = None, path: str | None = None) -> FoldResult:
+    def fold(self, model: Any, opts: Options, *, example_inputs: Any = None, path: str | None = None,
+             owned: bool = False) -> FoldResult:
+        """`owned`: the caller never reads `model` again (api.fold_with), so it is folded in place when
+        nothing needs the original (fold_onnx copies it anyway for verification or a dry run)."""
         from .fold import fold_onnx
         if path is None:
             _require_loaded_external_data(model)
         try:
-            return fold_onnx(model, opts, original_path=path, copy=path is None)
+            return fold_onnx(model, opts, original_path=path, copy=path is None and not owned)
         except BnfoldError as e:
             if e.path is None and path is not None:
                 raise BnfoldError(str(e), path) from None  # name the file the problem is about

@@ -274,3 +274,25 @@ def test_planted_errors_are_caught_on_a_window(rng, monkeypatch, how):
     assert res.report.verification.proofs["failed"] == 1
     [blamed] = res.report.verification.blame
     assert blamed["bn"] == "bn2" and blamed["max_abs"] > blamed["bound"]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_an_owned_model_is_folded_in_place_only_when_nothing_needs_the_original(rng, verify):
+    """The command line hands its freshly loaded model over (owned=True): without verification it is folded in
+    place (no copy); with verification the original stays as it was and the result is another model."""
+    from bnfold import api
+    from bnfold.core.options import Options
+    g = G(rng)
+    g.node("Conv", ["x", g.weight("w", (6, 3, 3, 3)), g.weight("b", (6,))], ["c"], name="conv", pads=[1, 1, 1, 1])
+    g.bn("bn", "c", 6, out="y")
+    m = g.model([("x", [2, 3, 8, 8])], [("y", None)])
+    before = m.SerializeToString()
+    res = api.fold_with(m, Options(verify=verify, providers=("cpu",)), owned=True)
+    assert not any(n.op_type == "BatchNormalization" for n in res.model.graph.node)
+    if verify:
+        assert res.report.verification.passed is True
+        assert res.model is not m and m.SerializeToString() == before
+    else:
+        assert res.model is m
+    m2 = g.model([("x", [2, 3, 8, 8])], [("y", None)])
+    assert api.fold_with(m2, Options(verify=False)).model is not m2  # not owned: a copy, as the API promises
