@@ -81,8 +81,10 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
     return fold_with(model_or_path, opts, example_inputs)
 
 
-def fold_with(model_or_path: Any, opts: Options, example_inputs: Any = None) -> FoldResult:
-    """fold() with its options already gathered in one Options."""
+def fold_with(model_or_path: Any, opts: Options, example_inputs: Any = None, *, owned: bool = False) -> FoldResult:
+    """fold() with its options already gathered in one Options. `owned`: the caller hands an in-memory model
+    over and never reads it again, so an ONNX fold that needs no original (no verification, no dry run) may
+    change it in place instead of folding a copy."""
     t0 = time.perf_counter()
     path = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
     if opts.standalone not in ("keep", "affine"):
@@ -100,7 +102,8 @@ def fold_with(model_or_path: Any, opts: Options, example_inputs: Any = None) -> 
     with naming(path):
         if example_inputs is None and (opts.input_specs or opts.inputs_npz or path is not None):
             example_inputs = fe.example_inputs(model, opts)
-        res = fe.fold(model, opts, example_inputs=example_inputs, path=path)
+        more = {"owned": True} if owned and path is None and fe.name == "onnx" else {}
+        res = fe.fold(model, opts, example_inputs=example_inputs, path=path, **more)
         res = _self_heal(fe, model, opts, example_inputs, path, res)
     res.report.model = path if path is not None else res.report.model
     res.report.timing_s = {"load": t_load, **{k: v for k, v in res.report.timing_s.items() if k != "load"}}

@@ -53,17 +53,26 @@ def compare(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str, A
 
 # -- ONNX ------------------------------------------------------------------------------------------
 
+# default-domain ops with graph attributes (the ONNX checker refuses one on any other default-domain op)
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
 def _onnx(model: Any) -> dict[str, Any]:
     ops: Counter = Counter()
     params = 0
 
     def walk(graph: Any) -> None:
         nonlocal params
-        params += sum(math.prod(t.dims) for t in graph.initializer)
-        for n in graph.node:
-            ops[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"] += 1
+        params += sum(math.prod(t.dims[:]) for t in graph.initializer[:])
+        nodes = graph.node[:]  # ([:] copies a repeated field in one call: a graph may hold 100k nodes)
+        kinds = [(n.domain, n.op_type) for n in nodes]
+        ops.update(op if dom in ("", "ai.onnx") else f"{dom}.{op}" for dom, op in kinds)
+        for n, (dom, op) in zip(nodes, kinds):
+            # only Constant holds a counted tensor, and only control flow (or another domain's op) a graph:
+            # the attributes of every other node need no look
+            if op != "Constant" and op not in _CONTROL_FLOW and dom in ("", "ai.onnx"):
+                continue
             for a in n.attribute:
-                if n.op_type == "Constant" and a.HasField("t"):
+                if op == "Constant" and a.HasField("t"):
                     params += math.prod(a.t.dims)
                 for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     walk(g)

@@ -165,7 +165,8 @@ class _DefaultDict(dict):
 
 def _options(a: argparse.Namespace, **more: Any) -> Options:
     """The one Options object a command hands down, from its parsed arguments."""
-    from .verify.inputs import parse_input_spec
+    if a.input:  # the verification package is imported only by runs that use it
+        from .verify.inputs import parse_input_spec
     if a.batches < 1:
         raise BnfoldError("--batches must be at least 1")
     if a.seed < 0:

@@ -157,7 +157,7 @@ class ConstEvaluator:
             t = ix.inits[name]
             if math.prod(t.dims) > KEEP_ELEMENTS:
                 self._transient.append(name)
-            return tensor_value(t)
+            return tensor_value(ix.borrowed.get(name, t))
         if name in ix.graph_inputs:
             self.refused[name] = f"{name!r} is a graph input"
             return None

@@ -19,10 +19,15 @@ from .layout import shape_reader
 from .match import Match
 from .nodes import node_label, set_attr
 from .ondisk import on_disk
+from .protos import release_freed
 from .standalone import BnView
 
 if TYPE_CHECKING:
     from .graph import GraphIndex
+
+# numpy float types whose bytes are the ONNX raw data of that element type
+_RAW_FLOAT = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+              np.dtype(np.float64): onnx.TensorProto.DOUBLE}
 
 
 class GraphEdits:
@@ -77,15 +82,19 @@ class GraphEdits:
     def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
         """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""
         ix = self.ix
-        if name in ix.inits and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
-            t = ix.inits[name]
-            if ((t.HasField("raw_data") or on_disk(t)) and list(t.dims) == list(value.shape)
-                    and sys.byteorder == "little" and value.dtype.kind == "f"
-                    and t.data_type == helper.np_dtype_to_tensor_dtype(value.dtype)):
-                if on_disk(t):  # the folded weight lives in memory from now on
+        t = ix.inits.get(name)
+        if t is not None and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
+            raw = t.HasField("raw_data")
+            if (_RAW_FLOAT.get(value.dtype) == t.data_type and sys.byteorder == "little"
+                    and tuple(t.dims[:]) == value.shape and (raw or name in ix.borrowed or on_disk(t))):
+                if not raw and on_disk(t):  # the folded weight lives in memory from now on
                     del t.external_data[:]
                     t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
+                t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
+                if name in ix.borrowed:
+                    # a fold into a copy, beside the caller's model: its temporaries go back to the system
+                    # (a file's fold peaks at reading the file; there the trim would only cost time)
+                    release_freed(value.nbytes)
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
                 if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape
@@ -93,6 +102,7 @@ class GraphEdits:
                         if vi.name == name:
                             vi.CopyFrom(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
+            ix.borrowed.pop(name, None)  # its data is its own now
             return name
         new = ix.unique(name or "bias")
         t = numpy_helper.from_array(value, new)
@@ -113,9 +123,7 @@ class GraphEdits:
         if old == new:
             return
         if old:
-            users = ix.consumers.get(old, [])
-            if node in users:
-                users.remove(node)
+            ix.unread(old, node)
             self.maybe_dead_inits.add(old)
         node.input[slot] = new
         ix.consumers.setdefault(new, []).append(node)
@@ -181,7 +189,7 @@ class GraphEdits:
             for i, name in enumerate(r.input):
                 if name == old:
                     r.input[i] = new
-            ix.consumers[old].remove(r)
+            ix.unread(old, r)
             ix.consumers.setdefault(new, []).append(r)
 
     def rename_value(self, value: str) -> str:
@@ -227,11 +235,9 @@ class GraphEdits:
         """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too)."""
         ix = self.ix
         self.dead_nodes.add(id(node))
-        for name in node.input:
+        for name in node.input[:]:
             if name:
-                users = ix.consumers.get(name, [])
-                if node in users:
-                    users.remove(node)
+                ix.unread(name, node)
                 self.maybe_dead_inits.add(name)
 
     def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
@@ -239,7 +245,7 @@ class GraphEdits:
         ix = self.ix
         for node in (bn, *view.chain):
             self.unlink(node)
-            for o in node.output:
+            for o in node.output[:]:
                 if o and not (o == view.out and ix.producer.get(o) is not node):
                     self.dead_values.add(o)
                     if ix.producer.get(o) is node:

@@ -14,6 +14,7 @@ map first. Parameters may be any constant subgraph (onnx_const); every scope is 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..core.options import Options
 from .edits import GraphEdits
 from .graph import GraphIndex
 from .match import Match
-from .nodes import ONNX_DOMAINS, attr as _attr, node_label
+from .nodes import ONNX_DOMAINS, attr as _attr, node_label, value_of
 from .standalone import BnView, absorb_affine_chain, as_mul_add
 from .backward import fold_before
 from .sweep import sweep
@@ -34,6 +35,15 @@ from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_re
 # The epsilon attribute is a float32: its default 1e-5 is float32(1e-5), which is what runtimes use (for
 # double BatchNorms too); the Python double 1e-5 would be off by 2.5e-14, millions of ulp at var ~ 1e-4.
 EPSILON_DEFAULT = float(np.float32(1e-5))
+
+
+@functools.lru_cache(maxsize=256)
+def _conv_layout(op: str, groups: int) -> layouts.Layout:
+    """layouts.conv / conv_transpose, made once per (op, groups): a Layout is frozen, and cheap to share."""
+    return layouts.conv(groups) if op == "Conv" else layouts.conv_transpose(groups)
+
+
+BN_ROLES = ("BatchNorm scale", "BatchNorm bias", "BatchNorm running mean", "BatchNorm running variance")
 
 
 class OnnxFolder(GraphEdits):
@@ -49,7 +59,7 @@ class OnnxFolder(GraphEdits):
         self.opts = opts
         self.ix = GraphIndex.build(graph, model.ir_version, outer_consts, opset, names)
         # Node identity (id()) is used for bookkeeping; holding every wrapper keeps ids stable.
-        self._nodes = list(graph.node)
+        self._nodes = self.ix.nodes
         self.decisions: list[Decision] = []
         self.dead_nodes: set[int] = set()
         self.maybe_dead_inits: set[str] = set()
@@ -63,7 +73,7 @@ class OnnxFolder(GraphEdits):
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
-        bns = [n for n in self.ix.graph.node if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS]
+        bns = self.ix.batchnorms  # gathered by the index's one walk over the nodes
         decided: dict[int, Decision] = {}
         pending = []
         for node in bns:
@@ -93,11 +103,13 @@ class OnnxFolder(GraphEdits):
 
     # -- check ----------------------------------------------------------------------------------
     def _bn_params(self, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-        if self.opset < 7 and _attr(bn, "is_test", 0) == 0:
+        attrs = {a.name: a for a in bn.attribute[:]}  # one pass instead of one per attribute asked for
+        value = lambda name, default: default if name not in attrs else value_of(attrs[name])  # noqa: E731
+        if self.opset < 7 and value("is_test", 0) == 0:
             raise Skip(Reason.TRAINING_MODE, "is_test=0: the BatchNorm computes batch statistics")
-        if _attr(bn, "training_mode", 0) == 1:
+        if value("training_mode", 0) == 1:
             raise Skip(Reason.TRAINING_MODE, "training_mode=1: the BatchNorm uses batch statistics")
-        extra = [o for o in bn.output[1:] if o]
+        extra = [o for o in bn.output[1:] if o] if len(bn.output) > 1 else []
         if extra and self.opset < 14:
             # before opset 14 the outputs themselves select the mode: with running mean/var (and saved
             # statistics) as outputs the BatchNorm normalises with batch statistics, used or not
@@ -106,15 +118,16 @@ class OnnxFolder(GraphEdits):
         used = [o for o in extra if self.ix.uses(o)]
         if used:
             raise Skip(Reason.TRAINING_MODE, f"the BatchNorm's training outputs are used ({', '.join(used)})")
-        if self.opset < 9 and _attr(bn, "spatial", 1) == 0:
+        if self.opset < 9 and value("spatial", 1) == 0:
             raise Skip(Reason.SPATIAL_MODE)
-        if len(bn.input) < 5 or not all(bn.input[1:5]):
+        params = bn.input[1:5]
+        if len(params) < 4 or not all(params):
             raise Skip(Reason.NO_RUNNING_STATS, "the BatchNorm has no running mean/variance inputs")
-        roles = ("scale", "bias", "running mean", "running variance")
-        gamma, beta, mean, var = (self.ix.const(n, f"BatchNorm {r}") for n, r in zip(bn.input[1:5], roles))
-        eps = float(_attr(bn, "epsilon", EPSILON_DEFAULT))
-        channels = int(np.asarray(gamma).size)
-        if np.asarray(gamma).ndim > 1 or any(np.asarray(p).size != channels for p in (beta, mean, var)):
+        const = self.ix.const
+        gamma, beta, mean, var = (np.asarray(const(n, r)) for n, r in zip(params, BN_ROLES))
+        eps = float(value("epsilon", EPSILON_DEFAULT))  # type: ignore[arg-type]
+        channels = int(gamma.size)
+        if gamma.ndim > 1 or beta.size != channels or mean.size != channels or var.size != channels:
             raise Skip(Reason.AXIS_MISMATCH, "BatchNorm parameters are not per-channel vectors of one length")
         s, t = kernel.bn_scale_shift(gamma, beta, mean, var, eps)
         return s, t, np.asarray(gamma).dtype
@@ -145,7 +158,9 @@ class OnnxFolder(GraphEdits):
         if value in self.ix.graph_outputs:
             raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{node_label(producer)} output {value!r} is a graph output",
                        producer=node_label(producer))
-        users = [u for u in self.ix.consumers.get(value, []) if not shape_reader(u)]
+        users = self.ix.consumers.get(value, [])
+        if len(users) > 1:
+            users = [u for u in users if not shape_reader(u)]
         if len(users) > 1:
             others = [node_label(u) for u in users][:4]
             raise Skip(Reason.PRODUCER_FANOUT,
@@ -158,7 +173,7 @@ class OnnxFolder(GraphEdits):
         if prod is None:
             what = "a graph input" if x in self.ix.graph_inputs else "a constant" if x in self.ix.inits else "an outer-scope value"
             raise Skip(Reason.NO_PRODUCER, f"the BatchNorm's input {x!r} is {what}")
-        if prod.domain in ONNX_DOMAINS and prod.op_type in LAYOUT_OPS:
+        if prod.op_type in LAYOUT_OPS and prod.domain in ONNX_DOMAINS:
             return match_through_layout(self, bn)
         m = self._match_layer(prod)
         for hop in hops:  # Identity/Dropout in between: each value on the way has that one reader
@@ -171,21 +186,22 @@ class OnnxFolder(GraphEdits):
         return m
 
     def _match_layer(self, prod: onnx.NodeProto) -> Match:
-        if prod.domain not in ONNX_DOMAINS or prod.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+        op = prod.op_type
+        if op not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add") or prod.domain not in ONNX_DOMAINS:
             hint = ""
-            if prod.op_type == "DequantizeLinear":  # ONNX's or com.microsoft's: the layer before is quantized
+            if op == "DequantizeLinear":  # ONNX's or com.microsoft's: the layer before is quantized
                 hint = ("; the model is quantized: fold the float model with bnfold first, then quantize it "
                         "(folding belongs before quantization)")
-            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {prod.op_type} {node_label(prod)!r}{hint}",
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the input comes from {op} {node_label(prod)!r}{hint}",
                        producer=node_label(prod))
         label = node_label(prod)
-        if prod.op_type in ("Conv", "ConvTranspose"):
-            if len(prod.input) < 2:
+        if op == "Conv" or op == "ConvTranspose":
+            ins = prod.input[:]
+            if len(ins) < 2:
                 raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has no weight input", producer=label)
             g = int(_attr(prod, "group", 1))
-            lay = layouts.conv(g) if prod.op_type == "Conv" else layouts.conv_transpose(g)
-            bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
-            return Match(f"{prod.op_type}->BN", prod, prod, lay, prod.input[1], bias, (prod, 2))
+            bias = ins[2] if len(ins) > 2 and ins[2] else None
+            return Match(f"{op}->BN", prod, prod, _conv_layout(op, g), ins[1], bias, (prod, 2))
         if prod.op_type == "Gemm":
             bias = prod.input[2] if len(prod.input) > 2 and prod.input[2] else None
             beta = float(_attr(prod, "beta", 1.0))

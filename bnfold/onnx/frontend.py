@@ -34,12 +34,15 @@ class OnnxFrontend:
     def example_inputs(self, model: Any, opts: Options) -> Any:
         return None  # ONNX feeds come from the graph's declared inputs (onnx/feeds.py) at verification
 
-    def fold(self, model: Any, opts: Options, *, example_inputs: Any = None, path: str | None = None) -> FoldResult:
+    def fold(self, model: Any, opts: Options, *, example_inputs: Any = None, path: str | None = None,
+             owned: bool = False) -> FoldResult:
+        """`owned`: the caller never reads `model` again (api.fold_with), so it is folded in place when
+        nothing needs the original (fold_onnx copies it anyway for verification or a dry run)."""
         from .fold import fold_onnx
         if path is None:
             _require_loaded_external_data(model)
         try:
-            return fold_onnx(model, opts, original_path=path, copy=path is None)
+            return fold_onnx(model, opts, original_path=path, copy=path is None and not owned)
         except BnfoldError as e:
             if e.path is None and path is not None:
                 raise BnfoldError(str(e), path) from None  # name the file the problem is about
@@ -56,11 +59,12 @@ class OnnxFrontend:
 
 
 def _require_loaded_external_data(model: Any) -> None:
-    from onnx.external_data_helper import uses_external_data
+    import onnx
 
     from .ondisk import on_disk
-    for t in model.graph.initializer:
-        if uses_external_data(t) and not t.HasField("raw_data") and not on_disk(t):
+    external = onnx.TensorProto.EXTERNAL
+    for t in model.graph.initializer[:]:  # (onnx's uses_external_data, inlined: a call per tensor adds up)
+        if t.data_location == external and not t.HasField("raw_data") and not on_disk(t):
             raise BnfoldError(f"initializer {t.name!r} lives in external data that is not loaded; pass the file "
                               "path instead, or onnx.load() the model with its external data")
 

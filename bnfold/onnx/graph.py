@@ -12,7 +12,17 @@ import onnx
 from ..core.decisions import Reason, Skip
 from .ondisk import tensor_value
 from .const import ConstEvaluator
-from .nodes import graphs_of, subgraph_free_names
+from .nodes import ONNX_DOMAINS, graphs_of, subgraph_free_names
+
+# default-domain ops with graph attributes (the checker refuses one on any other default-domain op)
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies a node holds: a look at the op type for the other ops (~100x cheaper on big graphs)."""
+    if node.op_type not in CONTROL_FLOW and node.domain in ONNX_DOMAINS:
+        return []
+    return [g for a in node.attribute for g in graphs_of(a)]
 
 @dataclass
 class GraphIndex:
@@ -33,6 +43,14 @@ class GraphIndex:
     # name -> (dims, elem_type) from shape inference, shared by all scopes; declared types as fallback
     shapes: dict[str, tuple[list | None, int]] = field(default_factory=dict)
     declared: dict[str, int] = field(default_factory=dict)
+    # initializers of a borrowing copy (protos.copy_borrowing) whose data still lives in the original
+    borrowed: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    # gathered in the one pass over the nodes: every node (holding the wrappers keeps their id()s
+    # stable), the BatchNorms and the nodes with bodies in graph order, whether some node is a CastLike
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    batchnorms: list[onnx.NodeProto] = field(default_factory=list)
+    with_bodies: list[onnx.NodeProto] = field(default_factory=list)
+    has_castlike: bool = False
 
     @classmethod
     def build(cls, graph: onnx.GraphProto, ir_version: int,
@@ -48,19 +66,46 @@ class GraphIndex:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 ix.declared[vi.name] = vi.type.tensor_type.elem_type
         ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
-        for n in graph.node:
-            for o in n.output:
+        producer, consumers, names = ix.producer, ix.consumers, ix.names
+        # [:] copies a repeated field in one C call; iterating it ends with a raised and caught IndexError
+        ix.nodes = graph.node[:]
+        for n in ix.nodes:
+            for o in n.output[:]:
                 if o:
-                    ix.producer[o] = n
-                    ix.names.add(o)
-            for i in n.input:
+                    producer[o] = n
+            for i in n.input[:]:
                 if i:
-                    ix.consumers.setdefault(i, []).append(n)
-            for a in n.attribute:
-                for g in graphs_of(a):
+                    users = consumers.get(i)
+                    if users is None:
+                        consumers[i] = [n]
+                    else:
+                        users.append(n)
+            names.add(n.name)
+            op, default = n.op_type, n.domain in ONNX_DOMAINS
+            if op == "BatchNormalization" and default:
+                ix.batchnorms.append(n)
+            elif op == "CastLike":
+                ix.has_castlike = True
+            if op in CONTROL_FLOW or not default:
+                subs = subgraphs(n)
+                if subs:
+                    ix.with_bodies.append(n)
+                for g in subs:  # a body reads outer values: the node depends on them
                     for name in subgraph_free_names(g):
-                        ix.consumers.setdefault(name, []).append(n)
+                        consumers.setdefault(name, []).append(n)
+        names.update(producer)
+        names.discard("")
         return ix
+
+    def unread(self, name: str, node: onnx.NodeProto) -> None:
+        """`node` no longer reads `name` (once). By identity: `in` and list.remove compare protobuf messages
+        by content, a walk over every field of every other reader of a value read by many."""
+        users = self.consumers.get(name)
+        if users:
+            for k, u in enumerate(users):
+                if u is node:
+                    del users[k]
+                    return
 
     def uses(self, name: str) -> int:
         return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
@@ -88,11 +133,13 @@ class GraphIndex:
 
     def const(self, name: str, role: str) -> np.ndarray:
         """The constant value of tensor `name`, or Skip(NON_CONSTANT_PARAM) naming it."""
-        if name in self.const_cache:
-            return self.const_cache[name]
+        v = self.const_cache.get(name)
+        if v is not None:
+            return v
         t = self.inits.get(name)
-        if t is not None and not self.overridable(name):
-            return tensor_value(t)  # the common case, read where used (see ConstEvaluator.leaf)
+        if t is not None and not (self.ir_version >= 4 and name in self.graph_inputs):  # not overridable
+            # the common case, read where used (see ConstEvaluator.leaf)
+            return tensor_value(self.borrowed.get(name, t) if self.borrowed else t)
         if self.evaluator is None:
             self.evaluator = ConstEvaluator(self, self.opset)
         value = self.evaluator.value(name)

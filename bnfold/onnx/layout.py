@@ -37,12 +37,13 @@ def shape_reader(node: onnx.NodeProto) -> bool:
 def passthrough(f: "OnnxFolder", node: onnx.NodeProto) -> bool:
     """True for a node whose first output is its input, unchanged: Identity, or Dropout in inference
     (no training flag that could be true, mask output unused)."""
+    op = node.op_type  # first: on a long graph nearly every node asked about is some other op
+    if op != "Identity" and op != "Dropout":
+        return False
     if node.domain not in ONNX_DOMAINS or not node.input or not node.input[0] or not node.output:
         return False
-    if node.op_type == "Identity":
+    if op == "Identity":
         return True
-    if node.op_type != "Dropout":
-        return False
     if len(node.output) > 1 and node.output[1] and f.ix.uses(node.output[1]):
         return False  # the mask is random in training and all-true otherwise: not ours to decide
     if f.opset < 7:

@@ -11,10 +11,19 @@ ONNX_DOMAINS = ("", "ai.onnx")
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """The value of attribute `name` of `node`, or `default` when it is absent."""
-    for a in node.attribute:
+    for a in node.attribute[:]:  # ([:] is one call; iterating a repeated field ends in a caught IndexError)
         if a.name == name:
-            return helper.get_attribute_value(a)
+            return value_of(a)
     return default
+
+
+def value_of(a: onnx.AttributeProto) -> Any:
+    """helper.get_attribute_value, with ints and floats read directly (it costs as much as a BN's checks)."""
+    if a.type == onnx.AttributeProto.INT:
+        return a.i
+    if a.type == onnx.AttributeProto.FLOAT:
+        return a.f
+    return helper.get_attribute_value(a)
 
 
 def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:

@@ -8,7 +8,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..verify import compare
-from .ondisk import on_disk
+from .ondisk import on_disk, tensor_value
+from .protos import copy_borrowing, fill_borrowed
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -47,32 +48,37 @@ def perturbed_lazily(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto
     from .const import constant_root_readers
 
     rng = np.random.default_rng(seed + 7919)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m, borrowed = copy_borrowing(model)  # every big weight is replaced: not copied first
     later: set[str] = set()
     readers = constant_root_readers(m.graph, WEIGHT_OPS)
     compute = _compute_eps(m, readers)
     shapes = {t.name: t for t in m.graph.initializer}
 
-    def nudge(t: onnx.TensorProto, name: str, least: int = 2) -> None:
+    def nudge(t: onnx.TensorProto, name: str, least: int = 2, top: bool = False) -> None:
         if on_disk(t):
             if t.data_type in FLOAT_TYPES:
                 later.add(t.name)
             return
-        a = numpy_helper.to_array(t)
+        src = borrowed.get(t.name) if top else None  # a main-graph initializer may be a stub
+        a = tensor_value(src if src is not None else t)
         if a.size < least or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             return  # scalars (exponents, clip bounds) are not weights; nudging them can change semantics
-        t.CopyFrom(numpy_helper.from_array(compare.perturb(a, rng, compute.get(name)), t.name))
+        new = numpy_helper.from_array(compare.perturb(a, rng, compute.get(name)), t.name)
+        if src is not None:
+            borrowed.pop(t.name)
+            t.raw_data = new.raw_data  # a stub: its header stays, the data is the nudged one
+        else:
+            t.CopyFrom(new)
 
     def min_size(name: str) -> int:
         # a one-channel BatchNorm or layer still has weights; scalars of other ops (exponents, bounds) are not
         reader = readers.get(name)
         return 1 if reader is not None and reader.op_type in LAYER_OPS else 2
 
-    def visit(nodes, inits, roots) -> None:
+    def visit(nodes, inits, roots, top: bool = False) -> None:
         for t in inits:
             if t.name in roots:
-                nudge(t, t.name, min_size(t.name))
+                nudge(t, t.name, min_size(t.name), top=top)
         for n in nodes:
             if n.op_type in ("Constant", "ConstantOfShape") and n.output and n.output[0] in roots:
                 if n.op_type == "ConstantOfShape" and _materialise(n, shapes):
@@ -85,9 +91,10 @@ def perturbed_lazily(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto
                             list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
                     visit(sub.node, sub.initializer, roots)
 
-    visit(m.graph.node, m.graph.initializer, readers)
+    visit(m.graph.node, m.graph.initializer, readers, top=True)
     for f in m.functions:
         visit(f.node, [], constant_root_readers(onnx.GraphProto(node=f.node), WEIGHT_OPS))
+    fill_borrowed(m, borrowed)
     return m, later
 
 

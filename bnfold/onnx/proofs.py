@@ -25,7 +25,8 @@ from onnx import helper, numpy_helper
 
 from ..core.decisions import Decision
 from ..verify import compare
-from .nodes import ONNX_DOMAINS, attr
+from .nodes import ONNX_DOMAINS, attr, set_attr
+from .ondisk import tensor_value
 
 FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 # ops whose output magnitude is bounded by running them on magnitudes (non-negative multilinear maps)
@@ -85,14 +86,16 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.producer = {o: n for n in model.graph.node for o in n.output if o}
+        self.nodes = model.graph.node[:]  # held: node identities (id()) stay valid while indexed
+        self.position = {id(n): k for k, n in enumerate(self.nodes)}
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.inits = {t.name: t for t in model.graph.initializer}
         self.inputs = {i.name for i in model.graph.input} - set(self.inits)
 
     def region(self, x: str, y: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | str:
         """Nodes (in graph order) and initializers computing `y` from `x` and constants, or why not."""
         need, seen, inits = [y], set(), []
-        nodes: set[int] = set()
+        nodes: dict[int, onnx.NodeProto] = {}
         while need:
             name = need.pop()
             if name in seen or name == x or not name:
@@ -106,15 +109,14 @@ class _Graph:
                 return f"{y!r} also depends on {name!r}, another input of the model"
             if node.domain not in ONNX_DOMAINS:
                 return f"the region holds the custom op {node.op_type}"
-            nodes.add(id(node))
+            nodes[id(node)] = node
             if len(nodes) > MAX_REGION:
                 return f"the region from {x!r} to {y!r} has more than {MAX_REGION} nodes"
             need.extend(node.input)
             for a in node.attribute:
                 if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                     return f"the region holds {node.op_type} with a subgraph"
-        ordered = [n for n in self.model.graph.node if id(n) in nodes]
-        return ordered, inits
+        return sorted(nodes.values(), key=lambda n: self.position[id(n)]), inits
 
 
 def _prove_one(orig_g: _Graph, fold_g: _Graph, site: tuple[str, str], x: np.ndarray,
@@ -130,11 +132,19 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, site: tuple[str, str], x: np.ndar
         return {"not_run": f"no magnitude bound for the folded region's {', '.join(odd)}"}
     u = max([compare.unit_roundoff(helper.tensor_dtype_to_np_dtype(t)) for t in _float_types(on, oi, fn, fi)] +
             [compare.unit_roundoff(x.dtype)])
-    x64 = np.asarray(x, np.float64)
+    x = np.asarray(x)
+    pads: dict[int, list[int]] = {}
+    if (witness is not None and np.ndim(witness) == x.ndim
+            and (witness_folded is None or np.shape(witness_folded) == np.shape(witness))):
+        # both witnesses are cut alike (a folded output of another shape is judged whole: 'shapes differ')
+        x, cut, pads = _shrink((on, oi), (fn, fi), xin, x, np.asarray(witness))
+        witness = np.asarray(witness)[cut]
+        if witness_folded is not None:
+            witness_folded = np.asarray(witness_folded)[cut]
+    x64 = np.asarray(x, np.float64)  # widened after the cut: a 224x224 activation is big
     try:
-        ref = _run(orig_g.model, on, oi, xin, y, x64)
-        new = _run(fold_g.model, fn, fi, xin, y, x64)
-        mag = _run(fold_g.model, fn, fi, xin, y, np.abs(x64), magnitudes=True)
+        ref = _run(orig_g.model, on, oi, xin, y, x64, pads=pads)
+        new, mag = _run(fold_g.model, fn, fi, xin, y, x64, pads=pads, magnitudes=True)
     except Exception as e:  # noqa: BLE001 - the reference evaluator lacks some ops / versions: say so
         return {"not_run": f"the region could not be replayed in float64 ({type(e).__name__}: "
                            f"{(str(e).splitlines() or [''])[0][:160]})"}
@@ -182,20 +192,147 @@ def _float_types(*groups: Iterable[Any]) -> set[int]:
 
 
 def _run(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x: str, y: str,
-         value: np.ndarray, magnitudes: bool = False) -> np.ndarray:
-    """The region in float64 (every float constant and Cast widened; with `magnitudes`, every float
-    constant and Gemm alpha/beta replaced by its absolute value), run on `value` for `x`."""
+         value: np.ndarray, pads: dict[int, list[int]], magnitudes: bool = False) -> Any:
+    """The region in float64 (every float constant and Cast widened), run on `value` for `x`; with
+    `magnitudes`, also the same on |value| with every float constant and Gemm alpha/beta replaced by its
+    absolute value: (plain, magnitudes). `pads` overrides the pads of nodes (by id) as _shrink decided.
+
+    The float initializers are fed as float64 inputs, read and widened once for both runs, and the
+    evaluator is built once when the magnitude graph is the plain one (no float attributes to flip)."""
     from onnx.reference import ReferenceEvaluator
 
-    new_nodes = [_widen(n, magnitudes) for n in nodes]
-    new_inits = [_widen_tensor(t, magnitudes) for t in inits]
-    g = helper.make_graph(new_nodes, "fold_region",
-                          [helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None)],
-                          [helper.make_tensor_value_info(y, onnx.TensorProto.DOUBLE, None)], new_inits)
-    m = helper.make_model(g, opset_imports=list(model.opset_import))
-    m.ir_version = max(model.ir_version, 4)
-    out = ReferenceEvaluator(m, new_ops=[_inference_bn(), _conv_transpose()]).run(None, {x: value})[0]
-    return np.asarray(out, np.float64)
+    floats = [t for t in inits if t.data_type in FLOATS]
+    weights = {t.name: np.asarray(tensor_value(t), np.float64) for t in floats}
+    inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.DOUBLE, None) for n in (x, *weights)]
+
+    def evaluator(mags: bool, graph_nodes: list[onnx.NodeProto]) -> Any:
+        g = helper.make_graph(graph_nodes, "fold_region", inputs,
+                              [helper.make_tensor_value_info(y, onnx.TensorProto.DOUBLE, None)],
+                              [t for t in inits if t.data_type not in FLOATS])
+        m = helper.make_model(g, opset_imports=list(model.opset_import))
+        m.ir_version = max(model.ir_version, 4)
+        return ReferenceEvaluator(m, new_ops=[_inference_bn(), _conv_transpose()])
+
+    plain_nodes = [_padded(_widen(n, False), pads.get(id(n))) for n in nodes]
+    ev = evaluator(False, plain_nodes)
+    out = np.asarray(ev.run(None, {x: value, **weights})[0], np.float64)
+    if not magnitudes:
+        return out
+    mag_nodes = [_padded(_widen(n, True), pads.get(id(n))) for n in nodes]
+    if [n.SerializeToString() for n in mag_nodes] != [n.SerializeToString() for n in plain_nodes]:
+        ev = evaluator(True, mag_nodes)
+    mag = ev.run(None, {x: np.abs(value), **{k: np.abs(w) for k, w in weights.items()}})[0]
+    return out, np.asarray(mag, np.float64)
+
+
+def _padded(node: onnx.NodeProto, pads: list[int] | None) -> onnx.NodeProto:
+    if pads is not None:
+        set_attr(node, "pads", pads)
+    return node
+
+
+# Output positions kept per spatial axis when a convolution's region is replayed on a window (_shrink)
+WINDOW = 4
+SAMPLEWISE = {"Conv", "ConvTranspose", "BatchNormalization", "Identity", "Dropout", "Cast"}
+ARITHMETIC = {"Add", "Mul", "Sub", "Div"}
+
+
+def _shrink(orig: tuple[list[onnx.NodeProto], list[onnx.TensorProto]],
+            fold: tuple[list[onnx.NodeProto], list[onnx.TensorProto]], xin: str, x: np.ndarray,
+            witness: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...], dict[int, list[int]]]:
+    """The part of the captured data that shows every error a fold can make, the index that cuts the
+    witnesses (onnxruntime's outputs of the region) alike, and the pads to replay it.
+
+    A fold changes weights and biases, the same at every sample and position. When both regions treat
+    batch items apart (no op mixes them), one item is replayed. When both hold one Conv and otherwise
+    only ops that act position by position (BatchNorm, Identity, per-channel arithmetic), a window of
+    WINDOW output positions per spatial axis away from the border is replayed: every weight of the conv
+    reaches every one of those outputs, through real data, never through padding, so the conv's pads
+    (with the same attributes in both regions) are set to 0 alike. The witness is cut the same way.
+    """
+    facts = [_position_wise(nodes, inits, xin, x.ndim) for nodes, inits in (orig, fold)]
+    items = slice(None)
+    if facts[0] is None or facts[1] is None:
+        return x, (items,), {}
+    (batch_o, space_o, convs_o), (batch_f, space_f, convs_f) = facts
+    if batch_o and batch_f and x.ndim >= 2 and x.shape[0] > 1 and witness.shape[0] == x.shape[0]:
+        x, items = x[:1], slice(0, 1)
+    if not (space_o and space_f and len(convs_o) == 1 and len(convs_f) == 1 and x.ndim >= 3):
+        return x, (items,), {}
+    co, cf = convs_o[0], convs_f[0]
+    if co.op_type != "Conv" or cf.op_type != "Conv" or _attributes(co) != _attributes(cf):
+        return x, (items,), {}
+    weight = {t.name: t for t in orig[1]}.get(co.input[1] if len(co.input) > 1 else "")
+    nd = x.ndim - 2
+    auto = attr(co, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if weight is None or len(weight.dims) != nd + 2 or auto not in ("NOTSET", "VALID"):
+        return x, (items,), {}
+    kernel = list(weight.dims[2:])
+    strides = list(attr(co, "strides") or [1] * nd)
+    dilations = list(attr(co, "dilations") or [1] * nd)
+    pads = [0] * (2 * nd) if auto == "VALID" else list(attr(co, "pads") or [0] * (2 * nd))
+    if not (len(strides) == len(dilations) == nd and len(pads) == 2 * nd):
+        return x, (items,), {}
+    cut_in, cut_out, new_pads = [slice(None)] * 2, [slice(None)] * 2, list(pads)
+    for i in range(nd):
+        size, s, d, k, before, after = x.shape[2 + i], strides[i], dilations[i], kernel[i], pads[i], pads[nd + i]
+        if (size + before + after - d * (k - 1) - 1) // s + 1 != witness.shape[2 + i]:
+            return x, (items,), {}  # not the conv output this reasoning is about
+        lo, hi = -(-before // s), (size - 1 - d * (k - 1) + before) // s  # outputs reading no padding
+        n = min(WINDOW, hi - lo + 1)
+        if n <= 0 or (n == witness.shape[2 + i] and not before and not after):
+            cut_in.append(slice(None))  # no interior output, or nothing to cut: the axis stays whole
+            cut_out.append(slice(None))
+            continue
+        first = lo + (hi - lo + 1 - n) // 2
+        start = first * s - before
+        cut_in.append(slice(start, start + (n - 1) * s + d * (k - 1) + 1))
+        cut_out.append(slice(first, first + n))
+        new_pads[i] = new_pads[nd + i] = 0
+    if all(c == slice(None) for c in cut_in):
+        return x, (items,), {}
+    return x[tuple(cut_in)], (items, *cut_out[1:]), {id(co): new_pads, id(cf): new_pads}
+
+
+def _position_wise(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], xin: str,
+                   rank: int) -> tuple[bool, bool, list[onnx.NodeProto]] | None:
+    """(items stay apart, positions stay apart except through convs, the convs) for a region computed from
+    `xin` of rank `rank`; None when it holds an op this cannot tell about."""
+    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in inits}
+    data, batch, space, convs = {xin}, True, True, []
+    for n in nodes:
+        ins = [i for i in n.input if i]
+        if not any(i in data for i in ins):
+            if n.op_type == "Constant" and n.output:
+                value = next((a.t for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
+                             None)
+                if value is None:
+                    return None
+                shapes[n.output[0]] = tuple(value.dims)
+                continue
+            return None
+        if n.op_type in SAMPLEWISE:
+            if ins[0] not in data or any(i in data for i in ins[1:]):
+                return None
+            if n.op_type in ("Conv", "ConvTranspose"):
+                convs.append(n)
+        elif n.op_type in ARITHMETIC and len(ins) == 2:
+            for other in (i for i in ins if i not in data):
+                shape = shapes.get(other)
+                if shape is None or len(shape) > rank:
+                    return None
+                full = (1,) * (rank - len(shape)) + shape
+                batch = batch and full[0] == 1
+                space = space and all(d == 1 for d in full[2:])
+        else:
+            return None
+        data.update(o for o in n.output if o)
+    return batch, space, convs
+
+
+def _attributes(node: onnx.NodeProto) -> list[bytes]:
+    return sorted(a.SerializeToString() for a in node.attribute)
 
 
 def _conv_transpose() -> type:

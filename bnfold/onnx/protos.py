@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,6 +37,117 @@ def structure_only(model: onnx.ModelProto, keep_up_to: int = 0) -> onnx.ModelPro
         elif t.name not in have:
             mg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return m
+
+
+# initializers of at least this many bytes are borrowed, not copied, by copy_borrowing()
+BORROW_MIN = 1 << 12
+# and more elements than this: shape inference reads the values of smaller ones (shapes.SMALL_INIT)
+BORROW_MIN_ELEMENTS = 1 << 13
+BORROW_MAX_TENSORS = 10_000  # more initializers than this: a plain copy (looking at each costs ~1 us)
+
+
+def copy_borrowing(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of `model` whose big main-graph initializers (held in memory) are header-only stubs, and
+    name -> the original tensor of each stub, whose data a reader takes instead (see fill_borrowed).
+
+    A fold replaces most big weights: copying them first would hold every folded weight twice (protobuf
+    keeps a replaced field's bytes until the whole message is freed).
+    """
+    g = model.graph
+    if len(g.initializer) > BORROW_MAX_TENSORS or has_unknown_fields(model, g):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        return m, {}
+    m = onnx.ModelProto()
+    copy_fields(m, model, lambda k: k != _MODEL_GRAPH)
+    copy_fields(m.graph, g, lambda k: k != _GRAPH_INITIALIZER)
+    sources: dict[str, onnx.TensorProto] = {}
+    for t in g.initializer:
+        if (t.HasField("raw_data") and not is_external(t) and nbytes(t) >= BORROW_MIN
+                and math.prod(t.dims) > BORROW_MIN_ELEMENTS and not has_unknown_fields(t)):
+            copy_fields(m.graph.initializer.add(), t, lambda k: k != _TENSOR_RAW_DATA)  # data: see sources
+            sources[t.name] = t
+        else:
+            m.graph.initializer.append(t)
+    return m, sources
+
+
+def fill_borrowed(model: onnx.ModelProto, sources: dict[str, onnx.TensorProto]) -> None:
+    """Give every stub copy_borrowing() left in `model` that nobody rewrote the data of its original."""
+    if not sources:
+        return
+    for t in model.graph.initializer:
+        src = sources.get(t.name)
+        if src is not None:
+            t.CopyFrom(src)
+    sources.clear()
+
+
+# field numbers in onnx.proto
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def copy_fields(dst, src, keep: Callable[[int], bool]) -> None:
+    """Copy into message `dst` the set fields of `src` whose numbers `keep` accepts, never reading the others
+    (a getter would copy a tensor's whole raw data)."""
+    for fd in src.DESCRIPTOR.fields:
+        if not keep(fd.number):
+            continue
+        value = getattr(src, fd.name)
+        if fd.is_repeated:
+            if len(value):
+                getattr(dst, fd.name).extend(value)
+        elif src.HasField(fd.name):
+            if fd.message_type is not None:
+                getattr(dst, fd.name).CopyFrom(value)
+            else:
+                setattr(dst, fd.name, value)
+
+
+def has_unknown_fields(*msgs) -> bool:
+    """True when a message carries fields this onnx does not know (a newer writer's): they survive only
+    whole-message copies and encodings."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+    return any(len(UnknownFieldSet(m)) for m in msgs)
+
+
+# the freed temporaries go back to the system once folded weights of this many bytes have been written
+RELEASE_EVERY = 8 << 20
+_TRIM: list = []  # [glibc's malloc_trim or None, bytes written since the last trim]
+
+
+def release_freed(written: int) -> None:
+    """Count `written` bytes of folded weight; past RELEASE_EVERY, hand the heap's free pages back to the
+    system (glibc's malloc_trim; nothing elsewhere).
+
+    A fold's temporaries (the float64 product, the rounded weight, its bytes) are freed as soon as the
+    weight is written, but glibc keeps what it freed in the heap: the space that the next weights' bytes
+    are allocated above cannot shrink, so every temporary stayed resident until the process ended (a
+    ResNet-50 fold peaked at 1.5x the file instead of 1.25x). A trim walks the heap: one per 8 MiB."""
+    if not _TRIM:
+        trim = None
+        try:
+            import ctypes
+            import ctypes.util
+            name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+            libc = ctypes.CDLL(name) if name else None
+            trim = getattr(libc, "malloc_trim", None)
+        except (OSError, AttributeError):
+            trim = None
+        _TRIM.extend((trim, 0))
+    _TRIM[1] += written
+    if _TRIM[0] is not None and _TRIM[1] >= RELEASE_EVERY:
+        _TRIM[1] = 0
+        _TRIM[0](0)
+
+
+@dataclass(frozen=True)
+class WithOutputs:
+    """`model` asked to output the tensors `names` too, for a runtime: encoded together (io.serialize),
+    never copied (with_outputs would copy every weight)."""
+
+    model: onnx.ModelProto
+    names: tuple[str, ...]
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

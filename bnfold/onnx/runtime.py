@@ -8,6 +8,7 @@ import onnx
 
 from ..core.errors import BnfoldError
 from .ondisk import ExternalModel, over_two_gb
+from .protos import WithOutputs
 
 ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -70,7 +71,7 @@ def _cuda_device_present() -> bool:
 class OrtRunner:
     """One onnxruntime session with every graph optimisation off (the runtime must not fold BN itself)."""
 
-    def __init__(self, model: onnx.ModelProto | str | ExternalModel, provider: str,
+    def __init__(self, model: onnx.ModelProto | str | ExternalModel | WithOutputs, provider: str,
                  options: Mapping[str, Any] | None = None, label: str = "model", optimize: bool = False) -> None:
         ort = _ort()
         so = ort.SessionOptions()
@@ -87,6 +88,8 @@ class OrtRunner:
             # without pre-packing onnxruntime maps the weights from the files instead of copying them
             so.add_session_config_entry("session.disable_prepacking", "1")
             src: str | bytes = model.proto.SerializeToString()
+        elif isinstance(model, WithOutputs):
+            src = _serialize(model.model, model.names)
         else:
             src = model if isinstance(model, str) else _serialize(model)
         try:
@@ -114,10 +117,11 @@ class RunFailed(BnfoldError):
         self.label = label
 
 
-def _serialize(model: onnx.ModelProto) -> bytes:
+def _serialize(model: onnx.ModelProto, outputs: tuple[str, ...] = ()) -> bytes:
     if over_two_gb(model):  # ByteSize() would walk every byte of the weights just to ask
         raise BnfoldError("model over 2 GB in memory: verify it from a file with external data")
-    return model.SerializeToString()
+    from .io import serialize
+    return serialize(model, outputs)  # the weights' bytes framed by hand: protobuf encodes them slowly
 
 
 def _first_line(e: BaseException) -> str:

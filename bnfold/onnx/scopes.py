@@ -19,7 +19,8 @@ from ..core.decisions import Decision
 from ..core.options import Options
 from .const import ConstEvaluator
 from .folder import OnnxFolder
-from .nodes import graphs_of, model_opset, node_label, subgraph_free_names
+from .graph import CONTROL_FLOW, GraphIndex, subgraphs
+from .nodes import ONNX_DOMAINS, graphs_of, model_opset, node_label, subgraph_free_names
 from .shapes import needs_shapes, value_types
 
 Lookup = Callable[[str], "np.ndarray | None"]
@@ -28,31 +29,33 @@ Lookup = Callable[[str], "np.ndarray | None"]
 def _all_graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield g
     for n in g.node:
-        for a in n.attribute:
-            for sub in graphs_of(a):
-                yield from _all_graphs(sub)
+        for sub in subgraphs(n):
+            yield from _all_graphs(sub)
 
 
-def all_names(model: onnx.ModelProto) -> set[str]:
-    """Every value and node name in every graph and function of `model`."""
+def all_names(model: onnx.ModelProto, main: GraphIndex | None = None) -> set[str]:
+    """Every value and node name in every graph and function of `model`; with `main` (the main graph,
+    indexed), every one but the main graph's own, which the index holds already."""
     names: set[str] = set()
-    graphs = list(_all_graphs(model.graph))
+    if main is None:
+        graphs = list(_all_graphs(model.graph))
+    else:
+        graphs = [sub for n in main.with_bodies for body in subgraphs(n) for sub in _all_graphs(body)]
     for f in model.functions:
         names.update(f.input)
         names.update(f.output)
         for n in f.node:
-            names.update(o for o in n.output if o)
+            names.update(n.output)
             names.add(n.name)
-            for a in n.attribute:
-                for sub in graphs_of(a):
-                    graphs.extend(_all_graphs(sub))
+            for sub in subgraphs(n):
+                graphs.extend(_all_graphs(sub))
     for g in graphs:
         names.update(v.name for v in g.input)
         names.update(v.name for v in g.output)
         names.update(v.name for v in g.value_info)
-        names.update(t.name for t in g.initializer)
-        for n in g.node:
-            names.update(o for o in n.output if o)
+        names.update(t.name for t in g.initializer[:])
+        for n in g.node[:]:  # ([:] is one C call; iterating a repeated field ends in a caught IndexError)
+            names.update(n.output[:])
             names.add(n.name)
     names.discard("")
     return names
@@ -62,20 +65,22 @@ def _has_bn(graph_nodes) -> bool:
     for n in graph_nodes:
         if n.op_type == "BatchNormalization":
             return True
-        for a in n.attribute:
-            for sub in graphs_of(a):
-                if _has_bn(sub.node):
-                    return True
+        for sub in subgraphs(n):
+            if _has_bn(sub.node):
+                return True
     return False
 
 
 def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer: Lookup | None, scope: str,
-               names: set[str], opts: Options, shapes: dict) -> list[Decision]:
-    """Fold `graph` and, first, every subgraph of its nodes; returns the decisions of all of them."""
-    folder = OnnxFolder(model, graph, opset, outer, scope, names, opts, shapes)
+               names: set[str], opts: Options, shapes: dict, prepared: OnnxFolder | None = None) -> list[Decision]:
+    """Fold `graph` and, first, every subgraph of its nodes; returns the decisions of all of them
+    (`prepared`: the graph's folder, already built by the caller)."""
+    folder = OnnxFolder(model, graph, opset, outer, scope, names, opts, shapes) if prepared is None else prepared
     ix = folder.ix
     decisions: list[Decision] = []
     for node in list(graph.node):
+        if node.op_type not in CONTROL_FLOW and node.domain in ONNX_DOMAINS:
+            continue
         subs = [(a.name, g) for a in node.attribute for g in graphs_of(a)]
         if not subs or not any(_has_bn(g.node) for _, g in subs):
             continue
@@ -138,11 +143,20 @@ def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str
     return decisions
 
 
-def fold_all_scopes(model: onnx.ModelProto, opts: Options) -> list[Decision]:
-    """Fold every BN of every scope of `model` in place; one Decision per BN."""
-    names = all_names(model)
-    shapes = value_types(model) if needs_shapes(model) else {}
-    decisions = fold_graph(model, model.graph, model_opset(model), None, "", names, opts, shapes)
+def fold_all_scopes(model: onnx.ModelProto, opts: Options,
+                    borrowed: dict[str, onnx.TensorProto] | None = None) -> list[Decision]:
+    """Fold every BN of every scope of `model` in place; one Decision per BN. `borrowed`: main-graph
+    initializers of `model` that are stubs whose data lives in these tensors (protos.copy_borrowing);
+    the ones a fold rewrites leave it."""
+    names: set[str] = set()  # every name of the model, shared by the folders: filled before any rewrite
+    shapes: dict = {}  # likewise, when some BN needs them
+    main = OnnxFolder(model, model.graph, model_opset(model), None, "", names, opts, shapes)
+    names.update(all_names(model, main.ix))
+    if borrowed:
+        main.ix.borrowed = borrowed
+    if needs_shapes(model, main.ix):
+        shapes.update(value_types(model))
+    decisions = fold_graph(model, model.graph, model_opset(model), None, "", names, opts, shapes, main)
     for fn in model.functions:
         if _has_bn(fn.node):
             decisions += fold_function(model, fn, names, opts, shapes)

@@ -7,10 +7,11 @@ size of the weights. It runs once, before any rewrite, and only for models that 
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import onnx
 
+from .graph import GraphIndex, subgraphs
 from .protos import structure_only
 
 Dims = list  # list[int | None]: None marks a dynamic dimension
@@ -20,12 +21,8 @@ SMALL_INIT = 4096  # elements; shape-carrying initializers (Reshape targets, axe
 def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield g
     for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from _graphs(sub)
+        for sub in subgraphs(n):
+            yield from _graphs(sub)
 
 
 def _dims(vi: onnx.ValueInfoProto) -> tuple[Dims | None, int] | None:
@@ -62,20 +59,33 @@ def value_types(model: onnx.ModelProto) -> dict[str, tuple[Dims | None, int]]:
     return table
 
 
-def needs_shapes(model: onnx.ModelProto) -> bool:
-    """True when some BatchNorm's neighbourhood cannot be judged from weight ranks alone."""
-    for g in _graphs(model.graph):
-        producer = {o: n.op_type for n in g.node for o in n.output}
-        uses: dict[str, int] = {o.name: 1 for o in g.output}
+def needs_shapes(model: onnx.ModelProto, main: GraphIndex | None = None) -> bool:
+    """True when some BatchNorm's neighbourhood cannot be judged from weight ranks alone.
+
+    `main`: the main graph, already indexed (its BatchNorms and CastLike are known without a walk)."""
+    if main is not None:
+        if main.has_castlike or not all(_conv_alone(n, main.producer, main.uses) for n in main.batchnorms):
+            return True
+        graphs = [sub for n in main.with_bodies for body in subgraphs(n) for sub in _graphs(body)]
+    else:
+        graphs = list(_graphs(model.graph))
+    for g in graphs:
+        prod = {o: n for n in g.node for o in n.output}
+        readers: dict[str, int] = {o.name: 1 for o in g.output}
         for n in g.node:
             for i in n.input:
-                uses[i] = uses.get(i, 0) + 1
+                readers[i] = readers.get(i, 0) + 1
         for n in g.node:
             if n.op_type == "CastLike":
                 return True  # a constant made by CastLike needs the element type of what it copies
-            if n.op_type != "BatchNormalization" or not n.input:
-                continue
-            # a Conv feeding only this BN folds forward without shapes; anything else may need them
-            if producer.get(n.input[0]) not in ("Conv", "ConvTranspose") or uses.get(n.input[0], 0) != 1:
+            if n.op_type == "BatchNormalization" and not _conv_alone(n, prod, lambda v, r=readers: r.get(v, 0)):
                 return True
     return any(n.op_type == "BatchNormalization" for f in model.functions for n in f.node)
+
+
+def _conv_alone(bn: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], uses: Callable[[str], int]) -> bool:
+    """Is the BN fed by a Conv that feeds nothing else? (It then folds forward without shapes.)"""
+    if not bn.input:
+        return True
+    src = producer.get(bn.input[0])
+    return src is not None and src.op_type in ("Conv", "ConvTranspose") and uses(bn.input[0]) == 1

@@ -35,7 +35,7 @@ class BnView:
 
     @property
     def suffix(self) -> str:
-        return "".join(f"->{n.op_type}" for n in self.chain)
+        return "".join([f"->{n.op_type}" for n in self.chain]) if self.chain else ""
 
 
 def per_channel(c: np.ndarray, channels: int, rank: int | None) -> np.ndarray | None:
@@ -58,7 +58,7 @@ def absorb_affine_chain(f: "OnnxFolder", bn: onnx.NodeProto, scale: np.ndarray, 
     """Extend the BN's (s, t) over the Mul/Add-by-constant nodes that alone read its output."""
     ix = f.ix
     view = BnView(bn, bn.output[0], scale, shift)
-    rank = f._rank(bn.input[0])
+    rank: int | None | str = "unknown"  # looked up once a candidate shows up (most BNs have none)
     for _ in range(8):
         out = view.out
         users = ix.consumers.get(out, [])
@@ -73,7 +73,9 @@ def absorb_affine_chain(f: "OnnxFolder", bn: onnx.NodeProto, scale: np.ndarray, 
             c = ix.const(other, "affine constant")
         except Skip:
             break
-        vec = per_channel(c, scale.size, rank)
+        if rank == "unknown":
+            rank = f._rank(bn.input[0])
+        vec = per_channel(c, scale.size, rank)  # type: ignore[arg-type]
         if vec is None:
             break
         if n.op_type == "Mul":

@@ -34,9 +34,7 @@ def _dead_constants(f: "OnnxFolder", dead: set[int]) -> set[str]:
         f.dead_values.update(o for o in src.output if o)
         for i in src.input:
             if i:
-                users = ix.consumers.get(i, [])
-                if src in users:
-                    users.remove(src)
+                ix.unread(i, src)
                 work.append(i)
     return dead_inits
 
@@ -47,7 +45,8 @@ def sweep(f: "OnnxFolder") -> None:
     dead = set(f.dead_nodes)
     dead_inits = _dead_constants(f, dead)
     if f.inserted or dead:
-        pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(g.node)}
+        # (the index holds every node's wrapper, the ones the sort sees: keys by id() are stable)
+        pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(ix.nodes)}
         for after, new in f.inserted:
             g.node.append(new)  # appending copies: key the stored message, not `new`
             f._nodes.append(g.node[-1])  # and keep its wrapper alive so its id() stays its own
@@ -57,7 +56,8 @@ def sweep(f: "OnnxFolder") -> None:
         if dead:
             del g.node[len(g.node) - len(dead):]
     if dead_inits:
-        g.initializer.sort(key=lambda t: t.name in dead_inits)
+        dead_ids = {id(ix.inits[n]) for n in dead_inits}  # by identity, as above: a name costs a lookup
+        g.initializer.sort(key=lambda t: id(t) in dead_ids)
         del g.initializer[len(g.initializer) - len(dead_inits):]
     declared_dead = dead_inits & ix.graph_inputs  # IR < 4: the initializer's own input entry
     if declared_dead:

@@ -29,7 +29,7 @@ from .divergence import Plan, who
 from .feeds import Feeds, model_inputs, plan_feeds
 from .noise import nudge_by_name, perturbed, perturbed_lazily
 from .ondisk import for_session, loaded, over_two_gb
-from .protos import with_outputs
+from .protos import WithOutputs
 
 
 def verify_onnx(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Options,
@@ -81,9 +81,10 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
     original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
     noise_model = perturbed(original, opts.seed)
     plain = (original, candidate, noise_model)
-    models = (with_outputs(original, want), with_outputs(candidate, plan.inner), with_outputs(noise_model, want))
+    models = (WithOutputs(original, tuple(want)), WithOutputs(candidate, tuple(plan.inner)),
+              WithOutputs(noise_model, tuple(want)))
     cmp = _Comparison(original, candidate, plan, feeds, opts, decisions, "")
-    cmp.more_noise = lambda k: with_outputs(perturbed(original, opts.seed + k), want)
+    cmp.more_noise = lambda k: WithOutputs(perturbed(original, opts.seed + k), tuple(want))
     return cmp.run(models, plain)
 
 
