@@ -30,6 +30,8 @@ from .match import Match
 from .nodes import ONNX_DOMAINS, attr as _attr, node_label, set_attr
 from .standalone import BnView, absorb_affine_chain, as_mul_add
 from .backward import fold_before
+from .multi import fold_disguised, fold_multi
+from .regions import Regions
 from .sweep import sweep
 from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
@@ -58,8 +60,11 @@ class OnnxFolder:
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
+        regions = Regions(self)  # multi-branch blocks first: their BNs fold with the block, not alone
+        self.decisions += regions.merge_all()
+        self.decisions += fold_disguised(self)
         for node in list(self.ix.graph.node):
-            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
+            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS and id(node) not in self.dead_nodes:
                 label = self.scope + node_label(node)
                 why = self.opts.reverted(label)
                 if why is not None:
@@ -68,6 +73,7 @@ class OnnxFolder:
                 try:
                     self.decisions.append(self._fold_one(node, label))
                 except Skip as s:
+                    s = regions.explain(label, s)
                     self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
         sweep(self)
         return self.decisions
@@ -208,6 +214,13 @@ class OnnxFolder:
             return self._fold_after(bn, label, view)  # preferred: it never depends on padding
         except Skip as e:
             first = e
+        if first.reason == Reason.UNSUPPORTED_PRODUCER:
+            try:  # after an Add/Sub/Sum/Concat of layers: into all of them
+                multi = fold_multi(self, bn, label, view)
+                if multi is not None:
+                    return multi
+            except Skip as e:
+                first = e
         try:
             return fold_before(self, bn, label, view)
         except Skip as e:
@@ -236,8 +249,8 @@ class OnnxFolder:
         d = Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
         return self.located(d, m.layer.input[0], view.out)
 
-    def located(self, d: Decision, x: str, y: str) -> Decision:
-        """Record where a fold sits: the region from data input `x` to output `y`, two tensors that mean the
+    def located(self, d: Decision, x: str | tuple[str, ...], y: str) -> Decision:
+        """Record where a fold sits: the region from data input(s) `x` to output `y`, tensors that mean the
         same in the original and the folded graph (main graph only: a body's tensors cannot be captured)."""
         if not self.scope:
             d.site = (x, y)
