@@ -75,6 +75,7 @@ class OnnxFolder:
                 except Skip as s:
                     s = regions.explain(label, s)
                     self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
+        regions.annotate(self.decisions)
         sweep(self)
         return self.decisions
 

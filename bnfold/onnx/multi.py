@@ -96,27 +96,29 @@ def _write(f: "OnnxFolder", m: Match, folded: kernel.Folded, changed: list[onnx.
 # -- BN after Add / Sub / Sum / Concat of layers ------------------------------------------------------
 
 def _sum_leaves(f: "OnnxFolder", top: onnx.NodeProto) -> tuple[list[tuple[float, str]], list[onnx.NodeProto]]:
-    """The signed operands of a tree of Add/Sub/Sum of non-constant values, and the tree's inner nodes."""
+    """The signed operands of a tree of Add/Sub/Sum of non-constant values, in order, and the tree's inner
+    nodes (each read by the tree alone)."""
     leaves: list[tuple[float, str]] = []
     inner: list[onnx.NodeProto] = []
-    stack: list[tuple[float, onnx.NodeProto]] = [(1.0, top)]
-    while stack:
-        sign, node = stack.pop()
+
+    def walk(sign: float, node: onnx.NodeProto, depth: int) -> None:
         ins = list(node.input)
         if not all(ins):
             raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{node_label(node)} has an empty input", producer=node_label(node))
         signs = [sign, -sign] if node.op_type == "Sub" else [sign] * len(ins)
-        for sg, v in reversed(list(zip(signs, ins))):
+        for sg, v in zip(signs, ins):
             p = f.ix.producer.get(v)
-            if (p is not None and p.domain in ONNX_DOMAINS and p.op_type in SUM_OPS and p.output[0] == v
-                    and all(p.input) and not any(_const(f, i) is not None for i in p.input)):
+            if (depth < MAX_LEAVES and p is not None and p.domain in ONNX_DOMAINS and p.op_type in SUM_OPS
+                    and p.output[0] == v and all(p.input) and not any(_const(f, i) is not None for i in p.input)):
                 f._single_use(v, p)
                 inner.append(p)
-                stack.append((sg, p))
+                walk(sg, p, depth + 1)
             else:
                 leaves.append((sg, v))
-        if len(leaves) > MAX_LEAVES:
-            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{node_label(top)} sums more than {MAX_LEAVES} values")
+            if len(leaves) > MAX_LEAVES:
+                raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{node_label(top)} sums more than {MAX_LEAVES} values")
+
+    walk(1.0, top, 0)
     return leaves, inner
 
 

@@ -32,7 +32,7 @@ FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOU
 # ops whose output magnitude is bounded by running them on magnitudes (non-negative multilinear maps)
 MONOTONE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sum", "Identity", "Dropout", "Reshape",
             "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Cast", "CastLike", "Expand", "Constant",
-            "ConstantOfShape", "Shape", "Size", "Concat", "Gather", "Slice"}
+            "ConstantOfShape", "Shape", "Size", "Concat", "Gather", "Slice", "Sub"}  # Sub: as Add on magnitudes
 MAX_REGION = 64       # nodes: a region this large is not a fold site any more
 SLACK = 2.0
 F64_TERM = 2.0 ** -36
@@ -229,6 +229,8 @@ def _widen_tensor(t: onnx.TensorProto, magnitudes: bool) -> onnx.TensorProto:
 def _widen(node: onnx.NodeProto, magnitudes: bool) -> onnx.NodeProto:
     n = onnx.NodeProto()
     n.CopyFrom(node)
+    if magnitudes and n.op_type == "Sub" and n.domain in ONNX_DOMAINS:
+        n.op_type = "Add"  # |a - b| <= |a| + |b|
     for a in n.attribute:
         if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOATS:
             a.t.CopyFrom(_widen_tensor(a.t, magnitudes))

@@ -1,17 +1,20 @@
-"""ONNX pass: a multi-branch block of linear ops reading one tensor x becomes one Conv.
+"""ONNX pass: a multi-branch block of linear ops reading one tensor x becomes one Conv (or Gemm).
 
 Structural re-parameterisation (RepVGG, MobileOne, FastViT, RepGhost, RepViT, ACNet/DBB), found from the
-graph alone. A region is every node computing y from one tensor x through ops affine in x: Conv with
-constant weights reading x, BatchNormalization, Mul/Add/Sub/Div by a per-channel constant,
-Identity/inference Dropout, and Add/Sub/Sum of such values of the same x; its intermediates are read by
-the region alone (x and y may be read anywhere). Then y = conv(x, W) + b (kernel.AffineConv): kernels
-zero-padded into one window, x itself a Dirac kernel, every scale and shift folded in float64 and
-rounded once. This module matches (Term), asks the kernel (evaluate) and rewires (rewrite): the conv
-of the region with the largest kernel takes the merged weights and writes y; everything else in the
-region dies. A region is merged when it sums at least two branches, one of them a conv (a lone
-Conv->BN is the ordinary fold's). When the kernel refuses (strides, groups, padding off one grid),
-the region stays as it is, its BatchNorms carry the reason (a note the folder reads when they are
-skipped), and the sums inside it are tried on their own.
+graph alone. A region is every node computing y from one tensor x through ops affine in x: Conv (or
+Gemm/MatMul on a rank-2 x) with constant weights reading x, BatchNormalization, Mul/Add/Sub/Div by a
+per-channel constant, Identity/inference Dropout, and Add/Sub/Sum of such values of the same x; its
+intermediates are read by the region alone (x and y may be read anywhere). Then y = conv(x, W) + b
+(kernel.AffineConv): kernels zero-padded into one window, x itself a Dirac kernel, every scale and shift
+folded in float64 and rounded once. This module matches (Term), asks the kernel (evaluate) and rewires
+(rewrite): the layer of the region with the largest weight takes the merged one and writes y (onnx/
+branches.py reads and writes layers); everything else in the region dies. A region is merged when it
+sums at least two branches, one of them a layer (a lone Conv->BN is the ordinary fold's).
+
+Near-misses stay as they are, with the reason noted on the block's BatchNorms (BRANCH_MISMATCH for
+strides, dilations, groups or padding off one grid; PRODUCER_FANOUT for a branch value read elsewhere):
+a BN that then cannot fold alone is skipped with it, one that folds alone says why its block was not
+merged (`not_merged`). The sums inside a refused block are tried on their own.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import onnx
 
 from ..core import kernel
 from ..core.decisions import Decision, Reason, Skip
-from ..core.layouts import Window
-from .layout import passthrough
-from .nodes import ONNX_DOMAINS, attr, node_label
+from .branches import LAYER_OPS, layer_rank, read_layer, write_layer
+from .layout import passthrough, shape_reader
+from .nodes import ONNX_DOMAINS, node_label
 from .standalone import per_channel
 
 if TYPE_CHECKING:
@@ -38,10 +41,10 @@ ROOT_OPS = ("Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Identity",
 
 @dataclass
 class Term:
-    """How `value` is computed from the region input `base`: a leaf (base itself), a conv reading base,
+    """How `value` is computed from the region input `base`: a leaf (base itself), a layer reading base,
     an affine op or copy of one child, or a signed sum of children."""
 
-    kind: str                      # leaf | conv | affine | copy | sum
+    kind: str                      # leaf | layer | affine | copy | sum
     value: str
     base: str
     node: onnx.NodeProto | None = None
@@ -50,13 +53,20 @@ class Term:
     mul: np.ndarray | None = None  # affine: y = x * mul + add, constants as stored (per channel or scalar)
     add: np.ndarray | None = None
     vectors: bool = False          # mul/add are already one value per channel (a BN's s, t)
-    convs: int = 0
+    layers: int = 0
     branches: int = 1
     sums: int = 0
+    blocked: Skip | None = None    # a sum that would be one block but for this (a branch value read elsewhere)
 
     @property
     def candidate(self) -> bool:
-        return self.sums > 0 and self.convs > 0
+        return self.sums > 0 and self.layers > 0
+
+    def block(self) -> Skip | None:
+        """Why this region cannot be merged as a whole, found without computing it."""
+        if self.blocked is not None:
+            return self.blocked
+        return next((b for _, c in self.children if (b := c.block()) is not None), None)
 
     def nodes(self) -> Iterator[onnx.NodeProto]:
         """Every node of the region, root first."""
@@ -90,8 +100,10 @@ class Regions:
 
     # -- match ----------------------------------------------------------------------------------
     def private(self, value: str) -> bool:
-        """Read by one node, once, and not a graph output: a value a region may swallow."""
-        return value not in self.ix.graph_outputs and len(self.ix.consumers.get(value, ())) == 1
+        """Read by one node, once, and not a graph output: a value a region may swallow. Shape/Size readers
+        do not count: every value inside a region has the shape of its output, and they move there."""
+        readers = [u for u in self.ix.consumers.get(value, ()) if not shape_reader(u)]
+        return value not in self.ix.graph_outputs and len(readers) == 1
 
     def operand(self, value: str, depth: int) -> Term:
         return self.term(value, depth + 1) if self.private(value) else _leaf(self.f, value)
@@ -110,10 +122,9 @@ class Regions:
         if p is None or p.domain not in ONNX_DOMAINS or not p.output or p.output[0] != value or not p.input:
             return _leaf(f, value)
         op = p.op_type
-        if op == "Conv" and len(p.input) > 1 and p.input[0] and p.input[1]:
-            w = ix.inits.get(p.input[1])
-            rank = len(w.dims) if w is not None else f._rank(value)
-            return Term("conv", value, p.input[0], p, rank=rank, convs=1)
+        if op in LAYER_OPS:
+            rank = layer_rank(f, p)
+            return _leaf(f, value) if rank is None else Term("layer", value, p.input[0], p, rank=rank, layers=1)
         if op == "BatchNormalization" and p.input[0]:
             if f.opts.reverted(f.scope + node_label(p)) is not None:
                 return _leaf(f, value)  # its fold failed a proof once: it stays, and bounds any region
@@ -128,7 +139,7 @@ class Regions:
             return self._sum(p, [(1.0, i) for i in p.input], depth)
         if passthrough(f, p):
             child = self.operand(p.input[0], depth)
-            return Term("copy", value, child.base, p, [(1.0, child)], rank=child.rank, convs=child.convs,
+            return Term("copy", value, child.base, p, [(1.0, child)], rank=child.rank, layers=child.layers,
                         branches=child.branches, sums=child.sums)
         return _leaf(f, value)
 
@@ -142,7 +153,7 @@ class Regions:
                 add: np.ndarray | None, vectors: bool = False) -> Term:
         child = self.operand(data, depth)
         return Term("affine", p.output[0], child.base, p, [(1.0, child)], rank=child.rank, mul=mul, add=add,
-                    vectors=vectors, convs=child.convs, branches=child.branches, sums=child.sums)
+                    vectors=vectors, layers=child.layers, branches=child.branches, sums=child.sums)
 
     def _binary(self, p: onnx.NodeProto, depth: int) -> Term:
         a, b = p.input[0], p.input[1]
@@ -174,57 +185,49 @@ class Regions:
 
     def _sum(self, p: onnx.NodeProto, items: list[tuple[float, str]], depth: int) -> Term:
         children = [(sign, self.operand(v, depth)) for sign, v in items]
+        blocked = None
         if len({c.base for _, c in children}) != 1:
-            self._near_miss(p, [c for _, c in children], depth)
-            return _leaf(self.f, p.output[0])
+            # a branch value read elsewhere cuts the block: seen through it, is it one block all the same?
+            opened = [(sign, self.term(c.value, depth + 1) if c.kind == "leaf" else c) for sign, c in children]
+            shared = [c.value for (_, c), (_, o) in zip(children, opened) if c.kind == "leaf" and o.kind != "leaf"]
+            if len({c.base for _, c in opened}) != 1 or not shared:
+                return _leaf(self.f, p.output[0])
+            children, blocked = opened, self._cut(p, shared[0])
         rank = next((c.rank for _, c in children if c.rank is not None), None)
-        return Term("sum", p.output[0], children[0][1].base, p, children, rank=rank,
-                    convs=sum(c.convs for _, c in children), branches=sum(c.branches for _, c in children),
+        return Term("sum", p.output[0], children[0][1].base, p, children, rank=rank, blocked=blocked,
+                    layers=sum(c.layers for _, c in children), branches=sum(c.branches for _, c in children),
                     sums=1 + sum(c.sums for _, c in children))
 
-    def _near_miss(self, p: onnx.NodeProto, children: list[Term], depth: int) -> None:
-        """A sum whose branches would share one input but for a branch value read elsewhere: note that on
-        the block's BatchNorms (PRODUCER_FANOUT), so their reason says why the block stayed."""
-        opened = [self.term(c.value, depth + 1) if c.kind == "leaf" and c.value in self.ix.producer else c
-                  for c in children]
-        if len({c.base for c in opened}) != 1 or not any(c.convs for c in opened):
-            return
-        shared = [c.value for c, o in zip(children, opened) if c.kind == "leaf" and o.kind != "leaf"]
-        if not shared:
-            return
-        readers = [node_label(u) for u in self.ix.consumers.get(shared[0], []) if u is not p][:3]
-        where = ", ".join(readers) or "a graph output"
-        why = Skip(Reason.PRODUCER_FANOUT, f"the block summed by {node_label(p)} is not merged: its branch value "
-                                           f"{shared[0]!r} is also read by {where}")
-        for t in opened:
-            for n in t.nodes():
-                if n.op_type == "BatchNormalization":
-                    self.notes.setdefault(self.f.scope + node_label(n), why)
+    def _cut(self, p: onnx.NodeProto, shared: str) -> Skip:
+        if shared in self.ix.graph_outputs:
+            return Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"its branch value {shared!r} is a graph output")
+        readers = [node_label(u) for u in self.ix.consumers.get(shared, []) if u is not p and not shape_reader(u)][:3]
+        return Skip(Reason.PRODUCER_FANOUT, f"its branch value {shared!r} is also read by {', '.join(readers)}")
 
     # -- check ----------------------------------------------------------------------------------
     def evaluate(self, t: Term) -> tuple[kernel.AffineConv, list[onnx.NodeProto], np.dtype]:
-        """The region as one AffineConv, its convs, and their weight dtype. Raises Skip."""
-        convs = [n for n in t.nodes() if n.op_type == "Conv"]
+        """The region as one AffineConv, its layers, and their weight dtype. Raises Skip."""
+        layers = [c.node for c in _layer_terms(t)]
         maps: dict[int, kernel.AffineConv] = {}
         dtypes = set()
-        for n in convs:
-            w = np.asarray(self.ix.const(n.input[1], f"{node_label(n)} weight"))
-            b = self.ix.const(n.input[2], f"{node_label(n)} bias") if len(n.input) > 2 and n.input[2] else None
-            if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
-                raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{node_label(n)} has a {w.dtype} weight")
-            dtypes.add(w.dtype)
-            maps[id(n)] = kernel.AffineConv.conv(w, b, int(attr(n, "group", 1)), conv_windows(self.f, n, w))
+        for n in layers:
+            maps[id(n)], dt = read_layer(self.f, n)
+            dtypes.add(dt)
+        if any(n.op_type == "MatMul" for n in layers) and self.f._rank(t.base) != 2 and \
+                not any(n.op_type == "Gemm" for n in layers):
+            # MatMul contracts x's last axis; only on a rank-2 x is that the channel axis 1
+            raise Skip(Reason.AXIS_MISMATCH, f"the rank of {t.base!r}, read by a MatMul, is not known to be 2")
         if len(dtypes) != 1:
             raise Skip(Reason.BRANCH_MISMATCH, f"the branches' weights have different dtypes ({sorted(map(str, dtypes))})")
         cins = {m.in_channels for m in maps.values()}
         if len(cins) != 1:
             raise Skip(Reason.BRANCH_MISMATCH, f"the branches read {sorted(cins)} channels of one tensor")
-        return self._eval(t, cins.pop(), maps), convs, dtypes.pop()
+        return self._eval(t, cins.pop(), maps), layers, dtypes.pop()
 
     def _eval(self, t: Term, channels: int, maps: dict[int, kernel.AffineConv]) -> kernel.AffineConv:
         if t.kind == "leaf":
             return kernel.AffineConv.identity(channels)
-        if t.kind == "conv":
+        if t.kind == "layer":
             return maps[id(t.node)]
         if t.kind == "copy":
             return self._eval(t.children[0][1], channels, maps)
@@ -269,6 +272,13 @@ class Regions:
             return skip
         return Skip(note.reason, f"{note.detail}; alone: {skip.detail}", skip.producer)
 
+    def annotate(self, decisions: list[Decision]) -> None:
+        """A BN that folded alone though it sat in a block: say why the block was not merged."""
+        for d in decisions:
+            note = self.notes.get(d.bn)
+            if note is not None and d.is_folded and not (d.pattern or "").startswith("RepBlock"):
+                d.extra.setdefault("not_merged", f"{note.reason.value}: {note.detail}")
+
     def merge(self, top: Term, claimed: set[int]) -> list[Decision]:
         """Merge `top`'s region, or else the largest regions inside it; one Decision per absorbed BN."""
         out: list[Decision] = []
@@ -286,7 +296,10 @@ class Regions:
                 out.append(Decision.skipped(labels[0], Reason.VERIFICATION_FAILED, f"merge reverted: {why}"))
                 continue
             try:
-                ac, convs, dtype = self.evaluate(t)
+                cut = t.block()
+                if cut is not None:
+                    raise cut
+                ac, layers, dtype = self.evaluate(t)
                 folded = ac.rounded(dtype)
             except Skip as e:
                 for label in labels:
@@ -294,11 +307,13 @@ class Regions:
                                                                 f"merged: {e.detail}"))
                 stack.extend(_inner_candidates(t))
                 continue
-            host = max(convs, key=lambda n: int(np.prod(self.ix.inits[n.input[1]].dims))
-                       if n.input[1] in self.ix.inits else 0)
+            # the layer with the largest weight hosts the merge (no weight of another shape to write); a
+            # Gemm before a MatMul, which has no bias of its own
+            host = max(layers, key=lambda n: (n.op_type != "MatMul", int(np.prod(self.ix.inits[n.input[1]].dims))
+                                              if n.input[1] in self.ix.inits else 0))
             self._rewrite(t, nodes, host, ac, folded)
             claimed.update(id(n) for n in nodes)
-            pattern = f"RepBlock({t.branches} branches)->Conv"
+            pattern = f"RepBlock({t.branches} branches)->{host.op_type}"
             into = self.f.scope + node_label(host)
             for label in labels:
                 d = Decision.folded(label, into, pattern, "merge")
@@ -308,14 +323,6 @@ class Regions:
     def _rewrite(self, t: Term, nodes: list[onnx.NodeProto], host: onnx.NodeProto, ac: kernel.AffineConv,
                  folded: kernel.Folded) -> None:
         f, ix = self.f, self.ix
-        label = node_label(host)
-        f._replace_input(host, 1, f._write_const(host.input[1], folded.weight, host))
-        bias = host.input[2] if len(host.input) > 2 and host.input[2] else f"{label}_bias"
-        f._replace_input(host, 2, f._write_const(bias, folded.bias, host))
-        for a in [a for a in host.attribute if a.name == "auto_pad"]:
-            host.attribute.remove(a)
-        w = ac.windows
-        set_conv_attrs(host, w)
         y, old = t.value, host.output[0]
         for n in nodes:
             if n is host:
@@ -323,16 +330,26 @@ class Regions:
             f.unlink(n)
             for o in n.output:
                 if o and o != y:
+                    f._move_shape_readers(o, y)
                     f.dead_values.add(o)
                     if ix.producer.get(o) is n:
                         ix.producer.pop(o)
                     ix.consumers.pop(o, None)
         if old != y:
+            f._move_shape_readers(old, y)
             host.output[0] = y
             ix.producer.pop(old, None)
             ix.consumers.pop(old, None)
             f.dead_values.add(old)
         ix.producer[y] = host
+        write_layer(f, host, ac, folded)
+
+
+def _layer_terms(t: Term) -> Iterator[Term]:
+    if t.kind == "layer":
+        yield t
+    for _, c in t.children:
+        yield from _layer_terms(c)
 
 
 def _inner_candidates(t: Term) -> Iterator[Term]:
@@ -342,50 +359,3 @@ def _inner_candidates(t: Term) -> Iterator[Term]:
             yield c
         else:
             yield from _inner_candidates(c)
-
-
-def set_conv_attrs(node: onnx.NodeProto, windows: tuple[Window, ...]) -> None:
-    """Write `windows` as an ONNX Conv's kernel_shape, strides, dilations and explicit pads."""
-    from .nodes import set_attr
-    set_attr(node, "kernel_shape", [w.kernel for w in windows])
-    set_attr(node, "strides", [w.stride for w in windows])
-    set_attr(node, "dilations", [w.dilation for w in windows])
-    set_attr(node, "pads", [w.pad_begin for w in windows] + [w.pad_end for w in windows])
-
-
-def conv_windows(f: "OnnxFolder", node: onnx.NodeProto, weight: np.ndarray) -> tuple[Window, ...]:
-    """How an ONNX Conv reads each spatial axis; Skip when automatic padding depends on an unknown size."""
-    label = node_label(node)
-    kernel_shape = [int(k) for k in weight.shape[2:]]
-    n = len(kernel_shape)
-    declared = attr(node, "kernel_shape")
-    if declared is not None and [int(k) for k in declared] != kernel_shape:
-        raise Skip(Reason.AXIS_MISMATCH, f"{label} declares kernel_shape {list(declared)} for a weight of "
-                                         f"{kernel_shape}", producer=label)
-    strides = [int(s) for s in (attr(node, "strides") or [1] * n)]
-    dilations = [int(d) for d in (attr(node, "dilations") or [1] * n)]
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if auto in ("NOTSET", "VALID"):
-        pads = [int(p) for p in (attr(node, "pads") or [0] * 2 * n)] if auto == "NOTSET" else [0] * 2 * n
-        begin, end = pads[:n], pads[n:]
-    elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        dims = f.dims(node.input[0]) or []
-        begin, end = [], []
-        for i, (k, s, d) in enumerate(zip(kernel_shape, strides, dilations)):
-            if s == 1:
-                total = (k - 1) * d
-            else:
-                length = dims[2 + i] if len(dims) == n + 2 else None
-                if length is None:
-                    raise Skip(Reason.BRANCH_MISMATCH, f"{label} pads automatically ({auto}) with stride {s} on an "
-                                                       "axis of unknown length", producer=label)
-                total = max((-(-length // s) - 1) * s + (k - 1) * d + 1 - length, 0)
-            small = total // 2
-            begin.append(small if auto == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-    else:
-        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has auto_pad={auto}", producer=label)
-    if not (len(strides) == len(dilations) == n and len(begin) == len(end) == n):
-        raise Skip(Reason.AXIS_MISMATCH, f"{label}'s attributes do not match its {n} spatial axes", producer=label)
-    return tuple(Window(k, s, d, b, e) for k, s, d, b, e in zip(kernel_shape, strides, dilations, begin, end))

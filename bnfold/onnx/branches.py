@@ -1,0 +1,125 @@
+"""One layer of an ONNX region as a kernel.AffineConv, and a merged AffineConv written back into a layer.
+
+Conv reads its input through one layouts.Window per spatial axis (explicit pads, VALID, or SAME_* turned
+into the pads it means). Gemm (transA=0) and MatMul of a rank-2 input are convolutions with no spatial
+axis: weight (M, K), bias one value per output feature (Gemm's alpha and beta folded in).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from ..core import kernel
+from ..core.decisions import Reason, Skip
+from ..core.layouts import Window
+from .nodes import attr, node_label, set_attr
+
+if TYPE_CHECKING:
+    from .folder import OnnxFolder
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def layer_rank(f: "OnnxFolder", node: onnx.NodeProto) -> int | None:
+    """The output rank of a layer a region can take as a branch, or None when it is not one."""
+    if len(node.input) < 2 or not node.input[0] or not node.input[1]:
+        return None
+    if node.op_type == "Conv":
+        w = f.ix.inits.get(node.input[1])
+        return len(w.dims) if w is not None else f._rank(node.output[0])
+    if node.op_type == "Gemm":
+        return None if int(attr(node, "transA", 0)) else 2
+    if node.op_type == "MatMul":
+        # a rank-2 x is proven later, when unknown now (read_layer: a Gemm on the same x proves it too)
+        w = f.ix.inits.get(node.input[1])
+        ok = f._rank(node.input[0]) in (2, None) and (w is None or len(w.dims) == 2)
+        return 2 if ok else None
+    return None
+
+
+def read_layer(f: "OnnxFolder", node: onnx.NodeProto) -> tuple[kernel.AffineConv, np.dtype]:
+    """The layer as an AffineConv of its data input, and its weight's dtype. Raises Skip."""
+    ix, label = f.ix, node_label(node)
+    w = np.asarray(ix.const(node.input[1], f"{label} weight"))
+    if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has a {w.dtype} weight", producer=label)
+    b = ix.const(node.input[2], f"{label} bias") if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Conv":
+        return kernel.AffineConv.conv(w, b, int(attr(node, "group", 1)), conv_windows(f, node, w)), w.dtype
+    if w.ndim != 2:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label}'s weight has rank {w.ndim}", producer=label)
+    m = w.T if node.op_type == "MatMul" or not int(attr(node, "transB", 0)) else w
+    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+    if b is not None:
+        b = np.asarray(b)
+        if b.size not in (1, m.shape[0]) or (b.size > 1 and b.shape[-1] != m.shape[0]) or b.ndim > 2:
+            raise Skip(Reason.AXIS_MISMATCH, f"{label}'s bias of shape {list(b.shape)} is not one value per output "
+                                             "feature", producer=label)
+        b = np.broadcast_to(b.astype(np.float64).reshape(-1), (m.shape[0],)) * beta
+    return kernel.AffineConv.conv(m.astype(np.float64) * alpha, b, 1, ()), w.dtype
+
+
+def write_layer(f: "OnnxFolder", host: onnx.NodeProto, ac: kernel.AffineConv, folded: kernel.Folded) -> None:
+    """Make `host` compute the merged map (it must already write the region's output)."""
+    label = node_label(host)
+    weight = folded.weight
+    if host.op_type == "MatMul" or (host.op_type == "Gemm" and not int(attr(host, "transB", 0))):
+        weight = np.ascontiguousarray(weight.T)
+    f._replace_input(host, 1, f._write_const(host.input[1], weight, host))
+    if host.op_type == "MatMul":
+        if np.any(folded.bias):
+            f.insert_add(host, folded.bias, host.output[0])
+        return
+    bias = host.input[2] if len(host.input) > 2 and host.input[2] else f"{label}_bias"
+    f._replace_input(host, 2, f._write_const(bias, folded.bias, host))
+    if host.op_type == "Gemm":
+        set_attr(host, "alpha", 1.0)
+        set_attr(host, "beta", 1.0)
+        return
+    for a in [a for a in host.attribute if a.name == "auto_pad"]:
+        host.attribute.remove(a)
+    w = ac.windows
+    set_attr(host, "kernel_shape", [x.kernel for x in w])
+    set_attr(host, "strides", [x.stride for x in w])
+    set_attr(host, "dilations", [x.dilation for x in w])
+    set_attr(host, "pads", [x.pad_begin for x in w] + [x.pad_end for x in w])
+
+
+def conv_windows(f: "OnnxFolder", node: onnx.NodeProto, weight: np.ndarray) -> tuple[Window, ...]:
+    """How an ONNX Conv reads each spatial axis; Skip when automatic padding depends on an unknown size."""
+    label = node_label(node)
+    kernel_shape = [int(k) for k in weight.shape[2:]]
+    n = len(kernel_shape)
+    declared = attr(node, "kernel_shape")
+    if declared is not None and [int(k) for k in declared] != kernel_shape:
+        raise Skip(Reason.AXIS_MISMATCH, f"{label} declares kernel_shape {list(declared)} for a weight of "
+                                         f"{kernel_shape}", producer=label)
+    strides = [int(s) for s in (attr(node, "strides") or [1] * n)]
+    dilations = [int(d) for d in (attr(node, "dilations") or [1] * n)]
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("NOTSET", "VALID"):
+        pads = [int(p) for p in (attr(node, "pads") or [0] * 2 * n)] if auto == "NOTSET" else [0] * 2 * n
+        begin, end = pads[:n], pads[n:]
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        dims = f.dims(node.input[0]) or []
+        begin, end = [], []
+        for i, (k, s, d) in enumerate(zip(kernel_shape, strides, dilations)):
+            if s == 1:
+                total = (k - 1) * d
+            else:
+                length = dims[2 + i] if len(dims) == n + 2 else None
+                if length is None:
+                    raise Skip(Reason.BRANCH_MISMATCH, f"{label} pads automatically ({auto}) with stride {s} on an "
+                                                       "axis of unknown length", producer=label)
+                total = max((-(-length // s) - 1) * s + (k - 1) * d + 1 - length, 0)
+            small = total // 2
+            begin.append(small if auto == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+    else:
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has auto_pad={auto}", producer=label)
+    if not (len(strides) == len(dilations) == n and len(begin) == len(end) == n):
+        raise Skip(Reason.AXIS_MISMATCH, f"{label}'s attributes do not match its {n} spatial axes", producer=label)
+    return tuple(Window(k, s, d, b, e) for k, s, d, b, e in zip(kernel_shape, strides, dilations, begin, end))
