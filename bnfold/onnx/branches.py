@@ -14,7 +14,8 @@ import onnx
 from ..core import kernel
 from ..core.decisions import Reason, Skip
 from ..core.layouts import Window
-from .nodes import attr, node_label, set_attr
+from .const import NOT_CONSTANT_OPS
+from .nodes import ONNX_DOMAINS, attr, node_label, set_attr
 
 if TYPE_CHECKING:
     from .folder import OnnxFolder
@@ -22,13 +23,68 @@ if TYPE_CHECKING:
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
+def constant(f: "OnnxFolder", name: str) -> np.ndarray | None:
+    """The value of `name` when it is a constant, else None. Names computed from a graph input or a
+    non-constant op are ruled out by the graph's structure first (memoised, linear): asking about every
+    operand of every Add or Mul reads no weight."""
+    if not could_be_constant(f, name):
+        return None
+    try:
+        return np.asarray(f.ix.const(name, "constant"))
+    except Skip:
+        return None
+
+
+def could_be_constant(f: "OnnxFolder", name: str) -> bool:
+    """False when `name` is computed from a graph input or a non-constant op (memoised on the folder)."""
+    ix, memo = f.ix, f.const_like
+    if name in memo:
+        return memo[name]
+    stack = [name]
+    while stack:
+        cur = stack[-1]
+        if cur in memo:
+            stack.pop()
+            continue
+        p = ix.producer.get(cur)
+        if cur in ix.inits or p is None:
+            if cur in ix.inits:
+                memo[cur] = not ix.overridable(cur)
+            else:  # a graph input, or a name of an enclosing scope: constant there or not
+                memo[cur] = cur not in ix.graph_inputs and ix.outer_consts is not None and \
+                    ix.outer_consts(cur) is not None
+            stack.pop()
+            continue
+        if p.domain not in ONNX_DOMAINS or p.op_type in NOT_CONSTANT_OPS:  # (If/Loop/Scan among them)
+            memo[cur] = False
+            stack.pop()
+            continue
+        deps = [p.input[0]] if p.op_type == "CastLike" else [i for i in p.input if i]
+        pending = [d for d in deps if d not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[cur] = all(memo[d] for d in deps)
+        stack.pop()
+    return memo[name]
+
+
+def weight_rank(f: "OnnxFolder", name: str) -> int | None:
+    """The rank of a constant weight (read only when it is not a plain initializer), or None."""
+    w = f.ix.inits.get(name)
+    if w is not None:
+        return len(w.dims)
+    v = constant(f, name)
+    return None if v is None else v.ndim
+
+
 def layer_rank(f: "OnnxFolder", node: onnx.NodeProto) -> int | None:
     """The output rank of a layer a region can take as a branch, or None when it is not one."""
     if len(node.input) < 2 or not node.input[0] or not node.input[1]:
         return None
     if node.op_type == "Conv":
-        w = f.ix.inits.get(node.input[1])
-        return len(w.dims) if w is not None else f._rank(node.output[0])
+        # a conv's output has its weight's rank; a weight computed at run time is refused when evaluated
+        return weight_rank(f, node.input[1]) or f._rank(node.output[0])
     if node.op_type == "Gemm":
         return None if int(attr(node, "transA", 0)) else 2
     if node.op_type == "MatMul":

@@ -57,6 +57,7 @@ class OnnxFolder:
         self.created: list[str] = []  # initializers this fold added (IR < 4 bodies turn them into Constants)
         self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
         self.ix.shapes = self.shapes
+        self.const_like: dict[str, bool] = {}  # name -> could be a constant (branches.constant; no weight reads)
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:

@@ -19,6 +19,7 @@ import onnx
 
 from ..core import kernel
 from ..core.decisions import Decision, Reason, Skip
+from .branches import constant, weight_rank
 from .layout import LAYOUT_OPS, skip_passthrough
 from .match import Match
 from .nodes import ONNX_DOMAINS, node_label
@@ -35,10 +36,7 @@ MAX_LEAVES = 64
 
 
 def _const(f: "OnnxFolder", name: str) -> np.ndarray | None:
-    try:
-        return np.asarray(f.ix.const(name, "constant"))
-    except Skip:
-        return None
+    return constant(f, name)
 
 
 def _layer(f: "OnnxFolder", value: str) -> tuple[Match, list[onnx.NodeProto]]:
@@ -65,8 +63,7 @@ def _layer(f: "OnnxFolder", value: str) -> tuple[Match, list[onnx.NodeProto]]:
 
 def _out_rank(f: "OnnxFolder", m: Match) -> int | None:
     if m.layer.op_type in ("Conv", "ConvTranspose"):
-        w = f.ix.inits.get(m.weight_name)
-        return len(w.dims) if w is not None else f._rank(m.layer.output[0])
+        return weight_rank(f, m.weight_name)
     return 2  # Gemm, and MatMul(+Add) once _match_layer has proven a rank-2 input
 
 

@@ -26,7 +26,7 @@ import onnx
 
 from ..core import kernel
 from ..core.decisions import Decision, Reason, Skip
-from .branches import LAYER_OPS, layer_rank, read_layer, write_layer
+from .branches import LAYER_OPS, constant, could_be_constant, layer_rank, read_layer, write_layer
 from .layout import passthrough, shape_reader
 from .nodes import ONNX_DOMAINS, node_label
 from .standalone import per_channel
@@ -52,7 +52,7 @@ class Term:
     rank: int | None = None
     mul: np.ndarray | None = None  # affine: y = x * mul + add, constants as stored (per channel or scalar)
     add: np.ndarray | None = None
-    vectors: bool = False          # mul/add are already one value per channel (a BN's s, t)
+    vectors: bool = False          # a BatchNorm: its (s, t), one value per channel, read when evaluated
     layers: int = 0
     branches: int = 1
     sums: int = 0
@@ -96,6 +96,7 @@ class Regions:
     def __init__(self, f: "OnnxFolder") -> None:
         self.f, self.ix = f, f.ix
         self.memo: dict[str, Term] = {}
+        self.sums_behind: dict[str, bool] = {}
         self.notes: dict[str, Skip] = {}  # BN label -> why the block it sits in was not merged
 
     # -- match ----------------------------------------------------------------------------------
@@ -128,11 +129,8 @@ class Regions:
         if op == "BatchNormalization" and p.input[0]:
             if f.opts.reverted(f.scope + node_label(p)) is not None:
                 return _leaf(f, value)  # its fold failed a proof once: it stays, and bounds any region
-            try:
-                s, t, _ = f._bn_params(p)
-            except Skip:
-                return _leaf(f, value)
-            return self._affine(p, p.input[0], depth, s, t, vectors=True)
+            # its parameters are read (and checked) only if the region is evaluated
+            return self._affine(p, p.input[0], depth, None, None, vectors=True)
         if op in AFFINE_OPS and len(p.input) == 2 and all(p.input):
             return self._binary(p, depth)
         if op == "Sum" and all(p.input) and len(p.input) > 1 and not any(self._const(i) is not None for i in p.input):
@@ -144,10 +142,33 @@ class Regions:
         return _leaf(f, value)
 
     def _const(self, name: str) -> np.ndarray | None:
-        try:
-            return np.asarray(self.ix.const(name, "constant"))
-        except Skip:
-            return None
+        return constant(self.f, name)
+
+    def may_hold_sum(self, value: str) -> bool:
+        """Cheaply, before any term is built: does a private chain of affine ops back from `value` reach a sum of
+        two computed values? Only then can `value` close a block (plain Conv->BN chains cost nothing here)."""
+        path, cur, found = [], value, False
+        while True:
+            if cur in self.sums_behind:
+                found = self.sums_behind[cur]
+                break
+            p = self.ix.producer.get(cur)
+            if p is None or p.domain not in ONNX_DOMAINS or not p.output or p.output[0] != cur:
+                break
+            if p.op_type in ("BatchNormalization", "Identity", "Dropout"):
+                data = p.input[:1]  # the data input; the rest are parameters
+            else:
+                data = [i for i in p.input if i and not could_be_constant(self.f, i)]
+            if p.op_type in ("Add", "Sub", "Sum") and len(data) >= 2:
+                found = True
+                break
+            if p.op_type not in ROOT_OPS or len(data) != 1 or not self.private(data[0]) or len(path) > MAX_DEPTH:
+                break
+            path.append(cur)
+            cur = data[0]
+        for v in path + [cur]:
+            self.sums_behind[v] = found
+        return found
 
     def _affine(self, p: onnx.NodeProto, data: str, depth: int, mul: np.ndarray | None,
                 add: np.ndarray | None, vectors: bool = False) -> Term:
@@ -235,7 +256,8 @@ class Regions:
             inner = self._eval(t.children[0][1], channels, maps)
             n = inner.out_channels
             if t.vectors:
-                return inner.then(t.mul, t.add)  # type: ignore[arg-type]
+                s, sh, _ = self.f._bn_params(t.node)  # type: ignore[arg-type]
+                return inner.then(s, sh)
             s = np.ones(n) if t.mul is None else per_channel(t.mul, n, t.rank)
             sh = np.zeros(n) if t.add is None else per_channel(t.add, n, t.rank)
             if s is None or sh is None:
@@ -257,7 +279,7 @@ class Regions:
         decisions: list[Decision] = []
         for node in reversed(list(self.ix.graph.node)):
             if (node.op_type not in ROOT_OPS or node.domain not in ONNX_DOMAINS or not node.output
-                    or id(node) in claimed):
+                    or id(node) in claimed or not self.may_hold_sum(node.output[0])):
                 continue
             t = self.term(node.output[0])
             if t.candidate:

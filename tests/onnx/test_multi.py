@@ -269,3 +269,37 @@ def test_torchvision_frozen_batchnorm_export(rng, tmp_path):
     res = fold_verified(model)
     assert len(res.report.folded) == 2 and all(d.pattern == "Conv->Mul+Add" for d in res.report.folded)
     assert ops(res.model)["Mul"] == 0 and ops(res.model)["Add"] == 0
+
+
+def test_sum_that_is_a_graph_output_keeps_the_bn(rng):
+    g = G(rng)
+    s = g.node("Add", [conv(g, "ca", "x1"), conv(g, "cb", "x2")], ["s"], name="sum")
+    g.bn("bn", s, C, out="y")
+    [d] = fold_verified(two_inputs(g, [("y", [2, C, H, H]), ("s", [2, C, H, H])])).report.skipped
+    assert d.reason is Reason.INTERMEDIATE_IS_OUTPUT
+
+
+def test_disguised_bn_inside_an_if_body_with_outer_constants(rng):
+    from onnx import helper
+    g = G(rng)
+    g.weight("w", (C, 3, 3, 3))
+    g.init("s", rng.normal(0, 1, (C, 1, 1)))
+    g.init("t", rng.normal(0, 1, (C, 1, 1)))
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+         helper.make_node("Mul", ["c", "s"], ["m"], name="mul"), helper.make_node("Add", ["m", "t"], ["o"], name="add")],
+        "then", [], [helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [2, C, H, H])])
+    other = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["o2"], name="conv2", pads=[1] * 4)], "else", [],
+                              [helper.make_tensor_value_info("o2", onnx.TensorProto.FLOAT, [2, C, H, H])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=body,
+                                                else_branch=other)], "m",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, H, H]),
+                               helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, C, H, H])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    res = fold_verified(m)
+    [d] = res.report.folded
+    assert d.bn == "if/then_branch/mul" and d.pattern == "Conv->Mul+Add"
+    then = next(a.g for a in res.model.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then.node] == ["Conv"]

@@ -397,3 +397,42 @@ def test_a_damaged_bn_free_merge_is_reverted_under_its_sum(rng, monkeypatch):
     [d] = res.report.decisions
     assert d.bn == "cpe_add" and d.reason is Reason.VERIFICATION_FAILED
     assert res.report.verification.verdict == "passed" and ops(res.model)["Add"] == 1
+
+
+# -- where a block sits ---------------------------------------------------------------------------
+
+def test_shape_readers_of_a_branch_follow_the_block_output(rng):
+    g = G(rng)
+    r = g.node("Relu", ["x"], ["r"], name="in_relu")
+    a = conv_bn(g, "k3", r, 3, [1] * 4)
+    shape = g.node("Shape", [a], ["shape"], name="shape")
+    s = g.node("Add", [a, g.bn("bn_id", r, C)], ["s"], name="add")
+    g.node("Reshape", [s, shape], ["y"], name="reshape")
+    res = fold_verified(g.model([("x", [2, C, H, H])], [("y", [2, C, H, H])]))
+    merged(res, 2, 2)
+    assert next(n for n in res.model.graph.node if n.op_type == "Shape").input[0] == "s"
+
+
+def test_block_output_is_a_graph_output(rng):
+    g = G(rng)
+    s = g.node("Add", [conv_bn(g, "k3", "x", 3, [1] * 4), conv_bn(g, "k1", "x", 1, [0] * 4)], ["y"], name="add")
+    res = fold_verified(g.model([("x", [2, C, H, H])], [(s, [2, C, H, H])]))
+    assert [n.op_type for n in res.model.graph.node] == ["Conv"] and res.model.graph.node[0].output[0] == "y"
+
+
+def test_block_inside_a_model_local_function(rng):
+    g = G(rng)
+    s = g.node("Add", [conv_bn(g, "k3", "fx", 3, [1] * 4), g.bn("bn_id", "fx", C)], ["fy"], name="add")
+    consts = [helper.make_node("Constant", [], [t.name], name=f"{t.name}_c", value=t) for t in g.inits]
+    fn = helper.make_function("local", "Block", ["fx"], ["fy"], consts + g.nodes,
+                              [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Block", ["x"], ["y"], domain="local", name="call")], "m",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, C, H, H])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, C, H, H])])
+    m = helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 17),
+                                                                helper.make_opsetid("local", 1)])
+    m.ir_version = 8
+    res = fold_verified(m)
+    assert {d.pattern for d in res.report.folded} == {"RepBlock(2 branches)->Conv"} and len(res.report.folded) == 2
+    assert Counter(n.op_type for n in res.model.functions[0].node)["Conv"] == 1
+    assert "BatchNormalization" not in {n.op_type for n in res.model.functions[0].node}
