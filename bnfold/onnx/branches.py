@@ -123,7 +123,11 @@ def write_layer(f: "OnnxFolder", host: onnx.NodeProto, ac: kernel.AffineConv, fo
     weight = folded.weight
     if host.op_type == "MatMul" or (host.op_type == "Gemm" and not int(attr(host, "transB", 0))):
         weight = np.ascontiguousarray(weight.T)
-    f._replace_input(host, 1, f._write_const(host.input[1], weight, host))
+    old = f.ix.inits.get(host.input[1])
+    # a weight of a new shape goes under a new name: an IR < 4 graph declares each initializer's shape as
+    # an input, and value_info may too
+    name = host.input[1] if old is not None and list(old.dims) == list(weight.shape) else f"{label}_weight"
+    f._replace_input(host, 1, f._write_const(name, weight, host))
     if host.op_type == "MatMul":
         if np.any(folded.bias):
             f.insert_add(host, folded.bias, host.output[0])

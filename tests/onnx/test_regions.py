@@ -436,3 +436,19 @@ def test_block_inside_a_model_local_function(rng):
     assert {d.pattern for d in res.report.folded} == {"RepBlock(2 branches)->Conv"} and len(res.report.folded) == 2
     assert Counter(n.op_type for n in res.model.functions[0].node)["Conv"] == 1
     assert "BatchNormalization" not in {n.op_type for n in res.model.functions[0].node}
+
+
+def test_ir3_model_declares_the_merged_weight_of_a_new_shape(rng):
+    """1x3 and 3x1 branches merge into a 3x3 kernel: a new initializer, declared as an input before IR 4."""
+    g = G(rng)
+    s = g.node("Add", [conv_bn(g, "k13", "x", (1, 3), [0, 1, 0, 1]), conv_bn(g, "k31", "x", (3, 1), [1, 0, 1, 0])],
+               ["s"], name="add")
+    g.node("Relu", [s], ["y"], name="out_relu")
+    m = g.model([("x", [2, C, H, H])], [("y", [2, C, H, H])], opset=8, ir=3)
+    et = onnx.TensorProto.FLOAT
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, et, list(t.dims)) for t in m.graph.initializer)
+    res = fold_verified(m)
+    merged(res, 2, 2)
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in res.model.graph.input}
+    inits = {t.name: list(t.dims) for t in res.model.graph.initializer}
+    assert set(inits) <= set(declared) and all(declared[k] == v for k, v in inits.items())
