@@ -237,8 +237,9 @@ class AffineConv:
         d = None if self.diag is None else self.diag * s
         return AffineConv(bias=self.bias * s + t, weight=w, groups=self.groups, windows=self.windows, diag=d)
 
-    def plus(self, other: "AffineConv", sign: float = 1.0) -> "AffineConv":
-        """self + sign * other, both maps of the same x. Skip(BRANCH_MISMATCH) when they cannot be one conv."""
+    def plus(self, other: "AffineConv", sign: float = 1.0, centred: bool = True) -> "AffineConv":
+        """self + sign * other, both maps of the same x. Skip(BRANCH_MISMATCH) when they cannot be one conv
+        (or, with `centred`, when their kernels do not share a centre: layouts.merge_windows)."""
         if self.out_channels != other.out_channels:
             raise Skip(Reason.BRANCH_MISMATCH, f"branches of {self.out_channels} and {other.out_channels} channels "
                                                "are summed by broadcasting")
@@ -259,7 +260,7 @@ class AffineConv:
             raise Skip(Reason.BRANCH_MISMATCH, f"branches of {len(a.windows)} and {len(b.windows)} spatial axes")
         merged, starts = [], []
         for wa, wb in zip(a.windows, b.windows):
-            m = merge_windows([wa, wb])
+            m = merge_windows([wa, wb], centred)
             if isinstance(m, str):
                 raise Skip(Reason.BRANCH_MISMATCH, m)
             merged.append(m[0])

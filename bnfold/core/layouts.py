@@ -168,10 +168,14 @@ class Window:
 IDENTITY_WINDOW = Window()  # x itself: a 1-wide kernel at offset 0, stride 1, no padding
 
 
-def merge_windows(windows: list[Window]) -> tuple[Window, list[int]] | str:
+def merge_windows(windows: list[Window], centred: bool = True) -> tuple[Window, list[int]] | str:
     """One window reading everything each of `windows` reads, and where each one's kernel starts inside
     it; or why no such window exists. Zero-padding a kernel into the merged one is exact: the merged
-    window's padding covers each one's, and the extra taps carry zero weight."""
+    window's padding covers each one's, and the extra taps carry zero weight.
+
+    `centred` (the policy of the passes) also asks every kernel to share one centre, as the blocks of
+    RepVGG, MobileOne, ACNet and friends do: a 1x1 in the middle of a 3x3 with pads 1, not a 2x2 padded
+    (1, 0), which would merge exactly too (its taps lie inside the 3x3's) but off-centre."""
     strides = {w.stride for w in windows}
     if len(strides) > 1:
         return f"strides differ ({', '.join(str(s) for s in sorted(strides))})"
@@ -189,6 +193,9 @@ def merge_windows(windows: list[Window]) -> tuple[Window, list[int]] | str:
     if misaligned:
         w = misaligned[0]
         return f"a kernel {w.kernel} with pads {w.pad_begin},{w.pad_end} is off the dilation-{d} grid of the others"
+    if centred and len({w.first + w.last for w in windows}) > 1:
+        return "kernels are not centred on one another (" + \
+               ", ".join(f"kernel {w.kernel} pads {w.pad_begin},{w.pad_end}" for w in windows) + ")"
     last = max(w.last for w in windows)
     merged = Window(kernel=(last - first) // d + 1, stride=strides.pop(), dilation=d, pad_begin=-first,
                     pad_end=slacks.pop() + last)

@@ -66,6 +66,7 @@ def random_block(rng: np.random.Generator):
 
 @pytest.mark.parametrize("seed", range(150))
 def test_random_blocks_match_their_branches(seed):
+    """The general rule (any kernels whose taps lie on one grid; the passes ask for centred ones too)."""
     rng = np.random.default_rng(seed)
     nd, c, identity, branches = random_block(rng)
     x = rng.normal(size=(2, c) + tuple(int(rng.integers(5, 9)) for _ in range(nd)))
@@ -76,7 +77,7 @@ def test_random_blocks_match_their_branches(seed):
         ac = ac.then(s, t)  # each branch's BN
         y = evaluate(x, ac) * sign
         ref = y if ref is None else ref + y
-        total = ac.then(np.full(c, sign), np.zeros(c)) if total is None else total.plus(ac, sign)
+        total = ac.then(np.full(c, sign), np.zeros(c)) if total is None else total.plus(ac, sign, centred=False)
     s, t = rng.normal(size=c), rng.normal(size=c)
     total = total.then(s, t)  # a BN after the sum
     ref = ref * s.reshape((1, -1) + (1,) * nd) + t.reshape((1, -1) + (1,) * nd)
@@ -103,7 +104,16 @@ def test_a_one_tap_kernel_fits_any_dilation():
     (Window(3, 1, 2, 1, 3), Window(1, 1, 1, 0, 0), "grid"),
 ])
 def test_windows_that_are_not_one_conv(a, b, why):
-    assert why in merge_windows([a, b])
+    assert why in merge_windows([a, b], centred=False)
+
+
+@pytest.mark.parametrize("a, b", [(Window(3, 1, 1, 1, 1), Window(2, 1, 1, 1, 0)),
+                                  (Window(3, 1, 1, 1, 1), Window(3, 1, 1, 2, 0)),
+                                  (Window(3, 2, 1, 0, 2), Window(1, 2, 1, 0, 0))])
+def test_kernels_off_a_common_centre_merge_only_when_asked(a, b):
+    """Exact either way (the taps lie on one grid), but the passes keep to centred blocks."""
+    assert "not centred" in merge_windows([a, b])
+    assert not isinstance(merge_windows([a, b], centred=False), str)
 
 
 def test_refusals_carry_their_reason():

@@ -185,17 +185,6 @@ def test_same_upper_valid_and_explicit_pads_mix(rng):
     assert not any(a.name == "auto_pad" for a in host.attribute)
 
 
-def test_kernels_on_one_grid_merge_even_when_not_centred(rng):
-    """A 2x2 kernel padded (1, 0) reads offsets -1..0, inside a 3x3 kernel's -1..1: one exact 3x3 kernel."""
-    g = G(rng)
-    r = g.node("Relu", ["x"], ["r"], name="in_relu")
-    s = g.node("Add", [conv_bn(g, "k2", r, 2, [1, 1, 0, 0]), conv_bn(g, "k3", r, 3, [1] * 4)], ["s"], name="add")
-    res = fold_verified(model(g, s))
-    merged(res, 2, 2)
-    host = next(n for n in res.model.graph.node if n.op_type == "Conv")
-    assert helper.get_attribute_value(next(a for a in host.attribute if a.name == "kernel_shape")) == [3, 3]
-
-
 def test_linear_branches_merge_into_one_gemm(rng):
     """RepViT's classifier in eval: (head(x) + head_dist(x)) / 2, two Linears (and a BN1d branch here)."""
     g = G(rng)
@@ -315,6 +304,19 @@ def test_padding_that_changes_the_output_grid_is_not_merged(rng):
     res = fold_verified(model(g, s, shape=(2, C, 8, 8), out_shape=(2, C, 4, 4)))
     d = not_merged(res, 2)
     assert "outputs differ in length" in d["k3_bn"].extra["not_merged"]
+
+
+@pytest.mark.parametrize("k, pads", [(2, [1, 1, 0, 0]), (3, [2, 2, 0, 0])])
+def test_kernels_off_a_common_centre_are_not_merged(rng, k, pads):
+    """A 2x2 padded (1, 0), or a 3x3 padded (2, 0), next to a 3x3 padded 1 and x itself: same output size,
+    but not centred on the same tap."""
+    g = G(rng)
+    r = g.node("Relu", ["x"], ["r"], name="in_relu")
+    s = g.node("Add", [conv_bn(g, "odd", r, k, pads), conv_bn(g, "k3", r, 3, [1] * 4)], ["s1"], name="add1")
+    s = g.node("Add", [s, g.bn("bn_id", r, C)], ["s"], name="add2")
+    d = not_merged(fold_verified(model(g, s)), 2)
+    assert d["bn_id"].reason is Reason.BRANCH_MISMATCH and "not centred" in d["bn_id"].detail
+    assert "not centred" in d["odd_bn"].extra["not_merged"]
 
 
 @pytest.mark.parametrize("elsewhere", ["relu", "output"])
