@@ -76,7 +76,10 @@ class OnnxFolder:
                 except Skip as s:
                     s = regions.explain(label, s)
                     self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
-        regions.annotate(self.decisions)
+        # folds make new chances, once: a BN's own chain takes Mul/Add but not Sub/Div after it, and a BN
+        # folded into the conv after it leaves that conv reading the block's x (so folding is idempotent)
+        self.decisions += fold_disguised(self)
+        regions.again(self.decisions)
         sweep(self)
         return self.decisions
 

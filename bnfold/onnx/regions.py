@@ -275,7 +275,7 @@ class Regions:
     # -- rewrite --------------------------------------------------------------------------------
     def merge_all(self) -> list[Decision]:
         """Merge every multi-branch region of the graph, latest first (so a region is taken whole)."""
-        claimed: set[int] = set()
+        claimed: set[int] = set(self.f.dead_nodes)
         decisions: list[Decision] = []
         for node in reversed(list(self.ix.graph.node)):
             if (node.op_type not in ROOT_OPS or node.domain not in ONNX_DOMAINS or not node.output
@@ -285,6 +285,17 @@ class Regions:
             if t.candidate:
                 decisions += self.merge(t, claimed)
         return decisions
+
+    def again(self, decisions: list[Decision]) -> None:
+        """After the other folds: merge the blocks they made (a BN now folded into a conv of the block, so
+        that conv reads x), then say why the rest were not merged. A BN kept before and merged now has
+        its decision replaced."""
+        self.memo.clear()
+        self.sums_behind.clear()
+        merged = self.merge_all()
+        now = {d.bn for d in merged}
+        decisions[:] = [d for d in decisions if d.is_folded or d.bn not in now] + merged
+        self.annotate(decisions)
 
     def explain(self, label: str, skip: Skip) -> Skip:
         """A BN left with nothing to fold into that sat in a block which could not be merged: the block's
