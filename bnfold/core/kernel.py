@@ -23,10 +23,13 @@ from .layouts import IDENTITY_WINDOW, Layout, Window, merge_windows
 
 @dataclass
 class Folded:
-    """New layer parameters in the model's dtypes."""
+    """New layer parameters in the model's dtypes (and, when asked, the float64 values before rounding:
+    a second fold into the same layer starts from those, so a chain is rounded once)."""
 
     weight: np.ndarray
     bias: np.ndarray
+    weight64: np.ndarray | None = None
+    bias64: np.ndarray | None = None
 
 
 def _f64(x: np.ndarray | float | None, name: str) -> np.ndarray | None:
@@ -100,44 +103,51 @@ def _check(weight: np.ndarray, layout: Layout, channels: int, want: str) -> None
 
 
 def fold_after(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-               layout: Layout, bias_scale: float = 1.0, bias_dtype: np.dtype | None = None) -> Folded:
+               layout: Layout, bias_scale: float = 1.0, bias_dtype: np.dtype | None = None,
+               weight_dtype: np.dtype | None = None, keep_exact: bool = False) -> Folded:
     """Fold y = s*x + t applied to the layer's output into its weight and bias.
 
     `bias` (None if absent) broadcasts against the channel vector on its last axis (Conv (M,), Gemm
     (N,), (1, N), (M, N) or a scalar). `bias_scale` multiplies the bias inside the layer (Gemm beta).
+    `weight_dtype` is the dtype to round the weight to (default: the weight's own, which a chained fold
+    passing the float64 values of an earlier fold must give); `keep_exact` also returns those values.
     """
     channels = scale.shape[0]
     _check(weight, layout, channels, "out")
-    w_new = _scaled(weight, scale, layout.out_index(weight.shape))
+    wdt = np.dtype(weight_dtype) if weight_dtype is not None else weight.dtype
+    index = layout.out_index(weight.shape)
+    w64 = np.multiply(weight, scale[index], dtype=np.float64) if keep_exact else None
+    w_new = round_to(w64, wdt, "weight") if w64 is not None else _scaled(weight, scale, index, wdt)
     if bias is None:
         b_new = shift.copy()
     else:
         b64 = bias.astype(np.float64) * float(bias_scale)
         b_new = scale * b64 + shift
-    bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else weight.dtype)
-    return Folded(w_new, round_to(b_new, bdt, "bias"))
+    bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else wdt)
+    return Folded(w_new, round_to(b_new, bdt, "bias"), w64, b_new if keep_exact else None)
 
 
 CHUNK = 1 << 22  # elements per float64 temporary: big weights are scaled in slices of ~32 MiB
 
 
-def _scaled(weight: np.ndarray, vec: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """weight * vec[index] in float64, rounded once to weight.dtype, a slice of axis 0 at a time so a
+def _scaled(weight: np.ndarray, vec: np.ndarray, index: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """weight * vec[index] in float64, rounded once to `dtype`, a slice of axis 0 at a time so a
     256 MiB weight does not need 1 GiB of float64 temporaries."""
     if weight.ndim == 0 or weight.size <= CHUNK:
         # the ufunc widens `weight` to float64 block by block: no full-size float64 copy of it
-        return round_to(np.multiply(weight, vec[index], dtype=np.float64), weight.dtype, "weight")
-    out = np.empty(weight.shape, dtype=weight.dtype)
+        return round_to(np.multiply(weight, vec[index], dtype=np.float64), dtype, "weight")
+    out = np.empty(weight.shape, dtype=dtype)
     idx = np.broadcast_to(index, weight.shape)
     step = max(1, CHUNK // max(1, weight[0].size))
     for i in range(0, weight.shape[0], step):
         part = np.multiply(weight[i:i + step], vec[idx[i:i + step]], dtype=np.float64)
-        out[i:i + step] = round_to(part, weight.dtype, "weight")
+        out[i:i + step] = round_to(part, dtype, "weight")
     return out
 
 
 def fold_before(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
-                layout: Layout, bias_scale: float = 1.0, bias_dtype: np.dtype | None = None) -> Folded:
+                layout: Layout, bias_scale: float = 1.0, bias_dtype: np.dtype | None = None,
+                weight_dtype: np.dtype | None = None, keep_exact: bool = False) -> Folded:
     """Fold y = s*x + t applied to the layer's *input* into its weight and bias.
 
     Exact for Linear/Gemm/MatMul and for convolutions that never read zero padding. The returned bias
@@ -162,8 +172,10 @@ def fold_before(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, 
     else:
         b64 = bias.astype(np.float64) * float(bias_scale)
         b_new = b64 + per_out
-    bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else weight.dtype)
-    return Folded(round_to(w_new, weight.dtype, "weight"), round_to(b_new, bdt, "bias"))
+    wdt = np.dtype(weight_dtype) if weight_dtype is not None else weight.dtype
+    bdt = bias_dtype if bias_dtype is not None else (bias.dtype if bias is not None else wdt)
+    return Folded(round_to(w_new, wdt, "weight"), round_to(b_new, bdt, "bias"),
+                  w_new if keep_exact else None, b_new if keep_exact else None)
 
 
 def affine(scale: np.ndarray, shift: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -141,7 +141,7 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     bias_slot: tuple[onnx.NodeProto, int] | None = (layer, 2)
     bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
     try:
-        weight = ix.const(layer.input[1], f"{lab} weight")
+        weight, bias, wdt = f.layer_params(layer, layer.input[1], bias_name if bias_slot == (layer, 2) else None, lab)
         if op == "Conv":
             _check_padding(layer, weight.ndim)
             layout = layouts.conv(int(_attr(layer, "group", 1)))
@@ -164,8 +164,10 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
             bias_slot, bias_name = _matmul_bias(f, layer)
         if block != 1:
             layout = dataclasses.replace(layout, in_block=block)
-        bias = ix.const(bias_name, f"{lab} bias") if bias_name else None
-        folded = kernel.fold_before(weight, bias, s, t, layout, bias_scale=bias_scale, bias_dtype=weight.dtype)
+        if bias_slot != (layer, 2) or (bias_name and bias is None):
+            bias = ix.const(bias_name, f"{lab} bias") if bias_name else None
+        folded = kernel.fold_before(weight, bias, s, t, layout, bias_scale=bias_scale, bias_dtype=wdt,
+                                    weight_dtype=wdt, keep_exact=f._may_chain(layer, layer.output[0]))
     except Skip as e:
         e.producer = e.producer or lab
         raise
@@ -173,6 +175,7 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     site_out = bias_slot[0].output[0] if bias_slot is not None else layer.output[0]
     new_w = f._write_const(layer.input[1], folded.weight, layer)
     f._replace_input(layer, 1, new_w)
+    exact = folded if bias_slot == (layer, 2) else dataclasses.replace(folded, weight64=None)
     if bias_slot is not None:
         node, slot = bias_slot
         new_b = f._write_const(bias_name or f"{lab}_bias", folded.bias, node)
@@ -194,6 +197,7 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     _remove_copies(f, pre, x)
     f._move_shape_readers(out, x)
     f.drop_bn(bn, view, old_out=None)
+    f.remember_exact(layer, exact)
     pattern = f"BN{view.suffix}->" + "".join(f"{v.op_type}->" for v in via) + op
     return f.located(Decision.folded(label, f.scope + lab, pattern, "before"), x, site_out)
 

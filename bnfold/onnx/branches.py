@@ -97,13 +97,14 @@ def layer_rank(f: "OnnxFolder", node: onnx.NodeProto) -> int | None:
 
 def read_layer(f: "OnnxFolder", node: onnx.NodeProto) -> tuple[kernel.AffineConv, np.dtype]:
     """The layer as an AffineConv of its data input, and its weight's dtype. Raises Skip."""
-    ix, label = f.ix, node_label(node)
-    w = np.asarray(ix.const(node.input[1], f"{label} weight"))
-    if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
-        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has a {w.dtype} weight", producer=label)
-    b = ix.const(node.input[2], f"{label} bias") if len(node.input) > 2 and node.input[2] else None
+    label = node_label(node)
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    w, b, wdt = f.layer_params(node, node.input[1], bias_name, label)  # float64 where a fold left them
+    w = np.asarray(w)
+    if wdt.kind != "f" and wdt.name != "bfloat16":
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label} has a {wdt} weight", producer=label)
     if node.op_type == "Conv":
-        return kernel.AffineConv.conv(w, b, int(attr(node, "group", 1)), conv_windows(f, node, w)), w.dtype
+        return kernel.AffineConv.conv(w, b, int(attr(node, "group", 1)), conv_windows(f, node, w)), wdt
     if w.ndim != 2:
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{label}'s weight has rank {w.ndim}", producer=label)
     m = w.T if node.op_type == "MatMul" or not int(attr(node, "transB", 0)) else w
@@ -114,12 +115,13 @@ def read_layer(f: "OnnxFolder", node: onnx.NodeProto) -> tuple[kernel.AffineConv
             raise Skip(Reason.AXIS_MISMATCH, f"{label}'s bias of shape {list(b.shape)} is not one value per output "
                                              "feature", producer=label)
         b = np.broadcast_to(b.astype(np.float64).reshape(-1), (m.shape[0],)) * beta
-    return kernel.AffineConv.conv(m.astype(np.float64) * alpha, b, 1, ()), w.dtype
+    return kernel.AffineConv.conv(m.astype(np.float64) * alpha, b, 1, ()), wdt
 
 
 def write_layer(f: "OnnxFolder", host: onnx.NodeProto, ac: kernel.AffineConv, folded: kernel.Folded) -> None:
     """Make `host` compute the merged map (it must already write the region's output)."""
     label = node_label(host)
+    f.exact.pop(id(host), None)  # an earlier fold's float64 values of this layer are stale now
     weight = folded.weight
     if host.op_type == "MatMul" or (host.op_type == "Gemm" and not int(attr(host, "transB", 0))):
         weight = np.ascontiguousarray(weight.T)

@@ -35,6 +35,11 @@ from .regions import Regions
 from .sweep import sweep
 from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
+# The epsilon attribute is a float32: its default 1e-5 is float32(1e-5), which is what runtimes use (for
+# double BatchNorms too); the Python double 1e-5 would be off by 2.5e-14, millions of ulp at var ~ 1e-4.
+EPSILON_DEFAULT = float(np.float32(1e-5))
+
+
 class OnnxFolder:
     """Folds every BatchNormalization of one graph; collects one Decision per BN."""
 
@@ -56,6 +61,8 @@ class OnnxFolder:
         self.dead_values: set[str] = set()
         self.created: list[str] = []  # initializers this fold added (IR < 4 bodies turn them into Constants)
         self.shapes: dict[str, tuple[list | None, int]] = shapes if shapes is not None else {}
+        # id(layer) -> (weight name, bias name, float64 weight, float64 bias, weight dtype) of its last fold
+        self.exact: dict[int, tuple[str, str | None, np.ndarray, np.ndarray, np.dtype]] = {}
         self.ix.shapes = self.shapes
         self.const_like: dict[str, bool] = {}  # name -> could be a constant (branches.constant; no weight reads)
 
@@ -64,18 +71,33 @@ class OnnxFolder:
         regions = Regions(self)  # multi-branch blocks first: their BNs fold with the block, not alone
         self.decisions += regions.merge_all()
         self.decisions += fold_disguised(self)
-        for node in list(self.ix.graph.node):
-            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS and id(node) not in self.dead_nodes:
+        bns = [n for n in self.ix.graph.node if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS
+               and id(n) not in self.dead_nodes]
+        decided: dict[int, Decision] = {}
+        pending = []
+        for node in bns:
+            label = self.scope + node_label(node)
+            why = self.opts.reverted(label)
+            if why is not None:
+                decided[id(node)] = Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}")
+            else:
+                pending.append(node)
+        # A skipped BN may fold once a neighbour has: BN -> BN -> Conv folds the second BN into the conv
+        # first, then the first one into the conv too. Retry the skipped ones while folds keep coming.
+        while pending:
+            again = []
+            for node in pending:
                 label = self.scope + node_label(node)
-                why = self.opts.reverted(label)
-                if why is not None:
-                    self.decisions.append(Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}"))
-                    continue
                 try:
-                    self.decisions.append(self._fold_one(node, label))
+                    decided[id(node)] = self._fold_one(node, label)
                 except Skip as s:
                     s = regions.explain(label, s)
-                    self.decisions.append(Decision.skipped(label, s.reason, s.detail, s.producer))
+                    decided[id(node)] = Decision.skipped(label, s.reason, s.detail, s.producer)
+                    again.append(node)
+            if len(again) == len(pending):
+                break
+            pending = again
+        self.decisions.extend(decided[id(n)] for n in bns)
         # folds make new chances, once: a BN's own chain takes Mul/Add but not Sub/Div after it, and a BN
         # folded into the conv after it leaves that conv reading the block's x (so folding is idempotent)
         self.decisions += fold_disguised(self)
@@ -104,7 +126,7 @@ class OnnxFolder:
             raise Skip(Reason.NO_RUNNING_STATS, "the BatchNorm has no running mean/variance inputs")
         roles = ("scale", "bias", "running mean", "running variance")
         gamma, beta, mean, var = (self.ix.const(n, f"BatchNorm {r}") for n, r in zip(bn.input[1:5], roles))
-        eps = float(_attr(bn, "epsilon", 1e-5))
+        eps = float(_attr(bn, "epsilon", EPSILON_DEFAULT))
         channels = int(np.asarray(gamma).size)
         if np.asarray(gamma).ndim > 1 or any(np.asarray(p).size != channels for p in (beta, mean, var)):
             raise Skip(Reason.AXIS_MISMATCH, "BatchNorm parameters are not per-channel vectors of one length")
@@ -220,10 +242,8 @@ class OnnxFolder:
         except Skip as e:
             first = e
         if first.reason == Reason.UNSUPPORTED_PRODUCER:
-            try:  # after an Add/Sub/Sum/Concat of layers: into all of them
-                multi = fold_multi(self, bn, label, view)
-                if multi is not None:
-                    return multi
+            try:  # after an Add/Sub/Sum/Concat of layers: into all of them (else `first` comes back)
+                return fold_multi(self, bn, label, view, first)
             except Skip as e:
                 first = e
         try:
@@ -243,16 +263,46 @@ class OnnxFolder:
         layer_label = node_label(m.layer)
         try:
             self._single_use(bn.input[0], m.tail)
-            weight = self.ix.const(m.weight_name, f"{layer_label} weight")
-            bias = self.ix.const(m.bias_name, f"{layer_label} bias") if m.bias_name else None
-            folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=weight.dtype)
+            weight, bias, wdt = self.layer_params(m.layer, m.weight_name, m.bias_name, layer_label)
+            folded = kernel.fold_after(weight, bias, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=wdt,
+                                       weight_dtype=wdt, keep_exact=self._may_chain(m.layer, view.out))
         except Skip as e:
             e.producer = e.producer or layer_label
             raise
         del weight, bias  # a weight read from disk for this fold need not outlive it (big models)
         self._rewrite(bn, m, folded, view)
+        self.remember_exact(m.layer, folded)
         d = Decision.folded(label, self.scope + layer_label, m.pattern + view.suffix, "after")
         return self.located(d, m.layer.input[0], view.out)
+
+    # -- chains: Conv -> BN -> BN, BN -> BN -> Conv round once ------------------------------------
+    def layer_params(self, layer: onnx.NodeProto, weight_name: str, bias_name: str | None,
+                     label: str) -> tuple[np.ndarray, np.ndarray | None, np.dtype]:
+        """A layer's weight and bias for a fold, and the weight's dtype: the float64 values an earlier fold
+        of this pass left (so a chain of folds is rounded once, as the kernel promises), else the tensors."""
+        ex = self.exact.get(id(layer))
+        if ex is not None and ex[0] == weight_name and ex[1] == bias_name:
+            return ex[2], ex[3], ex[4]
+        weight = self.ix.const(weight_name, f"{label} weight")
+        bias = self.ix.const(bias_name, f"{label} bias") if bias_name else None
+        return weight, bias, weight.dtype
+
+    def _may_chain(self, layer: onnx.NodeProto, out: str) -> bool:
+        """Whether another BN may fold into `layer` in this pass (worth keeping float64 values): a Conv or
+        Gemm (bias in slot 2) whose new output, or data input, is a BatchNorm's."""
+        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm") or self.scope:
+            return False
+        after = [u for u in self.ix.consumers.get(out, []) if u.op_type == "BatchNormalization"]
+        before = self.ix.producer.get(layer.input[0]) if layer.input else None
+        return bool(after) or (before is not None and before.op_type == "BatchNormalization")
+
+    def remember_exact(self, layer: onnx.NodeProto, folded: kernel.Folded) -> None:
+        """Keep a fold's float64 weight and bias for a later fold into the same layer (see layer_params)."""
+        if folded.weight64 is None:
+            self.exact.pop(id(layer), None)
+            return
+        bias = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+        self.exact[id(layer)] = (layer.input[1], bias, folded.weight64, folded.bias64, folded.weight.dtype)
 
     def located(self, d: Decision, x: str | tuple[str, ...], y: str) -> Decision:
         """Record where a fold sits: the region from data input(s) `x` to output `y`, tensors that mean the
@@ -275,6 +325,10 @@ class OnnxFolder:
                 t.raw_data = np.ascontiguousarray(value).tobytes()  # one copy instead of three for big weights
             else:
                 t.CopyFrom(numpy_helper.from_array(value, name))
+                if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape
+                    for vi in ix.graph.input:
+                        if vi.name == name:
+                            vi.CopyFrom(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
             return name
         new = ix.unique(name or "bias")
@@ -352,6 +406,7 @@ class OnnxFolder:
             ix.producer.pop(old, None)
             ix.producer[new] = node
             ix.consumers[new] = ix.consumers.pop(old)
+            self._same_shape(old, new)
             self.dead_values.add(old)
             node = nxt
 
@@ -381,8 +436,14 @@ class OnnxFolder:
                     r.input[k] = new
         ix.consumers[new] = readers
         ix.producer.pop(value, None)
+        self._same_shape(value, new)
         self.dead_values.add(value)
         return new
+
+    def _same_shape(self, old: str, new: str) -> None:
+        """A renamed value keeps its static shape and type (later folds in this pass look them up)."""
+        if old in self.shapes:
+            self.shapes[new] = self.shapes[old]
 
     def insert_add(self, layer: onnx.NodeProto, bias: np.ndarray, out: str) -> onnx.NodeProto:
         """Make `layer` write a fresh name and an Add of `bias` to it write `out` (placed right after `layer`)."""
@@ -390,6 +451,7 @@ class OnnxFolder:
         mid = ix.unique(layer.output[0])
         b_name = self._write_const(f"{node_label(layer)}_bias", bias, None)  # type: ignore[arg-type]
         add = helper.make_node("Add", [mid, b_name], [out], name=ix.unique(node_label(layer) + "_add"))
+        self._same_shape(layer.output[0], mid)
         layer.output[0] = mid
         ix.producer[mid] = layer
         ix.consumers[mid] = [add]

@@ -67,11 +67,9 @@ def _out_rank(f: "OnnxFolder", m: Match) -> int | None:
     return 2  # Gemm, and MatMul(+Add) once _match_layer has proven a rank-2 input
 
 
-def _weights(f: "OnnxFolder", m: Match) -> tuple[np.ndarray, np.ndarray | None]:
-    label = node_label(m.layer)
-    w = f.ix.const(m.weight_name, f"{label} weight")
-    b = f.ix.const(m.bias_name, f"{label} bias") if m.bias_name else None
-    return w, b
+def _weights(f: "OnnxFolder", m: Match) -> tuple[np.ndarray, np.ndarray | None, np.dtype]:
+    """The layer's weight, bias and weight dtype (float64 values where an earlier fold left them)."""
+    return f.layer_params(m.layer, m.weight_name, m.bias_name, node_label(m.layer))
 
 
 def _write(f: "OnnxFolder", m: Match, folded: kernel.Folded, changed: list[onnx.NodeProto]) -> None:
@@ -88,6 +86,7 @@ def _write(f: "OnnxFolder", m: Match, folded: kernel.Folded, changed: list[onnx.
             set_attr(layer, "beta", 1.0)
     else:
         f.insert_add(layer, folded.bias, layer.output[0])
+    f.remember_exact(layer, folded)  # nothing kept: an earlier fold's float64 values are stale now
 
 
 # -- BN after Add / Sub / Sum / Concat of layers ------------------------------------------------------
@@ -119,18 +118,18 @@ def _sum_leaves(f: "OnnxFolder", top: onnx.NodeProto) -> tuple[list[tuple[float,
     return leaves, inner
 
 
-def fold_multi(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -> Decision | None:
+def fold_multi(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView, otherwise: Skip) -> Decision:
     """Fold the BN (with its absorbed chain) into every layer of the Add/Sub/Sum/Concat before it.
 
-    None when no such op feeds the BN (or it adds a constant: a bias, the single-layer fold's business);
-    Skip when one does but some operand cannot take the BN."""
+    Raises `otherwise` when no such op feeds the BN (or it adds a constant: a bias, the single-layer
+    fold's business), and a Skip of its own when one does but some operand cannot take the BN."""
     ix = f.ix
     s, t = view.scale, view.shift
     value, hops = skip_passthrough(f, bn.input[0])
     top = ix.producer.get(value)
     if top is None or top.domain not in ONNX_DOMAINS or top.op_type not in (*SUM_OPS, "Concat") or \
             not top.input or (top.op_type != "Concat" and any(_const(f, i) is not None for i in top.input if i)):
-        return None
+        raise otherwise
     tail = ix.producer[bn.input[0]]
     f._single_use(bn.input[0], tail)
     for hop in hops:
@@ -164,23 +163,23 @@ def fold_multi(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) ->
                        producer=node_label(top))
         start = 0
         for m, _ in matches:
-            w, b = _weights(f, m)
+            w, b, wdt = _weights(f, m)
             n = m.layout.out_channels(w.shape)
             seg = slice(start, start + n)
             start += n
             if start > s.size:
                 break
-            folds.append(kernel.fold_after(w, b, s[seg], t[seg], m.layout, m.bias_scale, w.dtype))
+            folds.append(kernel.fold_after(w, b, s[seg], t[seg], m.layout, m.bias_scale, wdt, wdt))
         if start != s.size:
             raise Skip(Reason.AXIS_MISMATCH, f"{node_label(top)} concatenates {start} channels for a BatchNorm of "
                                              f"{s.size}", producer=node_label(top))
     else:
         first_sign = leaves[0][0]
         for k, ((sign, _), (m, _)) in enumerate(zip(leaves, matches)):
-            w, b = _weights(f, m)
+            w, b, wdt = _weights(f, m)
             shift = t * first_sign if k == 0 else np.zeros_like(t)
             try:
-                folds.append(kernel.fold_after(w, b, s, shift, m.layout, m.bias_scale, w.dtype))
+                folds.append(kernel.fold_after(w, b, s, shift, m.layout, m.bias_scale, wdt, wdt))
             except Skip as e:
                 e.producer = e.producer or node_label(m.layer)
                 raise
@@ -245,6 +244,7 @@ def _affine_step(f: "OnnxFolder", node: onnx.NodeProto, data: str | None,
 def fold_disguised(f: "OnnxFolder") -> list[Decision]:
     """Fold every chain of per-channel Mul/Add/Sub/Div by constants that follows a layer."""
     out: list[Decision] = []
+    known = {d.bn for d in f.decisions}  # a chain kept on a second look is reported once
     for node in list(f.ix.graph.node):
         if id(node) in f.dead_nodes or node.domain not in ONNX_DOMAINS or node.op_type not in AFFINE_OPS:
             continue
@@ -252,7 +252,7 @@ def fold_disguised(f: "OnnxFolder") -> list[Decision]:
             d = _fold_chain(f, node)
         except Skip:
             continue
-        if d is not None:
+        if d is not None and d.bn not in known:
             out.append(d)
     return out
 
@@ -267,7 +267,7 @@ def _fold_chain(f: "OnnxFolder", first: onnx.NodeProto) -> Decision | None:
     if prod is None or prod.domain not in ONNX_DOMAINS or prod.op_type not in LAYERS:
         return None
     m, _ = _layer(f, ins[0])
-    w, b = _weights(f, m)
+    w, b, wdt = _weights(f, m)
     channels, rank = m.layout.out_channels(w.shape), _out_rank(f, m)
     if rank is None:
         return None
@@ -291,10 +291,12 @@ def _fold_chain(f: "OnnxFolder", first: onnx.NodeProto) -> Decision | None:
     why = f.opts.reverted(label)
     if why is not None:
         return Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}")
-    folded = kernel.fold_after(w, b, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=w.dtype)
+    folded = kernel.fold_after(w, b, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=wdt, weight_dtype=wdt,
+                               keep_exact=f._may_chain(m.layer, out))
     del w, b
     view = BnView(first, out, s, t, chain[1:])
     f._rewrite(first, m, folded, view)
+    f.remember_exact(m.layer, folded)
     pattern = m.pattern.removesuffix("->BN") + "->" + "+".join(n.op_type for n in chain)
     d = Decision.folded(label, f.scope + node_label(m.layer), pattern, "after")
     return f.located(d, m.layer.input[0], out)

@@ -54,27 +54,32 @@ def perturbed_lazily(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto
     compute = _compute_eps(m, readers)
     shapes = {t.name: t for t in m.graph.initializer}
 
-    def nudge(t: onnx.TensorProto, name: str, min_size: int = 2) -> None:
+    def nudge(t: onnx.TensorProto, name: str, least: int = 2) -> None:
         if on_disk(t):
             if t.data_type in FLOAT_TYPES:
                 later.add(t.name)
             return
         a = numpy_helper.to_array(t)
-        if a.size < min_size or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+        if a.size < least or not (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
             return  # scalars (exponents, clip bounds) are not weights; nudging them can change semantics
         t.CopyFrom(numpy_helper.from_array(compare.perturb(a, rng, compute.get(name)), t.name))
+
+    def min_size(name: str) -> int:
+        # a one-channel BatchNorm or layer still has weights; scalars of other ops (exponents, bounds) are not
+        reader = readers.get(name)
+        return 1 if reader is not None and reader.op_type in LAYER_OPS else 2
 
     def visit(nodes, inits, roots) -> None:
         for t in inits:
             if t.name in roots:
-                nudge(t, t.name)
+                nudge(t, t.name, min_size(t.name))
         for n in nodes:
             if n.op_type in ("Constant", "ConstantOfShape") and n.output and n.output[0] in roots:
                 if n.op_type == "ConstantOfShape" and _materialise(n, shapes):
                     pass  # now a Constant holding the whole tensor: nudged element by element below
                 for a in n.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                        nudge(a.t, n.output[0], min_size=1 if n.op_type == "ConstantOfShape" else 2)
+                        nudge(a.t, n.output[0], 1 if n.op_type == "ConstantOfShape" else min_size(n.output[0]))
             for a in n.attribute:
                 for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
                             list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
@@ -86,6 +91,7 @@ def perturbed_lazily(model: onnx.ModelProto, seed: int) -> tuple[onnx.ModelProto
     return m, later
 
 
+LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"}
 MATERIALISE_MAX = 1 << 24  # elements: a ConstantOfShape weight larger than this keeps its one-value nudge
 
 
@@ -111,6 +117,11 @@ def _compute_eps(model: onnx.ModelProto, readers: dict[str, onnx.NodeProto]) -> 
     """Weight name -> unit roundoff of the dtype its reader computes in, where that differs from the
     weight's own dtype (models mixing float types only; one weight-free shape inference)."""
     own = {t.name: t.data_type for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+    for n in model.graph.node:  # weights made by Constant / ConstantOfShape nodes (stored float16 and Cast up...)
+        if n.op_type in ("Constant", "ConstantOfShape") and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR and a.t.data_type in FLOAT_TYPES:
+                    own[n.output[0]] = a.t.data_type
     kinds = set(own.values()) | {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)
                                  if v.type.tensor_type.elem_type in FLOAT_TYPES}
     if len(kinds) < 2:

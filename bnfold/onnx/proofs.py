@@ -52,8 +52,15 @@ def needed_inputs(decisions: Iterable[Decision]) -> set[str]:
 
 
 def prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[Decision],
-          captured: dict[str, np.ndarray]) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed)."""
+          captured: dict[str, np.ndarray], captured_folded: dict[str, np.ndarray] | None = None,
+          ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Set `proof` on every folded decision; returns (counts, blame for the folds whose proof failed).
+
+    `captured` holds the original's values from onnxruntime (each region's input and output),
+    `captured_folded` the folded model's: both replays must agree with onnxruntime's run of their region,
+    or the proof is 'not run' (the reference evaluator has had bugs, e.g. grouped ConvTranspose with a bias).
+    """
+    captured_folded = captured_folded or {}
     counts = {"proven": 0, "failed": 0, "not_run": 0}
     blame: list[dict[str, Any]] = []
     orig_g, fold_g = _Graph(original), _Graph(folded)
@@ -72,7 +79,7 @@ def prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[De
             key = (xs, d.site[1])
             if key not in done:
                 done[key] = _prove_one(orig_g, fold_g, xs, d.site[1], {x: captured[x] for x in xs},
-                                       captured.get(d.site[1]))
+                                       captured.get(d.site[1]), captured_folded.get(d.site[1]))
             d.proof = dict(done[key])
         if "not_run" in d.proof:
             counts["not_run"] += 1
@@ -125,7 +132,7 @@ class _Graph:
 
 
 def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: dict[str, np.ndarray],
-               witness: np.ndarray | None) -> dict[str, Any]:
+               witness: np.ndarray | None, witness_folded: np.ndarray | None) -> dict[str, Any]:
     ro, rf = orig_g.region(xin, y), fold_g.region(xin, y)
     for r in (ro, rf):
         if isinstance(r, str):
@@ -137,22 +144,25 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: 
     u = max([compare.unit_roundoff(helper.tensor_dtype_to_np_dtype(t)) for t in _float_types(on, oi, fn, fi)] +
             [compare.unit_roundoff(v.dtype) for v in x.values()])
     x64 = {k: np.asarray(v, np.float64) for k, v in x.items()}
+    absx = {k: np.abs(v) for k, v in x64.items()}
     try:
         ref = _run(orig_g.model, on, oi, y, x64)
         new = _run(fold_g.model, fn, fi, y, x64)
-        mag = _run(fold_g.model, fn, fi, y, {k: np.abs(v) for k, v in x64.items()}, magnitudes=True)
+        mag = _run(fold_g.model, fn, fi, y, absx, magnitudes=True)
     except Exception as e:  # noqa: BLE001 - the reference evaluator lacks some ops / versions: say so
         return {"not_run": f"the region could not be replayed in float64 ({type(e).__name__}: "
                            f"{(str(e).splitlines() or [''])[0][:160]})"}
-    if witness is None or np.shape(witness) != ref.shape:
-        return {"not_run": f"onnxruntime's value of {y!r} in the original was not captured"}
-    w = np.asarray(witness, np.float64)
-    fine = np.isfinite(w) & np.isfinite(ref)
-    if not _faithful(ref, w, fine, mag, lambda: _run(orig_g.model, on, oi, y, {k: np.abs(v) for k, v in x64.items()},
-                                                     magnitudes=True)):
-        # the reference evaluator itself computes this region differently from onnxruntime (it has had
-        # bugs in grouped ConvTranspose, for one): no proof rather than a false accusation
-        return {"not_run": "the float64 replay of the original region disagrees with onnxruntime's own run of it"}
+    for which, value, seen in (("original", ref, witness), ("folded", new, witness_folded)):
+        if seen is None or np.shape(seen) != value.shape:
+            return {"not_run": f"onnxruntime's value of {y!r} in the {which} model was not captured"}
+        w = np.asarray(seen, np.float64)
+        fine = np.isfinite(w) & np.isfinite(value)
+        nodes, inits = (on, oi) if which == "original" else (fn, fi)
+        if not _faithful(value, w, fine, mag, lambda: _run(orig_g.model if which == "original" else fold_g.model,
+                                                           nodes, inits, y, absx, magnitudes=True)):
+            # the reference evaluator itself computes this region differently from onnxruntime (it has had
+            # bugs in grouped ConvTranspose, for one): no proof rather than a false accusation
+            return {"not_run": f"the float64 replay of the {which} region disagrees with onnxruntime's own run of it"}
     if ref.shape != new.shape or mag.shape != new.shape:
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "how": HOW,
                 "why": f"shapes differ: {list(ref.shape)} vs {list(new.shape)}"}
@@ -160,26 +170,27 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: 
     both = np.isfinite(ref) & np.isfinite(new)
     if not np.array_equal(np.isfinite(ref), np.isfinite(new)):
         return {"passed": False, "max_abs": float("inf"), "bound": 0.0, "how": HOW, "why": "non-finite values differ"}
-    diff = np.where(both, np.abs(new - ref), 0.0)
-    if not diff.size:
-        return {"not_run": "the region's output is empty on the captured input"}
-    ratio = diff / np.maximum(bound, np.finfo(np.float64).tiny)
+    judged = both & np.isfinite(bound)  # an infinite magnitude (an input already at inf) bounds nothing
+    if not judged.any():
+        return {"not_run": "the region's output is empty or not finite on the captured input"}
+    diff = np.where(judged, np.abs(new - ref), 0.0)
+    ratio = diff / np.maximum(np.where(judged, bound, 1.0), np.finfo(np.float64).tiny)
     k = int(np.argmax(ratio))
     worst = float(ratio.reshape(-1)[k])
     return {"passed": worst <= 1.0, "max_abs": float(diff.max()), "bound": float(bound.reshape(-1)[k]),
             "ratio": worst, "how": HOW}
 
 
-def _faithful(ref: np.ndarray, w: np.ndarray, fine: np.ndarray, mag: np.ndarray, original_mag: Any) -> bool:
-    """onnxruntime's float run of the original region agrees with the float64 replay up to rounding. Where
-    the original's branches or shifts cancel (several BNs summed), its rounding scales with the magnitudes
-    it summed, which the folded region no longer has: those (original_mag(), computed only then) count too."""
+def _faithful(ref: np.ndarray, w: np.ndarray, fine: np.ndarray, mag: np.ndarray, own_mag: Any) -> bool:
+    """onnxruntime's float run of a region agrees with its float64 replay up to rounding. Where the
+    original's branches or shifts cancel (several BNs summed), its rounding scales with the magnitudes it
+    summed, which the folded region no longer has: those (own_mag(), computed only then) count too."""
     diff = np.abs(np.where(fine, ref - w, 0.0))
     if not np.any(diff > FAITHFUL * (mag + np.abs(ref))):
         return True
     try:
-        om = original_mag()
-    except Exception:  # noqa: BLE001 - no magnitude for some op of the original: judged without it
+        om = own_mag()
+    except Exception:  # noqa: BLE001 - no magnitude for some op of the region: judged without it
         return False
     return om.shape == ref.shape and not np.any(diff > FAITHFUL * (mag + np.abs(ref) + np.where(fine, om, 0.0)))
 
@@ -213,8 +224,73 @@ def _run(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.T
                           [helper.make_tensor_value_info(y, onnx.TensorProto.DOUBLE, None)], new_inits)
     m = helper.make_model(g, opset_imports=list(model.opset_import))
     m.ir_version = max(model.ir_version, 4)
-    out = ReferenceEvaluator(m, new_ops=[_inference_bn(magnitudes)]).run(None, values)[0]
+    out = ReferenceEvaluator(m, new_ops=[_inference_bn(magnitudes), _conv_transpose()]).run(None, values)[0]
     return np.asarray(out, np.float64)
+
+
+def _conv_transpose() -> type:
+    """ConvTranspose, every attribute of the spec, as a scatter of one einsum per kernel offset: the reference
+    evaluator's own version mixes up groups when there is a bias."""
+    from onnx.reference.op_run import OpRun
+
+    class ConvTranspose(OpRun):
+        op_domain = ""
+
+        def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,  # type: ignore[override]
+                 output_padding=None, output_shape=None, pads=None, strides=None):
+            return (conv_transpose(x, w, b, auto_pad=auto_pad, dilations=dilations, group=group,
+                                   output_padding=output_padding, output_shape=output_shape, pads=pads,
+                                   strides=strides),)
+
+    return ConvTranspose
+
+
+def conv_transpose(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad: Any = None,
+                   dilations: Any = None, group: Any = None, output_padding: Any = None, output_shape: Any = None,
+                   pads: Any = None, strides: Any = None) -> np.ndarray:
+    """ONNX ConvTranspose in numpy (float64 in, float64 out)."""
+    k = w.shape[2:]
+    nd = len(k)
+    g = int(group or 1)
+    s = list(strides or [1] * nd)
+    d = list(dilations or [1] * nd)
+    op = list(output_padding or [0] * nd)
+    ins = x.shape[2:]
+    full = [s[i] * (ins[i] - 1) + (k[i] - 1) * d[i] + 1 + op[i] for i in range(nd)]
+    ap = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    if output_shape is not None and len(output_shape):
+        want = list(output_shape)[-nd:]
+    elif ap in ("SAME_UPPER", "SAME_LOWER"):
+        want = [ins[i] * s[i] for i in range(nd)]
+    else:
+        want = None
+    if want is not None:
+        total = [full[i] - want[i] for i in range(nd)]
+        upper = ap == "SAME_UPPER"  # the spec's split; onnxruntime's own SAME sizes differ at strides > 1 (the
+        # witness check turns such a disagreement into 'not run')
+        begin = [t // 2 if upper else t - t // 2 for t in total]
+        end = [t - t // 2 if upper else t // 2 for t in total]
+    else:
+        p = list(pads or [0] * (2 * nd))
+        begin, end = p[:nd], p[nd:]
+    n, c = x.shape[:2]
+    m = w.shape[1] * g
+    cg, mg = c // g, m // g
+    y = np.zeros((n, m, *full), np.float64)
+    for off in np.ndindex(*k):
+        place = (slice(None), slice(None)) + tuple(
+            slice(off[i] * d[i], off[i] * d[i] + s[i] * (ins[i] - 1) + 1, s[i]) for i in range(nd))
+        for gi in range(g):
+            part = np.einsum("nc...,cm->nm...", x[:, gi * cg:(gi + 1) * cg], w[(slice(gi * cg, (gi + 1) * cg), slice(None)) + tuple(off)])
+            y[(place[0], slice(gi * mg, (gi + 1) * mg)) + place[2:]] += part
+    # negative pads (SAME or output_shape asking for more than the scatter covers) are zeros added
+    y = np.pad(y, [(0, 0), (0, 0)] + [(max(0, -begin[i]), max(0, -end[i])) for i in range(nd)])
+    crop = (slice(None), slice(None)) + tuple(
+        slice(max(0, begin[i]), y.shape[2 + i] - max(0, end[i])) for i in range(nd))
+    y = y[crop]
+    if b is not None:
+        y = y + np.asarray(b, np.float64).reshape((1, m) + (1,) * nd)
+    return y
 
 
 def _inference_bn(magnitudes: bool = False) -> type:
@@ -229,7 +305,7 @@ def _inference_bn(magnitudes: bool = False) -> type:
         op_domain = ""
 
         def _run(self, x, scale, bias, mean, var, epsilon=None, **_: Any):  # type: ignore[override]
-            eps = 1e-5 if epsilon is None else float(epsilon)
+            eps = float(np.float32(1e-5)) if epsilon is None else float(epsilon)  # the attribute is a float32
             shape = (1, -1) + (1,) * (x.ndim - 2)
             return ((x + sign * mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * scale.reshape(shape)
                     + bias.reshape(shape),)

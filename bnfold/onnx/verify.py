@@ -82,7 +82,13 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
     noise_model = perturbed(original, opts.seed)
     plain = (original, candidate, noise_model)
     models = (with_outputs(original, want), with_outputs(candidate, plan.inner), with_outputs(noise_model, want))
-    return _Comparison(original, candidate, plan, feeds, opts, decisions, "").run(models, plain)
+    cmp = _Comparison(original, candidate, plan, feeds, opts, decisions, "")
+    cmp.more_noise = lambda k: with_outputs(perturbed(original, opts.seed + k), want)
+    return cmp.run(models, plain)
+
+
+SMALL = 256           # elements: a compared tensor smaller than this gets SMALL_NOISE_RUNS noise samples
+SMALL_NOISE_RUNS = 3
 
 
 class _Comparison:
@@ -96,6 +102,8 @@ class _Comparison:
         self.auto = opts.atol is None and opts.rtol is None
         self.out_names = [o.name for o in original.graph.output]
         self.captured: dict[str, np.ndarray] = {}
+        self.captured_folded: dict[str, np.ndarray] = {}
+        self.more_noise: Any = None  # k -> another noise model (seed + k), where memory allows
 
     def run(self, models: tuple, plain: tuple) -> Verification:
         names, explicit = _requested(self.opts.providers)
@@ -110,10 +118,13 @@ class _Comparison:
             self.opts.say(f"verifying on {name}")
             ver.providers[name] = self._provider(name, models, plain, ver)
         if self.decisions is not None:
-            counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured)
+            counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured,
+                                         self.captured_folded)
             ver.proofs = counts
             ver.blame = blame
-            if ver.verdict == "failed" or any(p.ran and not p.passed for p in ver.providers.values()):
+            # a failed local proof names its fold exactly; the end-to-end divergence it causes downstream may
+            # surface at another fold's output, so it is traced back only when every local proof held
+            if not blame and any(p.ran and not p.passed for p in ver.providers.values()):
                 self._blame_divergence(ver)
         return ver
 
@@ -132,9 +143,16 @@ class _Comparison:
             self.plan.inner, self.plan.extra, models = [], [], plain
             runs = [_run_all(m, name, batches, lbl) for m, lbl in zip(models, ("original", "candidate", "noise model"))]
         if not self.captured:
-            self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs, from the first batch
+            self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs and witnesses, first batch
+            self.captured_folded = dict(runs[1][0])
         ref, cand, noise1 = (_concat(r) for r in runs)
         noise = [noise1]
+        if self.more_noise is not None and min((np.size(v) for v in ref.values()), default=SMALL) < SMALL:
+            # One nudged model is one sample of the noise: over many elements its maximum is a steady
+            # estimate, over a handful the random nudges can cancel by chance. Small tensors get more samples.
+            for k in range(1, SMALL_NOISE_RUNS):
+                noise.append(_concat(_run_all(self.more_noise(k), name, batches, "noise model")))
+            notes["noise_sources"][0] = f"weights nudged one ulp ({SMALL_NOISE_RUNS} samples: some tensors are small)"
         if name == "CUDAExecutionProvider":
             notes["tf32"] = True  # onnxruntime's CUDA EP default; the noise run below measures its effect
             noise.append(_concat(_run_all(models[0], name, batches, "original (TF32 off)", _options(name, tf32=False))))
@@ -146,15 +164,20 @@ class _Comparison:
             # fold-sized noise that weight nudges miss (cancellation inside the BN arithmetic, amplified
             # downstream, e.g. by a Div; weights that are all one value). Intermediates included: the
             # fusion keeps every tensor asked for as an output. Only run when needed: it costs a session.
-            try:
-                fused = _concat(_run_all(models[0], name, batches, "original (onnxruntime-optimised)", optimize=True))
-            except BnfoldError:
-                fused = _concat(_run_all(plain[0], name, batches, "original (onnxruntime-optimised)", optimize=True))
-            noise.append(fused)
-            notes["noise_sources"].append("onnxruntime's own BN fusion of the original")
-            notes.pop("unstable", None)
-            notes.pop("folds_in_candidate", None)
-            passed, outs, div = self._judge(ref, cand, noise, notes)
+            fused = None
+            for m in (models[0], plain[0]):
+                try:
+                    fused = _concat(_run_all(m, name, batches, "original (onnxruntime-optimised)", optimize=True))
+                    break
+                except BnfoldError as e:  # onnxruntime's optimiser itself may fail (mixed BN-15 dtypes)
+                    notes["fused_noise"] = f"not measured: {e}"
+            if fused is not None:
+                notes.pop("fused_noise", None)
+                noise.append(fused)
+                notes["noise_sources"].append("onnxruntime's own BN fusion of the original")
+                notes.pop("unstable", None)
+                notes.pop("folds_in_candidate", None)
+                passed, outs, div = self._judge(ref, cand, noise, notes)
         if self.plan.inner:
             notes["intermediates_compared"] = len(self.plan.inner)
         if div is not None:
@@ -196,7 +219,12 @@ class _Comparison:
         passed, outs = compare.judge(pick(ref), pick(cand), [pick(n) for n in noise], atol=self.atol, rtol=self.rtol)
         compare.require_evidence(outs)
         for k, st in outs.items():
-            if st.get("verdict") == "failed" and (behind := self.plan.unstable(k, agree)) is not None:
+            # A value computed from discrete ones (boxes picked by NMS) that differs, or whose noise run flipped
+            # order so far that the tolerance swamps it, is judged by the continuous tensors behind the
+            # discrete op. An empty or all-zero output stays inconclusive: nothing behind it makes it evidence.
+            swamped = st.get("verdict") == "inconclusive" and "tolerance" in st.get("inconclusive", "")
+            if (st.get("verdict") == "failed" or swamped) and (behind := self.plan.unstable(k, agree)) is not None:
+                st.pop("inconclusive", None)
                 st.update(verdict="passed", passed=True,
                           unstable=f"computed from discrete values whose near-equal inputs swapped order; judged by "
                                    f"{', '.join(behind)}, which agree")

@@ -35,12 +35,20 @@ def perturbation_eps(dtype: Any) -> float:
 
 
 def perturb(arr: np.ndarray, rng: np.random.Generator, eps: float | None = None) -> np.ndarray:
-    """Return `arr` with every element moved by a random relative amount in [-eps, eps], in float64
-    and rounded once to the array's dtype."""
+    """Return `arr` with every element moved by about `eps` relative (default: one ulp of its dtype), up or
+    down at random, in float64 and rounded once to the array's dtype. An element moves by at least one
+    ulp of its dtype whenever `eps` is at least that ulp: a nudge that rounds back to the same value
+    would leave a weight (a whole channel, for a small BatchNorm) out of the noise estimate."""
     e = perturbation_eps(arr.dtype) if eps is None else eps
-    x = arr.astype(np.float64)
-    y = x * (1.0 + rng.uniform(-e, e, size=x.shape))
-    return y.astype(arr.dtype)
+    x = np.asarray(arr).astype(np.float64)
+    sign = rng.choice(np.array([-1.0, 1.0]), size=x.shape)
+    y = (x * (1.0 + sign * e)).astype(arr.dtype)
+    if e >= perturbation_eps(arr.dtype) and np.dtype(arr.dtype).kind == "f":
+        stuck = (y == arr) & np.isfinite(x) & (x != 0)
+        if np.any(stuck):  # e.g. just above a power of two, one ulp relative is less than one ulp there
+            toward = np.where(sign > 0, np.inf, -np.inf).astype(arr.dtype)
+            y = np.where(stuck, np.nextafter(np.asarray(arr), toward), y)
+    return np.asarray(y, dtype=arr.dtype).reshape(np.shape(arr))
 
 
 def stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:

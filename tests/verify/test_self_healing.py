@@ -114,7 +114,7 @@ def test_self_healed_run_writes_and_reports_the_revert(tmp_path, damage_second_f
 
 def test_every_correct_fold_is_proven_locally(tmp_path):
     """The samples' folds are all proven by their float64 replay (none merely 'not run')."""
-    for name in ("resnet_block", "mobilenet_block", "mlp", "skip_cases"):
+    for name in ("resnet_block", "mobilenet_block", "mlp", "skip_cases", "decoder"):
         res = bnfold.fold(os.path.join(SAMPLES, f"{name}.onnx"))
         ver = res.report.verification
         assert ver.verdict == "passed", (name, ver.to_dict())

@@ -1,0 +1,1 @@
+"""Property-based fuzzing of bnfold (a package so that its conftest does not shadow tests/conftest.py)."""
