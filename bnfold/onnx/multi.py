@@ -22,6 +22,7 @@ from ..core.decisions import Decision, Reason, Skip
 from .branches import constant, weight_rank
 from .layout import LAYOUT_OPS, skip_passthrough
 from .match import Match
+from .regions import repoint
 from .nodes import ONNX_DOMAINS, node_label
 from .standalone import BnView, per_channel
 
@@ -288,15 +289,25 @@ def _fold_chain(f: "OnnxFolder", first: onnx.NodeProto) -> Decision | None:
         chain.append(users[0])
         out = users[0].output[0]
     label = f.scope + node_label(first)
+    into = f.scope + node_label(m.layer)
+    # a BatchNorm this pass folded into the layer last: the chain after it is that BN's own (its view takes
+    # Mul/Add; Sub/Div, or a chain it could not place, come here), reported with it
+    prior = next((d for d in reversed(f.decisions) if d.is_folded and d.producer == into
+                  and d.direction == "after"), None)
     why = f.opts.reverted(label)
-    if why is not None:
+    if why is not None and prior is None:
         return Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}")
     folded = kernel.fold_after(w, b, s, t, m.layout, bias_scale=m.bias_scale, bias_dtype=wdt, weight_dtype=wdt,
                                keep_exact=f._may_chain(m.layer, out))
     del w, b
     view = BnView(first, out, s, t, chain[1:])
+    killed = {n.output[0] for n in (m.tail, *m.changed, *chain[:-1])}
     f._rewrite(first, m, folded, view)
     f.remember_exact(m.layer, folded)
+    repoint(f, killed, m.layer.input[0], out)
+    if prior is not None:
+        prior.pattern = f"{prior.pattern}->" + "->".join(n.op_type for n in chain)  # its site moved: repoint
+        return None
     pattern = m.pattern.removesuffix("->BN") + "->" + "+".join(n.op_type for n in chain)
-    d = Decision.folded(label, f.scope + node_label(m.layer), pattern, "after")
+    d = Decision.folded(label, into, pattern, "after")
     return f.located(d, m.layer.input[0], out)

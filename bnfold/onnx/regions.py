@@ -344,8 +344,10 @@ class Regions:
             # Gemm before a MatMul, which has no bias of its own
             host = max(layers, key=lambda n: (n.op_type != "MatMul", int(np.prod(self.ix.inits[n.input[1]].dims))
                                               if n.input[1] in self.ix.inits else 0))
+            killed = {o for n in nodes for o in n.output if o and o != t.value}
             self._rewrite(t, nodes, host, ac, folded)
             claimed.update(id(n) for n in nodes)
+            repoint(self.f, killed, t.base, t.value)
             pattern = f"RepBlock({t.branches} branches)->{host.op_type}"
             into = self.f.scope + node_label(host)
             for label in labels:
@@ -392,3 +394,13 @@ def _inner_candidates(t: Term) -> Iterator[Term]:
             yield c
         else:
             yield from _inner_candidates(c)
+
+
+def repoint(f: "OnnxFolder", killed: set[str], x: str, y: str) -> None:
+    """Earlier folds whose output a later fold swallowed (a BN folded into a Gemm, then the Gemm merged
+    with its sibling) are proven over the later fold's region, which holds theirs."""
+    if f.scope:
+        return
+    for d in f.decisions:
+        if d.site is not None and d.site[1] in killed:
+            d.site = (x, y)

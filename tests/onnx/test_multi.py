@@ -303,3 +303,14 @@ def test_disguised_bn_inside_an_if_body_with_outer_constants(rng):
     assert d.bn == "if/then_branch/mul" and d.pattern == "Conv->Mul+Add"
     then = next(a.g for a in res.model.graph.node[0].attribute if a.name == "then_branch")
     assert [n.op_type for n in then.node] == ["Conv"]
+
+
+def test_sub_after_a_folded_bn_is_reported_with_that_bn(rng):
+    """Conv -> BN -> Sub(c): the BN folds first (its own chain takes Mul/Add only), then the Sub joins it."""
+    g = G(rng)
+    v = g.bn("bn", conv(g, "c", "x"), C)
+    g.node("Sub", [v, g.init("k", rng.normal(0, 1, (C, 1, 1)))], ["y"], name="sub")
+    res = fold_verified(g.model([("x", [2, 3, H, H])], [("y", [2, C, H, H])]))
+    [d] = res.report.decisions
+    assert d.bn == "bn" and d.pattern == "Conv->BN->Sub" and d.proof["passed"] and d.site[1] == "y"
+    assert ops(res.model) == Counter({"Conv": 1})
