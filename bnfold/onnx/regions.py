@@ -12,9 +12,12 @@ branches.py reads and writes layers); everything else in the region dies. A regi
 sums at least two branches, one of them a layer (a lone Conv->BN is the ordinary fold's).
 
 Near-misses stay as they are, with the reason noted on the block's BatchNorms (BRANCH_MISMATCH for
-strides, dilations, groups or padding off one grid; PRODUCER_FANOUT for a branch value read elsewhere):
+strides, dilations, groups, or kernels not centred on one grid; PRODUCER_FANOUT for a branch value read
+elsewhere):
 a BN that then cannot fold alone is skipped with it, one that folds alone says why its block was not
-merged (`not_merged`). The sums inside a refused block are tried on their own.
+merged (`not_merged`). The sums inside a refused block are tried on their own. The pass runs before
+the per-BN folds and once more after them (`again`): a BN folded into the conv after it can leave that
+conv reading the block's x.
 """
 from __future__ import annotations
 
