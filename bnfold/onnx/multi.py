@@ -52,6 +52,7 @@ def _layer(f: "OnnxFolder", value: str) -> tuple[Match, list[onnx.NodeProto]]:
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{x!r} comes from {prod.op_type} {node_label(prod)!r}",
                    producer=node_label(prod))
     m = f._match_layer(prod)
+    f._single_use(value, ix.producer[value])  # the value itself changes too: no graph output, one reader
     f._single_use(x, m.tail)
     for hop in hops:
         f._single_use(hop.input[0], ix.producer[hop.input[0]])

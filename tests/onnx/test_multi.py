@@ -314,3 +314,18 @@ def test_sub_after_a_folded_bn_is_reported_with_that_bn(rng):
     [d] = res.report.decisions
     assert d.bn == "bn" and d.pattern == "Conv->BN->Sub" and d.proof["passed"] and d.site[1] == "y"
     assert ops(res.model) == Counter({"Conv": 1})
+
+
+@pytest.mark.parametrize("where", ["disguised", "sum"])
+def test_a_copy_of_the_layer_output_that_is_a_graph_output_stays(rng, where):
+    """Layer -> Identity -> (graph output, and Mul / the sum): the copy's value must not change."""
+    g = G(rng)
+    a = g.node("Identity", [conv(g, "ca", "x1")], ["a"], name="copy")
+    if where == "disguised":
+        g.node("Mul", [a, g.init("k", rng.normal(0, 1, (C, 1, 1)))], ["y"], name="mul")
+    else:
+        g.bn("bn", g.node("Add", [a, conv(g, "cb", "x2")], ["s"], name="sum"), C, out="y")
+    res = fold_verified(two_inputs(g, [("y", [2, C, H, H]), ("a", [2, C, H, H])]))
+    assert not res.report.folded
+    if where == "sum":
+        assert res.report.skipped[0].reason is Reason.INTERMEDIATE_IS_OUTPUT
