@@ -5,192 +5,40 @@ cannot trace); and, for models neither can capture (data-dependent control flow)
 TorchFunctionMode that record the real call order and every use of every tensor while running the
 example inputs. All three produce the same `Capture`: ops in call order, each naming the module
 path or parameter paths it reads, so the rules and the rewrite never depend on how the graph was seen.
+Uses are value reads: metadata reads (`x.shape`, `x.dim()`, ...; reads.py) see nothing a fold changes.
+
+fx and torch.export run the model's forward on proxies or fake tensors, and model code may store what
+it computes on the module (timm LeViT's attention-bias cache): they trace a `shadow` copy of the module
+tree that shares the real parameters, so nothing traced ever stays in the model bnfold returns.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import operator
-
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd
 
 from ..core.decisions import Reason, Skip
 from . import bnlike as bnlike
+from . import layout as layout
+from .ops import (LAYER_KINDS, Capture, Op, arg, functional_kind, functional_op, module_kind, module_op,
+                  tuple_bn)
+from .quiet import quiet
+from .reads import call_name, node_value_inputs
 
-LAYER_KINDS = ("conv", "convT", "linear")
-
-
-@dataclass
-class Op:
-    """One call: a BN, a foldable layer, or anything else ("other")."""
-
-    name: str
-    kind: str
-    inputs: list[int]
-    outputs: list[int]
-    module: str | None = None
-    params: dict[str, str | None] = field(default_factory=dict)
-    attrs: dict[str, Any] = field(default_factory=dict)
-    node: Any = None
+__all__ = ["LAYER_KINDS", "Capture", "Op", "LeafTracer", "capture_fx", "capture_export", "graph_capture",
+           "functional_kind", "functional_op", "module_kind", "module_op", "shadow"]
 
 
-@dataclass
-class Capture:
-    method: str
-    ops: list[Op] = field(default_factory=list)
-    graph_outputs: set[int] = field(default_factory=set)
-    ranks: dict[int, int] = field(default_factory=dict)
-    module_calls: Counter = field(default_factory=Counter)
-    param_uses: Counter = field(default_factory=Counter)
-    graph_module: Any = None  # the fx GraphModule whose nodes the ops point at, when rewritable
-    notes: list[str] = field(default_factory=list)
-
-    def users(self, value: int) -> list[Op]:
-        return [op for op in self.ops if value in op.inputs]
-
-    def producer(self, value: int) -> Op | None:
-        for op in self.ops:
-            if value in op.outputs:
-                return op
-        return None
-
-
-# What a module is --------------------------------------------------------------------------------
-
-def _torch_base(cls: type, base: type) -> type:
-    for c in cls.__mro__:
-        if c.__module__.startswith("torch.nn.") and issubclass(c, base):
-            return c
-    return base
-
-
-def module_kind(m: nn.Module) -> str | None:
-    """'bn', 'conv', 'convT' or 'linear' for a module whose call is the plain layer, else None.
-
-    Subclasses count as long as they keep the layer's forward: one that overrides it may compute
-    something else (weight standardisation, quantisation), so it is traced into instead.
-    """
-    if isinstance(m, _BatchNorm):
-        kind, base = "bn", _BatchNorm
-        methods = ("forward",)
-    elif isinstance(m, _ConvTransposeNd):
-        kind, base, methods = "convT", _ConvTransposeNd, ("forward",)
-    elif isinstance(m, _ConvNd):
-        kind, base, methods = "conv", _ConvNd, ("forward", "_conv_forward")
-    elif isinstance(m, nn.Linear):
-        kind, base, methods = "linear", nn.Linear, ("forward",)
-    elif bnlike.is_frozen(m):
-        return "bn"  # its forward is probed against the BN map before anything folds (torch_bnlike)
-    else:
-        return None
-    tb = _torch_base(type(m), base)
-    for meth in methods:
-        if getattr(type(m), meth, None) is not getattr(tb, meth, None):
-            return None
-    return kind
-
-
-def module_op(path: str, m: nn.Module, kind: str, inputs: list[int], outputs: list[int], node: Any = None) -> Op:
-    """An Op for a call of module `m` (found at `path`)."""
-    pre = f"{path}." if path else ""
-    if kind == "bn" and not isinstance(m, _BatchNorm):
-        params, attrs = bnlike.module_params(path, m)
-    elif kind == "bn":
-        params = {"weight": pre + "weight" if m.weight is not None else None,
-                  "bias": pre + "bias" if m.bias is not None else None,
-                  "running_mean": pre + "running_mean" if m.running_mean is not None else None,
-                  "running_var": pre + "running_var" if m.running_var is not None else None}
-        attrs = {"eps": float(m.eps), "training": bool(m.training),
-                 "uses_batch_stats": m.training or m.running_mean is None, "channels": m.num_features}
-    else:
-        params = {"weight": pre + "weight", "bias": pre + "bias" if m.bias is not None else None}
-        attrs = {}
-        if kind in ("conv", "convT"):
-            attrs = {"groups": m.groups, "padding": m.padding, "padding_mode": m.padding_mode,
-                     "kernel": tuple(m.kernel_size)}
-    return Op(path or type(m).__name__, kind, inputs, outputs, module=path, params=params, attrs=attrs, node=node)
-
-
-# Functional forms (torch.nn.functional and ATen) ---------------------------------------------------
-
-def _aten(name: str) -> list[Any]:
-    ns = torch.ops.aten
-    out = []
-    for overload in name.split("|"):
-        op, _, ov = overload.partition(".")
-        try:
-            out.append(getattr(getattr(ns, op), ov or "default"))
-        except AttributeError:
-            pass
-    return out
-
-
-def _functional_table() -> dict[Any, tuple[str, str]]:
-    t: dict[Any, tuple[str, str]] = {F.batch_norm: ("bn", "F"), F.linear: ("linear", "lin")}
-    t[torch.batch_norm] = ("bn", "aten")
-    for f in _aten("batch_norm"):
-        t[f] = ("bn", "aten")
-    for f in (F.conv1d, F.conv2d, F.conv3d, *_aten("conv1d|conv2d|conv3d|conv1d.padding|conv2d.padding|conv3d.padding")):
-        t[f] = ("conv", "conv")
-    for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-              *_aten("conv_transpose1d|conv_transpose2d.input|conv_transpose3d.input")):
-        t[f] = ("convT", "convT")
-    for f in _aten("linear"):
-        t[f] = ("linear", "lin")
-    for f in _aten("convolution"):
-        t[f] = ("conv?", "convolution")
-    # decomposed programs (run_decompositions, ExecuTorch): tuple-returning BN ops, output = result[0]
-    for f in _aten("native_batch_norm"):
-        t[f] = ("bn", "aten")
-    for f in _aten("_native_batch_norm_legit_no_training"):
-        t[f] = ("bn", "legit")
-    return t
-
-
-def _tuple_bn(target: Any) -> bool:
-    return getattr(target, "__name__", "").startswith(("native_batch_norm", "_native_batch_norm_legit_no_training"))
-
-
-_TABLE: dict[Any, tuple[str, str]] | None = None
-
-# argument positions: name -> (index, default)
-_SIGS: dict[str, dict[str, tuple[int, Any]]] = {
-    "F": {"input": (0, None), "running_mean": (1, None), "running_var": (2, None), "weight": (3, None),
-          "bias": (4, None), "training": (5, False), "eps": (7, 1e-5)},
-    "aten": {"input": (0, None), "weight": (1, None), "bias": (2, None), "running_mean": (3, None),
-             "running_var": (4, None), "training": (5, False), "eps": (7, 1e-5)},
-    "legit": {"input": (0, None), "weight": (1, None), "bias": (2, None), "running_mean": (3, None),
-              "running_var": (4, None), "training": (99, False), "eps": (6, 1e-5)},
-    "conv": {"input": (0, None), "weight": (1, None), "bias": (2, None), "padding": (4, 0), "groups": (6, 1)},
-    "convT": {"input": (0, None), "weight": (1, None), "bias": (2, None), "padding": (4, 0), "groups": (6, 1)},
-    "lin": {"input": (0, None), "weight": (1, None), "bias": (2, None)},
-    "convolution": {"input": (0, None), "weight": (1, None), "bias": (2, None), "padding": (4, 0),
-                    "transposed": (6, False), "groups": (8, 1)},
-}
-
-
-def functional_kind(target: Any) -> tuple[str, str] | None:
-    """(kind, signature) for a function bnfold understands, else None."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _functional_table()
-    try:
-        return _TABLE.get(target)
-    except TypeError:
-        return None
-
-
-def arg(args: tuple, kwargs: dict, sig: str, name: str) -> Any:
-    idx, default = _SIGS[sig][name]
-    if name in kwargs:
-        return kwargs[name]
-    return args[idx] if idx < len(args) else default
+def shadow(root: nn.Module) -> nn.Module:
+    """A copy of `root`'s module tree that shares its parameters and buffers (see the module docstring)."""
+    memo = {id(t): t for t in itertools.chain(root.parameters(), root.buffers())}
+    return copy.deepcopy(root, memo)
 
 
 # fx and torch.export -----------------------------------------------------------------------------
@@ -214,17 +62,19 @@ def capture_fx(root: nn.Module, example_inputs: tuple | None) -> Capture:
         gm = root
         method = "fx-graph"
     else:
-        graph = LeafTracer().trace(root)
-        gm = torch.fx.GraphModule(root, graph)
+        traced = shadow(root)
+        gm = torch.fx.GraphModule(traced, LeafTracer().trace(traced))
         method = "fx"
-    # the GraphModule keeps only plain copies of modules it traced into; `root` has their classes
-    cap = graph_capture(gm, method, lookup=root if method == "fx" else None)
-    if example_inputs is not None:
+    notes = []
+    if example_inputs is not None:  # before the ops are read: layout ops need their shapes
         try:
             from torch.fx.passes.shape_prop import ShapeProp
             ShapeProp(gm).propagate(*example_inputs)
         except Exception as e:  # noqa: BLE001 - shapes are a bonus; checks that need them skip instead
-            cap.notes.append(f"shape propagation failed: {type(e).__name__}: {e}"[:200])
+            notes.append(f"shape propagation failed: {type(e).__name__}: {e}"[:200])
+    # the GraphModule keeps only plain copies of modules it traced into; `root` has their classes
+    cap = graph_capture(gm, method, lookup=root if method == "fx" else None)
+    cap.notes.extend(notes)
     _ranks_from_meta(cap, gm)
     if method == "fx":
         cap.graph_module = None  # the traced copy is for analysis; rewrites go to the user's module
@@ -233,7 +83,8 @@ def capture_fx(root: nn.Module, example_inputs: tuple | None) -> Capture:
 
 def capture_export(root: nn.Module, example_inputs: tuple) -> Capture:
     """Capture with torch.export; ops carry the original model's parameter and module paths."""
-    ep = torch.export.export(root, tuple(example_inputs), strict=False)
+    with quiet():  # a failing torch.export prints the whole traced graph (hundreds of KB) on stderr
+        ep = torch.export.export(shadow(root), tuple(example_inputs), strict=False)
     gm = ep.module()
     cap = graph_capture(gm, "export", module_root=root)
     _ranks_from_meta(cap, gm)
@@ -262,25 +113,33 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
     getattrs = {n: n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            cap.param_uses[n.target] += len(n.users)
+            cap.param_uses[n.target] += sum(1 for u in n.users if n in node_value_inputs(u))
         elif n.op == "output":
             cap.graph_outputs.update(ids[a] for a in _flat_nodes(n.args))
     claimed = _frozen_regions(gm, lookup if lookup is not None else module_root, cap, ids)
+    absorbed = _layer_regions(gm, module_root) if module_root is not None else {}
     through: set[Any] = set()
     for n in gm.graph.nodes:
         if n in claimed:
             if isinstance(claimed[n], Op):
                 cap.ops.append(claimed[n])  # at the region's output: ops stay in call order
             continue
-        if n.op in ("placeholder", "get_attr", "output"):
+        if n.op in ("placeholder", "get_attr", "output") or absorbed.get(n, n) is None:
             continue
-        data_in = [ids[a] for a in _flat_nodes((n.args, n.kwargs)) if a.op != "get_attr"]
+        data_in = [ids[a] for a in node_value_inputs(n) if a.op != "get_attr" and absorbed.get(a, a) is not None]
+        if absorbed.get(n) is not None:
+            data_in = [ids[absorbed[n]]] + data_in
         out = [ids[n]]
         if n.op == "call_module":
             m = gm.get_submodule(n.target)
             kind = module_kind(m)
             if kind is None:
-                cap.ops.append(Op(n.target, "other", data_in, out, module=n.target, node=n))
+                torch_own = type(m).__module__.startswith("torch.nn.")  # a user's "Flatten" may do anything
+                moves = _layout(n, type(m).__name__, m.training) if torch_own else None
+                if moves is not None:
+                    cap.ops.append(Op(n.target, "layout", [ids[n.args[0]]], out, module=n.target, node=n, attrs=moves))
+                else:
+                    cap.ops.append(Op(n.target, "other", data_in, out, module=n.target, node=n))
                 cap.module_calls[n.target] += 1
                 continue
             first = n.args[0] if n.args else None
@@ -295,7 +154,7 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
         if n in through:
             continue  # the result[0] of a tuple-returning BN op: the op itself stands for it
         fk = functional_kind(n.target) if n.op == "call_function" else None
-        if fk is not None and fk[0] == "bn" and _tuple_bn(n.target):
+        if fk is not None and fk[0] == "bn" and tuple_bn(n.target):
             first_out = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem
                          and u.args[1] == 0]
             others_used = any(u.users for u in n.users if u not in first_out)
@@ -305,7 +164,11 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
             out = [ids[first_out[0]]]
             through.add(first_out[0])
         if fk is None:
-            cap.ops.append(Op(n.name, "other", data_in, out, node=n))
+            moves = _layout(n, call_name(n.target)) if _torch_call(n) else None
+            if moves is not None:
+                cap.ops.append(Op(n.name, "layout", [ids[n.args[0]]], out, node=n, attrs=moves))
+            else:
+                cap.ops.append(Op(n.name, "other", data_in, out, node=n))
             continue
         node = n
         if out != [ids[n]]:  # a tuple-returning BN: removing it means rerouting its result[0]
@@ -314,13 +177,74 @@ def graph_capture(gm: torch.fx.GraphModule, method: str, module_root: nn.Module 
                            lambda a: a is None, data_in, out, node=node)
         if node is not n:
             op.attrs["region_input"] = arg(n.args, n.kwargs, fk[1], "input")
-        first = arg(n.args, n.kwargs, fk[1], "input")
+        first = absorbed.get(n) or arg(n.args, n.kwargs, fk[1], "input")
         if isinstance(first, torch.fx.Node) and first in ids:
             op.inputs = [ids[first]] + [i for i in op.inputs if i != ids[first]]
+        op.attrs["owner"] = owner_path(n)
+        if "non_constant" in op.attrs and op.kind != "bn" and op.attrs["owner"]:
+            op.name = f"{op.attrs['owner']} ({n.name})"  # a computed weight (CondConv): name the module
         if module_root is not None:
             _attribute_to_module(op, n, module_root, cap)
         cap.ops.append(op)
     return cap
+
+
+def _layer_regions(gm: torch.fx.GraphModule, root: nn.Module) -> dict[Any, Any]:
+    """torch.export spells one call of a conv module that pads by copies (padding_mode reflect, ...) as
+    pad + convolution, both made by the module's own forward. Maps each such helper node to None and
+    the layer's node to the module call's input, so the call is one op, as fx and the hooks see it."""
+    calls: dict[str, list[Any]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.meta.get("nn_module_stack"):
+            path = owner_path(n)
+            if module_kind(bnlike.submodule(root, path) or nn.Identity()) in LAYER_KINDS:
+                calls.setdefault(path, []).append(n)
+    out: dict[Any, Any] = {}
+    for nodes in calls.values():
+        layers = [n for n in nodes if (functional_kind(n.target) or ("",))[0] in LAYER_KINDS + ("conv?",)]
+        if len(nodes) < 2 or len(layers) != 1:
+            continue  # a plain call, or a module called twice: nothing to merge
+        inside = set(nodes)
+        helpers = [n for n in nodes if n is not layers[0]]
+        outer = {a for n in nodes for a in node_value_inputs(n) if a not in inside and a.op != "get_attr"}
+        if len(outer) == 1 and all(u in inside for h in helpers for u in h.users):
+            out.update(dict.fromkeys(helpers))
+            out[layers[0]] = outer.pop()
+    return out
+
+
+def owner_path(node: Any) -> str:
+    """The path of the innermost module whose forward code made the call `node` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    entry = list(stack.values())[-1]
+    return entry[0] if isinstance(entry, tuple) else str(entry)
+
+
+def _torch_call(n: Any) -> bool:
+    """A tensor method or a torch/ATen function: a user function that happens to be called "flatten" is not."""
+    if n.op == "call_method":
+        return True
+    mod = getattr(n.target, "__module__", None) or ""
+    return n.op == "call_function" and (mod.startswith("torch") or hasattr(n.target, "overloadpacket"))
+
+
+def _shape(node: Any) -> Any:
+    tm = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape)
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _layout(n: Any, name: str, training: bool | None = None) -> dict[str, Any] | None:
+    """Layout attrs of node `n` (layout.py), or None when it is not a layout op of a tensor."""
+    if not n.args or not isinstance(n.args[0], torch.fx.Node) or n.args[0].op == "get_attr":
+        return None
+    if any(isinstance(a, torch.fx.Node) for a in _flat_nodes((n.args[1:], n.kwargs))) and name not in layout.RESHAPES:
+        return None  # a permutation computed at run time proves nothing
+    return layout.describe(name, n.args[1:], dict(n.kwargs), _shape(n.args[0]), _shape(n), training)
 
 
 def _frozen_regions(gm: torch.fx.GraphModule, module_root: nn.Module | None, cap: Capture,
@@ -360,36 +284,6 @@ def _frozen_regions(gm: torch.fx.GraphModule, module_root: nn.Module | None, cap
         claimed.update(dict.fromkeys(r.nodes))
         claimed[r.outputs[0]] = op
     return claimed
-
-
-def functional_op(name: str, fk: tuple[str, str], args: tuple, kwargs: dict, path_of: Any, is_none: Any,
-                  inputs: list[int], outputs: list[int], node: Any = None) -> Op:
-    """An Op for a functional call; `path_of(arg)` names a parameter/buffer argument or returns None."""
-    kind, sig = fk
-    if sig == "convolution":
-        kind = "convT" if arg(args, kwargs, sig, "transposed") else "conv"
-    params: dict[str, str | None] = {}
-    attrs: dict[str, Any] = {}
-    roles = ("weight", "bias", "running_mean", "running_var") if kind == "bn" else ("weight", "bias")
-    for role in roles:
-        a = arg(args, kwargs, sig, role)
-        if is_none(a):
-            params[role] = None
-        else:
-            p = path_of(a)
-            params[role] = p
-            if p is None:
-                attrs.setdefault("non_constant", []).append(role)
-    if kind == "bn":
-        training = arg(args, kwargs, sig, "training")
-        attrs.update({"eps": float(arg(args, kwargs, sig, "eps")), "training": bool(training),
-                      "uses_batch_stats": bool(training) or params["running_mean"] is None})
-    elif kind in ("conv", "convT"):
-        pad = arg(args, kwargs, sig, "padding")
-        attrs.update({"groups": int(arg(args, kwargs, sig, "groups")), "padding": pad, "padding_mode": "zeros"})
-    if kind != "bn" and params.get("weight"):
-        name = params["weight"].rpartition(".")[0] or params["weight"]  # the layer's owner reads better than a node name
-    return Op(name, kind, inputs, outputs, params=params, attrs=attrs, node=node)
 
 
 def _attribute_to_module(op: Op, node: Any, root: nn.Module, cap: Capture) -> None:

@@ -25,6 +25,7 @@ from ..core.errors import BnfoldError
 from ..core.options import Options
 from ..core.results import FoldResult, Report
 from . import bnlike as bnlike
+from . import rewrite as rewrite
 from . import rules as rules
 from .capture import Capture, capture_export, capture_fx
 from .hooks import capture_runs
@@ -102,7 +103,11 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0,
                                             "kept only where every run agrees")
         new = waiting = 0
         edited: set[str] = set()  # layers changed this round: their captured parameters are stale now
-        for plan in _combine(caps, work, surgery):
+        plans = _combine(caps, work, surgery)
+        owners = {p.bn.attrs.get("owner") or "" for p in plans if p.skip is None and p.bn.module is None}
+        samples = rewrite.record_inputs(work, owners - {""}, example_inputs) if (
+            owners and not surgery and example_inputs is not None) else {}
+        for plan in plans:
             if plan.name in decided and decided[plan.name].is_folded:
                 continue
             if plan.skip is None and plan.layer is not None and (exclude or {}).get(plan.name) is not None:
@@ -117,11 +122,11 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0,
                 decided[plan.name] = Decision.skipped(plan.name, s.reason, s.detail, s.producer)
                 continue
             try:
-                extra = rules.apply(work, plan, surgery)
+                extra = rewrite.apply(work, plan, surgery, samples)
             except Skip as e:
                 decided[plan.name] = Decision.skipped(plan.name, e.reason, e.detail, plan.layer.name if plan.layer else None)
                 continue
-            decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rules.pattern(plan), plan.direction, **extra)
+            decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rewrite.pattern(plan), plan.direction, **extra)
             edited.add(_layer_key(plan.layer))
             new += 1
         if surgery:

@@ -16,21 +16,10 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .capture import Capture, Op, functional_kind, functional_op, module_kind, module_op
-
-# Calls that read only metadata: they do not see the values a fold changes.
-_METADATA = {"size", "dim", "numel", "ndimension", "nelement", "element_size", "is_floating_point",
-             "is_complex", "is_contiguous", "stride", "storage_offset", "get_device", "data_ptr", "__len__",
-             "shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_leaf", "names",
-             "grad_fn", "is_sparse", "is_quantized", "is_meta"}
-
-
-def _func_name(func: Any) -> str:
-    name = getattr(func, "__name__", "")
-    if name in ("__get__", "__set__"):
-        owner = getattr(func, "__self__", None)
-        return getattr(owner, "__name__", name)
-    return name
+from . import layout as layout
+from .capture import shadow
+from .ops import Capture, Op, functional_kind, functional_op, module_kind, module_op
+from .reads import call_name, metadata_only, value_positions
 
 
 class _Recorder(TorchFunctionMode):
@@ -42,6 +31,7 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[Any] = []  # keeps recorded tensors alive so their id() is never reused
         self.depth = 0
         self.next_id = 0
+        self.owners: list[str] = []  # paths of the modules whose forward is running, innermost last
 
     def new_values(self, obj: Any) -> list[int]:
         out = []
@@ -69,30 +59,51 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth == 0 and _func_name(func) not in _METADATA:
-            vals, params = self.read((args, kwargs))
-            if not vals and not params:
-                return out
-            outs = self.new_values(out)
-            fk = functional_kind(func)
-            for p in params:
-                self.cap.param_uses[p] += 1
-            if fk is None:
-                self.cap.ops.append(Op(_func_name(func) or str(func), "other", vals, outs))
-            else:
-                first = args[0] if args else kwargs.get("input")
-                ordered = self.read(first)[0] + [v for v in vals if v not in self.read(first)[0]]
-                op = functional_op(_func_name(func), fk, args, kwargs,
-                                   lambda a: self.param_paths.get(id(a)) if isinstance(a, torch.Tensor) else None,
-                                   lambda a: a is None, ordered, outs)
-                if "non_constant" in op.attrs:
-                    op.kind = "other"
-                self.cap.ops.append(op)
+        name = call_name(func)
+        if self.depth or metadata_only(name, args):
+            return out
+        read = ([args[i] for i in value_positions(name, args)], kwargs)
+        vals, params = self.read(read)
+        if not vals and not params:
+            return out
+        fk = functional_kind(func)
+        moves = self.layout(func, name, args, kwargs, out) if fk is None else None
+        first = self.read(args[0])[0] if moves is not None else []  # before `out` (maybe args[0] itself) gets an id
+        outs = self.new_values(out)
+        for p in params:
+            self.cap.param_uses[p] += 1
+        if moves is not None:
+            self.cap.ops.append(Op(name, "layout", first, outs, attrs=moves))
+        elif fk is None:
+            self.cap.ops.append(Op(name or str(func), "other", vals, outs))
+        else:
+            first = args[0] if args else kwargs.get("input")
+            ordered = self.read(first)[0] + [v for v in vals if v not in self.read(first)[0]]
+            op = functional_op(name, fk, args, kwargs,
+                               lambda a: self.param_paths.get(id(a)) if isinstance(a, torch.Tensor) else None,
+                               lambda a: a is None, ordered, outs)
+            if "non_constant" in op.attrs:
+                op.kind = "other"
+            op.attrs["owner"] = self.owners[-1] if self.owners else ""
+            self.cap.ops.append(op)
         return out
+
+    def layout(self, func: Any, name: str, args: tuple, kwargs: dict, out: Any) -> dict[str, Any] | None:
+        """Layout attrs of a torch call on one recorded tensor that returns one tensor, else None."""
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            return None
+        if id(args[0]) not in self.values:
+            return None
+        if any(isinstance(a, torch.Tensor) for a in tree_flatten((args[1:], kwargs))[0]):
+            return None
+        return layout.describe(name, args[1:], kwargs, tuple(args[0].shape), tuple(out.shape))
 
 
 def capture_hooks(root: nn.Module, example_inputs: tuple) -> Capture:
     """Run `root` once on `example_inputs` and record its ops (see the module docstring)."""
+    # a copy sharing the real tensors runs: what forward stores on a module (a cache computed from
+    # weights the fold will change) must not stay in the result, nor the hooks if the run fails
+    root = shadow(root)
     cap = Capture("module-hooks")
     param_paths: dict[int, str] = {}
     for name, t in list(root.named_parameters(remove_duplicate=False)) + list(root.named_buffers(remove_duplicate=False)):
@@ -122,6 +133,16 @@ def capture_hooks(root: nn.Module, example_inputs: tuple) -> Capture:
                         cap.param_uses[p] += 1
         return hook
 
+    def enter(path: str) -> Any:
+        return lambda mod, args: rec.owners.append(path)
+
+    def leave(mod: nn.Module, args: tuple, output: Any) -> None:
+        rec.owners.pop()
+
+    for path, m in root.named_modules():
+        if path and module_kind(m) is None:
+            handles.append(m.register_forward_pre_hook(enter(path)))
+            handles.append(m.register_forward_hook(leave, always_call=True))
     for path, m in root.named_modules(remove_duplicate=False):
         kind = module_kind(m)
         if kind is None:

@@ -1,28 +1,28 @@
-"""Check and rewrite for PyTorch: which BN may fold into which layer, and the edit that does it.
+"""Checks for PyTorch: which BN may fold into which layer (rewrite.py makes the edit).
 
-Math (kernel.py): after a layer W' = W * s[out], b' = s*b + t; before one W' = W * s[in],
-b' = b + W.t. A BN folds *after* the layer that produces its input when that output feeds nothing
-else; otherwise *before* the single layer it feeds, when that layer reads no zero padding. The rewrite
-sets new parameters on the layer (a fresh Parameter: the old tensor may be shared) and removes the BN:
-nn.Identity in place of a BN module, the node erased from a GraphModule, or, for an `F.batch_norm`
-call written in user code, statistics that make that call an exact identity. In an editable graph
-(GraphModule, torch.export program) a layer shared by several call sites is cloned for the one that
-gets the BN; in a user's module it cannot be, and the BN is skipped with SHARED_PRODUCER.
+A BN folds *after* the layer that produces its input when that output feeds nothing else (directly,
+or through layout ops that keep the layer's channel axis as the BN's, layout.py); otherwise *before*
+the single layer it feeds, when that layer reads no zero padding. Uses are value reads: metadata
+reads do not count (reads.py). In an editable graph (GraphModule, torch.export program) a layer
+shared by several call sites is cloned for the one that gets the BN; in a user's module it cannot be,
+and the BN is skipped with SHARED_PRODUCER.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..core import kernel, layouts
+from ..core import kernel
 from ..core.decisions import Reason, Skip
 from . import bnlike as bnlike
-from .capture import LAYER_KINDS, Capture, Op
+from . import layout as layout
+from .ops import LAYER_KINDS, Capture, Op
 
 PATTERNS = {"conv": "Conv", "convT": "ConvTranspose", "linear": "Linear"}
 
@@ -43,12 +43,14 @@ class Plan:
 
 
 def bn_name(op: Op) -> str:
-    """A stable name for a BN call: its module path, or the owner of its running statistics."""
+    """A stable name for a BN call: its module path, or the owner of its running statistics when they
+    are called running_mean (a BN-like module), else the statistics' own path (a module may hold several)."""
     if op.module is not None:
         return op.module
     rm = op.params.get("running_mean")
     if rm:
-        return rm.rpartition(".")[0] or rm
+        owner, _, attr = rm.rpartition(".")
+        return owner if owner and attr == "running_mean" else rm
     return op.name
 
 
@@ -179,8 +181,47 @@ def _check_layer(cap: Capture, layer: Op, can_add_bias: bool, root: nn.Module | 
         if p and cap.param_uses[p] > 1:
             raise Skip(Reason.SHARED_PRODUCER, f"{layer.name}'s {role} {p} is also used elsewhere", producer=layer.name)
     if layer.params.get("bias") is None and layer.module is None and not can_add_bias:
-        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{layer.name} is a functional call without a bias argument, so "
-                                                "there is nowhere to put the BatchNorm's shift", producer=layer.name)
+        home = bias_home(root, layer)
+        if home is None:
+            raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{layer.name} is a functional call without a bias argument, so "
+                                                    "there is nowhere to put the BatchNorm's shift", producer=layer.name)
+        layer.attrs["bias_home"] = home
+
+
+def bias_home(root: nn.Module | None, layer: Op) -> str | None:
+    """For a bias-free functional conv/linear call made by the forward of a Conv/Linear subclass on its
+    own weight (timm's Conv2dSame pads, then calls F.conv2d with self.bias): the module path whose
+    `bias`, once set, that forward adds to its output. Proven by running a copy with and without a
+    random bias; None when it does not add exactly that."""
+    owner_path = layer.attrs.get("owner")
+    m = bnlike.submodule(root, owner_path) if owner_path else None
+    if not isinstance(m, (_ConvNd, nn.Linear)) or m.bias is not None or layer.params.get("weight") != (
+            f"{owner_path}.weight"):
+        return None
+    g = torch.Generator().manual_seed(0)
+    w = m.weight
+    if isinstance(m, nn.Linear):
+        shape, view = (2, m.in_features), (1, -1)
+    else:
+        span = [d * (k - 1) + 1 for d, k in zip(m.dilation, m.kernel_size)]
+        shape, view = (2, m.in_channels, *[s + 4 for s in span]), (1, -1) + (1,) * len(span)
+    x = torch.randn(shape, generator=g).to(dtype=w.dtype, device=w.device)
+    b = (torch.randn(w.shape[1] * m.groups if isinstance(m, _ConvTransposeNd) else w.shape[0], generator=g) + 0.5)
+    probe = copy.deepcopy(m).eval()
+    try:
+        with torch.no_grad():
+            y0 = probe(x)
+            probe.bias = nn.Parameter(b.to(dtype=w.dtype, device=w.device))
+            y1 = probe(x)
+    except Exception:  # noqa: BLE001 - a forward that refuses the probe proves nothing
+        return None
+    want = b.to(torch.float64).reshape(view)
+    err = ((y1.double() - y0.double()) - want).abs()
+    ulp = torch.finfo(w.dtype).eps if w.is_floating_point() else 0.0
+    # the backend may sum a bias in another order than it adds one after: allow rounding of the whole output
+    scale = float(y0.double().abs().max()) + float(want.abs().max())
+    ok = y1.shape == y0.shape and bool((err <= 64 * ulp * scale).all())
+    return f"{owner_path}.bias" if ok else None
 
 
 def _others(cap: Capture, value: int, but: Op) -> list[str]:
@@ -198,32 +239,56 @@ def _check_rank(cap: Capture, root: nn.Module | None, layer: Op, value: int, wha
                                          "axis 0); the BatchNorm normalises axis 1", producer=layer.name)
 
 
+def _through_layout(cap: Capture, v: int) -> tuple[int, list[Op]]:
+    """Walk back from value `v` over layout ops: (the value they rearrange, the ops, BN side first)."""
+    chain: list[Op] = []
+    op = cap.producer(v)
+    while op is not None and op.kind == "layout" and op.inputs and len(chain) < layout.MAX_CHAIN:
+        chain.append(op)
+        v = op.inputs[0]
+        op = cap.producer(v)
+    return v, chain
+
+
 def check_after(cap: Capture, bn: Op, can_add_bias: bool, root: nn.Module | None = None) -> Op:
-    """The layer the BN can fold into, as the producer of its input."""
+    """The layer the BN can fold into, as the producer of its input (directly, or through layout ops
+    that provably keep the layer's channel axis as the BN's)."""
     v = bn.inputs[0] if bn.inputs else None
-    layer = cap.producer(v) if v is not None else None
+    if v is None:
+        raise Skip(Reason.NO_PRODUCER, "the BatchNorm's input is a model input or a constant")
+    src, chain = _through_layout(cap, v)
+    layer = cap.producer(src)
     if layer is None:
         raise Skip(Reason.NO_PRODUCER, "the BatchNorm's input is a model input or a constant")
     if layer.kind not in LAYER_KINDS:
-        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the BatchNorm's input comes from {layer.name}, not a "
+        via = f" after {'->'.join(op.name for op in reversed(chain))}" if chain else ""
+        raise Skip(Reason.UNSUPPORTED_PRODUCER, f"the BatchNorm's input comes from {layer.name}{via}, not a "
                                                 "Conv/ConvTranspose/Linear")
-    if v in cap.graph_outputs:
-        raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{layer.name}'s output is also a model output", producer=layer.name)
-    others = _others(cap, v, bn)
-    if others:
-        raise Skip(Reason.PRODUCER_FANOUT, f"{layer.name}'s output also feeds {', '.join(others[:3])}", producer=layer.name)
-    _check_layer(cap, layer, can_add_bias, root)
-    _check_rank(cap, root, layer, v, "output")
-    if layer.kind == "linear":
-        rank = cap.ranks.get(v)
-        if rank is None:
-            raise Skip(Reason.AXIS_MISMATCH, f"cannot prove that {layer.name}'s output features are the axis the "
-                                             "BatchNorm normalises: its output rank is unknown (no example inputs, "
-                                             "or a scripted TorchScript graph, which records no shapes)",
+    values = [src] + [op.outputs[0] for op in reversed(chain)]  # layer side first; the last is the BN input
+    for value, reader in zip(values, list(reversed(chain)) + [bn]):
+        if value in cap.graph_outputs:
+            raise Skip(Reason.INTERMEDIATE_IS_OUTPUT, f"{layer.name}'s output is also a model output", producer=layer.name)
+        others = _others(cap, value, reader)
+        if others:
+            raise Skip(Reason.PRODUCER_FANOUT, f"{layer.name}'s output also feeds {', '.join(others[:3])}",
                        producer=layer.name)
-        if rank != 2:
-            raise Skip(Reason.AXIS_MISMATCH, f"{layer.name} produces a {rank}-D tensor with features on the last "
-                                             "axis; the BatchNorm normalises axis 1", producer=layer.name)
+    _check_layer(cap, layer, can_add_bias, root)
+    _check_rank(cap, root, layer, src, "output")
+    rank = cap.ranks.get(src)
+    if layer.kind == "linear" and rank is None:
+        raise Skip(Reason.AXIS_MISMATCH, f"cannot prove that {layer.name}'s output features are the axis the "
+                                         "BatchNorm normalises: its output rank is unknown (no example inputs, "
+                                         "or a scripted TorchScript graph, which records no shapes)",
+                   producer=layer.name)
+    start = rank - 1 if layer.kind == "linear" else 1
+    axis = start
+    for op in reversed(chain):
+        axis = layout.moved_axis(op.name, op.attrs, axis)
+    if axis != 1:
+        where = f"on axis {start} of its {rank}-D output" + (
+            f", axis {axis} after {'->'.join(op.name for op in reversed(chain))}" if chain else "")
+        raise Skip(Reason.AXIS_MISMATCH, f"{layer.name} puts its channels {where}; the BatchNorm normalises axis 1",
+                   producer=layer.name)
     return layer
 
 
@@ -293,143 +358,3 @@ def decide(cap: Capture, root: nn.Module, can_add_bias: bool) -> list[Plan]:
                 chosen = before if before.producer and not after.producer else after
                 plans.append(Plan(name, bn, skip=chosen))
     return plans
-
-
-# Rewrite -----------------------------------------------------------------------------------------
-
-def layer_layout(layer: Op) -> layouts.Layout:
-    g = int(layer.attrs.get("groups", 1))
-    if layer.kind == "conv":
-        return layouts.conv(g)
-    if layer.kind == "convT":
-        return layouts.conv_transpose(g)
-    return layouts.linear()
-
-
-def identity_var(var: torch.Tensor, eps: float) -> torch.Tensor:
-    """A running_var that makes batch_norm with mean 0, weight 1, bias 0 an exact identity, found by
-    running it (the kernel's own arithmetic decides); Skip(UNSUPPORTED_BN_MODE) if none exists."""
-    c = var.numel()
-    probe = torch.randn(3, c, generator=torch.Generator().manual_seed(0)).to(var.dtype)
-    zeros = torch.zeros(c, dtype=var.dtype)
-    ones = torch.ones(c, dtype=var.dtype)
-    base = torch.tensor(1.0 - eps, dtype=var.dtype)
-    cands = [base]
-    for direction in (2.0, 0.0):
-        x = base
-        for _ in range(4):
-            x = torch.nextafter(x, torch.tensor(direction, dtype=var.dtype))
-            cands.append(x)
-    for v in cands:
-        vv = v.expand(c).clone()
-        if torch.equal(F.batch_norm(probe, zeros, vv, ones, zeros, False, 0.0, eps), probe):
-            return vv.to(var.device)
-    raise Skip(Reason.UNSUPPORTED_BN_MODE, f"this batch_norm call cannot be made an exact identity (eps={eps:g}, {var.dtype})")
-
-
-def _identity_stats(root: nn.Module, bn: Op) -> Callable[[], None]:
-    """A writer that turns a functional batch_norm into an exact identity."""
-    var = get_tensor(root, bn.params["running_var"])
-    vv = identity_var(var, bn.attrs["eps"])
-
-    def write() -> None:
-        set_tensor(root, bn.params["running_mean"], torch.zeros_like(var))
-        set_tensor(root, bn.params["running_var"], vv)
-        if bn.params.get("weight"):
-            set_tensor(root, bn.params["weight"], torch.ones_like(get_tensor(root, bn.params["weight"])))
-        if bn.params.get("bias"):
-            set_tensor(root, bn.params["bias"], torch.zeros_like(get_tensor(root, bn.params["bias"])))
-    return write
-
-
-def _removal(root: nn.Module, bn: Op, surgery: bool) -> tuple[Callable[[], None], str | None]:
-    if surgery and bn.node is not None:
-        node = bn.node
-
-        def erase() -> None:
-            src = bn.attrs.get("region_input")  # a frozen BN traced into: its output stands for the call
-            node.replace_all_uses_with(src if src is not None else node.args[0] if node.args else node.kwargs["input"])
-            node.graph.erase_node(node)
-        return erase, None
-    if bn.module is not None:
-        parent_path, _, attr = bn.module.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        if not bn.module:
-            raise Skip(Reason.UNSUPPORTED_BN_MODE, "the model itself is the BatchNorm")
-        return (lambda: setattr(parent, attr, nn.Identity())), None
-    return _identity_stats(root, bn), "F.batch_norm call kept with identity statistics (it is in the model's code)"
-
-
-def _add_bias(root: nn.Module, layer: Op, bias: torch.Tensor, surgery: bool) -> None:
-    if layer.module is not None:
-        mod = root.get_submodule(layer.module)
-        mod.bias = nn.Parameter(bias, requires_grad=mod.weight.requires_grad)
-        return
-    assert surgery and layer.node is not None
-    name = layer.params["weight"].replace(".", "_") + "_bnfold_bias"
-    root.register_parameter(name, nn.Parameter(bias, requires_grad=False))
-    node = layer.node
-    with node.graph.inserting_before(node):
-        getter = node.graph.get_attr(name)
-    if "bias" in node.kwargs:
-        node.update_kwarg("bias", getter)
-    elif len(node.args) > 2:
-        node.update_arg(2, getter)
-    else:
-        node.args = tuple(node.args) + (getter,)
-
-
-def _clone_layer(root: nn.Module, layer: Op, bn: str) -> None:
-    """Point this call site (an fx node) at a private copy of a shared layer or its parameters."""
-    import copy
-    node = layer.node
-    tag = "_bnfold_" + bn.replace(".", "_")
-    if node.op == "call_module":
-        new = node.target.replace(".", "_") + tag
-        root.add_submodule(new, copy.deepcopy(root.get_submodule(node.target)))
-        node.target = new
-        layer.module = new
-        layer.params = {k: (f"{new}.{k}" if v else None) for k, v in layer.params.items()}
-        layer.name = new
-        return
-    for role, path in list(layer.params.items()):
-        if not path:
-            continue
-        new = path.replace(".", "_") + tag
-        root.register_parameter(new, nn.Parameter(get_tensor(root, path).detach().clone(), requires_grad=False))
-        with node.graph.inserting_before(node):
-            getter = node.graph.get_attr(new)
-        old = next(a for a in node.all_input_nodes if a.op == "get_attr" and a.target == path)
-        node.replace_input_with(old, getter)
-        layer.params[role] = new
-    layer.name = layer.params["weight"] or layer.name
-
-
-def apply(root: nn.Module, plan: Plan, surgery: bool) -> dict[str, Any]:
-    """Fold `plan` into `root` (all values computed first, so a Skip leaves `root` untouched)."""
-    bn, layer = plan.bn, plan.layer
-    assert layer is not None
-    s, t = scale_shift(root, bn)
-    w = get_tensor(root, layer.params["weight"])
-    b = get_tensor(root, layer.params["bias"]) if layer.params.get("bias") else None
-    fold = kernel.fold_after if plan.direction == "after" else kernel.fold_before
-    res = fold(to_numpy(w), to_numpy(b) if b is not None else None, s, t, layer_layout(layer))
-    new_w = from_numpy(res.weight, w)
-    new_b = from_numpy(res.bias, b if b is not None else w)
-    remove, note = _removal(root, bn, surgery)
-    if layer.attrs.get("clone"):
-        _clone_layer(root, layer, plan.name)
-        note = f"{layer.name} is shared, so this call site got its own copy"
-    set_tensor(root, layer.params["weight"], new_w)
-    if b is not None:
-        set_tensor(root, layer.params["bias"], new_b)
-    else:
-        _add_bias(root, layer, new_b, surgery)
-    remove()
-    return {"note": note} if note else {}
-
-
-def pattern(plan: Plan) -> str:
-    assert plan.layer is not None
-    kind = PATTERNS[plan.layer.kind]
-    return f"{kind}->BN" if plan.direction == "after" else f"BN->{kind}"

@@ -22,8 +22,9 @@ from ..core.decisions import Decision, Reason, Skip
 from ..core.options import Options
 from ..core.results import FoldResult, Report
 from . import bnlike as bnlike
+from . import rewrite as rewrite
 from . import rules as rules
-from .capture import Capture, Op
+from .ops import Capture, Op
 from .verify import verify_result
 
 LEAF = {"Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "ConvTranspose1d": "convT",
@@ -252,9 +253,9 @@ def _apply(sm: Any, plan: rules.Plan) -> dict[str, Any]:
     w = rules.get_tensor(sm, layer.params["weight"])
     b = rules.get_tensor(sm, layer.params["bias"]) if layer.params.get("bias") else None
     fold = kernel.fold_after if plan.direction == "after" else kernel.fold_before
-    res = fold(rules.to_numpy(w), rules.to_numpy(b) if b is not None else None, s, t, rules.layer_layout(layer))
+    res = fold(rules.to_numpy(w), rules.to_numpy(b) if b is not None else None, s, t, rewrite.layer_layout(layer))
     var = rules.get_tensor(sm, bn.params["running_var"])
-    ident = rules.identity_var(var, bn.attrs["eps"])
+    ident = rewrite.identity_var(var, bn.attrs["eps"])
     bn_bias = rules.get_tensor(sm, bn.params["bias"]) if bn.params.get("bias") else None
     if b is None and (plan.direction == "before" or bn_bias is None):
         raise Skip(Reason.UNSUPPORTED_PRODUCER, f"{layer.name} has no bias and TorchScript code is not edited, so the "
@@ -330,7 +331,7 @@ def fold_script(sm: Any, opts: Options, example_inputs: tuple | None) -> FoldRes
         except Skip as e:
             decided[plan.name] = Decision.skipped(plan.name, e.reason, e.detail, e.producer)
             continue
-        decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rules.pattern(plan), plan.direction, **extra)
+        decided[plan.name] = Decision.folded(plan.name, plan.layer.name, rewrite.pattern(plan), plan.direction, **extra)
     for path, sub in work.named_modules():
         if path in decided or not _bn_like(sub):
             continue

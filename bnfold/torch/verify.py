@@ -91,7 +91,7 @@ class _Positional(torch.nn.Module):
 def positional(ep: Any, module: Any) -> Any:
     """`module` (ep.module()) as is, or wrapped when the program was exported with keyword inputs."""
     spec = ep.call_spec.in_spec
-    if spec is None or spec.num_children != 2 or spec.children_specs[1].num_leaves == 0:
+    if spec is None or spec.num_children != 2 or spec.child(1).num_leaves == 0:
         return module
     return _Positional(ep, module)
 
