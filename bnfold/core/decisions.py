@@ -27,6 +27,7 @@ class Reason(str, enum.Enum):
     DTYPE_MISMATCH = "DTYPE_MISMATCH"
     VERIFICATION_FAILED = "VERIFICATION_FAILED"
     NOT_CALLED = "NOT_CALLED"
+    BRANCH_MISMATCH = "BRANCH_MISMATCH"
 
     @property
     def message(self) -> str:
@@ -52,6 +53,8 @@ REASON_MESSAGES: dict[Reason, str] = {
     Reason.DTYPE_MISMATCH: "the BatchNorm computes in another dtype than the layer, so folding would change the output's precision",
     Reason.VERIFICATION_FAILED: "the fold was made, failed its proof, and was reverted: the BatchNorm is kept",
     Reason.NOT_CALLED: "the model never runs this BatchNorm on the example inputs (an unused or skipped branch)",
+    Reason.BRANCH_MISMATCH: "the branches summed with this BatchNorm's cannot be one convolution (different stride, "
+                            "dilation, groups or channels, or kernels that do not line up on one grid)",
 }
 
 FOLDED = "folded"

@@ -5,6 +5,11 @@ Before a layer: W' = W * s[in(W)],    b' = b + sum(W * t[in(W)]) per output chan
 without zero padding).
 Everything is computed in float64 and rounded once to the model's dtype; a value that does not fit
 that dtype raises Skip(DTYPE_OVERFLOW) and nothing is written. Passes never do this arithmetic.
+
+Affine maps of one tensor as one conv (AffineConv): y = conv(x, W) + b. A sum of branches reading the
+same x (kxk, 1x1, 1xk convs, x itself, each followed by per-channel scales and shifts, BN among them)
+is one such map: kernels zero-padded into one window that covers them all (layouts.merge_windows),
+x itself as a Dirac kernel of whatever groups it meets, per-channel (s, t) after it as W*s[out], s*b + t.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decisions import Reason, Skip
-from .layouts import Layout
+from .layouts import IDENTITY_WINDOW, Layout, Window, merge_windows
 
 
 @dataclass
@@ -222,3 +227,127 @@ def compose_affine(scale: np.ndarray, shift: np.ndarray, mul: np.ndarray | None 
     if add is not None:
         t = t + np.asarray(add, np.float64)
     return s, t
+
+
+@dataclass(frozen=True)
+class AffineConv:
+    """y = conv(x, weight) + bias over `groups` and one Window per spatial axis, in float64; with `weight`
+    None, y = diag * x + bias per channel (x itself, scaled): a Dirac kernel once it meets a conv.
+
+    weight: (M, C/groups, k...); bias, diag: (M,). Framework-neutral: ONNX Conv and PyTorch ConvNd share
+    this layout (layouts.conv); a pass converts its own attributes into windows.
+    """
+
+    bias: np.ndarray
+    weight: np.ndarray | None = None
+    groups: int = 1
+    windows: tuple[Window, ...] = ()
+    diag: np.ndarray | None = None
+
+    @classmethod
+    def conv(cls, weight: np.ndarray, bias: np.ndarray | None, groups: int,
+             windows: tuple[Window, ...]) -> "AffineConv":
+        """A convolution as it stands (bias None means zero)."""
+        w = np.asarray(weight).astype(np.float64)
+        why = _conv_window_check(w.shape, groups, windows)
+        if why:
+            raise Skip(Reason.AXIS_MISMATCH, why)
+        b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias).astype(np.float64).reshape(-1)
+        if b.size != w.shape[0]:
+            raise Skip(Reason.AXIS_MISMATCH, f"a bias of {b.size} values for {w.shape[0]} output channels")
+        return cls(bias=b, weight=w, groups=int(groups), windows=tuple(windows))
+
+    @classmethod
+    def identity(cls, channels: int) -> "AffineConv":
+        """x itself."""
+        return cls(bias=np.zeros(channels), diag=np.ones(channels))
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.bias.size)
+
+    @property
+    def in_channels(self) -> int | None:
+        """Channels of x (None for x itself, which has as many as it puts out)."""
+        return None if self.weight is None else int(self.weight.shape[1] * self.groups)
+
+    def then(self, scale: np.ndarray, shift: np.ndarray) -> "AffineConv":
+        """This map followed by y*scale + shift per output channel."""
+        s = np.asarray(scale, np.float64).reshape(-1)
+        t = np.asarray(shift, np.float64).reshape(-1)
+        n = self.out_channels
+        if s.size != n or t.size != n:
+            raise Skip(Reason.AXIS_MISMATCH, f"a per-channel scale/shift of {max(s.size, t.size)} values follows "
+                                             f"{n} channels")
+        w = None if self.weight is None else self.weight * s.reshape((-1,) + (1,) * (self.weight.ndim - 1))
+        d = None if self.diag is None else self.diag * s
+        return AffineConv(bias=self.bias * s + t, weight=w, groups=self.groups, windows=self.windows, diag=d)
+
+    def plus(self, other: "AffineConv", sign: float = 1.0, centred: bool = True) -> "AffineConv":
+        """self + sign * other, both maps of the same x. Skip(BRANCH_MISMATCH) when they cannot be one conv
+        (or, with `centred`, when their kernels do not share a centre: layouts.merge_windows)."""
+        if self.out_channels != other.out_channels:
+            raise Skip(Reason.BRANCH_MISMATCH, f"branches of {self.out_channels} and {other.out_channels} channels "
+                                               "are summed by broadcasting")
+        bias = self.bias + sign * other.bias
+        if self.weight is None and other.weight is None:
+            return AffineConv(bias=bias, diag=self.diag + sign * other.diag)  # type: ignore[operator]
+        if self.weight is None or other.weight is None:
+            conv, ident = (other, self) if self.weight is None else (self, other)
+            ident = ident._as_conv(conv)
+            a, b = (ident, conv) if self.weight is None else (conv, ident)
+        else:
+            a, b = self, other
+        if a.groups != b.groups:
+            raise Skip(Reason.BRANCH_MISMATCH, f"branches with groups={a.groups} and groups={b.groups}")
+        if a.in_channels != b.in_channels:
+            raise Skip(Reason.BRANCH_MISMATCH, f"branches read {a.in_channels} and {b.in_channels} input channels")
+        if len(a.windows) != len(b.windows):
+            raise Skip(Reason.BRANCH_MISMATCH, f"branches of {len(a.windows)} and {len(b.windows)} spatial axes")
+        merged, starts = [], []
+        for wa, wb in zip(a.windows, b.windows):
+            m = merge_windows([wa, wb], centred)
+            if isinstance(m, str):
+                raise Skip(Reason.BRANCH_MISMATCH, m)
+            merged.append(m[0])
+            starts.append(m[1])
+        shape = a.weight.shape[:2] + tuple(w.kernel for w in merged)  # type: ignore[union-attr]
+        weight = np.zeros(shape)
+        for w, k, sgn in ((a.weight, 0, 1.0), (b.weight, 1, sign)):
+            at = (slice(None), slice(None)) + tuple(slice(st[k], st[k] + n) for st, n in zip(starts, w.shape[2:]))
+            weight[at] += sgn * w
+        return AffineConv(bias=bias, weight=weight, groups=a.groups, windows=tuple(merged))
+
+    def _as_conv(self, like: "AffineConv") -> "AffineConv":
+        """x (scaled by diag) as a Dirac kernel with `like`'s groups: output channel o reads input channel o."""
+        c = like.in_channels
+        if c != self.out_channels:
+            raise Skip(Reason.BRANCH_MISMATCH, f"x itself ({self.out_channels} channels) is summed with a conv "
+                                               f"reading {c} channels")
+        per_group = c // like.groups
+        if like.out_channels != c:
+            raise Skip(Reason.BRANCH_MISMATCH, f"x itself is summed with a conv of {like.out_channels} output "
+                                               f"channels from {c}")
+        weight = np.zeros((c, per_group) + (1,) * len(like.windows))
+        o = np.arange(c)
+        weight[(o, o % per_group) + (0,) * len(like.windows)] = self.diag
+        return AffineConv(bias=self.bias, weight=weight, groups=like.groups,
+                          windows=(IDENTITY_WINDOW,) * len(like.windows))
+
+    def rounded(self, dtype: np.dtype, bias_dtype: np.dtype | None = None) -> Folded:
+        """Weight and bias rounded once to the model's dtypes (Skip(DTYPE_OVERFLOW) when they do not fit)."""
+        if self.weight is None:
+            raise ValueError("a per-channel map of x has no convolution to write")
+        return Folded(round_to(self.weight, dtype, "weight"), round_to(self.bias, bias_dtype or dtype, "bias"))
+
+
+def _conv_window_check(shape: tuple[int, ...], groups: int, windows: tuple[Window, ...]) -> str | None:
+    """Why a conv weight of `shape` does not fit `groups` and `windows`, or None."""
+    if len(shape) != len(windows) + 2:
+        return f"a weight of rank {len(shape)} for {len(windows)} spatial axes"
+    if groups < 1 or shape[0] % groups:
+        return f"{shape[0]} output channels are not divisible by groups={groups}"
+    for n, w in zip(shape[2:], windows):
+        if n != w.kernel or w.stride < 1 or w.dilation < 1 or w.pad_begin < 0 or w.pad_end < 0:
+            return f"kernel {list(shape[2:])} does not match its window {w}"
+    return None

@@ -134,3 +134,69 @@ def keras_depthwise(in_channels: int) -> Layout:
 def keras_dense() -> Layout:
     """Keras Dense kernel: (in, out)."""
     return Layout(out_axis=1, in_axis=0)
+
+
+# Where a convolution reads its input along each spatial axis -----------------------------------
+
+@dataclass(frozen=True)
+class Window:
+    """How a convolution reads one spatial axis: output i reads input positions i*stride + first,
+    first + dilation, ..., last (zero outside the input). The output length is
+    floor((L - 1 + slack) / stride) + 1 for an input of length L, so two windows with the same stride
+    and slack give outputs of the same length for every L, position by position on the same grid.
+    """
+
+    kernel: int = 1
+    stride: int = 1
+    dilation: int = 1
+    pad_begin: int = 0
+    pad_end: int = 0
+
+    @property
+    def first(self) -> int:
+        return -self.pad_begin
+
+    @property
+    def last(self) -> int:
+        return self.first + (self.kernel - 1) * self.dilation
+
+    @property
+    def slack(self) -> int:
+        return self.pad_end - self.last
+
+
+IDENTITY_WINDOW = Window()  # x itself: a 1-wide kernel at offset 0, stride 1, no padding
+
+
+def merge_windows(windows: list[Window], centred: bool = True) -> tuple[Window, list[int]] | str:
+    """One window reading everything each of `windows` reads, and where each one's kernel starts inside
+    it; or why no such window exists. Zero-padding a kernel into the merged one is exact: the merged
+    window's padding covers each one's, and the extra taps carry zero weight.
+
+    `centred` (the policy of the passes) also asks every kernel to share one centre, as the blocks of
+    RepVGG, MobileOne, ACNet and friends do: a 1x1 in the middle of a 3x3 with pads 1, not a 2x2 padded
+    (1, 0), which would merge exactly too (its taps lie inside the 3x3's) but off-centre."""
+    strides = {w.stride for w in windows}
+    if len(strides) > 1:
+        return f"strides differ ({', '.join(str(s) for s in sorted(strides))})"
+    slacks = {w.slack for w in windows}
+    if len(slacks) > 1:
+        return "outputs differ in length (the kernels' padding does not line up: " + \
+               ", ".join(f"kernel {w.kernel} pads {w.pad_begin},{w.pad_end}" for w in windows) + ")"
+    # a 1-wide kernel reads one tap whatever its dilation: it fits any dilation
+    dilations = {w.dilation for w in windows if w.kernel > 1}
+    if len(dilations) > 1:
+        return f"dilations differ ({', '.join(str(d) for d in sorted(dilations))})"
+    d = dilations.pop() if dilations else 1
+    first = min(w.first for w in windows)
+    misaligned = [w for w in windows if (w.first - first) % d]
+    if misaligned:
+        w = misaligned[0]
+        return f"a kernel {w.kernel} with pads {w.pad_begin},{w.pad_end} is off the dilation-{d} grid of the others"
+    if centred and len({w.first + w.last for w in windows}) > 1:
+        return "kernels are not centred on one another (" + \
+               ", ".join(f"kernel {w.kernel} pads {w.pad_begin},{w.pad_end}" for w in windows) + ")"
+    last = max(w.last for w in windows)
+    merged = Window(kernel=(last - first) // d + 1, stride=strides.pop(), dilation=d, pad_begin=-first,
+                    pad_end=slacks.pop() + last)
+    return merged, [(w.first - first) // d for w in windows]

@@ -72,8 +72,8 @@ class GraphEdits:
         bias = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
         self.exact[id(layer)] = (layer.input[1], bias, folded.weight64, folded.bias64, folded.weight.dtype)
 
-    def located(self, d: Decision, x: str, y: str) -> Decision:
-        """Record where a fold sits: the region from data input `x` to output `y`, two tensors that mean the
+    def located(self, d: Decision, x: str | tuple[str, ...], y: str) -> Decision:
+        """Record where a fold sits: the region from data input(s) `x` to output `y`, tensors that mean the
         same in the original and the folded graph (main graph only: a body's tensors cannot be captured)."""
         if not self.scope:
             d.site = (x, y)

@@ -29,6 +29,8 @@ from .match import Match
 from .nodes import ONNX_DOMAINS, attr as _attr, node_label, value_of
 from .standalone import BnView, absorb_affine_chain, as_mul_add
 from .backward import fold_before
+from .multi import fold_disguised, fold_multi
+from .regions import Regions
 from .sweep import sweep
 from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
@@ -70,10 +72,18 @@ class OnnxFolder(GraphEdits):
         # id(layer) -> (weight name, bias name, float64 weight, float64 bias, weight dtype) of its last fold
         self.exact: dict[int, tuple[str, str | None, np.ndarray, np.ndarray, np.dtype]] = {}
         self.ix.shapes = self.shapes
+        self.const_like: dict[str, bool] = {}  # name -> could be a constant (branches.constant; no weight reads)
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
-        bns = self.ix.batchnorms  # gathered by the index's one walk over the nodes
+        regions = Regions(self)  # multi-branch blocks first: their BNs fold with the block, not alone
+        merged = regions.merge_all() + fold_disguised(self)
+        self.decisions += merged
+        if merged or self.dead_nodes:  # the graph changed: look again
+            bns = [n for n in self.ix.graph.node if n.op_type == "BatchNormalization" and n.domain in ONNX_DOMAINS
+                   and id(n) not in self.dead_nodes]
+        else:
+            bns = self.ix.batchnorms  # gathered by the index's one walk over the nodes
         decided: dict[int, Decision] = {}
         pending = []
         for node in bns:
@@ -92,12 +102,17 @@ class OnnxFolder(GraphEdits):
                 try:
                     decided[id(node)] = self._fold_one(node, label)
                 except Skip as s:
+                    s = regions.explain(label, s)
                     decided[id(node)] = Decision.skipped(label, s.reason, s.detail, s.producer)
                     again.append(node)
             if len(again) == len(pending):
                 break
             pending = again
         self.decisions.extend(decided[id(n)] for n in bns)
+        # folds make new chances, once: a BN's own chain takes Mul/Add but not Sub/Div after it, and a BN
+        # folded into the conv after it leaves that conv reading the block's x (so folding is idempotent)
+        self.decisions += fold_disguised(self)
+        regions.again(self.decisions)
         sweep(self)
         return self.decisions
 
@@ -247,6 +262,11 @@ class OnnxFolder(GraphEdits):
             return self._fold_after(bn, label, view)  # preferred: it never depends on padding
         except Skip as e:
             first = e
+        if first.reason == Reason.UNSUPPORTED_PRODUCER:
+            try:  # after an Add/Sub/Sum/Concat of layers: into all of them (else `first` comes back)
+                return fold_multi(self, bn, label, view, first)
+            except Skip as e:
+                first = e
         try:
             return fold_before(self, bn, label, view)
         except Skip as e:

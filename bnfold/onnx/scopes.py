@@ -61,14 +61,20 @@ def all_names(model: onnx.ModelProto, main: GraphIndex | None = None) -> set[str
     return names
 
 
+LAYERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+AFFINE = {"Mul", "Add", "Sub", "Div", "Sum"}  # with a layer: a block to merge or a BN in disguise (regions, multi)
+
+
 def _has_bn(graph_nodes) -> bool:
+    ops = set()
     for n in graph_nodes:
         if n.op_type == "BatchNormalization":
             return True
+        ops.add(n.op_type)
         for sub in subgraphs(n):
             if _has_bn(sub.node):
                 return True
-    return False
+    return bool(ops & LAYERS) and bool(ops & AFFINE)
 
 
 def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer: Lookup | None, scope: str,

@@ -39,7 +39,7 @@ class Intermediates:
     def __init__(self, decisions: list[Decision] | None, atol: Any = None, rtol: float | None = None) -> None:
         self.decisions = decisions
         self.after = {d.bn for d in decisions or () if d.is_folded and d.direction == "after"}
-        self.before = {d.bn for d in decisions or () if d.is_folded and d.direction != "after"}
+        self.before = {d.bn for d in decisions or () if d.is_folded and d.direction == "before"}  # a merge moves no value
         self.atol = None if isinstance(atol, Mapping) else atol
         self.rtol = rtol
         self.auto = self.atol is None and rtol is None

@@ -24,6 +24,7 @@ from ..core.decisions import Decision, Reason, Skip
 from ..core.errors import BnfoldError
 from ..core.options import Options
 from ..core.results import FoldResult, Report
+from . import blocks as blocks
 from . import bnlike as bnlike
 from . import rewrite as rewrite
 from . import rules as rules
@@ -93,6 +94,10 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0,
     surgery = isinstance(work, torch.fx.GraphModule)
     decided: dict[str, Decision] = {}
     info: dict[str, Any] = {}
+    if not surgery:  # multi-branch blocks first: their BNs go with the block, not one by one
+        record = (lambda paths: rewrite.record_inputs(work, paths, example_inputs)) if example_inputs is not None \
+            else None
+        decided.update((d.bn, d) for d in blocks.merge_blocks(work, record, exclude))
     for _ in range(MAX_ROUNDS):
         caps, method, failures = capture(work, example_inputs, seed)
         info.setdefault("capture", method)

@@ -20,6 +20,7 @@ prove itself right.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,6 +37,8 @@ SLACK = 2.0
 F64_TERM = 2.0 ** -36
 FAITHFUL = 1e-3
 WITNESS_ULPS = 8.0
+HOW_MERGE = ("float64 replay of the block's branches (its own modules) against the merged conv on the block's input; "
+             "bound 2 u M")
 HOW = "float64 replay of the layer and its BatchNorm(s) on the input captured from the original run; bound 2 u M"
 
 
@@ -99,10 +102,12 @@ def _prove_region(layer: str, ds: list[Decision], original: nn.Module, candidate
     lo, lc = _module(original, layer), _module(candidate, layer)
     if lo is None or lc is None:
         return {"not_run": f"{layer!r} is not a module of both models (a functional call or a copied layer)"}
-    if type(lo) is not type(lc):
+    if type(lo) is not type(lc) and not any(d.direction == "merge" for d in ds):
         return {"not_run": f"{layer!r} is a {type(lo).__name__} in the original and a {type(lc).__name__} folded"}
     if layer not in taps.captured or layer not in cand_taps.captured:
         return {"not_run": f"{layer!r} is not called by the folded model where the original calls it"}
+    if any(d.direction == "merge" for d in ds):
+        return _prove_merge(layer, lo, lc, taps)
     after = [d for d in ds if d.direction == "after"]
     before = [d for d in ds if d.direction != "after"]
     if len(before) > 1:
@@ -159,6 +164,50 @@ def _prove_region(layer: str, ds: list[Decision], original: nn.Module, candidate
             if not other.get("passed") and "not_run" not in other:
                 return {**other, "how": HOW + "; failed on a random input of the same shape"}
             proof["ratio"] = max(proof["ratio"], other.get("ratio", 0.0))
+    return proof
+
+
+def _prove_merge(layer: str, lo: nn.Module, lc: nn.Module, taps: Taps) -> dict[str, Any]:
+    """A merged block: the original's region (its own modules, x -> the sum of branches) replayed in float64
+    against the merged conv on the block's input captured from the original run; the witness is the
+    region run by the original's modules in their own precision on that input."""
+    from .blocks import MERGED, region_module
+    region = region_module(lo)
+    merged = getattr(lc, MERGED, None)
+    if region is None or module_kind(merged) != "conv":
+        return {"not_run": f"{layer!r}: the original's branches or the merged conv cannot be found again"}
+    args, kwargs = taps.captured[layer]
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return {"not_run": f"{layer!r}'s input is not a floating tensor"}
+    region64 = copy.deepcopy(region).cpu().double()
+    w, b = merged.weight.detach().cpu().double(), merged.bias.detach().cpu().double()
+    dtypes = {x.dtype, merged.weight.dtype} | {t.dtype for t in list(region.parameters()) + list(region.buffers())
+                                               if t.is_floating_point()}
+    u = max(torch.finfo(dt).eps for dt in dtypes)
+    conv64 = copy.deepcopy(merged).cpu().double()
+
+    def replay(x64: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            ref = region64(x64)
+            new = conv64._conv_forward(x64, w, b)
+            mag = conv64._conv_forward(x64.abs(), w.abs(), b.abs())
+        return ref.numpy(), new.numpy(), mag.numpy()
+
+    with torch.no_grad():
+        witness = region(x).detach().cpu().double().numpy()
+    x64 = x.detach().cpu().double()
+    with np.errstate(invalid="ignore", over="ignore"):
+        proof = _judge(*replay(x64), witness, u)
+        if proof.get("passed"):
+            g = torch.Generator().manual_seed(0)
+            probe = torch.randn(x64.shape, generator=g, dtype=torch.float64) * float(x64.abs().mean() + 1e-3)
+            other = _judge(*replay(probe), None, u, witnessed=False)
+            if not other.get("passed") and "not_run" not in other:
+                return {**other, "how": HOW_MERGE + "; failed on a random input of the same shape"}
+            proof["ratio"] = max(proof["ratio"], other.get("ratio", 0.0))
+    if "how" in proof:
+        proof["how"] = HOW_MERGE
     return proof
 
 
@@ -290,7 +339,6 @@ def _bn_params(root: nn.Module, name: str) -> BnParams | Callable[[torch.Tensor]
 
 def _in_float64(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | str:
     """The BN module's own forward on a float64 copy (a traced frozen BN keeps its eps in its code)."""
-    import copy
     graph = getattr(m, "graph", None)
     if not isinstance(graph, torch.fx.Graph) or any(True for _ in m.children()):
         return f"{type(m).__name__} holds no eps the replay can read"

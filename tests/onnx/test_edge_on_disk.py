@@ -185,7 +185,7 @@ def shared_net(rng) -> onnx.ModelProto:
     w = g.weight("w_both", (8, 8, 3, 3))
     a = g.bn("bn_a", g.node("Conv", ["x", w], ["ca"], name="conv_a", pads=[1] * 4), 8)
     b = g.node("Conv", ["x", w], ["cb"], name="conv_b", pads=[1] * 4)
-    g.node("Add", [a, b], ["y"], name="add")
+    g.node("Mul", [a, b], ["y"], name="mul")  # a product, not a sum: the two convs are not one block to merge
     return g.model([("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])])
 
 

@@ -38,7 +38,7 @@ def net(rng, dtype=np.float32) -> onnx.ModelProto:
     shared = g.weight("w_shared", (16, 16, 3, 3))
     a = g.bn("bnA", g.node("Conv", [x, shared], ["cA"], name="convA", pads=[1] * 4), 16)
     b = g.bn("bnB", g.node("Conv", [x, shared], ["cB"], name="convB", pads=[1] * 4), 16)
-    x = g.node("Add", [a, b], ["sum"], name="add")
+    x = g.node("Mul", [a, b], ["sum"], name="add")  # a product: two folds, not one block to merge
     x = g.node("Conv", [x, g.weight("w_plain", (16, 16, 1, 1))], ["plain"], name="conv_plain")  # no BN: unchanged
     x = g.node("GlobalAveragePool", [x], ["gap"], name="gap")
     x = g.node("Flatten", [x], ["flat"], name="flat")

@@ -221,13 +221,13 @@ def test_a_window_replays_exactly_that_part_of_the_whole(rng, kernel_shape, stri
     spatial = (19, 17, 9)[:nd]
     m = g.model([("x", [2, 4, *spatial])], [("y", None)])
     graph = proofs._Graph(m)
-    nodes, inits = graph.region("x", "y")
+    nodes, inits = graph.region(("x",), "y")
     x = rng.normal(size=(2, 4, *spatial))
-    whole = proofs._run(m, nodes, inits, "x", "y", x, pads={})
+    whole = proofs._run(m, nodes, inits, "y", {"x": x}, pads={})
     cut_x, cut, new_pads = proofs._shrink((nodes, inits), (nodes, inits), "x", x, whole)
     cut_whole = whole[cut]
     assert cut_x.shape[0] == 1 and new_pads and cut_x.size < x.size
-    part = proofs._run(m, nodes, inits, "x", "y", cut_x, pads=new_pads)
+    part = proofs._run(m, nodes, inits, "y", {"x": cut_x}, pads=new_pads)
     assert part.shape == cut_whole.shape
     np.testing.assert_allclose(part, cut_whole, rtol=1e-12, atol=1e-12)
 
@@ -236,14 +236,14 @@ def test_no_window_when_the_region_mixes_positions_or_samples(rng):
     g = _conv_region(rng, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
     g.node("Add", ["y", g.weight("plane", (1, 6, 8, 8))], ["z"], name="plane_add")  # varies with position
     m = g.model([("x", [2, 4, 8, 8])], [("z", None)])
-    nodes, inits = proofs._Graph(m).region("x", "z")
+    nodes, inits = proofs._Graph(m).region(("x",), "z")
     x = rng.normal(size=(2, 4, 8, 8))
     cut_x, _, pads = proofs._shrink((nodes, inits), (nodes, inits), "x", x, np.zeros((2, 6, 8, 8)))
     assert cut_x.shape == (1, 4, 8, 8) and not pads  # one sample still suffices; positions do not
     g = _conv_region(rng, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
     g.node("Add", ["y", g.weight("per_item", (2, 6, 1, 1))], ["z"], name="item_add")  # varies with the item
     m = g.model([("x", [2, 4, 8, 8])], [("z", None)])
-    nodes, inits = proofs._Graph(m).region("x", "z")
+    nodes, inits = proofs._Graph(m).region(("x",), "z")
     cut_x, _, pads = proofs._shrink((nodes, inits), (nodes, inits), "x", x, np.zeros((2, 6, 8, 8)))
     assert cut_x.shape[0] == 2 and pads
 
