@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from ..core.decisions import Decision
 from ..verify import compare
 from .nodes import ONNX_DOMAINS, attr, set_attr
+from . import windows
 from .ondisk import tensor_value
 
 FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -155,13 +156,13 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: 
         # folded output of another shape is judged whole: 'shapes differ')
         name, regions, seen = xin[0], ((on, oi), (fn, fi)), np.asarray(witness)
         whole, own = np.asarray(x[name]), xs_folded.get(name)
-        cut_x, cut, pads = _shrink(*regions, name, whole, seen)
+        cut_x, cut, pads = windows.shrink(*regions, name, whole, seen)
         x, witness = {name: cut_x}, seen[cut]
         if witness_folded is not None:
             witness_folded = np.asarray(witness_folded)[cut]
         if own is not None:  # the folded model's own input, cut alike (the cut depends on shapes alone)
             own = np.asarray(own)
-            xs_folded = {name: _shrink(*regions, name, own, seen)[0] if own.shape == whole.shape else None}
+            xs_folded = {name: windows.shrink(*regions, name, own, seen)[0] if own.shape == whole.shape else None}
     x64 = {k: np.asarray(v, np.float64) for k, v in x.items()}  # widened after the cut: activations are big
     absx = {k: np.abs(v) for k, v in x64.items()}
     try:
@@ -253,7 +254,7 @@ def _run(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.T
          pads: dict[int, list[int]] | None = None) -> np.ndarray:
     """The region in float64 (every float constant and Cast widened; with `magnitudes`, every float
     constant and Gemm alpha/beta replaced by its absolute value), run on `values` for its inputs.
-    `pads` overrides the pads of nodes (by id) as _shrink decided."""
+    `pads` overrides the pads of nodes (by id) as windows.shrink decided."""
     from onnx.reference import ReferenceEvaluator
 
     new_nodes = [_padded(_widen(n, magnitudes), (pads or {}).get(id(n))) for n in nodes]
@@ -271,110 +272,6 @@ def _padded(node: onnx.NodeProto, pads: list[int] | None) -> onnx.NodeProto:
     if pads is not None:
         set_attr(node, "pads", pads)
     return node
-
-
-# Output positions kept per spatial axis when a convolution's region is replayed on a window (_shrink)
-WINDOW = 4
-SAMPLEWISE = {"Conv", "ConvTranspose", "BatchNormalization", "Identity", "Dropout", "Cast"}
-ARITHMETIC = {"Add", "Mul", "Sub", "Div"}
-
-
-def _shrink(orig: tuple[list[onnx.NodeProto], list[onnx.TensorProto]],
-            fold: tuple[list[onnx.NodeProto], list[onnx.TensorProto]], xin: str, x: np.ndarray,
-            witness: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...], dict[int, list[int]]]:
-    """The part of the captured data that shows every error a fold can make, the index that cuts the
-    witnesses (onnxruntime's outputs of the region) alike, and the pads to replay it.
-
-    A fold changes weights and biases, the same at every sample and position. When both regions treat
-    batch items apart (no op mixes them), one item is replayed. When both hold one Conv and otherwise
-    only ops that act position by position (BatchNorm, Identity, per-channel arithmetic), a window of
-    WINDOW output positions per spatial axis away from the border is replayed: every weight of the conv
-    reaches every one of those outputs, through real data, never through padding, so the conv's pads
-    (with the same attributes in both regions) are set to 0 alike. The witness is cut the same way.
-    """
-    facts = [_position_wise(nodes, inits, xin, x.ndim) for nodes, inits in (orig, fold)]
-    items = slice(None)
-    if facts[0] is None or facts[1] is None:
-        return x, (items,), {}
-    (batch_o, space_o, convs_o), (batch_f, space_f, convs_f) = facts
-    if batch_o and batch_f and x.ndim >= 2 and x.shape[0] > 1 and witness.shape[0] == x.shape[0]:
-        x, items = x[:1], slice(0, 1)
-    if not (space_o and space_f and len(convs_o) == 1 and len(convs_f) == 1 and x.ndim >= 3):
-        return x, (items,), {}
-    co, cf = convs_o[0], convs_f[0]
-    if co.op_type != "Conv" or cf.op_type != "Conv" or _attributes(co) != _attributes(cf):
-        return x, (items,), {}
-    weight = {t.name: t for t in orig[1]}.get(co.input[1] if len(co.input) > 1 else "")
-    nd = x.ndim - 2
-    auto = attr(co, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if weight is None or len(weight.dims) != nd + 2 or auto not in ("NOTSET", "VALID"):
-        return x, (items,), {}
-    kernel = list(weight.dims[2:])
-    strides = list(attr(co, "strides") or [1] * nd)
-    dilations = list(attr(co, "dilations") or [1] * nd)
-    pads = [0] * (2 * nd) if auto == "VALID" else list(attr(co, "pads") or [0] * (2 * nd))
-    if not (len(strides) == len(dilations) == nd and len(pads) == 2 * nd):
-        return x, (items,), {}
-    cut_in, cut_out, new_pads = [slice(None)] * 2, [slice(None)] * 2, list(pads)
-    for i in range(nd):
-        size, s, d, k, before, after = x.shape[2 + i], strides[i], dilations[i], kernel[i], pads[i], pads[nd + i]
-        if (size + before + after - d * (k - 1) - 1) // s + 1 != witness.shape[2 + i]:
-            return x, (items,), {}  # not the conv output this reasoning is about
-        lo, hi = -(-before // s), (size - 1 - d * (k - 1) + before) // s  # outputs reading no padding
-        n = min(WINDOW, hi - lo + 1)
-        if n <= 0 or (n == witness.shape[2 + i] and not before and not after):
-            cut_in.append(slice(None))  # no interior output, or nothing to cut: the axis stays whole
-            cut_out.append(slice(None))
-            continue
-        first = lo + (hi - lo + 1 - n) // 2
-        start = first * s - before
-        cut_in.append(slice(start, start + (n - 1) * s + d * (k - 1) + 1))
-        cut_out.append(slice(first, first + n))
-        new_pads[i] = new_pads[nd + i] = 0
-    if all(c == slice(None) for c in cut_in):
-        return x, (items,), {}
-    return x[tuple(cut_in)], (items, *cut_out[1:]), {id(co): new_pads, id(cf): new_pads}
-
-
-def _position_wise(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], xin: str,
-                   rank: int) -> tuple[bool, bool, list[onnx.NodeProto]] | None:
-    """(items stay apart, positions stay apart except through convs, the convs) for a region computed from
-    `xin` of rank `rank`; None when it holds an op this cannot tell about."""
-    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in inits}
-    data, batch, space, convs = {xin}, True, True, []
-    for n in nodes:
-        ins = [i for i in n.input if i]
-        if not any(i in data for i in ins):
-            if n.op_type == "Constant" and n.output:
-                value = next((a.t for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR),
-                             None)
-                if value is None:
-                    return None
-                shapes[n.output[0]] = tuple(value.dims)
-                continue
-            return None
-        if n.op_type in SAMPLEWISE:
-            if ins[0] not in data or any(i in data for i in ins[1:]):
-                return None
-            if n.op_type in ("Conv", "ConvTranspose"):
-                convs.append(n)
-        elif n.op_type in ARITHMETIC and len(ins) == 2:
-            for other in (i for i in ins if i not in data):
-                shape = shapes.get(other)
-                if shape is None or len(shape) > rank:
-                    return None
-                full = (1,) * (rank - len(shape)) + shape
-                batch = batch and full[0] == 1
-                space = space and all(d == 1 for d in full[2:])
-        else:
-            return None
-        data.update(o for o in n.output if o)
-    return batch, space, convs
-
-
-def _attributes(node: onnx.NodeProto) -> list[bytes]:
-    return sorted(a.SerializeToString() for a in node.attribute)
 
 
 def _conv_transpose() -> type:

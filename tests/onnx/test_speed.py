@@ -17,7 +17,7 @@ from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.core.errors import BnfoldError
 from bnfold.onnx import io as onnx_io
-from bnfold.onnx import proofs
+from bnfold.onnx import proofs, windows
 from bnfold.onnx.ondisk import tensor_value
 from bnfold.onnx.protos import copy_borrowing, fill_borrowed
 from tests.conftest import SAMPLES
@@ -224,7 +224,7 @@ def test_a_window_replays_exactly_that_part_of_the_whole(rng, kernel_shape, stri
     nodes, inits = graph.region(("x",), "y")
     x = rng.normal(size=(2, 4, *spatial))
     whole = proofs._run(m, nodes, inits, "y", {"x": x}, pads={})
-    cut_x, cut, new_pads = proofs._shrink((nodes, inits), (nodes, inits), "x", x, whole)
+    cut_x, cut, new_pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, whole)
     cut_whole = whole[cut]
     assert cut_x.shape[0] == 1 and new_pads and cut_x.size < x.size
     part = proofs._run(m, nodes, inits, "y", {"x": cut_x}, pads=new_pads)
@@ -238,13 +238,13 @@ def test_no_window_when_the_region_mixes_positions_or_samples(rng):
     m = g.model([("x", [2, 4, 8, 8])], [("z", None)])
     nodes, inits = proofs._Graph(m).region(("x",), "z")
     x = rng.normal(size=(2, 4, 8, 8))
-    cut_x, _, pads = proofs._shrink((nodes, inits), (nodes, inits), "x", x, np.zeros((2, 6, 8, 8)))
+    cut_x, _, pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, np.zeros((2, 6, 8, 8)))
     assert cut_x.shape == (1, 4, 8, 8) and not pads  # one sample still suffices; positions do not
     g = _conv_region(rng, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
     g.node("Add", ["y", g.weight("per_item", (2, 6, 1, 1))], ["z"], name="item_add")  # varies with the item
     m = g.model([("x", [2, 4, 8, 8])], [("z", None)])
     nodes, inits = proofs._Graph(m).region(("x",), "z")
-    cut_x, _, pads = proofs._shrink((nodes, inits), (nodes, inits), "x", x, np.zeros((2, 6, 8, 8)))
+    cut_x, _, pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, np.zeros((2, 6, 8, 8)))
     assert cut_x.shape[0] == 2 and pads
 
 
@@ -296,3 +296,18 @@ def test_an_owned_model_is_folded_in_place_only_when_nothing_needs_the_original(
         assert res.model is m
     m2 = g.model([("x", [2, 3, 8, 8])], [("y", None)])
     assert api.fold_with(m2, Options(verify=False)).model is not m2  # not owned: a copy, as the API promises
+
+
+def test_no_window_when_x_also_reaches_the_output_around_the_conv(rng):
+    """A re-parameterisable block: conv branch + identity BN branch of the same x, summed. Cutting x for
+    the conv would leave the identity branch whole (shapes that no longer add up): positions stay whole."""
+    g = _conv_region(rng, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), c=6)
+    g.bn("bn_id", "x", 6, out="ident")
+    g.node("Add", ["y", "ident"], ["z"], name="sum")
+    m = g.model([("x", [2, 6, 8, 8])], [("z", None)])
+    nodes, inits = proofs._Graph(m).region(("x",), "z")
+    x = rng.normal(size=(2, 6, 8, 8))
+    whole = proofs._run(m, nodes, inits, "z", {"x": x}, pads={})
+    cut_x, cut, pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, whole)
+    assert cut_x.shape[2:] == (8, 8) and not pads
+    np.testing.assert_allclose(proofs._run(m, nodes, inits, "z", {"x": cut_x}, pads=pads), whole[cut], rtol=1e-12)
