@@ -106,7 +106,7 @@ def test_unbatched_conv_input_is_not_folded_into_the_wrong_axis(nd: int) -> None
     assert d["1"].reason is Reason.AXIS_MISMATCH
 
 
-def test_cli_export_failure_keeps_an_existing_output_file(pickled) -> None:
+def test_cli_export_failure_keeps_an_existing_output_file(pickled) -> None:  # noqa: F811 - the fixture
     d, _ = pickled
     out = d / "precious.onnx"
     out.write_bytes(b"the user's own file")
@@ -118,7 +118,7 @@ def test_cli_export_failure_keeps_an_existing_output_file(pickled) -> None:
 
 
 @pytest.mark.parametrize("src,dst", [("r.pt2", "o.pt"), ("whole.pt", "o.pt2"), ("s.ts", "o.pt2")])
-def test_cli_output_extension_must_fit_the_format(pickled, tmp_path, src: str, dst: str) -> None:
+def test_cli_output_extension_must_fit_the_format(pickled, tmp_path, src: str, dst: str) -> None:  # noqa: F811
     d, model = pickled
     if src == "r.pt2":
         torch.export.save(torch.export.export(model, (_x(2, 3, 8),)), str(tmp_path / src))
