@@ -101,9 +101,9 @@ def _module(gm: torch.fx.GraphModule, n: Any) -> nn.Module | None:
 
 def _conv(gm: torch.fx.GraphModule, n: Any) -> nn.Module | None:
     m = _module(gm, n)
-    if m is None or module_kind(m) != "conv" or m.padding_mode != "zeros" or len(n.args) != 1 or n.kwargs:
+    if m is None or module_kind(m) != "conv" or len(n.args) != 1 or n.kwargs:
         return None
-    return m
+    return m  # a padding_mode other than zeros is refused, with its reason, by merged_conv
 
 
 def _bn_call(gm: torch.fx.GraphModule, n: Any) -> tuple[Any, dict[str, Any]] | None:
@@ -304,6 +304,9 @@ def affine_map(gm: torch.fx.GraphModule, r: Region) -> kernel.AffineConv:
 def merged_conv(gm: torch.fx.GraphModule, r: Region) -> nn.Module:
     """A new Conv module computing the region (values rounded once to the convs' dtype)."""
     convs = [_conv(gm, c) for c in r.convs]
+    odd = [f"{c}: padding_mode={m.padding_mode!r}" for c, m in zip(r.convs, convs) if m.padding_mode != "zeros"]
+    if odd:  # the merged kernel's zero taps would read the padding a reflect/replicate/circular branch makes
+        raise Skip(Reason.BRANCH_MISMATCH, "a branch pads with other than zeros (" + ", ".join(odd) + ")")
     like = convs[0].weight
     if any(c.weight.dtype != like.dtype or c.weight.device != like.device or type(c) is not type(convs[0])
            for c in convs):
@@ -357,11 +360,13 @@ def rewritten(gm: torch.fx.GraphModule, r: Region, conv: nn.Module, owner: nn.Mo
     return new
 
 
-def merge_blocks(work: nn.Module, samples_for: Any = None, exclude: Any = None) -> list[Decision]:
+def merge_blocks(work: nn.Module, samples_for: Any = None, exclude: Any = None,
+                 near_misses: dict[str, Skip] | None = None) -> list[Decision]:
     """Merge every block of `work` (an nn.Module, changed in place). `samples_for(paths)` gives each
     block's arguments in a real run (rewrite.record_inputs), to check that its traced copy computes what
     it does. A block absorbing a BN in `exclude` (its fold failed its proof) is left alone. Returns one
-    folded Decision per absorbed BatchNorm."""
+    folded Decision per absorbed BatchNorm; a block whose branches cannot be one conv records why in
+    `near_misses`, for each of its BNs (those that then fold nowhere keep that reason)."""
     from .rewrite import same_function
     if isinstance(work, torch.fx.GraphModule):
         return []
@@ -392,8 +397,12 @@ def merge_blocks(work: nn.Module, samples_for: Any = None, exclude: Any = None) 
             continue  # a merge that failed its proof: the BNs fold alone (and say so)
         try:
             conv = merged_conv(gm, r)
-        except Skip:
-            continue  # the BNs fold alone where they can
+        except Skip as e:  # the BNs fold alone where they can
+            if near_misses is not None:
+                for name in names:
+                    near_misses.setdefault(name, Skip(e.reason, f"block {path} ({type(owner).__name__}) not merged: "
+                                                                f"{e.detail}", path))
+            continue
         new = rewritten(gm, r, conv, owner)
         parent_path, _, attr = path.rpartition(".")
         setattr(work.get_submodule(parent_path) if parent_path else work, attr, new)

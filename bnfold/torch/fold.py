@@ -94,10 +94,11 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0,
     surgery = isinstance(work, torch.fx.GraphModule)
     decided: dict[str, Decision] = {}
     info: dict[str, Any] = {}
+    near: dict[str, Skip] = {}  # BNs of blocks that could not be merged, and why
     if not surgery:  # multi-branch blocks first: their BNs go with the block, not one by one
         record = (lambda paths: rewrite.record_inputs(work, paths, example_inputs)) if example_inputs is not None \
             else None
-        decided.update((d.bn, d) for d in blocks.merge_blocks(work, record, exclude))
+        decided.update((d.bn, d) for d in blocks.merge_blocks(work, record, exclude, near))
     for _ in range(MAX_ROUNDS):
         caps, method, failures = capture(work, example_inputs, seed)
         info.setdefault("capture", method)
@@ -141,6 +142,10 @@ def fold_module(work: nn.Module, example_inputs: tuple | None, seed: int = 0,
         if not new or (not waiting and all(d.is_folded for d in decided.values())):
             break
     _uncalled(work, decided)
+    for name, why in near.items():  # a BN left without a layer (a block's identity BN) says why its block stayed
+        d = decided.get(name)
+        if d is not None and not d.is_folded and d.reason in (Reason.NO_PRODUCER, Reason.PRODUCER_FANOUT):
+            decided[name] = Decision.skipped(name, why.reason, f"{why.detail}; alone: {d.detail}", why.producer)
     return list(decided.values()), info
 
 

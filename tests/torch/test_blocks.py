@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnfold
+from bnfold.core.decisions import Reason
 from bnfold.torch.blocks import MERGED
 from tests.torch.real_models import calibrate, timm_model
 from tests.torch.test_edge import _f64_close
@@ -193,6 +194,30 @@ def test_near_misses_stay_exact(cls) -> None:
     _plain_folds(net, res)
     folded = [d for d in res.report.decisions if d.is_folded]
     assert folded and all(d.pattern == "Conv->BN" for d in folded)
+
+
+class NearMissWithIdentity(Block):
+    """A RepVGG block whose 3x3 branch reads another grid (dilation 2) or pads other than with zeros: the
+    block stays; its conv BNs fold alone, and the identity BN, which has no layer of its own, says why."""
+
+    def __init__(self, c: int, how: str = "dilation") -> None:
+        super().__init__(c)
+        if how == "dilation":  # a 3x3 on a dilation-2 grid beside a plain 3x3: no one kernel holds both
+            self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, 1, 2, dilation=2, bias=False), nn.BatchNorm2d(c))
+            self.k1 = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.BatchNorm2d(c))
+        else:
+            self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False, padding_mode=how), nn.BatchNorm2d(c))
+
+
+@pytest.mark.parametrize("how,why", [("dilation", "dilations differ"), ("reflect", "padding_mode='reflect'"),
+                                     ("circular", "padding_mode='circular'")])
+def test_a_near_miss_names_its_reason_on_the_identity_bn(how: str, why: str) -> None:
+    net, res = _fold(NearMissWithIdentity(8, how))
+    _plain_folds(net, res)
+    by = {d.bn: d for d in res.report.decisions}
+    ident = by["block.id_bn"]
+    assert not ident.is_folded and ident.reason is Reason.BRANCH_MISMATCH and why in ident.detail, ident
+    assert by["block.k3.1"].is_folded and by["block.k1.1"].is_folded
 
 
 def test_a_branch_bn_in_train_mode_stays_and_the_rest_merges() -> None:
