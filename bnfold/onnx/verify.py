@@ -11,6 +11,7 @@ values are read as such (onnx/divergence.py). When folds are given, each is also
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +20,7 @@ import onnx
 
 from ..core.decisions import Decision
 from ..core.errors import BnfoldError
+from ..core.files import remove_temp, temp_path
 from ..core.options import Options
 from ..core.results import ProviderResult, Step, Verification
 from ..verify import compare
@@ -70,7 +72,9 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
         # memory-mapped. An original loaded from disk is used where it lies; the candidate's changed
         # weights and the noise model's nudged ones are written to a temporary folder, one at a time.
         opts.say("model over 2 GB: onnxruntime reads the weights from external data files")
-        with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+        # named like every bnfold temporary (host, pid): one left by a killed run is removed by the next
+        folder = temp_path(os.path.join(tempfile.gettempdir(), "bnfold-verify"), directory=True)
+        try:
             noise_model, later = perturbed_lazily(original, opts.seed)
             plain = (for_session(original, folder, "original"), for_session(candidate, folder, "candidate"),
                      for_session(noise_model, folder, "noise", nudge_by_name(opts.seed), later))
@@ -78,6 +82,8 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
             models = (plain[0].with_outputs(want), plain[1].with_outputs(plan.inner), plain[2].with_outputs(want))
             return _Comparison(original, candidate, plan, feeds, opts, decisions,
                                "model over 2 GB: verified from external data files").run(models, plain)
+        finally:
+            remove_temp(folder)
     original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
     noise_model = perturbed(original, opts.seed)
     plain = (original, candidate, noise_model)

@@ -238,3 +238,33 @@ def test_over_two_gb_route_still_compares_intermediates(rng, tmp_path, monkeypat
     assert ver.passed is False and cpu.outputs["y"]["passed"] is True
     assert ver.first_divergence["tensor"] == "c"
     assert bnfold.check(str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")).passed is True
+
+
+def test_over_two_gb_route_leaves_no_temporary_folder_and_sweeps_a_killed_runs(rng, tmp_path, monkeypatch):
+    """The over-2 GB route writes the candidate's and the noise model's weights to a temporary folder in
+    the system's temp dir: removed after the run, and one left by a killed run (its process gone) is
+    removed by the next run."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from bnfold.core import files
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "sys_tmp"))
+    (tmp_path / "sys_tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / "sys_tmp" / f".bnfold-verify.bnfold-tmp-{files._host_tag()}-{dead}-abcdefgh"
+    stale.mkdir()
+    (stale / "noise.data").write_bytes(b"\0" * 64)
+    g = G(rng)
+    g.node("Conv", ["x", g.weight("w", (64, 3, 1, 1)), g.weight("b", (64,))], ["c"], name="conv")
+    g.bn("bn", "c", 64, out="y")
+    model = g.model([("x", [1, 3, 4, 4])], [("y", [1, 64, 4, 4])])
+    write_external(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(onnx_io, "TWO_GB", 512)
+    ver = bnfold.check(str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"))
+    cpu = ver.providers["CPUExecutionProvider"]
+    assert "over 2 GB" in cpu.notes["note"] and ver.passed is True
+    assert list((tmp_path / "sys_tmp").iterdir()) == []  # the stale folder swept, its own removed
