@@ -42,6 +42,7 @@ class GraphEdits:
     dead_nodes: set
     dead_values: set
     maybe_dead_inits: set
+    written: set
 
     # -- chains: Conv -> BN -> BN, BN -> BN -> Conv round once ------------------------------------
     def layer_params(self, layer: onnx.NodeProto, weight_name: str, bias_name: str | None,
@@ -101,6 +102,7 @@ class GraphEdits:
                     for vi in ix.graph.input:
                         if vi.name == name:
                             vi.CopyFrom(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+            self.written.add(name)
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
             ix.borrowed.pop(name, None)  # its data is its own now
             return name

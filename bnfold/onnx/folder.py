@@ -29,6 +29,7 @@ from .match import Match
 from .nodes import ONNX_DOMAINS, attr as _attr, node_label, value_of
 from .standalone import BnView, absorb_affine_chain, as_mul_add
 from .backward import fold_before
+from .batched import Batch, Plan
 from .multi import fold_disguised, fold_multi
 from .regions import Regions
 from .sweep import sweep
@@ -73,6 +74,9 @@ class OnnxFolder(GraphEdits):
         self.exact: dict[int, tuple[str, str | None, np.ndarray, np.ndarray, np.dtype]] = {}
         self.ix.shapes = self.shapes
         self.const_like: dict[str, bool] = {}  # name -> could be a constant (branches.constant; no weight reads)
+        self.written: set[str] = set()  # initializers rewritten in place by this pass (see batched.Batch.take)
+        self.batch: Batch | None = None
+        self.batched = 0  # BNs folded with the arithmetic Batch did
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self) -> list[Decision]:
@@ -93,6 +97,7 @@ class OnnxFolder(GraphEdits):
                 decided[id(node)] = Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}")
             else:
                 pending.append(node)
+        self.batch = Batch(self, pending, _conv_layout)  # plain Conv->BN arithmetic of small layers, all at once
         # A skipped BN may fold once a neighbour has: BN -> BN -> Conv folds the second BN into the conv
         # first, then the first one into the conv too. Retry the skipped ones while folds keep coming.
         while pending:
@@ -109,6 +114,8 @@ class OnnxFolder(GraphEdits):
                 break
             pending = again
         self.decisions.extend(decided[id(n)] for n in bns)
+        self.batched = self.batch.taken
+        self.batch = None  # what it computed may be stale from here on
         # folds make new chances, once: a BN's own chain takes Mul/Add but not Sub/Div after it, and a BN
         # folded into the conv after it leaves that conv reading the block's x (so folding is idempotent)
         self.decisions += fold_disguised(self)
@@ -256,6 +263,14 @@ class OnnxFolder(GraphEdits):
 
     # -- rewrite --------------------------------------------------------------------------------
     def _fold_one(self, bn: onnx.NodeProto, label: str) -> Decision:
+        plan = self.batch.take(bn) if self.batch is not None else None
+        if plan is not None:
+            try:
+                self._single_use(bn.input[0], plan.conv)
+            except Skip:
+                plan = None
+            else:
+                return self._fold_planned(bn, label, plan)
         s, t, _ = self._bn_params(bn)
         view = absorb_affine_chain(self, bn, s, t)
         try:
@@ -277,6 +292,18 @@ class OnnxFolder(GraphEdits):
         if self.opts.standalone == "affine":
             return as_mul_add(self, bn, label, view, first)
         raise first
+
+    def _fold_planned(self, bn: onnx.NodeProto, label: str, plan: Plan) -> Decision:
+        """_fold_after with the arithmetic already done (batched.Batch): a plain Conv->BN, nothing after the BN."""
+        assert self.batch is not None
+        self.batch.taken += 1
+        m = Match("Conv->BN", plan.conv, plan.conv, plan.layout, plan.weight, plan.bias, (plan.conv, 2))
+        view = BnView(bn, bn.output[0], *self.batch.scale_shift(plan))
+        folded = self.batch.folded(plan, keep_exact=self._may_chain(m.layer, view.out))
+        self._rewrite(bn, m, folded, view)
+        self.remember_exact(m.layer, folded)
+        d = Decision.folded(label, self.scope + node_label(m.layer), m.pattern, "after")
+        return self.located(d, m.layer.input[0], view.out)
 
     def _fold_after(self, bn: onnx.NodeProto, label: str, view: BnView) -> Decision:
         s, t = view.scale, view.shift

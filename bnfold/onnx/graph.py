@@ -12,10 +12,8 @@ import onnx
 from ..core.decisions import Reason, Skip
 from .ondisk import tensor_value
 from .const import ConstEvaluator
-from .nodes import ONNX_DOMAINS, graphs_of, subgraph_free_names
+from .nodes import CONTROL_FLOW, ONNX_DOMAINS, graphs_of, subgraph_free_names
 
-# default-domain ops with graph attributes (the checker refuses one on any other default-domain op)
-CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

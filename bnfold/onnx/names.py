@@ -12,7 +12,7 @@ from collections import Counter
 
 import onnx
 
-from .nodes import graphs_of, node_label
+from .nodes import CONTROL_FLOW, ONNX_DOMAINS, graphs_of, node_label
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 NAMESPACE_KEY = "namespace"
@@ -48,10 +48,13 @@ def readable_names(model: onnx.ModelProto) -> dict[str, str]:
     found: list[tuple[str, str, str, str]] = []  # (label, op_type, path, op scope)
 
     def walk(graph: onnx.GraphProto, scope: str) -> None:
-        for n in graph.node:
-            for a in n.attribute:
-                for sub in graphs_of(a):
-                    walk(sub, f"{scope}{node_label(n)}/{a.name}/")
+        for n in graph.node[:]:
+            if n.op_type in CONTROL_FLOW or n.domain not in ONNX_DOMAINS:  # (only these hold bodies)
+                for a in n.attribute:
+                    for sub in graphs_of(a):
+                        walk(sub, f"{scope}{node_label(n)}/{a.name}/")
+            if not n.metadata_props:
+                continue
             scopes = scopes_of(n)
             path = _module_path(scopes) if scopes else None
             if path and path != n.name:

@@ -7,6 +7,8 @@ import onnx
 from onnx import helper
 
 ONNX_DOMAINS = ("", "ai.onnx")
+# default-domain ops with graph attributes (the checker refuses one on any other default-domain op)
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:

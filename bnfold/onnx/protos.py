@@ -192,17 +192,29 @@ def all_tensors(model: onnx.ModelProto):
 
 def nbytes(t: onnx.TensorProto) -> int:
     # from the header alone: reading raw_data (or ByteSize()) would copy or encode the whole tensor
-    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+    size = _ITEMSIZE.get(t.data_type)
+    if size is None:
+        size = _itemsize(t.data_type)
+    if not size:
         return 0
-    n = 1
-    for d in t.dims:
-        n *= int(d)
-    if t.data_type in _PACKED:
-        return (n + 1) // 2
-    return n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    n = math.prod(t.dims)
+    return (n + 1) // 2 if size < 0 else n * size
 
 
-# two elements per byte in raw data (numpy's ml_dtypes stand-ins take a whole byte each)
+def _itemsize(data_type: int) -> int:
+    """Bytes per element of an ONNX data type in raw data: 0 for strings and unknown types, -1 for the
+    packed 4-bit types (two elements per byte; numpy's ml_dtypes stand-ins take a whole byte each)."""
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        size = 0
+    elif data_type in _PACKED:
+        size = -1
+    else:
+        size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    _ITEMSIZE[data_type] = size
+    return size
+
+
+_ITEMSIZE: dict[int, int] = {}  # data type -> _itemsize, filled as types are met (a lookup per tensor, not a dtype)
 _PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 MAX_DEPTH = 200  # terms nested deeper than this are left alone (recursion, not a real block)
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 ROOT_OPS = ("Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Identity", "Dropout")
+SUM_OPS = frozenset({"Add", "Sub", "Sum"})  # a region closes at one of these (see may_hold_sum)
 
 
 @dataclass
@@ -162,7 +163,7 @@ class Regions:
                 data = p.input[:1]  # the data input; the rest are parameters
             else:
                 data = [i for i in p.input if i and not could_be_constant(self.f, i)]
-            if p.op_type in ("Add", "Sub", "Sum") and len(data) >= 2:
+            if p.op_type in SUM_OPS and len(data) >= 2:
                 found = True
                 break
             if p.op_type not in ROOT_OPS or len(data) != 1 or not self.private(data[0]) or len(path) > MAX_DEPTH:
@@ -278,9 +279,12 @@ class Regions:
     # -- rewrite --------------------------------------------------------------------------------
     def merge_all(self) -> list[Decision]:
         """Merge every multi-branch region of the graph, latest first (so a region is taken whole)."""
+        nodes = self.ix.graph.node[:]
+        if not any(n.op_type in SUM_OPS for n in nodes):
+            return []  # no region can close here (may_hold_sum would say so of every node, at ~40 us each)
         claimed: set[int] = set(self.f.dead_nodes)
         decisions: list[Decision] = []
-        for node in reversed(list(self.ix.graph.node)):
+        for node in reversed(nodes):
             if (node.op_type not in ROOT_OPS or node.domain not in ONNX_DOMAINS or not node.output
                     or id(node) in claimed or not self.may_hold_sum(node.output[0])):
                 continue

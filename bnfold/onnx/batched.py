@@ -1,0 +1,209 @@
+"""Plain Conv -> BatchNormalization folds of small layers, their arithmetic done for all of them at once.
+
+A graph of thousands of small Conv->BN pairs spends its fold time in per-BN numpy calls: about thirty,
+a microsecond or more each, on arrays of a few values. Before the per-BN loop, Batch gathers the BNs
+that would fold the plainest way (four float32 per-channel initializers and an epsilon; the input
+written by a Conv whose float32 weight and bias are initializers held in memory, of at most
+MAX_ELEMENTS values) and computes every scale, shift, folded weight and bias in a dozen numpy calls over
+all of them.
+
+The loop takes a BN's precomputed result only while nothing it was computed from has changed: the Conv
+still writes the BN's input and reads the same weight and bias, none of those tensors nor the BN's own
+was rewritten since, no earlier fold went into that Conv, and no Mul/Add after the BN waits to be
+absorbed. Anything else, and every result that would not be finite, takes the ordinary path, which
+also says why a fold is refused. The arithmetic is elementwise, in float64 and in the order of
+kernel.bn_scale_shift and kernel.fold_after, so the bytes written are the same either way
+(tests/onnx/test_batched.py compares them).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from ..core import kernel, layouts
+from .nodes import ONNX_DOMAINS, value_of
+
+if TYPE_CHECKING:
+    from .folder import OnnxFolder
+
+MAX_ELEMENTS = 1 << 14  # a bigger weight folds alone: its arithmetic outweighs the calls, and gathering would copy it
+ENABLED = sys.byteorder == "little"  # off: every BN takes the ordinary path (the tests compare both)
+
+_F32 = onnx.TensorProto.FLOAT
+_EXTERNAL = onnx.TensorProto.EXTERNAL
+_BN_ATTRS = frozenset({"epsilon", "momentum"})
+_FLOAT_ATTR = onnx.AttributeProto.FLOAT
+_EPS = float(np.float32(1e-5))  # the default epsilon (folder.EPSILON_DEFAULT)
+
+
+@dataclass
+class Plan:
+    """One BN's precomputed fold into the Conv `conv` (offsets into Batch's flat arrays)."""
+
+    conv: onnx.NodeProto
+    weight: str
+    bias: str | None
+    params: tuple[str, ...]
+    layout: layouts.Layout
+    shape: tuple[int, ...]
+    at: int  # first channel
+    w_at: int  # first weight element
+    ok: bool = True
+
+
+class Batch:
+    """The precomputed folds of one graph's plain Conv->BN pairs (see the module docstring)."""
+
+    def __init__(self, f: "OnnxFolder", bns: list[onnx.NodeProto], conv_layout) -> None:
+        self.f = f
+        self.plans: dict[int, Plan] = {}
+        self.taken = 0  # plans used (OnnxFolder counts them; the rest went the ordinary way)
+        self._layouts: dict[tuple, layouts.Layout | bool] = {}  # (group, weight shape) -> layout, False if refused
+        if not ENABLED or f.opset < 9:  # (before opset 9, is_test and spatial decide what a BN computes)
+            return
+        raws: list[list[bytes]] = [[], [], [], [], [], []]  # gamma, beta, mean, var, weight, bias
+        eps: list[float] = []
+        channels: list[int] = []
+        rests: list[int] = []
+        has_bias: list[bool] = []
+        at = w_at = 0
+        for bn in bns:
+            p = self._plan(bn, conv_layout, raws, eps, has_bias)
+            if p is None:
+                continue
+            c = p.shape[0]
+            p.at, p.w_at = at, w_at
+            at += c
+            w_at += math.prod(p.shape)
+            channels.append(c)
+            rests.append(math.prod(p.shape) // c)
+            self.plans[id(bn)] = p
+        if not self.plans:
+            return
+        self._compute(raws, np.array(eps, np.float64), np.array(channels), np.array(rests), np.array(has_bias))
+
+    def _plan(self, bn: onnx.NodeProto, conv_layout, raws: list[list[bytes]], eps: list[float],
+              has_bias: list[bool]) -> Plan | None:
+        ix = self.f.ix
+        ins = bn.input[:]
+        if len(ins) != 5 or len(bn.output) != 1:
+            return None
+        e = _EPS
+        for a in bn.attribute[:]:
+            if a.name not in _BN_ATTRS or a.type != _FLOAT_ATTR:
+                return None
+            if a.name == "epsilon":
+                e = a.f
+        conv = ix.producer.get(ins[0])
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ONNX_DOMAINS or conv.output[0] != ins[0]:
+            return None
+        cins = conv.input[:]
+        if len(cins) < 2 or not cins[1]:
+            return None
+        weight, bias = cins[1], (cins[2] if len(cins) > 2 and cins[2] else None)
+        names = (*ins[1:], weight, bias) if bias else (*ins[1:], weight)
+        inits, borrowed = ix.inits, ix.borrowed
+        overridable = ix.ir_version >= 4 and ix.graph_inputs
+        tensors = []
+        for name in names:
+            t = inits.get(name)
+            if (t is None or t.data_type != _F32 or t.data_location == _EXTERNAL or not t.HasField("raw_data")
+                    or (overridable and name in overridable) or (borrowed and name in borrowed)):
+                return None
+            tensors.append(t)
+        c = tensors[0].dims[:]
+        if len(c) != 1 or tensors[1].dims[:] != c or tensors[2].dims[:] != c or tensors[3].dims[:] != c \
+                or (bias and tensors[5].dims[:] != c):
+            return None
+        shape = tuple(tensors[4].dims[:])
+        group = 1
+        for a in conv.attribute[:]:
+            if a.name == "group":
+                group = int(value_of(a))
+        key = (group, shape)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = conv_layout("Conv", group)
+            if layout.check(shape) or not 0 < math.prod(shape) <= MAX_ELEMENTS:
+                layout = False
+            self._layouts[key] = layout
+        if layout is False or shape[0] != c[0]:  # (a Conv's output channels: the weight's first axis)
+            return None
+        blobs = [t.raw_data for t in tensors]
+        sizes = [4 * c[0]] * 4 + [4 * math.prod(shape)] + ([4 * c[0]] if bias else [])
+        if any(len(r) != n for r, n in zip(blobs, sizes)):
+            return None  # data that does not fill its dims: the ordinary path reads it and says so
+        for k, r in enumerate(blobs):
+            raws[k].append(r)
+        if not bias:
+            raws[5].append(bytes(4 * c[0]))
+        eps.append(e)
+        has_bias.append(bias is not None)
+        return Plan(conv, weight, bias, tuple(ins[1:]), layout, shape, 0, 0)
+
+    def _compute(self, raws, eps, channels, rests, has_bias) -> None:
+        g, b, m, v, w, bias = (np.frombuffer(b"".join(r), np.float32) for r in raws)
+        # kernel.bn_scale_shift, over every channel of every plan
+        p64 = np.array([g, b, m, v], np.float64)
+        eps = np.repeat(eps, channels)
+        bad = ~(np.isfinite(p64).all(axis=0) & np.isfinite(eps))
+        denom = p64[3] + eps
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bad |= ~(denom > 0)
+            s = p64[0] / np.sqrt(denom)
+            t = p64[1] - s * p64[2]
+            # kernel.fold_after: the weight scaled along its output axis, the bias scaled and shifted
+            w64 = w * np.repeat(s, np.repeat(rests, channels))
+            b64 = np.where(np.repeat(has_bias, channels), s * bias + t, t)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w32, b32 = w64.astype(np.float32), b64.astype(np.float32)
+        starts = np.cumsum(channels) - channels
+        w_starts = np.cumsum(channels * rests) - channels * rests
+        failed = np.zeros(len(channels), bool)
+        for mask, begin in ((bad | ~np.isfinite(b32), starts), (~np.isfinite(w32), w_starts)):
+            where = np.flatnonzero(mask)
+            if where.size:
+                failed[np.searchsorted(begin, where, side="right") - 1] = True
+        if failed.any():
+            plans = list(self.plans.values())
+            for k in np.flatnonzero(failed):
+                plans[k].ok = False  # the ordinary path says why (kernel's Skip)
+        self.s, self.t, self.w64, self.w32, self.b64, self.b32 = s, t, w64, w32, b64, b32
+
+    def take(self, bn: onnx.NodeProto) -> Plan | None:
+        """`bn`'s precomputed fold, if it still holds (see the module docstring); None: the ordinary path."""
+        p = self.plans.get(id(bn))
+        if p is None or not p.ok:
+            return None
+        f, ix = self.f, self.f.ix
+        if ix.producer.get(bn.input[0]) is not p.conv or id(p.conv) in f.exact:
+            return None
+        cins = p.conv.input
+        if cins[1] != p.weight or (cins[2] if len(cins) > 2 and cins[2] else None) != p.bias:
+            return None
+        written = f.written
+        if written and (p.weight in written or p.bias in written or any(n in written for n in p.params)):
+            return None
+        out = bn.output[0]
+        users = ix.consumers.get(out, ())
+        if (len(users) == 1 and out not in ix.graph_outputs and users[0].op_type in ("Mul", "Add")
+                and users[0].domain in ONNX_DOMAINS):
+            return None  # absorb_affine_chain may take it into the BN's map
+        return p
+
+    def scale_shift(self, p: Plan) -> tuple[np.ndarray, np.ndarray]:
+        c = p.shape[0]
+        return self.s[p.at:p.at + c], self.t[p.at:p.at + c]
+
+    def folded(self, p: Plan, keep_exact: bool) -> kernel.Folded:
+        c, n = p.shape[0], math.prod(p.shape)
+        w = self.w32[p.w_at:p.w_at + n].reshape(p.shape)
+        b = self.b32[p.at:p.at + c]
+        if not keep_exact:
+            return kernel.Folded(w, b)
+        return kernel.Folded(w, b, self.w64[p.w_at:p.w_at + n].reshape(p.shape), self.b64[p.at:p.at + c].copy())
