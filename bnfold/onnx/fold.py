@@ -25,13 +25,14 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
     t0 = time.perf_counter()
     with paused_gc():
         borrowed: dict[str, onnx.TensorProto] = {}
+        names = readable_names(model)  # before the fold: folding in place removes the BNs it names
         if copy or opts.verify or opts.dry_run:
             folded, borrowed = copy_borrowing(model)  # the weights a fold replaces are never copied
         else:
             folded = model
         decisions = fold_all_scopes(folded, opts, borrowed)
         fill_borrowed(folded, borrowed)
-        _name_readably(model, decisions)
+        _name_readably(names, decisions)
     t_fold = time.perf_counter() - t0
     report = Report(model=original_path, framework="onnx", decisions=decisions)
     t1 = time.perf_counter()
@@ -67,9 +68,9 @@ def paused_gc() -> Iterator[None]:
         gc.enable()
 
 
-def _name_readably(model: onnx.ModelProto, decisions: list) -> None:
-    """Beside generated node names, the module paths the exporter recorded (the node name stays the key)."""
-    names = readable_names(model)
+def _name_readably(names: dict[str, str], decisions: list) -> None:
+    """Beside generated node names, the module paths the exporter recorded (names.readable_names; the node
+    name stays the key)."""
     if not names:
         return
     for d in decisions:
