@@ -116,11 +116,14 @@ class Batch:
                     or (overridable and name in overridable) or (borrowed and name in borrowed)):
                 return None
             tensors.append(t)
-        c = tensors[0].dims[:]
-        if len(c) != 1 or tensors[1].dims[:] != c or tensors[2].dims[:] != c or tensors[3].dims[:] != c \
-                or (bias and tensors[5].dims[:] != c):
-            return None
         shape = tuple(tensors[4].dims[:])
+        if not shape:
+            return None
+        n = shape[0]  # channels: every parameter and the bias hold exactly n values, in one axis
+        for k in (0, 1, 2, 3, 5) if bias else (0, 1, 2, 3):
+            d = tensors[k].dims
+            if len(d) != 1 or d[0] != n:
+                return None
         group = 1
         for a in conv.attribute[:]:
             if a.name == "group":
@@ -132,16 +135,16 @@ class Batch:
             if layout.check(shape) or not 0 < math.prod(shape) <= MAX_ELEMENTS:
                 layout = False
             self._layouts[key] = layout
-        if layout is False or shape[0] != c[0]:  # (a Conv's output channels: the weight's first axis)
+        if layout is False:
             return None
         blobs = [t.raw_data for t in tensors]
-        sizes = [4 * c[0]] * 4 + [4 * math.prod(shape)] + ([4 * c[0]] if bias else [])
-        if any(len(r) != n for r, n in zip(blobs, sizes)):
+        sizes = [4 * n] * 4 + [4 * math.prod(shape)] + ([4 * n] if bias else [])
+        if any(len(r) != size for r, size in zip(blobs, sizes)):
             return None  # data that does not fill its dims: the ordinary path reads it and says so
         for k, r in enumerate(blobs):
             raws[k].append(r)
         if not bias:
-            raws[5].append(bytes(4 * c[0]))
+            raws[5].append(bytes(4 * n))
         eps.append(e)
         has_bias.append(bias is not None)
         return Plan(conv, weight, bias, tuple(ins[1:]), layout, shape, 0, 0)

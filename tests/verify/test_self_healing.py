@@ -19,6 +19,7 @@ import bnfold
 from bnfold.cli import main
 from bnfold.core import kernel
 from bnfold.core.decisions import Reason
+from bnfold.onnx import batched
 from tests.conftest import SAMPLES
 from tests.helpers.onnx_build import G
 from tests.helpers.onnx_fold_check import assert_same_function
@@ -43,8 +44,11 @@ def _damage(how: str, groups: int = 1):
 
 @pytest.fixture
 def damage_second_fold(monkeypatch):
-    """Make the second fold_after call of a run return damaged weights (the others stay right)."""
+    """Make the second fold_after call of a run return damaged weights (the others stay right). The damage is
+    planted in the one-BN kernel, so the batch of plain Conv->BN folds (onnx/batched.py, which writes the
+    same bytes: tests/onnx/test_batched.py) is off; test_a_damaged_batched_fold_is_caught plants in it."""
     def plant(how: str, groups: int = 1) -> None:
+        monkeypatch.setattr(batched, "ENABLED", False)
         real, calls = kernel.fold_after, []
 
         def wrong(*a, **k):
@@ -84,6 +88,36 @@ def test_a_swapped_group_is_caught(rng, damage_second_fold):
     res = bnfold.fold(model)
     assert {d.bn: d.reason for d in res.report.skipped} == {"bn2": Reason.VERIFICATION_FAILED}
     assert [d.bn for d in res.report.folded] == ["bn1"] and res.report.verification.verdict == "passed"
+
+
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_a_damaged_batched_fold_is_caught(rng, monkeypatch, where):
+    """A wrong value from the batch of plain Conv->BN folds (onnx/batched.py) is caught, named and reverted
+    like any other: the damage is planted in the batch's own results (one channel of the second plan)."""
+    g = G(rng)
+    x = "x"
+    for i in range(4):
+        g.node("Conv", [x, g.weight(f"w{i}", (6, 6, 3, 3)), g.weight(f"b{i}", (6,))], [f"c{i}"], name=f"conv{i}",
+               pads=[1, 1, 1, 1])
+        x = g.bn(f"bn{i}", f"c{i}", 6, out=f"y{i}")
+    model = g.model([("x", [1, 6, 8, 8])], [(x, [1, 6, 8, 8])])
+    real, calls = batched.Batch._compute, []
+
+    def damaged(self, *a, **k):
+        real(self, *a, **k)
+        calls.append(1)
+        if len(calls) > 1:
+            return  # the pass again, with the caught fold reverted
+        p = list(self.plans.values())[1]
+        if where == "weight":
+            self.w32[p.w_at:p.w_at + 9] *= np.float32(1.0001)  # channel 0's first input plane
+        else:
+            self.b32[p.at] += np.float32(1e-3) * max(abs(self.b32[p.at]), np.float32(1))
+    monkeypatch.setattr(batched.Batch, "_compute", damaged)
+    res = bnfold.fold(model)
+    assert {d.bn: d.reason for d in res.report.skipped} == {"bn1": Reason.VERIFICATION_FAILED}
+    assert res.report.verification.verdict == "passed"
+    assert_same_function(model, res.model)
 
 
 def test_strict_refuses_instead_and_names_the_fold(tmp_path, damage_second_fold, capsys):
