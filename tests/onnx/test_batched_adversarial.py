@@ -226,7 +226,7 @@ def test_1d_and_3d_convs(rank, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["conv_two_outputs", "bn_empty_outputs", "epsilon_twice", "epsilon_int",
-                                     "momentum_int", "momentum_float"])
+                                     "momentum_int", "momentum_float", "no_epsilon", "overridable_var"])
 def test_odd_node_shapes_and_attributes(variant, monkeypatch):
     g = G(np.random.default_rng(4))
     outs = ["y", "y_extra"] if variant == "conv_two_outputs" else ["y"]
@@ -236,18 +236,21 @@ def test_odd_node_shapes_and_attributes(variant, monkeypatch):
     bn = g.nodes[-1]
     attrs = {"epsilon_twice": [("epsilon", 0.5), ("epsilon", 1e-3)], "epsilon_int": [("epsilon", 1)],
              "momentum_int": [("epsilon", 1e-3), ("momentum", 1)],
-             "momentum_float": [("momentum", 0.9), ("epsilon", 0.25)]}.get(variant)
-    if attrs:
+             "momentum_float": [("momentum", 0.9), ("epsilon", 0.25)], "no_epsilon": []}.get(variant)
+    if attrs is not None:
         del bn.attribute[:]
         bn.attribute.extend(helper.make_attribute(k, v) for k, v in attrs)
     if variant == "bn_empty_outputs":
         bn.output.extend(["", ""])
     model = g.model([("x", [1, C, 5, 5])], [(z, [1, C, 5, 5])])
-    expect = 1 if variant in ("conv_two_outputs", "epsilon_twice", "momentum_float") else 0
+    if variant == "overridable_var":  # IR 4+: the caller may feed another variance
+        model.graph.input.append(helper.make_tensor_value_info("bn_var", F, [C]))
+    expect = 1 if variant in ("conv_two_outputs", "epsilon_twice", "momentum_float", "no_epsilon") else 0
     assert taken(model, monkeypatch) == expect
     folded = same_either_way(model, monkeypatch)
-    assert [n.op_type for n in folded.graph.node] == ["Conv"]
-    if variant == "momentum_float":  # (onnxruntime refuses the others)
+    assert [n.op_type for n in folded.graph.node] == (["Conv", "BatchNormalization"] if variant == "overridable_var"
+                                                      else ["Conv"])
+    if variant in ("momentum_float", "no_epsilon", "overridable_var"):  # (onnxruntime refuses the others)
         same_function(model, folded, x_feed((1, C, 5, 5)))
 
 
@@ -586,4 +589,59 @@ def test_a_conv_folded_into_from_before_then_from_after(order, k, pads, monkeypa
     folded = same_either_way(model, monkeypatch)
     res = bnfold.fold(model, verify=False)
     assert {d.bn: d.direction for d in res.report.folded} == {"pre": "before", "post": "after"}
+    same_function(_toposorted(model), _toposorted(folded), x_feed((1, C, 5, 5)))
+
+
+def test_overflows_at_the_edges_of_many_plans(monkeypatch):
+    """Forty pairs of 1 to 7 channels and 1x1 or 3x3 kernels; a dozen of them overflow float32 when folded in
+    the first or last weight element, the first or last channel's bias, or a random one: exactly those are
+    refused (DTYPE_OVERFLOW), and every other folds from the batch."""
+    rng = np.random.default_rng(17)
+    r = random.Random(17)
+    g = G(rng)
+    bad = set(r.sample(range(40), 12))
+    outs, ins = [], []
+    for i in range(40):
+        c, ci, k = r.randint(1, 7), r.randint(1, 3), r.choice([1, 3])
+        w = rng.normal(0, 0.3, (c, ci, k, k))
+        b = rng.normal(0, 1, c)
+        st = random_bn(rng, c)
+        st["gamma"], st["var"] = np.sign(st["gamma"]) * 1.5, np.full(c, 0.25)  # |s| = 3: 3e38 overflows
+        if i in bad:
+            where = r.choice(["w_first", "w_last", "b_first", "b_last", "w_any", "b_any"])
+            if where.startswith("w"):
+                flat = w.reshape(-1)
+                flat[{"w_first": 0, "w_last": flat.size - 1}.get(where, r.randrange(flat.size))] = 3e38
+            else:
+                b[{"b_first": 0, "b_last": c - 1}.get(where, r.randrange(c))] = 3e38
+        y = g.node("Conv", [f"x{i}", g.init(f"w{i}", w), g.init(f"b{i}", b)], [f"y{i}"], name=f"conv{i}",
+                   pads=[k // 2] * 4)
+        outs.append((g.bn(f"bn{i}", y, c, eps=0.0, stats=st), [1, c, 3, 3]))
+        ins.append((f"x{i}", [1, ci, 3, 3]))
+    model = g.model(ins, outs)
+    assert taken(model, monkeypatch) == 40 - len(bad)
+    same_either_way(model, monkeypatch)
+    res = bnfold.fold(model, verify=False)
+    assert {d.bn: d.reason.value for d in res.report.skipped} == {f"bn{i}": "DTYPE_OVERFLOW" for i in bad}
+
+
+@pytest.mark.parametrize("order", ["topological", "post_first"])
+def test_a_bn_retried_after_its_neighbour_folded_into_a_planned_conv(order, monkeypatch):
+    """Relu -> BN a -> BN b -> 1x1 Conv -> BN post: a is refused in the first round, b folds backward into the
+    conv, a follows it in the retry (from the float64 values b left); post, planned, must see that its conv
+    changed (or, listed first, folds before both)."""
+    g = G(np.random.default_rng(18))
+    a = g.bn("a", g.node("Relu", ["x"], ["r"]), C, eps=1e-3)
+    b = g.bn("b", a, C, eps=1e-3)
+    y = g.node("Conv", [b, g.weight("w", (C, C, 1, 1)), g.init("bias", g.rng.normal(0, 1, C))], ["y"], name="conv")
+    z = g.bn("post", y, C, eps=1e-3)
+    model = g.model([("x", [1, C, 5, 5])], [(z, [1, C, 5, 5])])
+    if order == "post_first":
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend([nodes[-1]] + nodes[:-1])
+    assert taken(model, monkeypatch) == (0 if order == "topological" else 1)
+    folded = same_either_way(model, monkeypatch)
+    res = bnfold.fold(model, verify=False)
+    assert {d.bn: d.direction for d in res.report.folded} == {"a": "before", "b": "before", "post": "after"}
     same_function(_toposorted(model), _toposorted(folded), x_feed((1, C, 5, 5)))
