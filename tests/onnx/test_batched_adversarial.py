@@ -346,18 +346,19 @@ def test_non_finite_weights_and_biases_are_refused_the_same_way(monkeypatch):
 
 def test_weights_at_and_above_the_size_limit(monkeypatch, tmp_path, capsys):
     """1-D convs whose weights hold MAX_ELEMENTS - 1, MAX_ELEMENTS and MAX_ELEMENTS + 1 values: the first two
-    fold in the batch when nothing is borrowed; in memory, from a file and through the command line the bytes
+    fold in the batch when nothing is borrowed (with a small pair beside them); in memory, from a file and through the command line the bytes
     are the same either way."""
     assert batched.MAX_ELEMENTS == 16384  # the shapes below are its factorisations and its neighbours'
     g = G(np.random.default_rng(8))
     ins, outs = [], []
-    for name, co, ci, k, n in (("at", 8, 16, 128, 130), ("above", 5, 29, 113, 120), ("below", 3, 43, 127, 130)):
+    for name, co, ci, k, n in (("at", 8, 16, 128, 130), ("above", 5, 29, 113, 120), ("below", 3, 43, 127, 130),
+                               ("small", 4, 4, 3, 10)):  # (a copy borrows the first three: only small batches)
         y = g.node("Conv", [f"x_{name}", g.weight(f"{name}_w", (co, ci, k), 0.05),
                             g.init(f"{name}_b", g.rng.normal(0, 1, co))], [f"{name}_y"], name=name)
         outs.append((g.bn(f"{name}_bn", y, co, eps=1e-3), [1, co, n - k + 1]))
         ins.append((f"x_{name}", [1, ci, n]))
     model = g.model(ins, outs)
-    assert taken(model, monkeypatch) == 2
+    assert taken(model, monkeypatch) == 3
     folded = same_either_way(model, monkeypatch)
     rng = np.random.default_rng(0)
     same_function(model, folded, {n: rng.normal(0, 1, s).astype(np.float32) for n, s in ins})
@@ -374,6 +375,14 @@ def test_weights_at_and_above_the_size_limit(monkeypatch, tmp_path, capsys):
     onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.data", size_threshold=0)
     sources = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    takes = []
+    real_take = batched.Batch.take
+
+    def counted(self, bn):  # the batch's results really are used on these paths
+        p = real_take(self, bn)
+        takes.append(p is not None)
+        return p
+    monkeypatch.setattr(batched.Batch, "take", counted)
     for src in ("plain", "ext"):
         for flags in (["--no-verify"], [], ["--no-verify", "--dry-run"]):
             seen = []
@@ -383,7 +392,9 @@ def test_weights_at_and_above_the_size_limit(monkeypatch, tmp_path, capsys):
                 out.mkdir(exist_ok=True)
                 for p in out.iterdir():
                     p.unlink()
+                takes.clear()
                 code = main([str(tmp_path / f"{src}.onnx"), "-o", f"{out}/", "--json", "-q", *flags])
+                assert any(takes) == on, (src, flags)
                 doc = json.loads(capsys.readouterr().out.replace(str(out), "OUT"))
                 doc.pop("timing_s", None)
                 files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
@@ -668,3 +679,40 @@ def test_a_bn_retried_after_its_neighbour_folded_into_a_planned_conv(order, monk
     res = bnfold.fold(model, verify=False)
     assert {d.bn: d.direction for d in res.report.folded} == {"a": "before", "b": "before", "post": "after"}
     same_function(_toposorted(model), _toposorted(folded), x_feed((1, C, 5, 5)))
+
+
+def test_bns_in_a_loop_body_with_local_and_outer_weights(monkeypatch):
+    """A Loop body: Conv (local weight and bias) -> BN (local parameters) -> Conv (outer weight) -> BN (outer
+    parameters, also read by a BN of the main graph whose Conv reads the same outer weight)."""
+    rng = np.random.default_rng(19)
+    st, st2 = random_bn(rng, C), random_bn(rng, C)
+    local = [numpy_helper.from_array(rng.normal(0, .3, (C, C, 3, 3)).astype(np.float32), "bw"),
+             numpy_helper.from_array(rng.normal(0, 1, C).astype(np.float32), "bb")]
+    local += [numpy_helper.from_array(st[q].astype(np.float32), f"b_{q}") for q in st]
+    outer_p = ["p_gamma", "p_beta", "p_mean", "p_var"]
+    body = helper.make_graph([
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        helper.make_node("Conv", ["h", "bw", "bb"], ["c"], name="lconv", pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["c", "b_gamma", "b_beta", "b_mean", "b_var"], ["c2"], name="lbn",
+                         epsilon=1e-3),
+        helper.make_node("Conv", ["c2", "w"], ["c3"], name="lconv2", pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["c3", *outer_p], ["h_out"], name="lbn2", epsilon=1e-3),
+    ], "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("h", F, [1, C, 5, 5])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", F, [1, C, 5, 5])], local)
+    outer = [numpy_helper.from_array(rng.normal(0, .3, (C, C, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(3, np.int64), "trip"), numpy_helper.from_array(np.array(True), "cond")]
+    outer += [numpy_helper.from_array(st2[q].astype(np.float32), n) for q, n in zip(st2, outer_p)]
+    nodes = [helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body),
+             helper.make_node("Conv", ["y", "w"], ["mc"], name="main_conv", pads=[1] * 4),
+             helper.make_node("BatchNormalization", ["mc", *outer_p], ["z"], name="main_bn")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", F, [1, C, 5, 5])],
+                              [helper.make_tensor_value_info("z", F, [1, C, 5, 5])], outer)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert taken(model, monkeypatch) == 1  # main_bn (the main graph's count)
+    folded = same_either_way(model, monkeypatch)
+    assert len(bnfold.fold(model, verify=False).report.folded) == 3
+    same_function(model, folded, x_feed((1, C, 5, 5)), rel=1e-3)
