@@ -20,6 +20,7 @@ import random
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, seed, settings
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -31,6 +32,7 @@ from bnfold.onnx.edits import GraphEdits
 from bnfold.onnx.folder import OnnxFolder
 from bnfold.onnx.scopes import model_opset
 from tests.conftest import random_bn
+from tests.fuzz.strategies_onnx import cases
 from tests.helpers.onnx_build import G, run_ort
 
 C = 4
@@ -716,3 +718,33 @@ def test_bns_in_a_loop_body_with_local_and_outer_weights(monkeypatch):
     folded = same_either_way(model, monkeypatch)
     assert len(bnfold.fold(model, verify=False).report.folded) == 3
     same_function(model, folded, x_feed((1, C, 5, 5)), rel=1e-3)
+
+
+@pytest.mark.parametrize("twice", ["tensor", "initializer"])
+def test_a_name_given_twice(twice, monkeypatch):
+    """Two Convs writing the same tensor name, or two initializers of one name (different values): invalid
+    models, folded alike either way (the index keeps the last of each, on both paths)."""
+    g = G(np.random.default_rng(20))
+    if twice == "tensor":
+        g.node("Conv", ["x", g.weight("w1", (C, C, 3, 3))], ["y"], name="c1", pads=[1] * 4)
+        g.node("Conv", ["x", g.weight("w2", (C, C, 3, 3))], ["y"], name="c2", pads=[1] * 4)
+        z = g.bn("bn", "y", C, eps=1e-3)
+    else:
+        st = random_bn(g.rng, C)
+        g.node("Conv", ["x", g.weight("w", (C, C, 1, 1))], ["y"], name="c1")
+        z = g.node("BatchNormalization", ["y", g.init("p", st["gamma"]), g.init("bt", st["beta"]),
+                                          g.init("mn", st["mean"]), g.init("vr", st["var"])], ["z"], name="bn")
+        g.init("p", st["gamma"] * 3)
+        g.init("w", g.rng.normal(0, 1, (C, C, 1, 1)))
+    model = g.model([("x", [1, C, 5, 5])], [(z, [1, C, 5, 5])])
+    assert taken(model, monkeypatch) == 1
+    same_either_way(model, monkeypatch)
+
+
+@seed(20261129)
+@settings(max_examples=200, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(case=cases(max_blocks=6))
+def test_bigger_random_models_fold_the_same_either_way(case, monkeypatch):
+    """The fuzz suite's models with more blocks than tests/onnx/test_batched.py draws, from another seed."""
+    same_either_way(case.model, monkeypatch)
