@@ -10,8 +10,9 @@ data that does not fill its dims, -0.0, denormals and the float32 rounding edge,
 MAX_ELEMENTS edge, If and Loop bodies with local, outer and shadowing initializers, a node order that is
 not topological, a BN before a planned BN's conv (the stale-plan guards), retries, names given twice, the
 owned in-place fold, reverted folds (Options.exclude and a real failed proof), the command line on a plain
-and an external-data file, and more fuzz models. Two bugs are marked xfail (both about the Conv's `group`
-attribute, read differently by the batch than by the ordinary path).
+and an external-data file, and more fuzz models. Bugs are marked xfail: two about the Conv's `group` attribute, read
+differently by the batch than by the ordinary path; two in GraphEdits._write_const, on both paths (a new
+constant named like a graph-output initializer overwrites it, or crashes when its readers are gone).
 """
 from __future__ import annotations
 
@@ -141,6 +142,49 @@ def test_a_conv_group_of_the_wrong_type_before_a_refused_bn_does_not_crash_the_b
     off = bnfold.fold(model, verify=False).report
     assert {d.bn: d.reason.value for d in off.skipped} == {"bn": "NON_FINITE_PARAM"}
     same_either_way(model, monkeypatch)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edits.GraphEdits._write_const(name, value, user=None) (new constants: the bias Add a MatMul->BN fold "
+    "inserts, named '<matmul>_bias'; the Mul+Add of standalone='affine', '<bn>_scale'/'<bn>_shift') writes IN "
+    "PLACE over an existing initializer of that name when it is a graph output no node reads: ix.uses(name) "
+    "== 1 (the output) and ix.consumers.get(name, [None])[0] is None is user. The folded model's graph output "
+    "'mm_bias' / 'bn_scale' then holds the fold's bias / scale instead of its own value (with or without the "
+    "batch; verification then fails with nothing to revert)."))
+@pytest.mark.parametrize("where", ["matmul_bias", "standalone_scale"])
+def test_a_new_constant_does_not_overwrite_a_graph_output_of_the_same_name(where, monkeypatch):
+    g = G(np.random.default_rng(21))
+    if where == "matmul_bias":
+        y = g.node("MatMul", ["x", g.weight("w", (C, C))], ["y"], name="mm")
+        z = g.bn("bn", y, C, eps=1e-3)
+        name, shape, x_shape, kw = g.init("mm_bias", np.arange(C)), [C], [2, C], {}
+    else:
+        z = g.bn("bn", g.node("Relu", ["x"], ["r"]), C, eps=1e-3)
+        name, shape, x_shape, kw = g.init("bn_scale", np.arange(C).reshape(C, 1, 1)), [C, 1, 1], [1, C, 3, 3], \
+            {"standalone": "affine"}
+    model = g.model([("x", x_shape)], [(z, x_shape), (name, shape)])
+    folded = same_either_way(model, monkeypatch, **kw)
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 0
+    same_function(model, folded, x_feed(x_shape))
+
+
+@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
+    "edits.GraphEdits._write_const(name, value, user=None) indexes ix.consumers.get(name, [None])[0]: when "
+    "`name` is a graph output whose readers an earlier fold removed (ix.unread leaves an empty list), "
+    "ix.uses(name) == 1 and [][0] raises IndexError. Repro: initializer 'mm_bias' is BN bn1's scale and a graph "
+    "output; bn1 folds into its Conv first; then MatMul 'mm' -> BN bn2 folds and its inserted bias is named "
+    "'mm_bias': bnfold.fold raises IndexError (with or without the batch)."))
+def test_a_new_constant_named_like_an_emptied_graph_output_does_not_crash(monkeypatch):
+    g = G(np.random.default_rng(22))
+    st = random_bn(g.rng, C)
+    g.node("Conv", ["x", g.weight("cw", (C, C, 1, 1))], ["cy"], name="conv")
+    a = g.node("BatchNormalization", ["cy", g.init("mm_bias", st["gamma"]), g.init("b1", st["beta"]),
+                                      g.init("m1", st["mean"]), g.init("v1", st["var"])], ["a"], name="bn1")
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [a], ["gap"])], ["flat"])
+    z = g.bn("bn2", g.node("MatMul", [flat, g.weight("w", (C, C))], ["y2"], name="mm"), C, eps=1e-3)
+    model = g.model([("x", [2, C, 3, 3])], [(z, [2, C]), ("mm_bias", [C])])
+    folded = same_either_way(model, monkeypatch)
+    same_function(model, folded, x_feed([2, C, 3, 3]))
 
 
 # -- what held ----------------------------------------------------------------------------------
