@@ -148,7 +148,10 @@ def fold_after(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, s
         view = [1] * weight.ndim
         view[layout.out_axis % weight.ndim] = channels
         factor = scale.reshape(view)
-    w64 = np.multiply(weight, factor, dtype=np.float64) if keep_exact else None
+    w64 = None
+    if keep_exact:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf * 0: round_to names the value that is not finite
+            w64 = np.multiply(weight, factor, dtype=np.float64)
     w_new = round_to(w64, wdt, "weight") if w64 is not None else _scaled(weight, factor, wdt)
     if bias is None:
         b_new = shift.copy()

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ..core import kernel, layouts
-from .nodes import ONNX_DOMAINS, value_of
+from .nodes import ONNX_DOMAINS, attr
 
 if TYPE_CHECKING:
     from .folder import OnnxFolder
@@ -124,10 +124,9 @@ class Batch:
             d = tensors[k].dims
             if len(d) != 1 or d[0] != n:
                 return None
-        group = 1
-        for a in conv.attribute[:]:
-            if a.name == "group":
-                group = int(value_of(a))
+        group = attr(conv, "group", 1)  # (as the ordinary path reads it: the first, if given twice)
+        if type(group) is not int:
+            return None  # a malformed attribute: the ordinary path decides what it means
         key = (group, shape)
         layout = self._layouts.get(key)
         if layout is None:

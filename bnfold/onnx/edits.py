@@ -80,11 +80,14 @@ class GraphEdits:
             d.site = (x, y)
         return d
 
-    def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto) -> str:
-        """Write `value` for `user`: in place when only `user` reads `name`, else under a new name."""
+    def _write_const(self, name: str, value: np.ndarray, user: onnx.NodeProto | None) -> str:
+        """Write `value` for `user`: in place when only `user` reads `name` (and it is no graph output), else under
+        a new name (always, for no `user`: a new constant)."""
         ix = self.ix
         t = ix.inits.get(name)
-        if t is not None and ix.uses(name) == 1 and ix.consumers.get(name, [None])[0] is user:
+        users = ix.consumers.get(name)
+        if (t is not None and user is not None and users and len(users) == 1 and users[0] is user
+                and name not in ix.graph_outputs):
             raw = t.HasField("raw_data")
             if (_RAW_FLOAT.get(value.dtype) == t.data_type and sys.byteorder == "little"
                     and tuple(t.dims[:]) == value.shape and (raw or name in ix.borrowed or on_disk(t))):

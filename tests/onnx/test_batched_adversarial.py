@@ -10,9 +10,10 @@ data that does not fill its dims, -0.0, denormals and the float32 rounding edge,
 MAX_ELEMENTS edge, If and Loop bodies with local, outer and shadowing initializers, a node order that is
 not topological, a BN before a planned BN's conv (the stale-plan guards), retries, names given twice, the
 owned in-place fold, reverted folds (Options.exclude and a real failed proof), the command line on a plain
-and an external-data file, and more fuzz models. Bugs are marked xfail: two about the Conv's `group` attribute, read
-differently by the batch than by the ordinary path; two in GraphEdits._write_const, on both paths (a new
-constant named like a graph-output initializer overwrites it, or crashes when its readers are gone).
+and an external-data file, and more fuzz models. Four bugs these found are fixed and stay tested here: two about the Conv's `group`
+attribute (read differently by the batch than by the ordinary path: given twice, of the wrong type), two in
+GraphEdits._write_const on both paths (a new constant named like a graph-output initializer overwrote it, or
+crashed once that output's readers were gone).
 """
 from __future__ import annotations
 
@@ -104,12 +105,6 @@ def positive(g: G, name: str) -> str:
 
 # -- bugs -----------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "batched.Batch._plan reads the LAST `group` attribute of a Conv (its loop over conv.attribute keeps "
-    "overwriting), the ordinary path nodes.attr() the FIRST: an in-memory Conv with group=3 then group=1 and "
-    "4 output channels folds with the batch on (layout of group 1) but is skipped as AXIS_MISMATCH ('4 output "
-    "channels are not divisible by groups=3') with it off. (onnx.checker refuses duplicate attributes, so a "
-    "file never gets here; bnfold.fold(model) does not run the checker.)"))
 def test_a_conv_with_group_given_twice_decides_as_without_the_batch(monkeypatch):
     g = G(np.random.default_rng(0))
     conv = helper.make_node("Conv", ["x", g.weight("w", (C, C, 3, 3)), g.init("b", g.rng.normal(0, 1, C))], ["y"],
@@ -121,14 +116,6 @@ def test_a_conv_with_group_given_twice_decides_as_without_the_batch(monkeypatch)
     same_either_way(model, monkeypatch)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "batched.Batch._plan converts every planned Conv's `group` attribute with int(value_of(a)) before the "
-    "per-BN loop, for BNs the ordinary path refuses before it ever reads the group (non-finite statistics: "
-    "kernel.bn_scale_shift raises NON_FINITE_PARAM in _bn_params, ahead of _match_layer). An in-memory Conv "
-    "whose group is a STRING b'two' or INTS [1] feeding a BN with a NaN variance: with the batch, "
-    "bnfold.fold raises ValueError/TypeError out of Batch.__init__ (and no BN of the graph folds); without "
-    "it, the BN is skipped as NON_FINITE_PARAM. (onnx.checker refuses the attribute type, so only "
-    "bnfold.fold(model) gets here.)"))
 @pytest.mark.parametrize("group", ["two", [1]])
 def test_a_conv_group_of_the_wrong_type_before_a_refused_bn_does_not_crash_the_batch(group, monkeypatch):
     g = G(np.random.default_rng(0))
@@ -144,13 +131,6 @@ def test_a_conv_group_of_the_wrong_type_before_a_refused_bn_does_not_crash_the_b
     same_either_way(model, monkeypatch)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edits.GraphEdits._write_const(name, value, user=None) (new constants: the bias Add a MatMul->BN fold "
-    "inserts, named '<matmul>_bias'; the Mul+Add of standalone='affine', '<bn>_scale'/'<bn>_shift') writes IN "
-    "PLACE over an existing initializer of that name when it is a graph output no node reads: ix.uses(name) "
-    "== 1 (the output) and ix.consumers.get(name, [None])[0] is None is user. The folded model's graph output "
-    "'mm_bias' / 'bn_scale' then holds the fold's bias / scale instead of its own value (with or without the "
-    "batch; verification then fails with nothing to revert)."))
 @pytest.mark.parametrize("where", ["matmul_bias", "standalone_scale"])
 def test_a_new_constant_does_not_overwrite_a_graph_output_of_the_same_name(where, monkeypatch):
     g = G(np.random.default_rng(21))
@@ -168,12 +148,6 @@ def test_a_new_constant_does_not_overwrite_a_graph_output_of_the_same_name(where
     same_function(model, folded, x_feed(x_shape))
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-    "edits.GraphEdits._write_const(name, value, user=None) indexes ix.consumers.get(name, [None])[0]: when "
-    "`name` is a graph output whose readers an earlier fold removed (ix.unread leaves an empty list), "
-    "ix.uses(name) == 1 and [][0] raises IndexError. Repro: initializer 'mm_bias' is BN bn1's scale and a graph "
-    "output; bn1 folds into its Conv first; then MatMul 'mm' -> BN bn2 folds and its inserted bias is named "
-    "'mm_bias': bnfold.fold raises IndexError (with or without the batch)."))
 def test_a_new_constant_named_like_an_emptied_graph_output_does_not_crash(monkeypatch):
     g = G(np.random.default_rng(22))
     st = random_bn(g.rng, C)
