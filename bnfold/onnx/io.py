@@ -120,9 +120,9 @@ def _check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
     exactly)."""
     T = onnx.TensorProto
     for t in all_tensors(model):  # a model may hold hundreds of thousands: ~1.5 us each
-        dims = t.dims
+        dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
         if dims and min(dims) < 0:
-            raise BnfoldError(f"tensor {t.name!r} has a negative dimension {list(dims)}", path)
+            raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
         item = _ITEMSIZE.get(t.data_type)
         if item is None:
             item = _itemsize(t.data_type)
@@ -132,7 +132,7 @@ def _check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
         if t.HasField("raw_data"):
             want, unit = (n + 1) // 2 if item < 0 else n * item, "bytes"
             if size is not None and want > size:
-                raise BnfoldError(f"tensor {t.name!r} declares dims {list(dims)} ({want} bytes), more than the "
+                raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} bytes), more than the "
                                   f"whole file holds ({size}); the file is corrupt", path)
             if want > _EXACT_RAW:
                 continue
@@ -142,7 +142,7 @@ def _check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
             want = 2 * n if t.data_type in _TWO_FLOATS else (n + 1) // 2 if item < 0 else n
             unit = "values"
         if have != want:
-            raise BnfoldError(f"tensor {t.name!r} declares dims {list(dims)} ({want} {unit}) but holds {have} "
+            raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} {unit}) but holds {have} "
                               f"{unit}; the file is corrupt", path)
 
 

@@ -166,7 +166,7 @@ def all_tensors(model: onnx.ModelProto):
 
     def of_nodes(nodes):
         for n in nodes:
-            for a in n.attribute:
+            for a in n.attribute[:]:
                 if a.type == A.TENSOR:
                     yield a.t
                 elif a.type == A.TENSORS:
@@ -197,7 +197,7 @@ def nbytes(t: onnx.TensorProto) -> int:
         size = _itemsize(t.data_type)
     if not size:
         return 0
-    n = math.prod(t.dims)
+    n = math.prod(t.dims[:])  # ([:] is one call; iterating a repeated field ends in a raised IndexError)
     return (n + 1) // 2 if size < 0 else n * size
 
 
