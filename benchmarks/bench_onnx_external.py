@@ -26,8 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import _timing
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 WORK = HERE / "_work" / "external"
 N = 8192  # features: one fp32 weight is N*N*4 bytes = 256 MiB
 
@@ -59,41 +60,12 @@ def build(path: Path, layers: int, seed: int = 7) -> None:
                     location=path.name + ".data", size_threshold=1024)
 
 
-# The child's own high-water mark, read from /proc when it exits. getrusage/wait4's ru_maxrss is not
-# usable here: Linux carries the forking parent's resident size into the child's maxrss across
-# fork + exec, so a child of a parent that once held the generated model reported that size instead.
-_PEAK = """
-import atexit, runpy, sys
-out = sys.argv.pop(1)
-def _peak():
-    with open('/proc/self/status') as f:
-        kib = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))
-    with open(out, 'w') as f:
-        f.write(str(kib))
-atexit.register(_peak)
-if sys.argv[1] == '-m':
-    sys.argv = [sys.argv[2]] + sys.argv[3:]
-    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
-else:
-    code = sys.argv[2]
-    sys.argv = ['-c'] + sys.argv[3:]
-    exec(compile(code, '<baseline>', 'exec'), {'__name__': '__main__'})
-"""
-
-
 def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of one child process: `cmd` is [python, -m|-c, ...]."""
-    import tempfile
-    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
-        t = time.perf_counter()
-        p = subprocess.run([cmd[0], "-c", _PEAK, peak.name, *cmd[1:]], cwd=ROOT, stdout=subprocess.DEVNULL,
-                           stderr=err)
-        wall = time.perf_counter() - t
-        if p.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.read().decode()[-2000:]}")
-        kib = int(peak.read() or 0)
-    return wall, kib / 2 ** 20
+    """(wall seconds, peak RSS in GiB) of one child process of this interpreter: `cmd` is [-m|-c, ...]."""
+    r = _timing.run(cmd)
+    if not r.ok:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.out}")
+    return r.wall, r.peak_mib / 1024
 
 
 def size_gib(path: Path) -> float:
@@ -126,11 +98,11 @@ def main() -> None:
         for q in (p, Path(str(p) + ".data")):
             if q.exists():
                 q.unlink()
-    baseline = [sys.executable, "-c",
+    baseline = ["-c",
                 "import onnx,sys; m=onnx.load(sys.argv[1]); onnx.save_model(m, sys.argv[2], save_as_external_data=True,"
                 " all_tensors_to_one_file=True, location='baseline.onnx.data', size_threshold=1024)",
                 str(src), str(base_out)]
-    bnfold = [sys.executable, "-m", "bnfold", str(src), "--no-verify", "-o", str(fold_out), "--json", "-q"]
+    bnfold = ["-m", "bnfold", str(src), "--no-verify", "-o", str(fold_out), "--json", "-q"]
     tb, rb = run(baseline)
     print(f"  onnx load + save (external)   {tb:7.1f} s   peak RSS {rb:5.2f} GiB")
     tf, rf = run(bnfold)
@@ -151,7 +123,7 @@ def main() -> None:
           f"BatchNormalization nodes left: {n_bn}; {time.perf_counter() - t:.1f} s")
     if a.verify:
         ver_out = WORK / "verified.onnx"
-        tv, rv = run([sys.executable, "-m", "bnfold", str(src), "-o", str(ver_out), "-q"])
+        tv, rv = run(["-m", "bnfold", str(src), "-o", str(ver_out), "-q"])
         print(f"  bnfold (with verification)    {tv:7.1f} s   peak RSS {rv:5.2f} GiB   (exit code 0 = verified)")
     if not a.keep:
         shutil.rmtree(WORK)

@@ -31,23 +31,8 @@ sys.path.insert(0, str(ROOT))  # measure this checkout
 
 
 def build(name: str, size: int):
-    import torch
-    import timm
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    m = timm.create_model(name, pretrained=False, num_classes=1000)
-    for mod in m.modules():
-        if isinstance(mod, _BatchNorm) and mod.affine:
-            c = mod.num_features
-            mod.weight.data = torch.tensor(rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c), dtype=torch.float32)
-            mod.bias.data = torch.tensor(rng.normal(0, 1, c), dtype=torch.float32)
-            mod.momentum = 1.0
-    m.train()
-    with torch.no_grad():
-        m(torch.randn(2, 3, size, size) * 2 + 0.5)
-    return m.eval()
+    from tests.helpers.timm_train_form import build_calibrated
+    return build_calibrated(name, num_classes=1000, size=size)
 
 
 def export(model, size: int, batch: int):

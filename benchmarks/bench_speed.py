@@ -32,75 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-WORK = HERE / "_work"
-PY = sys.executable
+from _timing import PY, ROOT, Run, child_env, med, run
 
-# Run a child and write its own peak RSS (VmHWM) to a file as it exits: wait4's ru_maxrss carries the
-# forking parent's resident size into the child on Linux, so it cannot be used here.
-_PEAK = """
-import atexit, runpy, sys
-out = sys.argv.pop(1)
-def _peak():
-    with open('/proc/self/status') as f:
-        kib = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))
-    with open(out, 'w') as f:
-        f.write(str(kib))
-atexit.register(_peak)
-if sys.argv[1] == '-m':
-    sys.argv = [sys.argv[2]] + sys.argv[3:]
-    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
-else:
-    code = sys.argv[2]
-    sys.argv = ['-c'] + sys.argv[3:]
-    exec(compile(code, '<bench>', 'exec'), {'__name__': '__main__'})
-"""
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
 
 FLOOR = "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])"
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's bnfold
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # users run from cached bytecode; so do the children
-    return env
-
-
-@dataclass
-class Run:
-    wall: float
-    cpu: float
-    peak_mib: float
-    ok: bool
-    out: str = ""
-
-
-def run(args: list[str], timeout: float | None = None) -> Run:
-    """One child: `args` is [-m, module, ...] or [-c, code, ...] for this interpreter."""
-    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t = time.perf_counter()
-        try:
-            p = subprocess.run([PY, "-c", _PEAK, peak.name, *args], cwd=ROOT, env=child_env(), capture_output=True,
-                               text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return Run(time.perf_counter() - t, float("nan"), float("nan"), False, "timed out")
-        wall = time.perf_counter() - t
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        kib = int(peak.read() or 0)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    tail = (p.stdout if p.returncode == 0 else p.stderr.strip()[-600:])
-    return Run(wall, cpu, kib / 1024, p.returncode == 0, tail)
 
 
 @dataclass
@@ -112,10 +54,6 @@ class Contender:
 
     def cmd(self, src: Path, dst: Path) -> list[str]:
         return [a.replace("{src}", str(src)).replace("{dst}", str(dst)) for a in self.args]
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def peers(with_peers: bool) -> tuple[list[Contender], list[str]]:

@@ -1,7 +1,7 @@
 """Eager CPU speed-up of a folded ResNet-50 at batch 1. Prints numbers, asserts nothing.
 
 The model is torchvision's ResNet-50 layout (7x7 stem, max-pool, bottleneck stages of 3/4/6/3 blocks,
-widths 64..512 x4), written out here because torchvision is not a dependency, with random BN
+widths 64..512 x4), tests.helpers.zoo_deep's copy of it (torchvision is not a dependency), with random BN
 statistics far from the defaults. bnfold folds it (and verifies the fold); then the original and the
 folded model each run `--runs` timed forward passes at batch 1, interleaved so that both see the same
 machine state, after `--warmup` untimed ones. Printed: the median ms of each, every BN decision
@@ -21,35 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # this checkout: bnfold and tests.helpers (never tests/ itself, whose
+# onnx/ and torch/ folders would shadow the real packages)
 
 import bnfold  # noqa: E402
-from zoo_torch import Bottleneck, randomize_bn  # noqa: E402
-
-
-class ResNet50(nn.Module):
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        blocks: list[nn.Module] = []
-        cin = 64
-        for i, (width, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(Bottleneck(cin, width, width * 4, stride))
-                cin = width * 4
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layers(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+from tests.helpers.zoo_deep import ResNet  # noqa: E402
+from tests.helpers.zoo_torch import randomize_bn  # noqa: E402
 
 
 def _time(model: nn.Module, x: torch.Tensor) -> float:
@@ -68,7 +47,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = randomize_bn(ResNet50(), seed=0)
+    model = randomize_bn(ResNet("bottleneck", (3, 4, 6, 3)), seed=0)
     x = torch.randn(1, 3, a.size, a.size)
 
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import pytest
 
 from bnfold.batch import plan
 from bnfold.cli import main
-from tests.conftest import SAMPLES, random_bn
+from tests.conftest import SAMPLES
 from tests.helpers.onnx_build import run_ort
 
 
@@ -28,17 +28,11 @@ def snapshot(root) -> dict[str, str]:
 
 def _torch_program(path, seed: int = 0) -> None:
     import torch
+
+    from tests.helpers.zoo_torch import set_random_bn
     torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                            torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)).eval()
-    rng = np.random.default_rng(seed)
-    for bn in (m[1], m[4]):
-        st = random_bn(rng, bn.num_features)
-        with torch.no_grad():
-            bn.weight.copy_(torch.tensor(st["gamma"]))
-            bn.bias.copy_(torch.tensor(st["beta"]))
-            bn.running_mean.copy_(torch.tensor(st["mean"]))
-            bn.running_var.copy_(torch.tensor(st["var"]))
+    m = set_random_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                          torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)), seed)
     ep = torch.export.export(m, (torch.randn(2, 3, 8, 8),))
     torch.export.save(ep, str(path))
 

@@ -24,6 +24,7 @@ from bnfold.cli import main
 from bnfold.core.decisions import Reason
 from bnfold.testing import assert_equivalent
 from tests.conftest import ROOT
+from tests.helpers.cli_tty import run_with_tty_stderr
 from tests.helpers.onnx_build import G
 from tests.helpers.onnx_fold_check import assert_same_function
 
@@ -330,35 +331,13 @@ def test_help_of_each_command_lists_its_documented_options(cmd, capsys):
     assert not missing, missing
 
 
-def _with_tty_stderr(args: list[str]) -> tuple[int, str, str]:
-    """Run the CLI with stderr on a terminal (progress is only shown there) and stdout on a pipe."""
-    import pty
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "bnfold", *args], stdout=subprocess.PIPE, stderr=slave,
-                         env={**os.environ, "PYTHONPATH": ROOT})
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            b = os.read(master, 4096)
-        except OSError:
-            break
-        if not b:
-            break
-        chunks.append(b)
-    out = p.stdout.read().decode()
-    p.wait()
-    os.close(master)
-    return p.returncode, out, b"".join(chunks).decode(errors="replace")
-
-
 def test_progress_goes_to_stderr_never_stdout_and_q_silences_it(src):
-    code, out, err = _with_tty_stderr([str(src), "--dry-run"])
+    code, out, err = run_with_tty_stderr([str(src), "--dry-run"])
     assert code == 0 and "bnfold:" in err and "bnfold:" not in out.replace("bnfold: error", "")
     assert "verification   PASSED" in out
-    code, out, err = _with_tty_stderr([str(src), "--dry-run", "-q"])
+    code, out, err = run_with_tty_stderr([str(src), "--dry-run", "-q"])
     assert code == 0 and err.strip() == "" and "verification   PASSED" in out
-    code, out, err = _with_tty_stderr([str(src), "--dry-run", "--json"])
+    code, out, err = run_with_tty_stderr([str(src), "--dry-run", "--json"])
     assert code == 0 and json.loads(out)["verification"]["passed"] is True
 
 

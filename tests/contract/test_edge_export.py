@@ -19,18 +19,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from bnfold.cli import main
-from tests.conftest import random_bn
-
-
-def _randomise_bns(model: nn.Module, seed: int) -> nn.Module:
-    rng = np.random.default_rng(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            st = random_bn(rng, m.num_features)
-            with torch.no_grad():
-                m.weight.copy_(torch.tensor(st["gamma"])), m.bias.copy_(torch.tensor(st["beta"]))
-                m.running_mean.copy_(torch.tensor(st["mean"])), m.running_var.copy_(torch.tensor(st["var"]))
-    return model.eval()
+from tests.helpers.zoo_torch import set_random_bn
 
 
 class TwoInputs(nn.Module):
@@ -129,12 +118,12 @@ def _listing(d) -> list[str]:
 def tfiles(tmp_path_factory):
     d = tmp_path_factory.mktemp("export_torch")
     torch.manual_seed(0)
-    two = _randomise_bns(TwoInputs(), 1)
+    two = set_random_bn(TwoInputs(), 1)
     x, ids = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2, 5))
     batch = torch.export.Dim("batch")
     torch.export.save(torch.export.export(two, (x, ids), dynamic_shapes=({0: batch}, {0: batch})), str(d / "two.pt2"))
     torch.export.save(torch.export.export(two, (x, ids)), str(d / "static.pt2"))
-    kept = _randomise_bns(KeptBN(), 2)
+    kept = set_random_bn(KeptBN(), 2)
     torch.export.save(torch.export.export(kept, (x,)), str(d / "kept.pt2"))
     return d, two, kept
 
@@ -202,7 +191,7 @@ def test_kept_bn_stays_in_onnx_and_is_correct(tfiles, capfd) -> None:
 
 
 def test_fp16_module_export(tmp_path, capfd) -> None:
-    model = _randomise_bns(KeptBN(), 3).half()
+    model = set_random_bn(KeptBN(), 3).half()
     src = tmp_path / "half.pt"
     torch.save(model, str(src))
     out = tmp_path / "half.onnx"
@@ -223,7 +212,7 @@ def test_fp16_module_export(tmp_path, capfd) -> None:
 
 @pytest.mark.parametrize("mode", ["dup", "passthrough"])
 def test_outputs_that_repeat_a_tensor_or_an_input(tmp_path, capfd, mode) -> None:
-    model = _randomise_bns(Returns(mode), 4)
+    model = set_random_bn(Returns(mode), 4)
     x = torch.randn(2, 3, 8, 8)
     src = tmp_path / "r.pt2"
     torch.export.save(torch.export.export(model, (x,)), str(src))
@@ -236,7 +225,7 @@ def test_outputs_that_repeat_a_tensor_or_an_input(tmp_path, capfd, mode) -> None
 
 def test_torchscript_with_an_unused_first_input(tmp_path, capfd) -> None:
     """The TorchScript exporter drops unused inputs; feeding the rest by position shifts them."""
-    model = _randomise_bns(UnusedFirst(), 5)
+    model = set_random_bn(UnusedFirst(), 5)
     src = tmp_path / "u.pt"
     torch.jit.save(torch.jit.script(model), str(src))
     out = tmp_path / "u.onnx"

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.cli import main
 from tests.conftest import ROOT, SAMPLES, random_bn
+from tests.helpers.cli_tty import run_with_tty_stderr
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -226,24 +227,7 @@ def test_help_lists_the_batch_and_report_options(capsys):
 # -- progress ---------------------------------------------------------------------------------------------
 
 def _with_tty_stderr(args: list[str], env: dict | None = None) -> tuple[int, str, str]:
-    import pty
-    master, slave = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "bnfold", *args], stdout=subprocess.PIPE, stderr=slave,
-                         env={**os.environ, "PYTHONPATH": ROOT, "COLUMNS": "120", **(env or {})})
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            b = os.read(master, 4096)
-        except OSError:
-            break
-        if not b:
-            break
-        chunks.append(b)
-    out = p.stdout.read().decode()
-    p.wait()
-    os.close(master)
-    return p.returncode, out, b"".join(chunks).decode(errors="replace")
+    return run_with_tty_stderr(args, {"COLUMNS": "120", **(env or {})})
 
 
 def test_progress_bar_on_a_terminal_for_a_batch(sample):

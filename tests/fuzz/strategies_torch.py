@@ -7,7 +7,8 @@ no fold can reach across blocks and each label is exact. Blocks:
   conv_bn     Conv/ConvTranspose (nd 1-3, groups incl. depthwise with a multiplier, dilation, stride,
               output_padding, padding modes, bias or not) -> BN in a Sequential              fold
   bn_act      Conv -> a BN + activation module whose own forward calls F.batch_norm, then more
-              (a BatchNorm subclass like timm's BatchNormAct2d, or a plain module with buffers) fold
+              (timm's BatchNormAct2d, a BatchNorm subclass like it for 1-D/3-D, or a plain module
+              with buffers)                                                                   fold
   reads       Conv -> forward reads .shape/.size()/.dim()/.ndim/.numel() -> BN                 fold
   residual    BN(Conv(x)) + x                                                                 fold
   bn_conv     BN -> Conv with no zero padding (pad 0, or a reflect/replicate/circular mode)   fold (before)
@@ -36,8 +37,15 @@ BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 MAX_SPATIAL = {1: 14, 2: 9, 3: 6}
 
 
+try:  # the real thing where timm is installed (the test extra installs it)
+    from timm.layers import BatchNormAct2d
+except ImportError:  # pragma: no cover
+    BatchNormAct2d = None
+
+
 class BatchNormAct(nn.modules.batchnorm._BatchNorm):
-    """timm's BatchNormAct2d in kind: a BatchNorm subclass whose forward calls F.batch_norm, then act."""
+    """timm's BatchNormAct2d in kind, for 1-D and 3-D (timm has only 2-D), or where timm is missing: a
+    BatchNorm subclass whose forward calls F.batch_norm, then act."""
 
     def __init__(self, c: int, act: type[nn.Module], nd: int) -> None:
         super().__init__(c)
@@ -49,6 +57,14 @@ class BatchNormAct(nn.modules.batchnorm._BatchNorm):
         x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, use_batch,
                          0.0 if self.momentum is None else self.momentum, self.eps)
         return self.act(self.drop(x))
+
+
+def batch_norm_act(c: int, act: type[nn.Module], nd: int) -> nn.Module:
+    """timm's own BatchNormAct2d (activation in place, as timm builds it) for 2-D inputs; BatchNormAct
+    for the other ranks, or where timm is missing."""
+    if nd == 2 and BatchNormAct2d is not None:
+        return BatchNormAct2d(c, act_layer=act)
+    return BatchNormAct(c, act, nd)
 
 
 class NormAct(nn.Module):
@@ -190,7 +206,7 @@ def block(draw: Any, nd: int, c: int, s: int) -> tuple[Block, dict[str, str], in
             body = nn.Sequential(conv, BN[nd](cout, track_running_stats=False))
             return Block(kind, act, body=body), {"body.1": "keep"}, cout, out
         if kind == "bn_act":
-            norm = BatchNormAct(cout, draw(st.sampled_from(ACTS)), nd) if draw(st.booleans()) else NormAct(
+            norm = batch_norm_act(cout, draw(st.sampled_from(ACTS)), nd) if draw(st.booleans()) else NormAct(
                 cout, draw(st.sampled_from(ACTS)))
             return Block(kind, act, body=nn.Sequential(conv, norm)), {"body.1": "fold"}, cout, out
         label = "keep" if kind == "fanout" else "fold"
@@ -243,7 +259,7 @@ def models(draw: Any) -> tuple[nn.Module, torch.Tensor, dict[str, str], dict[str
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:
     """Weights and BN statistics far from the defaults (mean != 0, var != 1, gamma with random sign,
-    beta != 0), for every BN kind here (torch BNs, BatchNormAct, NormAct)."""
+    beta != 0), for every BN kind here (torch BNs, timm's BatchNormAct2d, BatchNormAct, NormAct)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

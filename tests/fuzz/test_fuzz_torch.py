@@ -25,21 +25,12 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 
 from tests.fuzz.strategies_torch import models  # noqa: E402
 from tests.helpers.frameworks import torch_pass  # noqa: E402
+from tests.helpers.torch_threads import one_thread  # noqa: E402, F401 (autouse: runs this module single-threaded)
 from tests.torch.bn_calls import census  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BNFOLD_FUZZ_EXAMPLES", "").strip() or 300)
 SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: with several intra-op threads torch spends most of its time spinning
-    (5x the CPU time here), so the examples run single-threaded; the setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -4,15 +4,18 @@ torchvision is not installable here, so each family is rebuilt by hand with the 
 BN folding hard: grouped/depthwise convs, SE blocks, pre-activation BN, concatenation, channel
 shuffle, transposed convs and Linear -> BatchNorm1d. All take a (N, 3, 32, 32) input except the MLP
 (N, 16). `randomize_bn` moves BN statistics far from defaults, since default BN is an identity that
-hides layout bugs.
+hides layout bugs; `set_random_bn` does the same with `tests.conftest.random_bn`'s draws.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tests.conftest import random_bn
 
 
 def cbr(cin: int, cout: int, k: int = 3, s: int = 1, g: int = 1, act: type[nn.Module] | None = nn.ReLU,
@@ -386,6 +389,22 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 sign = torch.where(torch.rand(c, generator=g) < 0.5, -1.0, 1.0)
                 m.weight.copy_(sign * (torch.rand(c, generator=g) * 1.5 + 0.5))
                 m.bias.copy_(torch.randn(c, generator=g))
+    return model.eval()
+
+
+def set_random_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN (in module order) the statistics `tests.conftest.random_bn` draws from
+    np.random.default_rng(seed), the same draws the ONNX and Keras builders use; put the model in eval().
+    A BN without affine parameters or running statistics keeps its None (its draws are still taken)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                st = random_bn(rng, m.num_features)
+                for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"),
+                                  ("running_var", "var")):
+                    if getattr(m, name) is not None:
+                        getattr(m, name).copy_(torch.tensor(st[key]))
     return model.eval()
 
 

@@ -13,12 +13,12 @@ import functools
 import io
 from collections import Counter
 
-import numpy as np
 import onnx
 import pytest
 
 import bnfold
 from tests.helpers.onnx_fold_check import assert_same_function
+from tests.helpers.timm_train_form import build_calibrated
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -28,21 +28,7 @@ MODELS = ["mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m0_9", "repvg
 
 @functools.lru_cache(maxsize=1)
 def build(name: str):
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    m = timm.create_model(name, pretrained=False, num_classes=10)
-    for mod in m.modules():
-        if isinstance(mod, _BatchNorm) and mod.affine:
-            c = mod.num_features
-            mod.weight.data = torch.tensor(rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c), dtype=torch.float32)
-            mod.bias.data = torch.tensor(rng.normal(0, 1, c), dtype=torch.float32)
-            mod.momentum = 1.0
-    m.train()
-    with torch.no_grad():
-        m(torch.randn(2, 3, 64, 64) * 2 + 0.5)
-    return m.eval()
+    return build_calibrated(name, num_classes=10, size=64)
 
 
 def export(model, dynamo: bool = False) -> onnx.ModelProto:

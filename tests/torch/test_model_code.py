@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from bnfold.core.decisions import Reason
 from tests.helpers.frameworks import torch_pass
+from tests.helpers.torch_threads import one_thread  # noqa: F401 (autouse: runs this module single-threaded)
 from tests.helpers.zoo_torch import randomize_bn
 from tests.torch.bn_calls import census
 from tests.torch.test_edge import _fold_checked, _run, _x
@@ -23,16 +24,6 @@ from tests.torch.test_edge import _fold_checked, _run, _x
 # how the model reaches bnfold: "fx"/"export"/"hooks" force that capture of a plain nn.Module (see
 # Forced); "graph" and "program" hand over a GraphModule / ExportedProgram
 CAPTURES = ["fx", "export", "hooks", "graph", "program"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small inputs: with several intra-op threads torch spends most of its CPU time spinning (5x here
-    on a shared machine), so this file runs single-threaded; the setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Forced(nn.Module):

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from bnfold.core.decisions import Reason
 from tests.helpers.frameworks import torch_pass
+from tests.helpers.torch_threads import one_thread  # noqa: F401 (autouse: runs this module single-threaded)
 from tests.torch.bn_calls import census
 from tests.torch.real_models import qat_model, timm_model, torchvision_model
 
@@ -45,16 +46,6 @@ MODELS: dict[str, tuple[Callable[[], tuple[nn.Module, tuple]], str]] = {
     "tv_qat_mobilenet_v2": (lambda: qat_model("mobilenet_v2"), "QAT-prepared: 0-dim observer buffers"),
 }
 EXPORT_ONNX = {"regnetz_005", "levit_128s", "tf_efficientnet_lite0"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small inputs: with several intra-op threads torch spends most of its CPU time spinning (5x here
-    on a shared machine), so this file runs single-threaded; the setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 
@@ -21,25 +20,9 @@ from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.onnx import batched
 from tests.conftest import SAMPLES
+from tests.helpers.fold_damage import damage
 from tests.helpers.onnx_build import G
 from tests.helpers.onnx_fold_check import assert_same_function
-
-
-def _damage(how: str, groups: int = 1):
-    def hurt(f: kernel.Folded) -> kernel.Folded:
-        w, b = f.weight.astype(np.float64).copy(), f.bias.astype(np.float64).copy()
-        if how == "scale":
-            w[1] *= 1.0001
-        elif how == "bias":
-            b[1] += 1e-4 * max(abs(b[1]), 1e-3)
-        elif how == "axis":
-            w[[0, 1]] = w[[1, 0]]
-        elif how == "group":
-            per = w.shape[0] // groups
-            w[:per], w[per:2 * per] = w[per:2 * per].copy(), w[:per].copy()
-        f.weight, f.bias = w.astype(f.weight.dtype), b.astype(f.bias.dtype)
-        return f
-    return hurt
 
 
 @pytest.fixture
@@ -54,7 +37,7 @@ def damage_second_fold(monkeypatch):
         def wrong(*a, **k):
             f = real(*a, **k)
             calls.append(1)
-            return _damage(how, groups)(f) if len(calls) == 2 else f
+            return damage(f, how, groups) if len(calls) == 2 else f
         monkeypatch.setattr(kernel, "fold_after", wrong)
     return plant
 

@@ -10,34 +10,21 @@ import torch.nn as nn
 import bnfold
 from bnfold.core import kernel
 from bnfold.core.decisions import Reason
-from tests.conftest import random_bn
+from tests.helpers.zoo_torch import set_random_bn
 
 DTYPES = [torch.float64, torch.float16, torch.bfloat16]
 
 
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                st = random_bn(rng, m.num_features)
-                for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"),
-                                  ("running_var", "var")):
-                    if getattr(m, name) is not None:
-                        getattr(m, name).copy_(torch.tensor(st[key]))
-    return model.eval()
-
-
 def linear_bn(seed: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    return _randomize(nn.Sequential(nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 5)), seed), \
+    return set_random_bn(nn.Sequential(nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 5)), seed), \
         torch.randn(4, 16, generator=torch.Generator().manual_seed(seed))
 
 
 def conv_bn(seed: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    return _randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                    nn.Conv2d(8, 4, 1, groups=2), nn.BatchNorm2d(4)), seed), \
+    return set_random_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 4, 1, groups=2), nn.BatchNorm2d(4)), seed), \
         torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 

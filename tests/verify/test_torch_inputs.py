@@ -12,25 +12,13 @@ import torch.nn as nn
 import bnfold
 from bnfold.cli import main
 from bnfold.core.errors import BnfoldError
-from tests.conftest import random_bn
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                st = random_bn(rng, m.num_features)
-                for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"),
-                                  ("running_var", "var")):
-                    getattr(m, name).copy_(torch.tensor(st[key]))
-    return model.eval()
+from tests.helpers.zoo_torch import set_random_bn
 
 
 def small(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomize(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                                    nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4)), seed)
+    return set_random_bn(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                       nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4)), seed)
 
 
 class TwoInputs(nn.Module):
@@ -46,7 +34,7 @@ X = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(2))
 
 
 def test_the_report_lists_each_input_by_forwards_name_and_how_it_was_chosen():
-    model = _randomize(TwoInputs())
+    model = set_random_bn(TwoInputs())
     shift = torch.tensor([1, 3])
     ver = bnfold.fold(model, example_inputs=(X, shift)).report.verification
     assert list(ver.inputs) == ["image", "shift"]
@@ -66,7 +54,7 @@ def test_inputs_without_names_are_numbered():
         def forward(self, *xs: torch.Tensor) -> torch.Tensor:
             return self.bn(self.conv(xs[0] + xs[1]))
 
-    ver = bnfold.fold(_randomize(Star()), example_inputs=(X, X)).report.verification
+    ver = bnfold.fold(set_random_bn(Star()), example_inputs=(X, X)).report.verification
     assert list(ver.inputs) == ["input_0", "input_1"] and ver.verdict == "passed"
 
 
@@ -129,7 +117,7 @@ def test_save_inputs_refuses_non_tensor_inputs_before_any_work(tmp_path):
         def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
             return self.bn(self.conv(torch.stack(images)))
 
-    model = _randomize(Listy())
+    model = set_random_bn(Listy())
     with pytest.raises(BnfoldError, match="images.*not a tensor"):
         bnfold.check(model, model, example_inputs=([X[0], X[1]],), save_inputs=str(tmp_path / "x.npz"))
     assert not (tmp_path / "x.npz").exists()
@@ -161,7 +149,7 @@ class ReZero(nn.Module):
 
 
 def test_zero_dim_parameters_and_buffers_are_nudged_not_crashed_on():
-    res = bnfold.fold(_randomize(ReZero()), example_inputs=(X,))
+    res = bnfold.fold(set_random_bn(ReZero()), example_inputs=(X,))
     ver = res.report.verification
     assert len(res.report.folded) == 2 and ver.verdict == "passed", ver.to_dict()
     assert ver.proofs == {"proven": 2, "failed": 0, "not_run": 0}
@@ -172,7 +160,7 @@ def test_qat_prepared_mobilenet_v2_verifies_without_crashing():
     verification runs, decides every BN, and says the model changes its own state."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = _randomize(torchvision.models.mobilenet_v2(weights=None, width_mult=0.35))
+    model = set_random_bn(torchvision.models.mobilenet_v2(weights=None, width_mult=0.35))
     model.train()
     model.qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
     qat = torch.ao.quantization.prepare_qat(model).eval()

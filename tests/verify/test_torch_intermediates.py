@@ -8,28 +8,16 @@ by module path; TorchScript only by its outputs, and the report says so.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import bnfold
-from tests.conftest import random_bn
+from tests.helpers.zoo_torch import set_random_bn
 
 DEAD = 3  # the channel a ReLU always zeroes in the masked models below
-
-
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                st = random_bn(rng, m.num_features)
-                for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"),
-                                  ("running_var", "var")):
-                    getattr(m, name).copy_(torch.tensor(st[key]))
-    return model.eval()
 
 
 class Masked(nn.Module):
@@ -49,9 +37,19 @@ class Masked(nn.Module):
 
 def masked(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = _randomize(Masked(), seed)
+    model = set_random_bn(Masked(), seed)
     with torch.no_grad():
         model.bn1.weight[DEAD], model.bn1.bias[DEAD] = 0.5, -30.0
+    return model
+
+
+def dead_channel(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """make() under torch.manual_seed(0), BN statistics from `seed`, and its `bn`'s channel DEAD always
+    negative, so a ReLU after `bn` zeroes it."""
+    torch.manual_seed(0)
+    model = set_random_bn(make(), seed)
+    with torch.no_grad():
+        model.bn.weight[DEAD], model.bn.bias[DEAD] = 0.5, -30.0
     return model
 
 
@@ -116,10 +114,7 @@ def test_a_changed_plain_attribute_in_tensor_free_code_is_not_excused():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(torch.relu(self.scale(self.bn(self.conv(x)))))
 
-    torch.manual_seed(0)
-    original = _randomize(Net(), 1)
-    with torch.no_grad():
-        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    original = dead_channel(Net, 1)
     candidate = copy.deepcopy(original)
     candidate.scale.factors = tuple(0.7 if i == DEAD else 0.5 for i in range(8))
     _assert_masked(original, candidate)
@@ -151,10 +146,7 @@ def test_a_swapped_submodule_class_inside_tensor_free_code_is_not_excused():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(torch.relu(self.bn(self.block(x))))
 
-    torch.manual_seed(0)
-    original = _randomize(Net(), 1)
-    with torch.no_grad():
-        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    original = dead_channel(Net, 1)
     candidate = copy.deepcopy(original)
     hacked = Hacked(3, 8, 3, padding=1)
     hacked.load_state_dict(original.block.conv.state_dict())
@@ -210,7 +202,7 @@ def test_other_tools_folds_of_resnet18_pass_check():
     from torch.ao.quantization import fuse_modules
     from torch.fx.experimental.optimization import fuse
     torch.manual_seed(0)
-    model = _randomize(torchvision.models.resnet18(weights=None), 2)
+    model = set_random_bn(torchvision.models.resnet18(weights=None), 2)
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
     pairs = [[p, p.replace("conv", "bn")] for p, m in model.named_modules() if isinstance(m, nn.Conv2d)
              and "downsample" not in p] + [[p, p[:-1] + "1"] for p, m in model.named_modules()
@@ -228,7 +220,7 @@ def test_a_container_ending_in_a_bn_folded_into_the_next_layer_carries_the_bn_in
     """block = conv -> relu -> bn; the bn folds backward into the 1x1 conv after the block, so the block now
     hands on the relu's output: it is compared with the original bn's input, and the fold verifies."""
     torch.manual_seed(0)
-    model = _randomize(nn.Sequential(
+    model = set_random_bn(nn.Sequential(
         nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8)), nn.Conv2d(8, 4, 1)), 5)
     res = bnfold.fold(model, example_inputs=(X,))
     [d] = res.report.folded
@@ -253,7 +245,7 @@ def test_a_module_called_twice_is_compared_call_by_call():
             return self.shared(torch.relu(self.shared(self.bn(self.conv(x)))))
 
     torch.manual_seed(0)
-    original = _randomize(Twice(), 6)
+    original = set_random_bn(Twice(), 6)
     res = bnfold.fold(original, example_inputs=(X,))
     assert res.report.verification.verdict == "passed", res.report.verification.to_dict()
     wrong = copy.deepcopy(res.model)
@@ -276,10 +268,7 @@ def test_a_masked_error_on_a_branch_only_a_variant_takes_fails():
             y = self.a(x) if x.sum() > 0 else self.b(x)
             return self.head(torch.relu(self.bn(y)))
 
-    torch.manual_seed(0)
-    original = _randomize(Branchy(), 2)
-    with torch.no_grad():
-        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    original = dead_channel(Branchy, 2)
     candidate = copy.deepcopy(original)
     with torch.no_grad():
         candidate.b.bias[DEAD] += 0.25
@@ -306,10 +295,7 @@ def test_a_replaced_forward_or_an_added_hook_is_not_excused(how):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(torch.relu(self.gate(self.bn(self.conv(x)))))
 
-    torch.manual_seed(0)
-    original = _randomize(Net(), 3)
-    with torch.no_grad():
-        original.bn.weight[DEAD], original.bn.bias[DEAD] = 0.5, -30.0
+    original = dead_channel(Net, 3)
     candidate = copy.deepcopy(original)
     bump = lambda y: y + 0.1 * (torch.arange(8) == DEAD).float().reshape(1, -1, 1, 1)  # noqa: E731
     if how == "forward":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -21,7 +20,8 @@ from bnfold.cli import main
 from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.torch import rewrite, script
-from tests.conftest import random_bn
+from tests.helpers import fold_damage
+from tests.helpers.zoo_torch import set_random_bn
 
 
 class Planted(nn.Module):
@@ -54,37 +54,12 @@ class Planted(nn.Module):
 
 def planted(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = Planted().eval()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                st = random_bn(rng, m.num_features)
-                m.weight.copy_(torch.tensor(st["gamma"]))
-                m.bias.copy_(torch.tensor(st["beta"]))
-                m.running_mean.copy_(torch.tensor(st["mean"]))
-                m.running_var.copy_(torch.tensor(st["var"]))
-    return model
+    return set_random_bn(Planted(), seed)
 
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 FOLDS = {"bn_conv": ("conv", "after"), "bn_dw": ("dw", "after"), "bn_gconv": ("gconv", "after"),
          "bn_up": ("up", "after"), "bn_fc": ("fc", "after"), "bn_back": ("head", "before")}
-
-
-def _hurt(f: kernel.Folded, how: str, groups: int) -> kernel.Folded:
-    w, b = f.weight.astype(np.float64).copy(), f.bias.astype(np.float64).copy()
-    if how == "scale":
-        w[1] *= 1.0001
-    elif how == "bias":
-        b[1] += 1e-4 * max(abs(b[1]), 1e-3)
-    elif how == "axis":
-        w[[0, 1]] = w[[1, 0]]
-    elif how == "group":
-        per = w.shape[0] // groups
-        w[:per], w[per:2 * per] = w[per:2 * per].copy(), w[:per].copy()
-    f.weight, f.bias = w.astype(f.weight.dtype), b.astype(f.bias.dtype)
-    return f
 
 
 @pytest.fixture
@@ -107,7 +82,7 @@ def damage(monkeypatch):
         def wrap(real):
             def fold(*a, **k):
                 f = real(*a, **k)
-                return _hurt(f, how, groups) if state["on"] else f
+                return fold_damage.damage(f, how, groups) if state["on"] else f
             return fold
         monkeypatch.setattr(rewrite, "apply", marking(rewrite.apply))
         monkeypatch.setattr(script, "_apply", marking(script._apply))
@@ -249,13 +224,7 @@ def test_a_fold_on_a_branch_only_a_variant_takes_is_proven_there(damage):
             return self.bn_b(self.b(x))
 
     torch.manual_seed(0)
-    model = Branchy().eval()
-    rng = np.random.default_rng(0)
-    with torch.no_grad():
-        for bn in (model.bn_a, model.bn_b):
-            st = random_bn(rng, 4)
-            for name, key in (("weight", "gamma"), ("bias", "beta"), ("running_mean", "mean"), ("running_var", "var")):
-                getattr(bn, name).copy_(torch.tensor(st[key]))
+    model = set_random_bn(Branchy(), 0)
     x = X.abs()  # sum > 0: branch a; its negation takes branch b
     res = bnfold.fold(model, example_inputs=(x,))
     assert res.report.verification.proofs == {"proven": 2, "failed": 0, "not_run": 0}, res.report.to_dict()
