@@ -11,7 +11,7 @@ import onnx
 from ..core.errors import BnfoldError
 from ..core.files import atomic_write, check_input_file
 from . import ondisk
-from .protos import (_ITEMSIZE, _itemsize, all_tensors, copy_fields, ext_info, has_unknown_fields, is_external, nbytes,
+from .protos import (all_tensors, copy_fields, ext_info, has_unknown_fields, is_external, itemsize, nbytes,
                      structure_only)
 
 
@@ -123,9 +123,7 @@ def _check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
         dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
         if dims and min(dims) < 0:
             raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
-        item = _ITEMSIZE.get(t.data_type)
-        if item is None:
-            item = _itemsize(t.data_type)
+        item = itemsize(t.data_type)
         if not item or t.data_location == T.EXTERNAL:
             continue  # strings, unknown types (the checker speaks of those) and external data (checked when read)
         n = math.prod(dims)

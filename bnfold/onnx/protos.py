@@ -192,18 +192,19 @@ def all_tensors(model: onnx.ModelProto):
 
 def nbytes(t: onnx.TensorProto) -> int:
     # from the header alone: reading raw_data (or ByteSize()) would copy or encode the whole tensor
-    size = _ITEMSIZE.get(t.data_type)
-    if size is None:
-        size = _itemsize(t.data_type)
+    size = itemsize(t.data_type)
     if not size:
         return 0
     n = math.prod(t.dims[:])  # ([:] is one call; iterating a repeated field ends in a raised IndexError)
     return (n + 1) // 2 if size < 0 else n * size
 
 
-def _itemsize(data_type: int) -> int:
+def itemsize(data_type: int) -> int:
     """Bytes per element of an ONNX data type in raw data: 0 for strings and unknown types, -1 for the
     packed 4-bit types (two elements per byte; numpy's ml_dtypes stand-ins take a whole byte each)."""
+    size = _ITEMSIZE.get(data_type)
+    if size is not None:
+        return size
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         size = 0
     elif data_type in _PACKED:
@@ -214,7 +215,7 @@ def _itemsize(data_type: int) -> int:
     return size
 
 
-_ITEMSIZE: dict[int, int] = {}  # data type -> _itemsize, filled as types are met (a lookup per tensor, not a dtype)
+_ITEMSIZE: dict[int, int] = {}  # data type -> itemsize(), filled as types are met (a lookup per tensor, not a dtype)
 _PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 

@@ -251,7 +251,7 @@ def test_no_window_when_the_region_mixes_positions_or_samples(rng):
 @pytest.mark.parametrize("how", ["scale", "bias", "axis", "group"])
 def test_planted_errors_are_caught_on_a_window(rng, monkeypatch, how):
     """Large feature maps: the proofs run on windows, and still catch one damaged fold among several."""
-    from tests.verify.test_self_healing import _damage
+    from tests.helpers.fold_damage import damage
     g = G(rng)
     g.node("Conv", ["x", g.weight("w1", (16, 8, 3, 3))], ["c1"], name="conv1", pads=[1, 1, 1, 1])
     g.bn("bn1", "c1", 16, out="y1")
@@ -268,7 +268,7 @@ def test_planted_errors_are_caught_on_a_window(rng, monkeypatch, how):
     def wrong(*a, **k):
         f = real(*a, **k)
         calls.append(1)
-        return _damage(how, 4)(f) if len(calls) == 2 else f
+        return damage(f, how, 4) if len(calls) == 2 else f
     monkeypatch.setattr(kernel, "fold_after", wrong)
     monkeypatch.setattr(batched, "ENABLED", False)  # planted in the one-BN kernel: the batch would bypass it
     res = bnfold.fold(model, strict=True)

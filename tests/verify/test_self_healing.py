@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
