@@ -28,6 +28,7 @@ from .core.errors import BnfoldError
 from .core.files import (KERAS_EXTS, ONNX_EXTS, TORCH_EXTS, default_output, framework_of, remove_temp, temp_path,
                           write_error)
 from .core.options import Options
+from .core.pause import paused_gc
 from .core.results import FoldResult, Report
 from .progress import Progress
 
@@ -330,16 +331,18 @@ def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
     version = _version(j.source)
     with api.naming(j.source):
         fe = api.frontend(framework_of(j.source))
-        model = api.load(j.source, trust=opts.trust)
-        t_load = time.perf_counter() - t0
-        before = anatomy(model, fe.name)
+        with paused_gc():  # (the fold pauses it too, verification does not)
+            model = api.load(j.source, trust=opts.trust)
+            t_load = time.perf_counter() - t0
+            before = anatomy(model, fe.name)
         # the model is this job's own: an ONNX fold without verification changes it in place, no copy
         res = api.fold_with(model, opts, fe.example_inputs(model, opts), owned=True)
     rep = res.report
     rep.model = j.source
     rep.timing_s = {"load": t_load, **{k: v for k, v in rep.timing_s.items() if k != "load"}}
     rep.timing_s.setdefault("save", 0.0)
-    rep.before_after = compare(before, None if opts.dry_run else anatomy(res.model, fe.name))
+    with paused_gc():
+        rep.before_after = compare(before, None if opts.dry_run else anatomy(res.model, fe.name))
     rep.before_after["file_bytes"][0] = file_bytes(j.source, _companions(j.source))
     ver = rep.verification
     if opts.verify and (ver is None or ver.passed is not True):
@@ -376,7 +379,8 @@ def _deliver(o: Outcome, opts: Options, st: Settings) -> None:
     assert res is not None and j.output is not None
     _unchanged(o)
     t = time.perf_counter()
-    write(res, j.source, j.output, st.fingerprint)
+    with paused_gc():
+        write(res, j.source, j.output, st.fingerprint)
     res.report.timing_s["save"] = time.perf_counter() - t
     ba = res.report.before_after
     if ba is not None:

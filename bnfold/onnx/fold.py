@@ -1,14 +1,12 @@
 """The ONNX fold job: copy, fold, verify against the unfolded original, time each step."""
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
-from typing import Iterator
 
 import onnx
 
 from ..core.options import Options
+from ..core.pause import paused_gc
 from ..core.results import FoldResult, Report, Verification
 from .names import readable_names
 from .protos import copy_borrowing, fill_borrowed
@@ -52,20 +50,6 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
     return FoldResult(model=folded if not opts.dry_run else model, report=report)
 
 
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector off for a pass that allocates several small objects per node and frees
-    few: each collection walks every live wrapper and index entry, so a pass over a long graph paid for
-    them again and again (a third of the time of a 32k-BN chain). Reference counting still frees what the
-    pass drops; the few cycles it makes (exceptions with their frames) wait for the next collection."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _name_readably(names: dict[str, str], decisions: list) -> None:

@@ -38,9 +38,11 @@ class OnnxFrontend:
              owned: bool = False) -> FoldResult:
         """`owned`: the caller never reads `model` again (api.fold_with), so it is folded in place when
         nothing needs the original (fold_onnx copies it anyway for verification or a dry run)."""
+        from ..core.pause import paused_gc
         from .fold import fold_onnx
         if path is None:
-            _require_loaded_external_data(model)
+            with paused_gc():
+                _require_loaded_external_data(model)
         try:
             return fold_onnx(model, opts, original_path=path, copy=path is None and not owned)
         except BnfoldError as e:
