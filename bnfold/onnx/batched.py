@@ -4,16 +4,15 @@ A graph of thousands of small Conv->BN pairs spends its fold time in per-BN nump
 a microsecond or more each, on arrays of a few values. Before the per-BN loop, Batch gathers the BNs
 that would fold the plainest way (four float32 per-channel initializers and an epsilon; the input
 written by a Conv whose float32 weight and bias are initializers held in memory, of at most
-MAX_ELEMENTS values) and computes every scale, shift, folded weight and bias in a dozen numpy calls over
-all of them.
+MAX_ELEMENTS values) and has kernel.fold_after_many compute every scale, shift, folded weight and bias
+in a dozen numpy calls over all of them.
 
 The loop takes a BN's precomputed result only while nothing it was computed from has changed: the Conv
 still writes the BN's input and reads the same weight and bias, none of those tensors nor the BN's own
 was rewritten since, no earlier fold went into that Conv, and no Mul/Add after the BN waits to be
-absorbed. Anything else, and every result that would not be finite, takes the ordinary path, which
-also says why a fold is refused. The arithmetic is elementwise, in float64 and in the order of
-kernel.bn_scale_shift and kernel.fold_after, so the bytes written are the same either way
-(tests/onnx/test_batched.py compares them).
+absorbed. Anything else, and every fold the kernel marks failed, takes the ordinary path, which also
+says why a fold is refused. The kernel's arithmetic is fold_after's, value for value, so the bytes
+written are the same either way (tests/onnx/test_batched.py compares them).
 """
 from __future__ import annotations
 
@@ -150,32 +149,12 @@ class Batch:
 
     def _compute(self, raws, eps, channels, rests, has_bias) -> None:
         g, b, m, v, w, bias = (np.frombuffer(b"".join(r), np.float32) for r in raws)
-        # kernel.bn_scale_shift, over every channel of every plan
-        p64 = np.array([g, b, m, v], np.float64)
-        eps = np.repeat(eps, channels)
-        bad = ~(np.isfinite(p64).all(axis=0) & np.isfinite(eps))
-        denom = p64[3] + eps
-        with np.errstate(invalid="ignore", divide="ignore"):
-            bad |= ~(denom > 0)
-            s = p64[0] / np.sqrt(denom)
-            t = p64[1] - s * p64[2]
-            # kernel.fold_after: the weight scaled along its output axis, the bias scaled and shifted
-            w64 = w * np.repeat(s, np.repeat(rests, channels))
-            b64 = np.where(np.repeat(has_bias, channels), s * bias + t, t)
-        with np.errstate(over="ignore", invalid="ignore"):
-            w32, b32 = w64.astype(np.float32), b64.astype(np.float32)
-        starts = np.cumsum(channels) - channels
-        w_starts = np.cumsum(channels * rests) - channels * rests
-        failed = np.zeros(len(channels), bool)
-        for mask, begin in ((bad | ~np.isfinite(b32), starts), (~np.isfinite(w32), w_starts)):
-            where = np.flatnonzero(mask)
-            if where.size:
-                failed[np.searchsorted(begin, where, side="right") - 1] = True
-        if failed.any():
+        r = kernel.fold_after_many(g, b, m, v, eps, channels, w, rests, bias, has_bias, np.dtype(np.float32))
+        if r.failed.any():
             plans = list(self.plans.values())
-            for k in np.flatnonzero(failed):
+            for k in np.flatnonzero(r.failed):
                 plans[k].ok = False  # the ordinary path says why (kernel's Skip)
-        self.s, self.t, self.w64, self.w32, self.b64, self.b32 = s, t, w64, w32, b64, b32
+        self.s, self.t, self.w64, self.w32, self.b64, self.b32 = r.scale, r.shift, r.weight64, r.weight, r.bias64, r.bias
 
     def take(self, bn: onnx.NodeProto) -> Plan | None:
         """`bn`'s precomputed fold, if it still holds (see the module docstring); None: the ordinary path."""

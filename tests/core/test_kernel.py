@@ -240,3 +240,61 @@ def test_big_weights_are_scaled_in_slices_with_identical_results(monkeypatch, la
     sliced = kernel.fold_after(w, None, s, t, layout)
     np.testing.assert_array_equal(whole.weight, sliced.weight)
     np.testing.assert_array_equal(whole.bias, sliced.bias)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_fold_after_many_is_fold_after_layer_by_layer(dtype):
+    """The batched kernel gives fold_after's bits for every layer, and marks failed exactly the layers
+    fold_after (or bn_scale_shift) refuses: non-finite statistics or epsilon, variance + eps <= 0, a folded
+    weight or bias that does not fit the dtype. Biases of -0.0 and absent biases keep their signs."""
+    rng = np.random.default_rng(11)
+    layers = []
+    for k in range(60):
+        c, rest = int(rng.integers(1, 7)), int(rng.integers(1, 20))
+        st = random_bn(rng, c)
+        g, b, m, v = (np.asarray(st[n], np.float64).astype(dtype) for n in ("gamma", "beta", "mean", "var"))
+        eps = float(np.float32(10.0 ** rng.uniform(-6, -1)))
+        w = rng.normal(0, 0.5, (c, rest)).astype(dtype)
+        bias = rng.normal(0, 1, c).astype(dtype) if k % 3 else None
+        trouble = k % 10
+        if trouble == 1:
+            v = v.copy()
+            v[0] = np.nan
+        elif trouble == 2:
+            v = v.copy()
+            v[-1] = -1.0
+            eps = 0.0
+        elif trouble == 3:
+            g = np.full(c, np.finfo(dtype).max / 4, dtype)
+            v = np.full(c, np.finfo(dtype).tiny, dtype)
+        elif trouble == 4:
+            eps = float("inf")
+        elif trouble == 5 and bias is not None:
+            bias = np.full(c, -0.0, dtype)
+            b = np.zeros(c, dtype)
+            m = np.zeros(c, dtype)
+        layers.append((g, b, m, v, eps, w, bias))
+    cat = lambda i: np.concatenate([lay[i] for lay in layers])  # noqa: E731
+    r = kernel.fold_after_many(
+        cat(0), cat(1), cat(2), cat(3), np.array([lay[4] for lay in layers]), np.array([len(lay[0]) for lay in layers]),
+        np.concatenate([lay[5].ravel() for lay in layers]), np.array([lay[5].shape[1] for lay in layers]),
+        np.concatenate([lay[6] if lay[6] is not None else np.zeros(len(lay[0]), dtype) for lay in layers]),
+        np.array([lay[6] is not None for lay in layers]), np.dtype(dtype))
+    at = w_at = 0
+    refused = 0
+    for k, (g, b, m, v, eps, w, bias) in enumerate(layers):
+        c, n = len(g), w.size
+        try:
+            s, t = kernel.bn_scale_shift(g, b, m, v, eps)
+            want = kernel.fold_after(w, bias, s, t, layouts.gemm(trans_b=True), bias_dtype=w.dtype, keep_exact=True)
+        except Skip:
+            assert r.failed[k], k
+            refused += 1
+        else:
+            assert not r.failed[k], k
+            for have, exp in ((r.scale[at:at + c], s), (r.shift[at:at + c], t), (r.bias[at:at + c], want.bias),
+                              (r.bias64[at:at + c], want.bias64), (r.weight[w_at:w_at + n], want.weight.ravel()),
+                              (r.weight64[w_at:w_at + n], want.weight64.ravel())):
+                assert have.dtype == exp.dtype and have.tobytes() == exp.tobytes(), k
+        at, w_at = at + c, w_at + n
+    assert 10 <= refused < len(layers) // 2  # the troubles are really refused, the rest really folded
