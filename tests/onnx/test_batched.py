@@ -9,7 +9,6 @@ fan-out, chains, fp16/fp64, IR 3, training-mode and non-finite statistics...).
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -17,39 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import bnfold
-from bnfold.onnx import batched
-from bnfold.onnx.folder import OnnxFolder
-from bnfold.onnx.scopes import model_opset
 from tests.conftest import random_bn
 from tests.fuzz.strategies_onnx import cases
+from tests.helpers.batch_check import same_either_way, taken
 from tests.helpers.onnx_build import G, count_ops, run_ort
-
-
-def _fold(model: onnx.ModelProto, on: bool, monkeypatch, **kw) -> tuple[bytes, list]:
-    monkeypatch.setattr(batched, "ENABLED", on)
-    res = bnfold.fold(model, verify=False, **kw)
-    report = res.report.to_dict()
-    report.pop("timing_s", None)
-    return res.model.SerializeToString(), json.loads(json.dumps(report, default=str))
-
-
-def assert_same_either_way(model: onnx.ModelProto, monkeypatch, **kw) -> None:
-    before = model.SerializeToString()
-    on = _fold(model, True, monkeypatch, **kw)
-    off = _fold(model, False, monkeypatch, **kw)
-    assert model.SerializeToString() == before
-    assert on[1] == off[1], "decisions differ"
-    assert on[0] == off[0], "folded models differ"
-
-
-def taken(model: onnx.ModelProto, monkeypatch) -> int:
-    """How many BNs of the main graph fold with the batch's arithmetic (on a copy)."""
-    monkeypatch.setattr(batched, "ENABLED", True)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    f = OnnxFolder(m, m.graph, model_opset(m))
-    f.run()
-    return f.batched
 
 
 def conv_bn(g: G, name: str, x: str, cin: int, cout: int, *, bias: bool = True, group: int = 1,
@@ -74,7 +44,7 @@ def test_a_chain_of_plain_pairs_is_all_batched(monkeypatch):
         x = conv_bn(g, f"c{i}", x, 4, 4, bias=i % 2 == 0, group=2 if i % 3 == 0 else 1, k=1 if i % 4 else 3)
     model = g.model([("x", [2, 4, 5, 5])], [(x, [2, 4, 5, 5])])
     assert taken(model, monkeypatch) == 24
-    assert_same_either_way(model, monkeypatch)
+    same_either_way(model, monkeypatch)
     res = bnfold.fold(model, verify=False)
     assert count_ops(res.model, "BatchNormalization") == 0
     check_outputs(model, res.model, (2, 4, 5, 5))
@@ -87,7 +57,7 @@ def test_depthwise_grouped_and_biasless_convs(monkeypatch):
     c = conv_bn(g, "pw", b, 9, 5, k=1, bias=False)
     model = g.model([("x", [1, 6, 7, 7])], [(c, [1, 5, 7, 7])])
     assert taken(model, monkeypatch) == 3
-    assert_same_either_way(model, monkeypatch)
+    same_either_way(model, monkeypatch)
     check_outputs(model, bnfold.fold(model, verify=False).model, (1, 6, 7, 7))
 
 
@@ -109,7 +79,7 @@ def test_extreme_statistics_give_the_ordinary_reasons(monkeypatch):
     x = conv_bn(g, "big", x, 4, 4, stats=huge, eps=0.0)
     x = conv_bn(g, "ok1", x, 4, 4)
     model = g.model([("x", [1, 4, 3, 3])], [(x, [1, 4, 3, 3])])
-    assert_same_either_way(model, monkeypatch)
+    same_either_way(model, monkeypatch)
     res = bnfold.fold(model, verify=False)
     skipped = {d.bn: d.reason.value for d in res.report.skipped}
     assert skipped == {"nan_bn": "NON_FINITE_PARAM", "neg_bn": "NON_FINITE_PARAM", "big_bn": "DTYPE_OVERFLOW"}
@@ -139,7 +109,7 @@ def test_what_changed_since_the_batch_goes_the_ordinary_way(monkeypatch):
     v = conv_bn(g, "t2", z, 4, 4, stats=st)
     out = g.node("Add", [u, v], ["final"])
     model = g.model([("x", [1, 4, 5, 5])], [(out, [1, 4, 5, 5])])
-    assert_same_either_way(model, monkeypatch)
+    same_either_way(model, monkeypatch)
     res = bnfold.fold(model, verify=False)
     check_outputs(model, res.model, (1, 4, 5, 5))
     assert 0 < taken(model, monkeypatch) < len(res.report.folded)
@@ -175,7 +145,7 @@ def test_unusual_tensors_and_attributes_go_the_ordinary_way(monkeypatch):
                                      for t in model.graph.initializer)
             model.opset_import[0].version = 9
         onnx.checker.check_model(model)
-        assert_same_either_way(model, monkeypatch)
+        same_either_way(model, monkeypatch)
         n = taken(model, monkeypatch)
         assert n == (0 if variant in ("float16", "float64") else 3 if variant in ("ir3", "no_epsilon") else 2), variant
 
@@ -188,7 +158,7 @@ def test_weights_borrowed_from_the_callers_model(monkeypatch):
     b = conv_bn(g, "mid", a, 64, 16, k=3)  # 9,216: borrowed, yet small enough to batch
     c = conv_bn(g, "small", b, 16, 8, k=1)
     model = g.model([("x", [1, 32, 4, 4])], [(c, [1, 8, 4, 4])])
-    assert_same_either_way(model, monkeypatch)
+    same_either_way(model, monkeypatch)
     res = bnfold.fold(model, verify=True)
     assert res.report.verification.verdict == "passed"
     assert len(res.report.folded) == 3
@@ -199,7 +169,7 @@ def test_weights_borrowed_from_the_callers_model(monkeypatch):
                                  HealthCheck.function_scoped_fixture])
 @given(case=cases(max_blocks=4))
 def test_random_models_fold_the_same_either_way(case, monkeypatch):
-    assert_same_either_way(case.model, monkeypatch)
+    same_either_way(case.model, monkeypatch)
 
 
 @pytest.mark.parametrize("standalone", ["affine", "keep"])
@@ -209,4 +179,4 @@ def test_standalone_option_is_unaffected(standalone, monkeypatch):
     x = conv_bn(g, "c", x, 4, 4)
     x = g.bn("after_relu", g.node("Relu", [x], ["r"]), 4)
     model = g.model([("x", [1, 4, 3, 3])], [(x, [1, 4, 3, 3])])
-    assert_same_either_way(model, monkeypatch, standalone=standalone)
+    same_either_way(model, monkeypatch, standalone=standalone)

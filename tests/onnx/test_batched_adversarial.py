@@ -33,47 +33,13 @@ from bnfold.cli import main
 from bnfold.core.options import Options
 from bnfold.onnx import batched
 from bnfold.onnx.edits import GraphEdits
-from bnfold.onnx.folder import OnnxFolder
-from bnfold.onnx.scopes import model_opset
 from tests.conftest import random_bn
 from tests.fuzz.strategies_onnx import cases
+from tests.helpers.batch_check import same_either_way, taken
 from tests.helpers.onnx_build import G, run_ort
 
 C = 4
 F = TensorProto.FLOAT
-
-
-def _fold(model: onnx.ModelProto, on: bool, monkeypatch, **kw):
-    monkeypatch.setattr(batched, "ENABLED", on)
-    res = bnfold.fold(model, **{"verify": False, **kw})
-    report = res.report.to_dict()
-    report.pop("timing_s", None)
-    return res.model.SerializeToString(), json.loads(json.dumps(report, default=str))
-
-
-def same_either_way(model: onnx.ModelProto, monkeypatch, **kw) -> onnx.ModelProto:
-    """Fold with the batch on and off; the input stays as it was and both results are identical. Returns the
-    folded model."""
-    before = model.SerializeToString()
-    on = _fold(model, True, monkeypatch, **kw)
-    assert model.SerializeToString() == before, "the input model was changed"
-    off = _fold(model, False, monkeypatch, **kw)
-    assert model.SerializeToString() == before, "the input model was changed"
-    assert on[1] == off[1], "decisions differ"
-    assert on[0] == off[0], "folded models differ"
-    folded = onnx.ModelProto()
-    folded.ParseFromString(on[0])
-    return folded
-
-
-def taken(model: onnx.ModelProto, monkeypatch) -> int:
-    """How many BNs of the main graph fold with the batch's arithmetic (on a copy, nothing borrowed)."""
-    monkeypatch.setattr(batched, "ENABLED", True)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    f = OnnxFolder(m, m.graph, model_opset(m))
-    f.run()
-    return f.batched
 
 
 def same_function(model: onnx.ModelProto, folded: onnx.ModelProto, feeds: dict, rel: float = 2e-4) -> None:
