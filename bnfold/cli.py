@@ -240,7 +240,7 @@ def cmd_fold(a: argparse.Namespace) -> int:
     code = max([o.code for o in outcomes] + [EXIT_BAD_INPUT for _ in late], default=EXIT_OK)
     texts = [_report_text(o) for o in outcomes if o.report is not None]
     if pl.single:
-        doc = outcomes[0].report.to_dict()
+        doc = outcomes[0].report.to_dict() if a.json or a.html else {}  # (a decision a BN: 32k dicts are not free)
     else:
         rows = [o.row() for o in outcomes]
         doc = {"schema": 1, "reports": [o.report.to_dict() for o in outcomes if o.report is not None],

@@ -1,10 +1,13 @@
 """Reading and writing ONNX files: clear errors for bad files, atomic writes, external data kept."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import onnx
 
@@ -35,15 +38,17 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
                 ondisk.drop_private(t)
         if load_external:
             _load_external(model, path)
-    _check_sizes(model, path, None if external else len(data))
     # The verdict is the checker's on the structure alone (initializers as typed graph inputs), as bnfold
     # has always judged a model. Building that costs ~10 us of Python per initializer; a model with
-    # many has its own bytes checked by onnx's C++ instead (a few us each, no second encoding). A model
-    # that passes that check passes the structure check too; one that fails it gets the structure
-    # check's verdict (it may accept what the full check refuses: an IR 3 initializer not listed as
-    # an input, for one).
-    if not external and len(model.graph.initializer) > STRUCTURE_CHECK_MAX and _passes_checker(data):
-        return model
+    # many has its own bytes checked by onnx's C++ instead (a few us each, no second encoding), while the
+    # sizes are checked here. A model that passes that check passes the structure check too; one that
+    # fails it gets the structure check's verdict (it may accept what the full check refuses: an IR 3
+    # initializer not listed as an input, for one).
+    many = not external and len(model.graph.initializer) > STRUCTURE_CHECK_MAX
+    with _checking(data if many else None) as passes:
+        _check_sizes(model, path, None if external else len(data))
+        if many and passes():
+            return model
     del data
     try:
         onnx.checker.check_model(structure_only(model), full_check=False)
@@ -82,6 +87,53 @@ def _passes_checker(data: bytes) -> bool:
     except Exception:  # noqa: BLE001 - the structure check below gives the verdict and the message
         return False
     return True
+
+
+# a forked child that only runs onnx's C++ checker and leaves with os._exit: Linux (fork is unsafe beside
+# other platforms' system frameworks) with a second CPU to run it on
+_FORK_CHECK = sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+@contextlib.contextmanager
+def _checking(data: bytes | None) -> Iterator[Callable[[], bool]]:
+    """onnx's checker on the serialised model `data` (None: no check), beside what the block does; the block
+    calls the function it gets for the verdict (True: the model passes).
+
+    The checker holds the GIL for its whole run (as long as the rest of a 32k-node model's load), so a
+    thread would not run beside it: a forked child does, on another CPU, and says its verdict by its
+    exit status. Where no child can be forked, or its check ended other than by a verdict (killed, or
+    crashed on a hostile model), the verdict is False: the caller's own structure check decides."""
+    if data is None or not _FORK_CHECK or (os.cpu_count() or 1) < 2:
+        yield lambda: data is not None and _passes_checker(data)
+        return
+    try:
+        pid = os.fork()
+    except OSError:
+        pid = -1
+    if pid == 0:  # the child: the check, its verdict as the exit status, no exit handler of the parent's run
+        code = 3
+        try:
+            code = 0 if _passes_checker(data) else 1
+        finally:
+            os._exit(code)
+    status: list[int] = []
+
+    def passes() -> bool:
+        if pid < 0:
+            return _passes_checker(data)
+        if not status:
+            status.append(os.waitpid(pid, 0)[1])
+        return os.waitstatus_to_exitcode(status[0]) == 0
+
+    try:
+        yield passes
+    finally:
+        if pid > 0 and not status:  # the block ended early (an error): the child's verdict is not needed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            os.waitpid(pid, 0)
 
 
 def _read(path: str) -> bytes:

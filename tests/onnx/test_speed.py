@@ -200,6 +200,49 @@ def test_the_load_check_keeps_its_verdicts(rng, tmp_path, monkeypatch):
         onnx_io.load_onnx(str(path))
 
 
+def _no_child_left() -> None:
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # raises when this process has no child at all, running or exited
+
+
+@pytest.mark.skipif(not onnx_io._FORK_CHECK or (os.cpu_count() or 1) < 2, reason="no second CPU to check on")
+def test_the_load_check_of_a_big_graph_runs_beside_the_size_check(rng, tmp_path, monkeypatch):
+    """A model of many initializers is checked by onnx's checker in a forked child while the sizes are checked
+    here: the same verdicts and messages, and no child left behind, whether the model passes, fails the
+    checker, or fails the size check first (the child is then stopped)."""
+    g = G(rng)
+    g.node("Conv", ["x", g.weight("w", (4, 4, 1, 1))], ["c"], name="conv")
+    g.bn("bn", "c", 4, out="y")
+    m = g.model([("x", [1, 4, 2, 2])], [("y", [1, 4, 2, 2])])
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", 0)
+    pids = tmp_path / "pids"
+    real = onnx_io._passes_checker
+
+    def spy(data):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(data)
+    monkeypatch.setattr(onnx_io, "_passes_checker", spy)
+    assert len(onnx_io.load_onnx(str(path)).graph.node) == 2
+    assert [int(p) for p in pids.read_text().split()] != [os.getpid()]  # checked, in another process
+    _no_child_left()
+    bad = onnx.ModelProto()
+    bad.CopyFrom(m)
+    bad.graph.node[0].op_type = "NoSuchOp"
+    onnx.save(bad, str(path))
+    with pytest.raises(BnfoldError, match="invalid ONNX model"):
+        onnx_io.load_onnx(str(path))
+    _no_child_left()
+    bad.CopyFrom(m)
+    bad.graph.initializer[0].raw_data = bad.graph.initializer[0].raw_data[:-4]  # 15 values for 16
+    onnx.save(bad, str(path))
+    with pytest.raises(BnfoldError, match="declares dims"):
+        onnx_io.load_onnx(str(path))
+    _no_child_left()
+
+
 # -- the windows of the local proofs ---------------------------------------------------------------
 
 def _conv_region(rng, kernel_shape, strides, dilations, pads, group=1, c=4):
