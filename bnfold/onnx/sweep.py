@@ -45,7 +45,7 @@ def sweep(f: "OnnxFolder") -> None:
     g, ix = f.ix.graph, f.ix
     dead = set(f.dead_nodes)
     dead_inits = _dead_constants(f, dead)
-    if f.inserted or dead:
+    if f.inserted:
         # (the index holds every node's wrapper, the ones the sort sees: keys by id() are stable)
         pos: dict[int, float] = {id(n): float(i) for i, n in enumerate(ix.nodes)}
         for after, new in f.inserted:
@@ -54,8 +54,10 @@ def sweep(f: "OnnxFolder") -> None:
             pos[id(g.node[-1])] = pos[id(after)] + 0.5
         # one pointer sort: live nodes in order (inserted ones right after their anchor), dead last
         g.node.sort(key=lambda n: (id(n) in dead, pos[id(n)]))
-        if dead:
-            del g.node[len(g.node) - len(dead):]
+    elif dead:
+        g.node.sort(key=lambda n: id(n) in dead)  # (stable: the live nodes keep their order)
+    if dead:
+        del g.node[len(g.node) - len(dead):]
     if dead_inits:
         dead_ids = {id(ix.inits[n]) for n in dead_inits}  # by identity, as above: a name costs a lookup
         g.initializer.sort(key=lambda t: id(t) in dead_ids)
