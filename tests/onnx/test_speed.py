@@ -17,7 +17,7 @@ from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.core.errors import BnfoldError
 from bnfold.onnx import io as onnx_io
-from bnfold.onnx import batched, proofs, windows
+from bnfold.onnx import batched, proofs, validity, windows
 from bnfold.onnx.ondisk import tensor_value
 from bnfold.onnx.protos import copy_borrowing, fill_borrowed
 from tests.conftest import SAMPLES
@@ -205,7 +205,7 @@ def _no_child_left() -> None:
         os.waitpid(-1, os.WNOHANG)  # raises when this process has no child at all, running or exited
 
 
-@pytest.mark.skipif(not onnx_io._FORK_CHECK or (os.cpu_count() or 1) < 2, reason="no second CPU to check on")
+@pytest.mark.skipif(not validity.FORK_CHECK or (os.cpu_count() or 1) < 2, reason="no second CPU to check on")
 def test_the_load_check_of_a_big_graph_runs_beside_the_size_check(rng, tmp_path, monkeypatch):
     """A model of many initializers is checked by onnx's checker in a forked child while the sizes are checked
     here: the same verdicts and messages, and no child left behind, whether the model passes, fails the
@@ -218,13 +218,13 @@ def test_the_load_check_of_a_big_graph_runs_beside_the_size_check(rng, tmp_path,
     onnx.save(m, str(path))
     monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", 0)
     pids = tmp_path / "pids"
-    real = onnx_io._passes_checker
+    real = validity.passes_checker
 
     def spy(data):
         with open(pids, "a") as f:
             f.write(f"{os.getpid()}\n")
         return real(data)
-    monkeypatch.setattr(onnx_io, "_passes_checker", spy)
+    monkeypatch.setattr(validity, "passes_checker", spy)
     assert len(onnx_io.load_onnx(str(path)).graph.node) == 2
     assert [int(p) for p in pids.read_text().split()] != [os.getpid()]  # checked, in another process
     _no_child_left()
