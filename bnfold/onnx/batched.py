@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from .folder import OnnxFolder
 
 MAX_ELEMENTS = 1 << 14  # a bigger weight folds alone: its arithmetic outweighs the calls, and gathering would copy it
+# weight elements of all plans together: the batch holds about 20 bytes an element (the gathered float32, its
+# float64 product, the rounded result) until the loop ends; past this, BNs fold alone (a fold's peak memory)
+MAX_TOTAL = 1 << 21
 ENABLED = sys.byteorder == "little"  # off: every BN takes the ordinary path (the tests compare both)
 
 _F32 = onnx.TensorProto.FLOAT
@@ -72,6 +75,8 @@ class Batch:
         has_bias: list[bool] = []
         at = w_at = 0
         for bn in bns:
+            if w_at >= MAX_TOTAL:
+                break
             p = self._plan(bn, conv_layout, raws, eps, has_bias)
             if p is None:
                 continue

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import bnfold
+from bnfold.onnx import batched
 from tests.conftest import random_bn
 from tests.fuzz.strategies_onnx import cases
 from tests.helpers.batch_check import same_either_way, taken
@@ -180,3 +181,16 @@ def test_standalone_option_is_unaffected(standalone, monkeypatch):
     x = g.bn("after_relu", g.node("Relu", [x], ["r"]), 4)
     model = g.model([("x", [1, 4, 3, 3])], [(x, [1, 4, 3, 3])])
     same_either_way(model, monkeypatch, standalone=standalone)
+
+
+def test_past_the_batch_memory_cap_bns_fold_alone(monkeypatch):
+    """The batch stops gathering once its weights hold MAX_TOTAL values (its memory is ~20 bytes a value):
+    the rest fold one at a time, into the same bytes."""
+    g = G(np.random.default_rng(8))
+    x = "x"
+    for i in range(10):
+        x = conv_bn(g, f"c{i}", x, 4, 4, k=1)  # 16 weight values each
+    model = g.model([("x", [1, 4, 3, 3])], [(x, [1, 4, 3, 3])])
+    monkeypatch.setattr(batched, "MAX_TOTAL", 40)
+    assert taken(model, monkeypatch) == 3  # 0, 16, 32 values gathered before each: the fourth would start at 48
+    same_either_way(model, monkeypatch)
