@@ -29,7 +29,7 @@ from . import proofs
 from . import runtime as runners
 from .divergence import Plan, who
 from .feeds import Feeds, model_inputs, plan_feeds
-from .noise import nudge_by_name, perturbed, perturbed_lazily
+from .noise import nudge_by_name, nudged_initializers, perturbed, perturbed_lazily
 from .ondisk import for_session, loaded, over_two_gb
 from .protos import WithOutputs
 
@@ -85,13 +85,26 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
         finally:
             remove_temp(folder)
     original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
-    noise_model = perturbed(original, opts.seed)
+    noise_model = _noise_model(original, opts.seed)
     plain = (original, candidate, noise_model)
     models = (WithOutputs(original, tuple(want)), WithOutputs(candidate, tuple(plan.inner)),
-              WithOutputs(noise_model, tuple(want)))
+              WithOutputs(noise_model.model, tuple(want), noise_model.weights))
     cmp = _Comparison(original, candidate, plan, feeds, opts, decisions, "")
-    cmp.more_noise = lambda k: WithOutputs(perturbed(original, opts.seed + k), tuple(want))
+
+    def more_noise(k: int) -> WithOutputs:
+        m = _noise_model(original, opts.seed + k)
+        return WithOutputs(m.model, tuple(want), m.weights)
+    cmp.more_noise = more_noise
     return cmp.run(models, plain)
+
+
+def _noise_model(original: onnx.ModelProto, seed: int) -> WithOutputs:
+    """The original with every weight nudged (noise.perturbed): where only main-graph initializers move,
+    the original itself with their new values, which onnxruntime takes as arrays (no copy of the model)."""
+    weights = nudged_initializers(original, seed)
+    if weights is None:
+        return WithOutputs(perturbed(original, seed), ())
+    return WithOutputs(original, (), weights)
 
 
 SMALL = 256           # elements: a compared tensor smaller than this gets SMALL_NOISE_RUNS noise samples
