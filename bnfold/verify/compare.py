@@ -40,15 +40,22 @@ def perturb(arr: np.ndarray, rng: np.random.Generator, eps: float | None = None)
     ulp of its dtype whenever `eps` is at least that ulp: a nudge that rounds back to the same value
     would leave a weight (a whole channel, for a small BatchNorm) out of the noise estimate."""
     e = perturbation_eps(arr.dtype) if eps is None else eps
-    x = np.asarray(arr).astype(np.float64)
-    sign = rng.choice(np.array([-1.0, 1.0]), size=x.shape)
-    y = (x * (1.0 + sign * e)).astype(arr.dtype)
+    a = np.asarray(arr).reshape(-1)
+    # the draws rng.choice([-1.0, 1.0]) makes, and 1 + sign * e as exactly, without its passes over float64 temporaries
+    up = np.reshape(rng.integers(0, 2, size=np.shape(arr), dtype=np.int64), -1)
+    x = a.astype(np.float64)
+    y64 = np.array([1.0 - e, 1.0 + e])[up]
+    np.multiply(x, y64, out=y64)
+    y = y64.astype(a.dtype)
     if e >= perturbation_eps(arr.dtype) and np.dtype(arr.dtype).kind == "f":
-        stuck = (y == arr) & np.isfinite(x) & (x != 0)
-        if np.any(stuck):  # e.g. just above a power of two, one ulp relative is less than one ulp there
-            toward = np.where(sign > 0, np.inf, -np.inf).astype(arr.dtype)
-            y = np.where(stuck, np.nextafter(np.asarray(arr), toward), y)
-    return np.asarray(y, dtype=arr.dtype).reshape(np.shape(arr))
+        same = np.flatnonzero(y == a)  # few: zeros, and values just above a power of two
+        if same.size:
+            xs = x[same]
+            stuck = same[np.isfinite(xs) & (xs != 0)]
+            if stuck.size:  # e.g. just above a power of two, one ulp relative is less than one ulp there
+                toward = np.where(up[stuck] > 0, np.inf, -np.inf).astype(a.dtype)
+                y[stuck] = np.nextafter(a[stuck], toward)
+    return y.reshape(np.shape(arr))
 
 
 def stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
