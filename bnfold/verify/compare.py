@@ -104,20 +104,29 @@ def quick_measure(ref: np.ndarray, cand: np.ndarray, noise: list[np.ndarray]) ->
     that cannot be done (shapes or dtypes differ, non-finite values): judge() must look instead."""
     if ref.shape != cand.shape or ref.dtype.kind != "f" or cand.dtype != ref.dtype:
         return None
+    if not ref.size:
+        return 0.0, 0.0
     with np.errstate(invalid="ignore", over="ignore"):
-        d = float(np.max(np.abs(cand - ref))) if ref.size else 0.0
+        buf = np.subtract(cand, ref)  # one temporary, reused: max |a| is max(max a, -min a), NaN if any is
+        d = _max_abs(buf)
         if not np.isfinite(d):
             return None
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        scale = _max_abs(ref)
         nmax = 0.0
         for n in noise:
             if n.shape == ref.shape:
-                v = float(np.max(np.abs(n - ref))) if ref.size else 0.0
+                reuse = isinstance(buf, np.ndarray) and buf.ndim and n.dtype == ref.dtype
+                v = _max_abs(np.subtract(n, ref, out=buf) if reuse else np.subtract(n, ref))
                 if np.isfinite(v):
                     nmax = max(nmax, v)
     if not np.isfinite(scale):
         return None
     return d, max(NOISE_MULTIPLE * nmax, FLOOR_ULPS * unit_roundoff(ref.dtype) * scale)
+
+
+def _max_abs(a: np.ndarray) -> float:
+    hi, lo = float(a.max()), float(a.min())
+    return hi if hi != hi else max(hi, -lo)  # a NaN anywhere is the answer (both ends are NaN then)
 
 
 def judge(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
