@@ -96,19 +96,14 @@ class OrtRunner:
             src: str | bytes = model.proto.SerializeToString()
         elif isinstance(model, str):
             src = model
-        elif optimize or not hasattr(so, "add_external_initializers"):
-            # onnxruntime's own fusions read the weights from the model: they travel in it
-            if isinstance(model, WithOutputs):
-                if model.weights:
-                    raise BnfoldError(f"the {label} holds new weights that only a plain session can take")
-                src = _serialize(model.model, model.names)
-            else:
-                src = _serialize(model)
         else:
             wo = model if isinstance(model, WithOutputs) else WithOutputs(model, ())
-            skeleton = _skeleton(wo)
+            # onnxruntime's own fusions (optimize) read the weights from the model: they travel in it. So they
+            # do for other providers than the CPU, where arrays given as weights are not tested here
+            skeleton = (_skeleton(wo) if provider == "CPUExecutionProvider" and not optimize
+                        and hasattr(so, "add_external_initializers") else None)
             if skeleton is None:
-                src = _serialize(wo.model, wo.names)
+                src = _encoded(wo)
             else:
                 # the big weights go to onnxruntime as arrays it reads in place: not encoded into the model's
                 # bytes, decoded and copied again (half the cost of a session for a 100 MB model)
@@ -179,6 +174,20 @@ def _skeleton(model: WithOutputs) -> tuple[bytes, list[str], list[np.ndarray]] |
     have = {o.name for o in g.output}
     m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(model.names) if n not in have)
     return m.SerializeToString(), names, arrays
+
+
+def _encoded(model: WithOutputs) -> bytes:
+    """`model` encoded whole (io.serialize), its new weights written in (a light copy: the others are shared)."""
+    if not model.weights:
+        return _serialize(model.model, model.names)
+    from onnx import numpy_helper
+    m = onnx.ModelProto()
+    copy_fields(m, model.model, lambda k: k != _MODEL_GRAPH)
+    copy_fields(m.graph, model.model.graph, lambda k: k != _GRAPH_INITIALIZER)
+    for t in model.model.graph.initializer:
+        new = model.weights.get(t.name)
+        m.graph.initializer.append(t if new is None else numpy_helper.from_array(np.asarray(new), t.name))
+    return _serialize(m, model.names)
 
 
 def _array_of(t: onnx.TensorProto, new: np.ndarray | None) -> np.ndarray | None:

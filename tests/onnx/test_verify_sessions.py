@@ -70,6 +70,15 @@ def test_new_weights_as_arrays_are_the_model_with_those_weights(rng):
     assert not np.array_equal(want["y"], _plain(m, feeds)["y"])  # the new weights matter
     for k in want:
         assert np.array_equal(got[k], want[k]), k
+    # other providers (and onnxruntime's own optimisations) get the model encoded with its new weights
+    encoded = onnx.load_from_string(runtime._encoded(WithOutputs(m, ("c2",), new)))
+    assert len(encoded.graph.node) == len(m.graph.node)
+    enc = _plain(encoded, feeds)
+    for k in want:
+        assert np.array_equal(enc[k], want[k]), k
+    assert m.SerializeToString() != replaced.SerializeToString()  # the original was never touched
+    assert all(np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))
+               for t, u in zip(m.graph.initializer, _net(np.random.default_rng(1234)).graph.initializer))
 
 
 def test_nudged_arrays_are_the_nudges_perturbed_makes(rng):
