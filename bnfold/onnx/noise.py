@@ -27,6 +27,42 @@ def perturbed(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     return m
 
 
+def nudged_initializers(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray] | None:
+    """The new values perturbed() gives the main graph's initializers, by name, without building the
+    model: the noise model is then `model` with these weights (protos.WithOutputs(model, ..., weights)),
+    which onnxruntime takes as arrays. The same nudges as perturbed() (the same generator, drawn in the
+    same order). None when the noise model changes more than main-graph initializers held as plain
+    float arrays (a weight made by a Constant node, one inside a subgraph or a function, one on disk
+    or of a type without a numpy array): perturbed() builds that one."""
+    from .const import constant_root_readers
+
+    g = model.graph
+    A = onnx.AttributeProto
+    if model.functions or any(a.type in (A.GRAPH, A.GRAPHS) for n in g.node for a in n.attribute):
+        return None
+    readers = constant_root_readers(g, WEIGHT_OPS)
+    if any(n.op_type in ("Constant", "ConstantOfShape") and n.output and n.output[0] in readers for n in g.node):
+        return None
+    rng = np.random.default_rng(seed + 7919)
+    compute = _compute_eps(model, readers)
+    out: dict[str, np.ndarray] = {}
+    for t in g.initializer:  # as perturbed_lazily's visit: the initializers first, in order
+        if t.name not in readers:
+            continue
+        if on_disk(t) or t.data_type not in _ARRAYS:
+            return None
+        a = tensor_value(t)
+        reader = readers.get(t.name)
+        least = 1 if reader is not None and reader.op_type in LAYER_OPS else 2
+        if a.size < least or a.dtype.kind != "f":
+            continue
+        out[t.name] = compare.perturb(a, rng, compute.get(t.name))
+    return out
+
+
+_ARRAYS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def nudge_by_name(seed: int) -> Callable[[str, np.ndarray], np.ndarray]:
     """perturb() with a generator seeded by the tensor's name: the same nudge every time it is made."""
     import zlib

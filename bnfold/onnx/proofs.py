@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..core.decisions import Decision
-from ..verify import compare
+from ..verify import blas, compare
 from .nodes import ONNX_DOMAINS, attr, set_attr
 from . import windows
 from .ondisk import tensor_value
@@ -62,7 +62,13 @@ def prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[De
     `captured_folded` the folded model's: both replays must agree with onnxruntime's run of their region,
     or the proof is 'not run' (the reference evaluator has had bugs, e.g. grouped ConvTranspose with a bias).
     """
-    captured_folded = captured_folded or {}
+    with blas.one_thread():  # small products: threads only wait for each other (verify/blas.py)
+        return _prove(original, folded, decisions, captured, captured_folded or {})
+
+
+def _prove(original: onnx.ModelProto, folded: onnx.ModelProto, decisions: list[Decision],
+           captured: dict[str, np.ndarray], captured_folded: dict[str, np.ndarray],
+           ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     counts = {"proven": 0, "failed": 0, "not_run": 0}
     blame: list[dict[str, Any]] = []
     orig_g, fold_g = _Graph(original), _Graph(folded)
@@ -165,10 +171,11 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: 
             xs_folded = {name: windows.shrink(*regions, name, own, seen)[0] if own.shape == whole.shape else None}
     x64 = {k: np.asarray(v, np.float64) for k, v in x.items()}  # widened after the cut: activations are big
     absx = {k: np.abs(v) for k, v in x64.items()}
+    wide: dict[tuple[int, bool], np.ndarray] = {}  # this proof's weights in float64, each widened once
     try:
-        ref = _run(orig_g.model, on, oi, y, x64, pads=pads)
-        new = _run(fold_g.model, fn, fi, y, x64, pads=pads)
-        mag = _run(fold_g.model, fn, fi, y, absx, magnitudes=True, pads=pads)
+        ref = _run(orig_g.model, on, oi, y, x64, pads=pads, wide=wide)
+        new = _run(fold_g.model, fn, fi, y, x64, pads=pads, wide=wide)
+        mag = _run(fold_g.model, fn, fi, y, absx, magnitudes=True, pads=pads, wide=wide)
     except Exception as e:  # noqa: BLE001 - the reference evaluator lacks some ops / versions: say so
         return {"not_run": f"the region could not be replayed in float64 ({type(e).__name__}: "
                            f"{(str(e).splitlines() or [''])[0][:160]})"}
@@ -179,8 +186,9 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: 
         fine = np.isfinite(w) & np.isfinite(value)
         nodes, inits = (on, oi) if which == "original" else (fn, fi)
         if not _faithful(value, w, fine, mag, lambda: _run(orig_g.model if which == "original" else fold_g.model,
-                                                           nodes, inits, y, absx, magnitudes=True, pads=pads)) and not (
-                which == "folded" and _faithful_on_own_input(fn, fi, fold_g.model, y, xs_folded, w, pads)):
+                                                           nodes, inits, y, absx, magnitudes=True, pads=pads,
+                                                           wide=wide)) and not (
+                which == "folded" and _faithful_on_own_input(fn, fi, fold_g.model, y, xs_folded, w, pads, wide)):
             # the reference evaluator itself computes this region differently from onnxruntime (it has had
             # bugs in grouped ConvTranspose, for one): no proof rather than a false accusation
             return {"not_run": f"the float64 replay of the {which} region disagrees with onnxruntime's own run of it"}
@@ -204,15 +212,17 @@ def _prove_one(orig_g: _Graph, fold_g: _Graph, xin: tuple[str, ...], y: str, x: 
 
 def _faithful_on_own_input(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], model: onnx.ModelProto,
                            y: str, x: dict[str, np.ndarray | None], w: np.ndarray,
-                           pads: dict[int, list[int]] | None = None) -> bool:
+                           pads: dict[int, list[int]] | None = None,
+                           wide: dict[tuple[int, bool], np.ndarray] | None = None) -> bool:
     """The folded model's onnxruntime run read its own x, which differs from the original's by the folds
     upstream (far more than rounding where their values cancel): replayed on that x, does it agree?"""
     if any(v is None for v in x.values()):
         return False
     x64 = {k: np.asarray(v, np.float64) for k, v in x.items()}
     try:
-        value = _run(model, nodes, inits, y, x64, pads=pads)
-        mag = _run(model, nodes, inits, y, {k: np.abs(v) for k, v in x64.items()}, magnitudes=True, pads=pads)
+        value = _run(model, nodes, inits, y, x64, pads=pads, wide=wide)
+        mag = _run(model, nodes, inits, y, {k: np.abs(v) for k, v in x64.items()}, magnitudes=True, pads=pads,
+                   wide=wide)
     except Exception:  # noqa: BLE001 - as for the first replay
         return False
     fine = np.isfinite(w) & np.isfinite(value)
@@ -251,21 +261,38 @@ def _float_types(*groups: Iterable[Any]) -> set[int]:
 
 def _run(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], y: str,
          values: dict[str, np.ndarray], magnitudes: bool = False,
-         pads: dict[int, list[int]] | None = None) -> np.ndarray:
+         pads: dict[int, list[int]] | None = None,
+         wide: dict[tuple[int, bool], np.ndarray] | None = None) -> np.ndarray:
     """The region in float64 (every float constant and Cast widened; with `magnitudes`, every float
     constant and Gemm alpha/beta replaced by its absolute value), run on `values` for its inputs.
-    `pads` overrides the pads of nodes (by id) as windows.shrink decided."""
+    `pads` overrides the pads of nodes (by id) as windows.shrink decided.
+
+    The float initializers go to the evaluator as float64 inputs, not as tensors in the model: encoding
+    a widened weight into a TensorProto, copying it into the graph and decoding it again cost more than
+    the replay itself. `wide` keeps each one widened once (by tensor identity) across the runs of a proof."""
     from onnx.reference import ReferenceEvaluator
 
     new_nodes = [_padded(_widen(n, magnitudes), (pads or {}).get(id(n))) for n in nodes]
-    new_inits = [_widen_tensor(t, magnitudes) for t in inits]
+    kept = [t for t in inits if t.data_type not in FLOATS]
+    weights = {t.name: _widened(t, magnitudes, {} if wide is None else wide) for t in inits if t.data_type in FLOATS}
+    feeds = {**weights, **values}
     g = helper.make_graph(new_nodes, "fold_region",
-                          [helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None) for x in values],
-                          [helper.make_tensor_value_info(y, onnx.TensorProto.DOUBLE, None)], new_inits)
+                          [helper.make_tensor_value_info(x, onnx.TensorProto.DOUBLE, None) for x in feeds],
+                          [helper.make_tensor_value_info(y, onnx.TensorProto.DOUBLE, None)], kept)
     m = helper.make_model(g, opset_imports=list(model.opset_import))
     m.ir_version = max(model.ir_version, 4)
-    out = ReferenceEvaluator(m, new_ops=[_inference_bn(magnitudes), _conv_transpose()]).run(None, values)[0]
+    out = ReferenceEvaluator(m, new_ops=[_inference_bn(magnitudes), _conv_transpose()]).run(None, feeds)[0]
     return np.asarray(out, np.float64)
+
+
+def _widened(t: onnx.TensorProto, magnitudes: bool, wide: dict[tuple[int, bool], np.ndarray]) -> np.ndarray:
+    key = (id(t), magnitudes)
+    if key not in wide:
+        if magnitudes:
+            wide[key] = np.abs(_widened(t, False, wide))
+        else:
+            wide[key] = np.asarray(tensor_value(t), np.float64)  # an on-disk weight is read from its file
+    return wide[key]
 
 
 def _padded(node: onnx.NodeProto, pads: list[int] | None) -> onnx.NodeProto:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -141,13 +141,16 @@ def release_freed(written: int) -> None:
         _TRIM[0](0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WithOutputs:
     """`model` asked to output the tensors `names` too, for a runtime: encoded together (io.serialize),
-    never copied (with_outputs would copy every weight)."""
+    never copied (with_outputs would copy every weight). `weights`, when given, are new values (same
+    dtype and shape) of main-graph initializers: the model with those weights replaced, never built
+    (onnxruntime takes them as arrays: runtime.OrtRunner)."""
 
     model: onnx.ModelProto
     names: tuple[str, ...]
+    weights: Mapping[str, np.ndarray] | None = None
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -7,8 +7,10 @@ import numpy as np
 import onnx
 
 from ..core.errors import BnfoldError
-from .ondisk import ExternalModel, over_two_gb
-from .protos import WithOutputs
+from .ondisk import ExternalModel, on_disk, over_two_gb, tensor_value
+from .protos import WithOutputs, copy_fields, has_unknown_fields, is_external, nbytes
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5  # field numbers in onnx.proto
 
 ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -80,6 +82,10 @@ class OrtRunner:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 3
+        # threads that wait for work sleep instead of spinning: on busy cores spinning threads take the time
+        # slices the working ones need (a ResNet-50 run at 224x224 on two loaded cores: 0.42 s spinning,
+        # 0.27 s not); on idle cores a sleeping thread costs a wake-up per op, microseconds
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         prov: list[Any] = [(provider, dict(options or {}))] if provider != "CPUExecutionProvider" else [provider]
         if provider != "CPUExecutionProvider":
             prov.append("CPUExecutionProvider")
@@ -88,10 +94,23 @@ class OrtRunner:
             # without pre-packing onnxruntime maps the weights from the files instead of copying them
             so.add_session_config_entry("session.disable_prepacking", "1")
             src: str | bytes = model.proto.SerializeToString()
-        elif isinstance(model, WithOutputs):
-            src = _serialize(model.model, model.names)
+        elif isinstance(model, str):
+            src = model
         else:
-            src = model if isinstance(model, str) else _serialize(model)
+            wo = model if isinstance(model, WithOutputs) else WithOutputs(model, ())
+            # onnxruntime's own fusions (optimize) read the weights from the model: they travel in it. So they
+            # do for other providers than the CPU, where arrays given as weights are not tested here
+            skeleton = (_skeleton(wo) if provider == "CPUExecutionProvider" and not optimize
+                        and hasattr(so, "add_external_initializers") else None)
+            if skeleton is None:
+                src = _encoded(wo)
+            else:
+                # the big weights go to onnxruntime as arrays it reads in place: not encoded into the model's
+                # bytes, decoded and copied again (half the cost of a session for a 100 MB model)
+                src, names, arrays = skeleton
+                self._weights = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+                if names:
+                    so.add_external_initializers(names, self._weights)
         try:
             self.session = ort.InferenceSession(src, so, providers=prov)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises many types for one meaning
@@ -115,6 +134,79 @@ class RunFailed(BnfoldError):
     def __init__(self, message: str, label: str) -> None:
         super().__init__(message)
         self.label = label
+
+
+# a main-graph initializer of at least this many bytes goes to onnxruntime as an array (_skeleton)
+ARRAY_MIN = 1 << 12
+_ARRAY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+                onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+                onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8}
+_IN_MEMORY = "bnfold-in-memory"  # the location the stubs name: never read, onnxruntime is given every one
+
+
+def _skeleton(model: WithOutputs) -> tuple[bytes, list[str], list[np.ndarray]] | None:
+    """`model.model` encoded without its big weights, and the weights as arrays for onnxruntime's
+    external initializers: each big main-graph initializer becomes a header marked external, its
+    value an array (its own bytes, or the new value `model.weights` gives it). Asks for `model.names`
+    as outputs too. None when a weight left on disk cannot be an array (io.serialize copies it)."""
+    m0 = model.model
+    g = m0.graph
+    weights = model.weights or {}
+    m = onnx.ModelProto()
+    copy_fields(m, m0, lambda k: k != _MODEL_GRAPH)
+    copy_fields(m.graph, g, lambda k: k != _GRAPH_INITIALIZER)
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    for t in g.initializer:
+        a = _array_of(t, weights.get(t.name))
+        if a is None:
+            if on_disk(t) and not weights:
+                return None
+            if t.name in weights or on_disk(t):
+                raise BnfoldError(f"onnxruntime cannot take the new value of {t.name!r} as an array")
+            m.graph.initializer.append(t)
+            continue
+        stub = m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                       data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value=_IN_MEMORY)
+        names.append(t.name)
+        arrays.append(a)
+    have = {o.name for o in g.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(model.names) if n not in have)
+    return m.SerializeToString(), names, arrays
+
+
+def _encoded(model: WithOutputs) -> bytes:
+    """`model` encoded whole (io.serialize), its new weights written in (a light copy: the others are shared)."""
+    if not model.weights:
+        return _serialize(model.model, model.names)
+    from onnx import numpy_helper
+    m = onnx.ModelProto()
+    copy_fields(m, model.model, lambda k: k != _MODEL_GRAPH)
+    copy_fields(m.graph, model.model.graph, lambda k: k != _GRAPH_INITIALIZER)
+    for t in model.model.graph.initializer:
+        new = model.weights.get(t.name)
+        m.graph.initializer.append(t if new is None else numpy_helper.from_array(np.asarray(new), t.name))
+    return _serialize(m, model.names)
+
+
+def _array_of(t: onnx.TensorProto, new: np.ndarray | None) -> np.ndarray | None:
+    """The value onnxruntime is to read for `t` as an array, or None when `t` travels in the model."""
+    dtype = _ARRAY_TYPES.get(t.data_type)
+    if dtype is None or (is_external(t) and not on_disk(t)) or has_unknown_fields(t):
+        return None
+    if new is not None:
+        a = _c_order(new)
+        return a if a.dtype == dtype and list(a.shape) == list(t.dims) else None
+    if not (t.HasField("raw_data") or on_disk(t)) or not len(t.dims) or nbytes(t) < ARRAY_MIN:
+        return None
+    a = _c_order(tensor_value(t))  # an on-disk weight is read from its file
+    return a if a.dtype == dtype and list(a.shape) == list(t.dims) else None
+
+
+def _c_order(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.array(a, order="C")  # (ascontiguousarray makes a scalar 1-d)
 
 
 def _serialize(model: onnx.ModelProto, outputs: tuple[str, ...] = ()) -> bytes:

@@ -29,7 +29,7 @@ from . import proofs
 from . import runtime as runners
 from .divergence import Plan, who
 from .feeds import Feeds, model_inputs, plan_feeds
-from .noise import nudge_by_name, perturbed, perturbed_lazily
+from .noise import nudge_by_name, nudged_initializers, perturbed, perturbed_lazily
 from .ondisk import for_session, loaded, over_two_gb
 from .protos import WithOutputs
 
@@ -85,13 +85,26 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
         finally:
             remove_temp(folder)
     original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
-    noise_model = perturbed(original, opts.seed)
+    noise_model = _noise_model(original, opts.seed)
     plain = (original, candidate, noise_model)
     models = (WithOutputs(original, tuple(want)), WithOutputs(candidate, tuple(plan.inner)),
-              WithOutputs(noise_model, tuple(want)))
+              WithOutputs(noise_model.model, tuple(want), noise_model.weights))
     cmp = _Comparison(original, candidate, plan, feeds, opts, decisions, "")
-    cmp.more_noise = lambda k: WithOutputs(perturbed(original, opts.seed + k), tuple(want))
+
+    def more_noise(k: int) -> WithOutputs:
+        m = _noise_model(original, opts.seed + k)
+        return WithOutputs(m.model, tuple(want), m.weights)
+    cmp.more_noise = more_noise
     return cmp.run(models, plain)
+
+
+def _noise_model(original: onnx.ModelProto, seed: int) -> WithOutputs:
+    """The original with every weight nudged (noise.perturbed): where only main-graph initializers move,
+    the original itself with their new values, which onnxruntime takes as arrays (no copy of the model)."""
+    weights = nudged_initializers(original, seed)
+    if weights is None:
+        return WithOutputs(perturbed(original, seed), ())
+    return WithOutputs(original, (), weights)
 
 
 SMALL = 256           # elements: a compared tensor smaller than this gets SMALL_NOISE_RUNS noise samples
@@ -114,6 +127,20 @@ class _Comparison:
         # depth of each tensor (its producer's place in the original's node order), for the report's picture
         self.depth = {o: i for i, n in enumerate(original.graph.node) for o in n.output if o}
         self.runs_done = self.runs_total = 0
+        self.proving: Any = None  # the local proofs, running beside the noise runs once their inputs are captured
+
+    def _start_proofs(self) -> None:
+        """Start the local proofs on what is captured, in a thread of their own: they work while onnxruntime
+        runs the noise models (it releases the GIL, and so do the proofs' products)."""
+        if self.decisions is None or self.proving is not None:
+            return
+        import concurrent.futures
+
+        self.opts.say(f"proving each of {sum(d.is_folded for d in self.decisions)} fold(s) on its own")
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-proofs")
+        self.proving = pool.submit(proofs.prove, self.original, self.candidate, self.decisions, self.captured,
+                                   self.captured_folded)
+        pool.shutdown(wait=False)
 
     def _tick(self, provider: str) -> Callable[[str, int, int], None]:
         """Progress for one provider: a Step per batch run, counted over the whole verification."""
@@ -124,6 +151,14 @@ class _Comparison:
         return tick
 
     def run(self, models: tuple, plain: tuple) -> Verification:
+        try:
+            return self._run(models, plain)
+        finally:
+            if self.proving is not None:  # an error left them running: they end before anything else starts
+                import concurrent.futures
+                concurrent.futures.wait([self.proving])
+
+    def _run(self, models: tuple, plain: tuple) -> Verification:
         names, explicit = _requested(self.opts.providers)
         ver = Verification(tolerance=_tolerance_doc(self.atol, self.rtol))
         usable = {name: runners.availability(name) for name in names}
@@ -139,9 +174,9 @@ class _Comparison:
             self.opts.say(f"verifying on {name}")
             ver.providers[name] = self._provider(name, models, plain, ver)
         if self.decisions is not None:
-            self.opts.say(f"proving each of {sum(d.is_folded for d in self.decisions)} fold(s) on its own")
-            counts, blame = proofs.prove(self.original, self.candidate, self.decisions, self.captured,
-                                         self.captured_folded)
+            self._start_proofs()  # (not started yet only when no provider ran)
+            counts, blame = self.proving.result()
+            self.proving = None
             ver.proofs = counts
             ver.blame = blame
             # a failed local proof names its fold exactly; the end-to-end divergence it causes downstream may
@@ -157,8 +192,12 @@ class _Comparison:
         batches = self.feeds.batches
         tick = self._tick(name)
         try:
-            runs = [_run_all(m, name, batches, lbl, tick=tick)
-                    for m, lbl in zip(models, ("original", "candidate", "noise model"))]
+            runs = []
+            for m, lbl in zip(models, ("original", "candidate", "noise model")):
+                runs.append(_run_all(m, name, batches, lbl, tick=tick))
+                if len(runs) == 2 and not self.captured:
+                    self._capture(batches, runs)
+                    self._start_proofs()
         except BnfoldError:
             if not (self.plan.inner or self.plan.extra):
                 raise
@@ -169,8 +208,7 @@ class _Comparison:
             runs = [_run_all(m, name, batches, lbl, tick=tick)
                     for m, lbl in zip(models, ("original", "candidate", "noise model"))]
         if not self.captured:
-            self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs and witnesses, first batch
-            self.captured_folded = dict(runs[1][0])
+            self._capture(batches, runs)
         ref, cand, noise1 = (_concat(r) for r in runs)
         noise = [noise1]
         if self.more_noise is not None and min((np.size(v) for v in ref.values()), default=SMALL) < SMALL:
@@ -229,6 +267,10 @@ class _Comparison:
             ver.first_divergence = {"tensor": worst, **who(self.original, self.candidate, worst), "provider": name,
                                     "max_abs": outs[worst].get("max_abs"), "atol": outs[worst].get("atol")}
         return ProviderResult(name, ran=True, passed=passed, outputs=outs, notes=notes)
+
+    def _capture(self, batches: list[dict[str, np.ndarray]], runs: list) -> None:
+        self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs and witnesses, first batch
+        self.captured_folded = dict(runs[1][0])
 
     def _judge(self, ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], noise: list[Mapping],
                notes: dict[str, Any]) -> tuple[bool, dict[str, dict[str, Any]], dict[str, Any] | None]:
