@@ -116,7 +116,6 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
 
     Raises Skip; the Skip names a producer only when a following layer was found (its reason is then
     about that layer, e.g. PADDING_BREAKS_BACKWARD_FOLD)."""
-    ix = f.ix
     s, t, out = view.scale, view.shift, view.out
     # pre: copies between the BN and the layer (or the reshape); post: copies after the reshape
     reader, value, pre = _through_copies(f, out, "the BatchNorm's output")
@@ -140,8 +139,10 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     bias_scale, new_beta = 1.0, None
     bias_slot: tuple[onnx.NodeProto, int] | None = (layer, 2)
     bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+    if op == "MatMul":
+        bias_slot, bias_name = _matmul_bias(f, layer)
     try:
-        weight, bias, wdt = f.layer_params(layer, layer.input[1], bias_name if bias_slot == (layer, 2) else None, lab)
+        weight, bias, wdt = f.layer_params(layer, layer.input[1], bias_name, lab)
         if op == "Conv":
             _check_padding(layer, weight.ndim)
             layout = layouts.conv(int(_attr(layer, "group", 1)))
@@ -161,11 +162,9 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
                            f"{lab} contracts the last axis of a rank-{rank if rank is not None else '?'} input "
                            f"with a rank-{weight.ndim} weight; the BatchNorm's channel axis is 1")
             layout = layouts.matmul()
-            bias_slot, bias_name = _matmul_bias(f, layer)
         if block != 1:
             layout = dataclasses.replace(layout, in_block=block)
-        if bias_slot != (layer, 2) or (bias_name and bias is None):
-            bias = ix.const(bias_name, f"{lab} bias") if bias_name else None
+
         folded = kernel.fold_before(weight, bias, s, t, layout, bias_scale=bias_scale, bias_dtype=wdt,
                                     weight_dtype=wdt, keep_exact=f._may_chain(layer, layer.output[0]))
     except Skip as e:
@@ -175,7 +174,6 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     site_out = bias_slot[0].output[0] if bias_slot is not None else layer.output[0]
     new_w = f._write_const(layer.input[1], folded.weight, layer)
     f._replace_input(layer, 1, new_w)
-    exact = folded if bias_slot == (layer, 2) else dataclasses.replace(folded, weight64=None)
     if bias_slot is not None:
         node, slot = bias_slot
         new_b = f._write_const(bias_name or f"{lab}_bias", folded.bias, node)
@@ -197,7 +195,7 @@ def fold_before(f: "OnnxFolder", bn: onnx.NodeProto, label: str, view: BnView) -
     _remove_copies(f, pre, x)
     f._move_shape_readers(out, x)
     f.drop_bn(bn, view, old_out=None)
-    f.remember_exact(layer, exact)
+    f.remember_exact(layer, folded)
     pattern = f"BN{view.suffix}->" + "".join(f"{v.op_type}->" for v in via) + op
     return f.located(Decision.folded(label, f.scope + lab, pattern, "before"), x, site_out)
 

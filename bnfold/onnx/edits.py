@@ -17,7 +17,7 @@ from ..core import kernel
 from ..core.decisions import Decision
 from .layout import shape_reader
 from .match import Match
-from .nodes import node_label, set_attr
+from .nodes import ONNX_DOMAINS, node_label, set_attr
 from .ondisk import on_disk
 from .protos import release_freed
 from .standalone import BnView
@@ -57,9 +57,9 @@ class GraphEdits:
         return weight, bias, weight.dtype
 
     def _may_chain(self, layer: onnx.NodeProto, out: str) -> bool:
-        """Whether another BN may fold into `layer` in this pass (worth keeping float64 values): a Conv or
-        Gemm (bias in slot 2) whose new output, or data input, is a BatchNorm's."""
-        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm") or self.scope:
+        """Whether another BN may fold into `layer` in this pass (worth keeping float64 values): a Conv, Gemm
+        or MatMul whose new output, or data input, is a BatchNorm's."""
+        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or self.scope:
             return False
         after = [u for u in self.ix.consumers.get(out, []) if u.op_type == "BatchNormalization"]
         before = self.ix.producer.get(layer.input[0]) if layer.input else None
@@ -70,8 +70,22 @@ class GraphEdits:
         if folded.weight64 is None:
             self.exact.pop(id(layer), None)
             return
-        bias = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
-        self.exact[id(layer)] = (layer.input[1], bias, folded.weight64, folded.bias64, folded.weight.dtype)
+        self.exact[id(layer)] = (layer.input[1], self.bias_name_of(layer), folded.weight64, folded.bias64,
+                                 folded.weight.dtype)
+
+    def bias_name_of(self, layer: onnx.NodeProto) -> str | None:
+        """The tensor holding `layer`'s bias: input 2 of a Conv or Gemm; for a MatMul, the other operand of
+        the Add that alone reads it (a fold writes its bias there), else None."""
+        if layer.op_type != "MatMul":
+            return layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+        out = layer.output[0]
+        users = self.ix.consumers.get(out, [])
+        if out in self.ix.graph_outputs or len(users) != 1:
+            return None
+        add = users[0]
+        if add.op_type != "Add" or add.domain not in ONNX_DOMAINS or len(add.input) != 2 or add.input[0] == add.input[1]:
+            return None
+        return add.input[1] if add.input[0] == out else add.input[0]
 
     def located(self, d: Decision, x: str | tuple[str, ...], y: str) -> Decision:
         """Record where a fold sits: the region from data input(s) `x` to output `y`, tensors that mean the

@@ -300,3 +300,28 @@ def test_failed_comparison_with_a_mixed_type_bn15_original_is_a_verdict_not_an_e
     """
     ver = bnfold.check(_mixed_bn15(0.5), _mixed_bn15(0.6))  # a wrong candidate: must be a failed verdict
     assert ver.passed is False
+
+
+def test_two_bns_before_a_matmul_plus_add_are_rounded_once():
+    """Invariant 3 (a foldable BN is folded) and the local proofs: BN0 -> BN1 -> MatMul + Add. BN1 folds into
+    the MatMul first, then BN0 into the same MatMul; the second fold started from the first one's float32
+    weights and bias, so the chain was rounded twice, and where its shifts cancel that exceeds the proof's
+    bound for one rounding: BN0's correct fold was reverted as VERIFICATION_FAILED. A MatMul + Add now keeps
+    its float64 values between folds (edits.bias_name_of), as Conv and Gemm did."""
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["g"], name="gemm"),
+             helper.make_node("Relu", ["g"], ["r"], name="relu"),
+             _bn("bn0", "r", ["y0"], epsilon=1e-5), _bn("bn1", "y0", ["y1"], epsilon=1e-5),
+             helper.make_node("MatMul", ["y1", "pw"], ["mm"], name="post"),
+             helper.make_node("Add", ["mm", "pb"], ["y"], name="post_add")]
+    inits = [_init("w", [[-0.8019314408302307, -1.3243589401245117]]),
+             _init("c", [-0.12418080866336823, 0.21022261679172516]),
+             *_bn_inits("bn0", [0.8935307860374451, 0.3901417553424835], [0.15735018253326416, -0.8035040497779846],
+                        [0.8423925638198853, 2.25600004196167], [2.931511402130127, 2.1973187923431396]),
+             *_bn_inits("bn1", [-2.0206620693206787, 1.6926597356796265], [0.6331197619438171, 1.2519464492797852],
+                        [-0.32045289874076843, -0.1999102383852005], [0.37824705243110657, 2.3424806594848633]),
+             _init("pw", [[0.8033062219619751], [0.07757414132356644]]), _init("pb", [-0.2763236463069916])]
+    model = _model(nodes, [("x", [1, 1])], [("y", [1, 1])], inits, opset=14)
+    res = bnfold.fold(model)
+    assert {d.bn for d in res.report.folded} == {"bn0", "bn1"}, [d.to_dict() for d in res.report.skipped]
+    assert res.report.verification.verdict == "passed"
+    assert res.report.verification.proofs["failed"] == 0
