@@ -85,6 +85,18 @@ def variant(kind: str, extra: int = 0) -> onnx.ModelProto:
         del g.initializer[1]
         g.sparse_initializer.append(helper.make_sparse_tensor(
             numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.arange(6, dtype=np.int64), "b_idx"), [6]))
+    elif kind == "ir_too_new":
+        m.ir_version = 99
+    elif kind == "duplicate_function":
+        fn = helper.make_function("local", "F", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                  [helper.make_opsetid("", 17)])
+        m.functions.extend([fn, fn])
+    elif kind == "custom_domain_without_opset":
+        g.node[2].domain = "com.example"
+    elif kind == "bad_training_info":  # the structure check never looked at it: accepted, as always
+        m.training_info.add().algorithm.node.add(op_type="NoSuchOp")
+    elif kind == "unknown_data_type":
+        g.initializer[1].data_type = 99
     elif kind == "duplicate_metadata":
         helper.set_model_props(m, {"k": "1"})
         m.metadata_props.add(key="k", value="2")
@@ -94,7 +106,8 @@ def variant(kind: str, extra: int = 0) -> onnx.ModelProto:
 
 
 KINDS = ["good", "unknown_op", "bad_attr_type", "dup_output", "not_topological", "corrupt",
-         "corrupt_and_unknown_op", "negative_dim", "ir3_initializer_not_input", "duplicate_metadata"]
+         "corrupt_and_unknown_op", "negative_dim", "ir3_initializer_not_input", "duplicate_metadata", "ir_too_new",
+         "duplicate_function", "custom_domain_without_opset", "bad_training_info"]
 
 
 def outcome(path: Path, threshold: int, monkeypatch) -> tuple[str, object]:
@@ -187,7 +200,7 @@ def test_the_forked_check_gives_the_structure_checks_verdict_and_message(kind, t
     assert forks.pids() or kind in ("corrupt", "corrupt_and_unknown_op", "negative_dim"), "no forked check"
     assert all(reaped(p) for p in forks.pids())
     assert forked_children() == []
-    if kind in ("good", "ir3_initializer_not_input", "duplicate_metadata"):
+    if kind in ("good", "ir3_initializer_not_input", "duplicate_metadata", "bad_training_info"):
         assert before[0] == "ok"
     else:
         assert before[0] == "error" and str(path) in before[1] and "\n" not in before[1], before
@@ -205,6 +218,19 @@ def test_a_sparse_initializer_gets_the_same_verdict_on_both_paths(tmp_path, monk
     after = outcome(path, 0, monkeypatch)
     assert before[0] == "error", before  # the control: the structure check refuses it
     assert after == before
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
+    "check_sizes crashes on a tensor data_type onnx does not know (here 99; any value over 28 with onnx 1.23): "
+    "protos.itemsize calls onnx.helper.tensor_dtype_to_np_dtype, which raises KeyError, so load_onnx raises "
+    "KeyError (the CLI: traceback, exit 1) instead of a one-line BnfoldError; itemsize's docstring promises 0 "
+    "for unknown types. Both paths (forked or not) alike"))
+@pytest.mark.parametrize("threshold", [10 ** 9, 0])
+def test_an_unknown_tensor_data_type_is_a_clear_error(threshold, tmp_path, monkeypatch):
+    path = tmp_path / "dtype.onnx"
+    onnx.save(variant("unknown_data_type"), str(path))
+    got = outcome(path, threshold, monkeypatch)
+    assert got[0] == "error" and str(path) in got[1]
 
 
 @pytest.fixture(scope="module")
@@ -564,7 +590,7 @@ def test_the_child_does_not_outlive_a_killed_parent(sig, slow_run):
     p, child, _ = slow_run()
     os.kill(p.pid, sig)
     p.wait(timeout=30)
-    assert gone(child, timeout=5)
+    assert gone(child, timeout=2)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the CLI as 'nobody' (RLIMIT_NPROC binds any other user)")
