@@ -366,6 +366,75 @@ def test_a_parent_that_ignores_or_reaps_sigchld_still_gets_verdicts(handler, tmp
     assert after == before
 
 
+def test_sigint_to_a_library_caller_mid_check_reaps_the_child(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    onnx.save(variant("good"), str(path))
+    forks = Forks(tmp_path, monkeypatch, slow=60)
+    main = threading.main_thread().ident
+
+    def interrupt():
+        forks.wait_for_child()
+        time.sleep(0.05)  # the parent is then waiting for the child (nothing else is left of the load)
+        signal.pthread_kill(main, signal.SIGINT)
+    t = threading.Thread(target=interrupt)
+    t.start()
+    monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", 0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            onnx_io.load_onnx(str(path))
+    finally:
+        t.join()
+    child = forks.pids()[0]
+    assert reaped(child) and forked_children() == []
+
+
+def test_threads_loading_at_once_each_get_their_own_verdict(tmp_path, monkeypatch):
+    """Four threads load different models together: each fork's child, and each wait, is its own."""
+    kinds = ["good", "unknown_op", "corrupt", "not_topological"]
+    paths = {}
+    for k in kinds:
+        paths[k] = tmp_path / f"{k}.onnx"
+        onnx.save(variant(k, extra=300), str(paths[k]))
+    before = {k: outcome(p, 10 ** 9, monkeypatch) for k, p in paths.items()}
+    monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", 0)
+    after: dict[str, list] = {k: [] for k in kinds}
+
+    def work(k):
+        for _ in range(6):
+            try:
+                after[k].append(("ok", onnx_io.load_onnx(str(paths[k])).SerializeToString()))
+            except BnfoldError as e:
+                after[k].append(("error", str(e)))
+    threads = [threading.Thread(target=work, args=(k,)) for k in kinds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert after == {k: [before[k]] * 6 for k in kinds}
+    assert forked_children() == []
+
+
+def test_a_big_file_with_a_big_tensor(tmp_path, monkeypatch):
+    """64 MiB of weights in one tensor beside the many small ones (the real threshold), whole and then one
+    value short (a tensor too big to be measured at load: its check is left to when it is read)."""
+    m = conv_bn(extra=BIG)
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(16 << 20, np.float32), "big"))
+    path = tmp_path / "big.onnx"
+    onnx.save(m, str(path))
+    assert path.stat().st_size > 64 << 20
+    forks = Forks(tmp_path, monkeypatch)
+    got = outcome(path, onnx_io.STRUCTURE_CHECK_MAX, monkeypatch)
+    assert got[0] == "ok" and len(forks.pids()) == 1
+    del got
+    m.graph.initializer[-1].raw_data = m.graph.initializer[-1].raw_data[:-4]
+    onnx.save(m, str(path))
+    del m
+    after = outcome(path, onnx_io.STRUCTURE_CHECK_MAX, monkeypatch)
+    assert after == outcome(path, 10 ** 9, monkeypatch)
+    assert forked_children() == []
+
+
 # -- the CLI in a subprocess: output, exit handlers, signals ------------------------------------------
 
 # runs bnfold's CLI `main` with an exit handler registered first; BNF_MAX sets STRUCTURE_CHECK_MAX, a child
