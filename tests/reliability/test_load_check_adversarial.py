@@ -127,6 +127,15 @@ class Forks:
         self.file = folder / "child_pids"
         self.file.write_text("")
         parent, real, file = os.getpid(), validity.passes_checker, self.file
+        self.forked: list[int] = []  # every fork's pid, as the parent got it
+        real_fork = os.fork
+
+        def fork():
+            pid = real_fork()
+            if pid:
+                self.forked.append(pid)
+            return pid
+        monkeypatch.setattr(os, "fork", fork)
 
         def spy(data):
             if os.getpid() != parent:
@@ -135,6 +144,10 @@ class Forks:
                 time.sleep(slow)
             return real(data)
         monkeypatch.setattr(validity, "passes_checker", spy)
+
+    def all_reaped(self) -> bool:
+        """Has every child forked so far been waited for (none running, none a zombie)?"""
+        return all(reaped(p) for p in self.forked)
 
     def pids(self) -> list[int]:
         return [int(p) for p in self.file.read_text().split()]
@@ -155,21 +168,6 @@ def reaped(pid: int) -> bool:
     except ChildProcessError:
         return True
     return False
-
-
-def forked_children() -> list[int]:
-    """This process's children (zombies too) that are forks of it: the same command line (the session's
-    other children, its PyTorch and Keras runs, are other commands)."""
-    me = Path("/proc/self/cmdline").read_bytes()
-    out = []
-    for f in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        for pid in f.read_text().split():
-            try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes() in (me, b""):  # a zombie's is empty
-                    out.append(int(pid))
-            except FileNotFoundError:
-                pass
-    return out
 
 
 def gone(pid: int, timeout: float = 5.0) -> bool:
@@ -199,7 +197,7 @@ def test_the_forked_check_gives_the_structure_checks_verdict_and_message(kind, t
     assert after == before
     assert forks.pids() or kind in ("corrupt", "corrupt_and_unknown_op", "negative_dim"), "no forked check"
     assert all(reaped(p) for p in forks.pids())
-    assert forked_children() == []
+    assert forks.all_reaped() and len(forks.forked) == 1
     if kind in ("good", "ir3_initializer_not_input", "duplicate_metadata", "bad_training_info"):
         assert before[0] == "ok"
     else:
@@ -253,7 +251,7 @@ def test_a_real_many_initializer_model_keeps_its_verdict(kind, big_models, tmp_p
     after = outcome(path, onnx_io.STRUCTURE_CHECK_MAX, monkeypatch)
     assert len(forks.pids()) == (kind != "corrupt") or kind == "corrupt" and len(forks.pids()) <= 1
     # (the unpatched threshold sent it to the forked check; a corrupt model's child may be stopped first)
-    assert all(reaped(p) for p in forks.pids()) and forked_children() == []
+    assert forks.all_reaped() and len(forks.forked) == 1
     assert after == outcome(path, 10 ** 9, monkeypatch)
     assert after[0] == ("ok" if kind == "good" else "error")
 
@@ -283,7 +281,7 @@ def test_a_child_killed_from_outside_means_the_structure_check_decides(kind, tmp
     after = outcome(path, 0, monkeypatch)
     t.join()
     assert after == before
-    assert reaped(forks.pids()[0])
+    assert forks.forked == forks.pids() and forks.all_reaped()
 
 
 def test_the_input_replaced_while_the_child_checks_does_not_change_the_verdict(tmp_path, monkeypatch):
@@ -323,7 +321,7 @@ def test_gc_disabled_changes_nothing(tmp_path, monkeypatch):
         if was:
             gc.enable()
     assert after == before
-    assert len(forks.pids()) >= 2 and all(reaped(p) for p in forks.pids()) and forked_children() == []
+    assert len(forks.pids()) >= 2 and forks.all_reaped() and len(forks.forked) == 3
 
 
 def reap_all(signum, frame):  # a server's SIGCHLD handler: reap every child that has exited
@@ -385,7 +383,7 @@ def test_sigint_to_a_library_caller_mid_check_reaps_the_child(tmp_path, monkeypa
     finally:
         t.join()
     child = forks.pids()[0]
-    assert reaped(child) and forked_children() == []
+    assert forks.forked == [child] and forks.all_reaped()
 
 
 def test_threads_loading_at_once_each_get_their_own_verdict(tmp_path, monkeypatch):
@@ -396,6 +394,7 @@ def test_threads_loading_at_once_each_get_their_own_verdict(tmp_path, monkeypatc
         paths[k] = tmp_path / f"{k}.onnx"
         onnx.save(variant(k, extra=300), str(paths[k]))
     before = {k: outcome(p, 10 ** 9, monkeypatch) for k, p in paths.items()}
+    forks = Forks(tmp_path, monkeypatch)
     monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", 0)
     after: dict[str, list] = {k: [] for k in kinds}
 
@@ -412,7 +411,7 @@ def test_threads_loading_at_once_each_get_their_own_verdict(tmp_path, monkeypatc
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert after == {k: [before[k]] * 6 for k in kinds}
-    assert forked_children() == []
+    assert len(forks.forked) == 24 and forks.all_reaped()
 
 
 def test_a_big_file_with_a_big_tensor(tmp_path, monkeypatch):
@@ -432,7 +431,7 @@ def test_a_big_file_with_a_big_tensor(tmp_path, monkeypatch):
     del m
     after = outcome(path, onnx_io.STRUCTURE_CHECK_MAX, monkeypatch)
     assert after == outcome(path, 10 ** 9, monkeypatch)
-    assert forked_children() == []
+    assert len(forks.forked) == 2 and forks.all_reaped()
 
 
 # -- the CLI in a subprocess: output, exit handlers, signals ------------------------------------------
