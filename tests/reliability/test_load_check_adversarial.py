@@ -470,7 +470,7 @@ def test_an_interrupt_as_the_child_ends_stays_an_interrupt(tmp_path):
 # runs bnfold's CLI `main` with an exit handler registered first; BNF_MAX sets STRUCTURE_CHECK_MAX, a child
 # records its pid in BNF_PIDS and sleeps BNF_SLOW seconds before its check; BNF_NPROC: fork is made to fail
 WRAPPER = r"""
-import atexit, os, sys, time
+import atexit, os, signal, sys, time
 import bnfold.onnx.io as io, bnfold.onnx.validity as v
 if os.environ.get("BNF_MAX"):
     io.STRUCTURE_CHECK_MAX = int(os.environ["BNF_MAX"])
@@ -479,7 +479,9 @@ def spy(data):
     if os.getpid() != parent and pids:
         with open(pids, "a") as f:
             f.write(f"{os.getpid()}\n")
-        time.sleep(slow)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as in onnx's C++ checker: a Ctrl-C is
+        time.sleep(slow)  # seen when it returns
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return real(data)
 v.passes_checker = spy
 def at_exit():
@@ -599,7 +601,7 @@ def slow_run(tmp_path):
         env = wrapper_env(max=0, pids=pids, slow=60)
         if faulthandler:
             env["PYTHONFAULTHANDLER"] = "1"
-        p = start_wrapped(["--no-verify", path], env)
+        p = start_wrapped(["--no-verify", path], env, start_new_session=True)
         procs.append(p.pid)
         end = time.monotonic() + 60
         while not pids.read_text().split():
@@ -621,9 +623,14 @@ def slow_run(tmp_path):
             pass
 
 
-def test_sigint_to_the_parent_mid_check_stops_and_reaps_the_child(slow_run):
+@pytest.mark.parametrize("group", [False, True], ids=["parent", "process_group"])
+def test_sigint_to_the_parent_mid_check_stops_and_reaps_the_child(group, slow_run):
+    """SIGINT to the parent alone, or to its process group as Ctrl-C in a terminal sends it (the child too)."""
     p, child, folder = slow_run()
-    os.kill(p.pid, signal.SIGINT)
+    if group:
+        os.killpg(p.pid, signal.SIGINT)
+    else:
+        os.kill(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err[-2000:]
     assert [ln for ln in err.splitlines() if ln.strip()] == ["bnfold: interrupted; nothing written"], err
