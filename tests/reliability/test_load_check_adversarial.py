@@ -639,7 +639,7 @@ def test_sigint_to_the_parent_mid_check_stops_and_reaps_the_child(group, slow_ru
     assert sorted(x.name for x in folder.iterdir()) == ["m.onnx"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGSEGV, marks=pytest.mark.xfail(
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, id="SIGKILL"), pytest.param(signal.SIGSEGV, id="SIGSEGV", marks=pytest.mark.xfail(
     strict=True, reason=(
         "a crashing child prints: the child inherits the parent's faulthandler (PYTHONFAULTHANDLER=1, "
         "python -X faulthandler, pytest) and its crash (here SIGSEGV, as onnx's C++ checker crashing on a "
@@ -662,7 +662,7 @@ def test_a_child_killed_or_crashed_from_outside_leaves_the_cli_run_as_it_was(sig
     "its forked checker runs, the child is not stopped (no PR_SET_PDEATHSIG): it runs the rest of the check "
     "(seconds for a huge model, forever for one that hangs onnx's checker) reparented to init, and holds the "
     "CLI's stdout/stderr pipes open, so a caller reading them to the end waits for it too"))
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_the_child_does_not_outlive_a_killed_parent(sig, slow_run):
     p, child, _ = slow_run()
     os.kill(p.pid, sig)
