@@ -11,7 +11,7 @@ from ..core.errors import BnfoldError
 from ..core.files import atomic_write, check_input_file
 from . import ondisk
 from .protos import all_tensors, copy_fields, ext_info, has_unknown_fields, is_external, nbytes, structure_only
-from .validity import check_sizes, checking
+from .validity import check_sizes, passes_checker
 
 
 def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
@@ -36,15 +36,12 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
             _load_external(model, path)
     # The verdict is the checker's on the structure alone (initializers as typed graph inputs), as bnfold
     # has always judged a model. Building that costs ~10 us of Python per initializer; a model with
-    # many has its own bytes checked by onnx's C++ instead (a few us each, no second encoding), while the
-    # sizes are checked here. A model that passes that check passes the structure check too; one that
-    # fails it gets the structure check's verdict (it may accept what the full check refuses: an IR 3
-    # initializer not listed as an input, for one).
-    many = not external and len(model.graph.initializer) > STRUCTURE_CHECK_MAX
-    with checking(data if many else None) as passes:
-        check_sizes(model, path, None if external else len(data))
-        if many and passes():
-            return model
+    # many has its own bytes checked by onnx's C++ instead (a few us each, no second encoding). A model
+    # that passes that check passes the structure check too; one that fails it gets the structure check's
+    # verdict (it may accept what the full check refuses: an IR 3 initializer not listed as an input, for one).
+    check_sizes(model, path, None if external else len(data))
+    if not external and len(model.graph.initializer) > STRUCTURE_CHECK_MAX and passes_checker(data):
+        return model
     del data
     try:
         onnx.checker.check_model(structure_only(model), full_check=False)

@@ -30,6 +30,7 @@ def structure_only(model: onnx.ModelProto, keep_up_to: int = 0) -> onnx.ModelPro
     mg.input.extend(g.input)
     mg.output.extend(g.output)
     mg.value_info.extend(g.value_info)
+    mg.sparse_initializer.extend(g.sparse_initializer)  # (small by nature; the checker must see what nodes read)
     have = {i.name for i in g.input}
     for t in g.initializer:
         if keep_up_to and math.prod(t.dims) <= keep_up_to:
@@ -213,7 +214,10 @@ def itemsize(data_type: int) -> int:
     elif data_type in _PACKED:
         size = -1
     else:
-        size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+        try:
+            size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+        except (KeyError, TypeError, ValueError):  # a type this onnx does not know: the checker speaks of it
+            size = 0
     _ITEMSIZE[data_type] = size
     return size
 

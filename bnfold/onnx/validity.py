@@ -1,13 +1,8 @@
 """Is a loaded ONNX model sound? Tensor data against the dims it declares, and onnx's checker on the
-file's bytes run beside it (load_onnx calls both)."""
+file's bytes (load_onnx calls both)."""
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import signal
-import sys
-from typing import Callable, Iterator
 
 import onnx
 
@@ -24,53 +19,7 @@ def passes_checker(data: bytes) -> bool:
     return True
 
 
-# a forked child that only runs onnx's C++ checker and leaves with os._exit: Linux (fork is unsafe beside
-# other platforms' system frameworks) with a second CPU to run it on
-FORK_CHECK = sys.platform.startswith("linux") and hasattr(os, "fork")
-
-
-@contextlib.contextmanager
-def checking(data: bytes | None) -> Iterator[Callable[[], bool]]:
-    """onnx's checker on the serialised model `data` (None: no check), beside what the block does; the block
-    calls the function it gets for the verdict (True: the model passes).
-
-    The checker holds the GIL for its whole run (as long as the rest of a 32k-node model's load), so a
-    thread would not run beside it: a forked child does, on another CPU, and says its verdict by its
-    exit status. Where no child can be forked, or its check ended other than by a verdict (killed, or
-    crashed on a hostile model), the verdict is False: the caller's own structure check decides."""
-    if data is None or not FORK_CHECK or (os.cpu_count() or 1) < 2:
-        yield lambda: data is not None and passes_checker(data)
-        return
-    try:
-        pid = os.fork()
-    except OSError:
-        pid = -1
-    if pid == 0:  # the child: the check, its verdict as the exit status, no exit handler of the parent's run
-        code = 3
-        try:
-            code = 0 if passes_checker(data) else 1
-        finally:
-            os._exit(code)
-    status: list[int] = []
-
-    def passes() -> bool:
-        if pid < 0:
-            return passes_checker(data)
-        if not status:
-            status.append(os.waitpid(pid, 0)[1])
-        return os.waitstatus_to_exitcode(status[0]) == 0
-
-    try:
-        yield passes
-    finally:
-        if pid > 0 and not status:  # the block ended early (an error): the child's verdict is not needed
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            os.waitpid(pid, 0)
-
-
+_KNOWN = frozenset(onnx.TensorProto.DataType.values())
 _EXACT_RAW = 8 << 20  # reading raw_data's length copies the bytes: bigger tensors are checked when read
 
 
@@ -85,8 +34,13 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
         if dims and min(dims) < 0:
             raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
         item = itemsize(t.data_type)
-        if not item or t.data_location == T.EXTERNAL:
-            continue  # strings, unknown types (the checker speaks of those) and external data (checked when read)
+        if not item:
+            if t.data_type not in _KNOWN:
+                raise BnfoldError(f"tensor {t.name!r} has data type {t.data_type}, which onnx {onnx.__version__} "
+                                  "does not know (a newer ONNX type? a newer onnx package may read it)", path)
+            continue  # strings and undefined: nothing to count
+        if t.data_location == T.EXTERNAL:
+            continue  # checked when read
         n = math.prod(dims)
         if t.HasField("raw_data"):
             want, unit = (n + 1) // 2 if item < 0 else n * item, "bytes"

@@ -17,7 +17,7 @@ from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.core.errors import BnfoldError
 from bnfold.onnx import io as onnx_io
-from bnfold.onnx import batched, proofs, validity, windows
+from bnfold.onnx import batched, proofs, windows
 from bnfold.onnx.ondisk import tensor_value
 from bnfold.onnx.protos import copy_borrowing, fill_borrowed
 from tests.conftest import SAMPLES
@@ -198,49 +198,6 @@ def test_the_load_check_keeps_its_verdicts(rng, tmp_path, monkeypatch):
     onnx.save(m, str(path))
     with pytest.raises(BnfoldError, match="invalid ONNX model"):
         onnx_io.load_onnx(str(path))
-
-
-def _no_child_left() -> None:
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # raises when this process has no child at all, running or exited
-
-
-@pytest.mark.skipif(not validity.FORK_CHECK or (os.cpu_count() or 1) < 2, reason="no second CPU to check on")
-def test_the_load_check_of_a_big_graph_runs_beside_the_size_check(rng, tmp_path, monkeypatch):
-    """A model of many initializers is checked by onnx's checker in a forked child while the sizes are checked
-    here: the same verdicts and messages, and no child left behind, whether the model passes, fails the
-    checker, or fails the size check first (the child is then stopped)."""
-    g = G(rng)
-    g.node("Conv", ["x", g.weight("w", (4, 4, 1, 1))], ["c"], name="conv")
-    g.bn("bn", "c", 4, out="y")
-    m = g.model([("x", [1, 4, 2, 2])], [("y", [1, 4, 2, 2])])
-    path = tmp_path / "m.onnx"
-    onnx.save(m, str(path))
-    monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", 0)
-    pids = tmp_path / "pids"
-    real = validity.passes_checker
-
-    def spy(data):
-        with open(pids, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return real(data)
-    monkeypatch.setattr(validity, "passes_checker", spy)
-    assert len(onnx_io.load_onnx(str(path)).graph.node) == 2
-    assert [int(p) for p in pids.read_text().split()] != [os.getpid()]  # checked, in another process
-    _no_child_left()
-    bad = onnx.ModelProto()
-    bad.CopyFrom(m)
-    bad.graph.node[0].op_type = "NoSuchOp"
-    onnx.save(bad, str(path))
-    with pytest.raises(BnfoldError, match="invalid ONNX model"):
-        onnx_io.load_onnx(str(path))
-    _no_child_left()
-    bad.CopyFrom(m)
-    bad.graph.initializer[0].raw_data = bad.graph.initializer[0].raw_data[:-4]  # 15 values for 16
-    onnx.save(bad, str(path))
-    with pytest.raises(BnfoldError, match="declares dims"):
-        onnx_io.load_onnx(str(path))
-    _no_child_left()
 
 
 # -- the windows of the local proofs ---------------------------------------------------------------
