@@ -153,17 +153,25 @@ def _prove_region(layer: str, ds: list[Decision], original: nn.Module, candidate
         return ref.numpy(), new.numpy(), mag.numpy()
 
     witness = taps.value(("out", bn_keys[-1] if bn_keys else (layer, 0)))
+    return _judge_here_and_random(replay, x64, witness[0] if witness else None, u, HOW)
+
+
+def _judge_here_and_random(replay: Any, x64: torch.Tensor, witness: np.ndarray | None, u: float,
+                           how: str) -> dict[str, Any]:
+    """_judge on the captured input, then, if it passed, on a random input of its shape: the fold's algebra
+    holds for every input, and a random one also sees the channels the data leaves dead (a ReLU before a
+    depthwise conv), where a wrong weight would not show. `replay(x)` gives (reference, folded, magnitude)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        proof = _judge(*replay(x64), witness[0] if witness else None, u)
+        proof = _judge(*replay(x64), witness, u)
         if proof.get("passed"):
-            # the fold's algebra holds for every input: a random one also sees the channels that the data
-            # leaves dead (a ReLU before a depthwise conv), where a wrong weight would not show
             g = torch.Generator().manual_seed(0)
             probe = torch.randn(x64.shape, generator=g, dtype=torch.float64) * float(x64.abs().mean() + 1e-3)
             other = _judge(*replay(probe), None, u, witnessed=False)
             if not other.get("passed") and "not_run" not in other:
-                return {**other, "how": HOW + "; failed on a random input of the same shape"}
+                return {**other, "how": how + "; failed on a random input of the same shape"}
             proof["ratio"] = max(proof["ratio"], other.get("ratio", 0.0))
+    if "how" in proof:
+        proof["how"] = how
     return proof
 
 
@@ -196,19 +204,7 @@ def _prove_merge(layer: str, lo: nn.Module, lc: nn.Module, taps: Taps) -> dict[s
 
     with torch.no_grad():
         witness = region(x).detach().cpu().double().numpy()
-    x64 = x.detach().cpu().double()
-    with np.errstate(invalid="ignore", over="ignore"):
-        proof = _judge(*replay(x64), witness, u)
-        if proof.get("passed"):
-            g = torch.Generator().manual_seed(0)
-            probe = torch.randn(x64.shape, generator=g, dtype=torch.float64) * float(x64.abs().mean() + 1e-3)
-            other = _judge(*replay(probe), None, u, witnessed=False)
-            if not other.get("passed") and "not_run" not in other:
-                return {**other, "how": HOW_MERGE + "; failed on a random input of the same shape"}
-            proof["ratio"] = max(proof["ratio"], other.get("ratio", 0.0))
-    if "how" in proof:
-        proof["how"] = HOW_MERGE
-    return proof
+    return _judge_here_and_random(replay, x.detach().cpu().double(), witness, u, HOW_MERGE)
 
 
 def _judge(ref: np.ndarray, new: np.ndarray, mag: np.ndarray, witness: np.ndarray | None, u: float,
