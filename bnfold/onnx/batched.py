@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from ..core import kernel, layouts
-from .nodes import ONNX_DOMAINS, attr
+from .nodes import EPSILON_DEFAULT, ONNX_DOMAINS, attr
 
 if TYPE_CHECKING:
     from .folder import OnnxFolder
@@ -40,7 +40,6 @@ _F32 = onnx.TensorProto.FLOAT
 _EXTERNAL = onnx.TensorProto.EXTERNAL
 _BN_ATTRS = frozenset({"epsilon", "momentum"})
 _FLOAT_ATTR = onnx.AttributeProto.FLOAT
-_EPS = float(np.float32(1e-5))  # the default epsilon (folder.EPSILON_DEFAULT)
 
 
 @dataclass
@@ -97,7 +96,7 @@ class Batch:
         ins = bn.input[:]
         if len(ins) != 5 or len(bn.output) != 1:
             return None
-        e = _EPS
+        e = EPSILON_DEFAULT
         for a in bn.attribute[:]:
             if a.name not in _BN_ATTRS or a.type != _FLOAT_ATTR:
                 return None

@@ -26,7 +26,7 @@ from ..core.options import Options
 from .edits import GraphEdits
 from .graph import GraphIndex
 from .match import Match
-from .nodes import ONNX_DOMAINS, attr as _attr, node_label, value_of
+from .nodes import EPSILON_DEFAULT, ONNX_DOMAINS, attr as _attr, node_label, value_of
 from .standalone import BnView, absorb_affine_chain, as_mul_add
 from .backward import fold_before
 from .batched import Batch, Plan
@@ -35,9 +35,6 @@ from .regions import Regions
 from .sweep import sweep
 from .layout import LAYOUT_OPS, match_through_layout, matmul_bias_dims, shape_reader, skip_passthrough
 
-# The epsilon attribute is a float32: its default 1e-5 is float32(1e-5), which is what runtimes use (for
-# double BatchNorms too); the Python double 1e-5 would be off by 2.5e-14, millions of ulp at var ~ 1e-4.
-EPSILON_DEFAULT = float(np.float32(1e-5))
 
 
 @functools.lru_cache(maxsize=256)
