@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -85,10 +86,12 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
         finally:
             remove_temp(folder)
     original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
-    noise_model = _noise_model(original, opts.seed)
+    # the nudged weights are drawn in a thread of their own while onnxruntime runs the original and the
+    # candidate (it releases the GIL and leaves part of a core idle): the noise run waits for them
+    noise_model = _Later(_noise_model, original, opts.seed)
     plain = (original, candidate, noise_model)
     models = (WithOutputs(original, tuple(want)), WithOutputs(candidate, tuple(plan.inner)),
-              WithOutputs(noise_model.model, tuple(want), noise_model.weights))
+              noise_model.then(lambda m: WithOutputs(m.model, tuple(want), m.weights)))
     cmp = _Comparison(original, candidate, plan, feeds, opts, decisions, "")
 
     def more_noise(k: int) -> WithOutputs:
@@ -107,6 +110,28 @@ def _noise_model(original: onnx.ModelProto, seed: int) -> WithOutputs:
     return WithOutputs(original, (), weights)
 
 
+class _Later:
+    """A value computed in a thread of its own from now on; get() waits for it (and raises what it raised)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, _source: Any = None) -> None:
+        if _source is not None:
+            self._future, self._then = _source, fn
+            return
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-noise")
+        self._future, self._then = pool.submit(fn, *args), None
+        pool.shutdown(wait=False)
+
+    def then(self, fn: Callable[[Any], Any]) -> "_Later":
+        """The value fn(this value), once this one is there."""
+        return _Later(fn, _source=self._future)
+
+    def get(self) -> Any:
+        value = self._future.result()
+        return value if self._then is None else self._then(value)
+
+
 SMALL = 256           # elements: a compared tensor smaller than this gets SMALL_NOISE_RUNS noise samples
 SMALL_NOISE_RUNS = 3
 
@@ -122,7 +147,9 @@ class _Comparison:
         self.auto = opts.atol is None and opts.rtol is None
         self.out_names = [o.name for o in original.graph.output]
         self.captured: dict[str, np.ndarray] = {}
-        self.captured_folded: dict[str, np.ndarray] = {}
+        # the candidate's values, set once it has run: the proofs start after the original's run and wait for
+        # them only to judge each fold's folded side
+        self.captured_folded: Future = Future()
         self.more_noise: Any = None  # k -> another noise model (seed + k), where memory allows
         # depth of each tensor (its producer's place in the original's node order), for the report's picture
         self.depth = {o: i for i, n in enumerate(original.graph.node) for o in n.output if o}
@@ -131,7 +158,7 @@ class _Comparison:
 
     def _start_proofs(self) -> None:
         """Start the local proofs on what is captured, in a thread of their own: they work while onnxruntime
-        runs the noise models (it releases the GIL, and so do the proofs' products)."""
+        runs the candidate and the noise models (it releases the GIL, and so do the proofs' products)."""
         if self.decisions is None or self.proving is not None:
             return
         import concurrent.futures
@@ -156,6 +183,7 @@ class _Comparison:
         finally:
             if self.proving is not None:  # an error left them running: they end before anything else starts
                 import concurrent.futures
+                self._captured_folded({})  # (they may be waiting for the candidate's values)
                 concurrent.futures.wait([self.proving])
 
     def _run(self, models: tuple, plain: tuple) -> Verification:
@@ -175,6 +203,7 @@ class _Comparison:
             ver.providers[name] = self._provider(name, models, plain, ver)
         if self.decisions is not None:
             self._start_proofs()  # (not started yet only when no provider ran)
+            self._captured_folded({})
             counts, blame = self.proving.result()
             self.proving = None
             ver.proofs = counts
@@ -195,9 +224,9 @@ class _Comparison:
             runs = []
             for m, lbl in zip(models, ("original", "candidate", "noise model")):
                 runs.append(_run_all(m, name, batches, lbl, tick=tick))
-                if len(runs) == 2 and not self.captured:
+                if len(runs) <= 2:
                     self._capture(batches, runs)
-                    self._start_proofs()
+                    self._start_proofs()  # on the original's values, beside the candidate's and the noise runs
         except BnfoldError:
             if not (self.plan.inner or self.plan.extra):
                 raise
@@ -207,8 +236,7 @@ class _Comparison:
             self.runs_total += 3 * len(batches)
             runs = [_run_all(m, name, batches, lbl, tick=tick)
                     for m, lbl in zip(models, ("original", "candidate", "noise model"))]
-        if not self.captured:
-            self._capture(batches, runs)
+        self._capture(batches, runs)
         ref, cand, noise1 = (_concat(r) for r in runs)
         noise = [noise1]
         if self.more_noise is not None and min((np.size(v) for v in ref.values()), default=SMALL) < SMALL:
@@ -269,8 +297,15 @@ class _Comparison:
         return ProviderResult(name, ran=True, passed=passed, outputs=outs, notes=notes)
 
     def _capture(self, batches: list[dict[str, np.ndarray]], runs: list) -> None:
-        self.captured = {**batches[0], **runs[0][0]}  # the proofs' inputs and witnesses, first batch
-        self.captured_folded = dict(runs[1][0])
+        """The proofs' inputs and witnesses (first batch): the original's once it has run, then the candidate's."""
+        if not self.captured:
+            self.captured = {**batches[0], **runs[0][0]}
+        if len(runs) > 1:
+            self._captured_folded(dict(runs[1][0]))
+
+    def _captured_folded(self, values: dict[str, np.ndarray]) -> None:
+        if not self.captured_folded.done():
+            self.captured_folded.set_result(values)
 
     def _judge(self, ref: Mapping[str, np.ndarray], cand: Mapping[str, np.ndarray], noise: list[Mapping],
                notes: dict[str, Any]) -> tuple[bool, dict[str, dict[str, Any]], dict[str, Any] | None]:
@@ -399,6 +434,8 @@ def _options(provider: str, tf32: bool | None = None) -> dict[str, Any]:
 def _run_all(model: Any, provider: str, feeds: list[dict[str, np.ndarray]], label: str,
              options: Mapping[str, Any] | None = None, optimize: bool = False,
              tick: Callable[[str, int, int], None] | None = None) -> list[dict[str, np.ndarray]]:
+    if isinstance(model, _Later):
+        model = model.get()
     r = runners.OrtRunner(model, provider, options, label, optimize=optimize)
     out = []
     for k, f in enumerate(feeds, 1):
