@@ -516,3 +516,70 @@ def test_errors_raised_by_check_are_bnfold_errors():
     bad.graph.node[0].op_type = "NoSuchOp"
     with pytest.raises(BnfoldError, match="cannot load the candidate"):
         bnfold.check(orig, bad)
+
+
+def test_the_candidates_values_come_from_the_same_batch_as_the_originals(record):
+    """With several batches, the proofs' original values and the candidate's are of the first batch both."""
+    bnfold.fold(os.path.join(SAMPLES, "resnet_block.onnx"), batches=3)
+    rec = record[0]
+    cf = rec.captured_folded
+    ys = [d.site[1] for d in rec.decisions if d.is_folded]
+    for y in ys:
+        a, b = np.asarray(rec.captured[y], np.float64), np.asarray(cf[y], np.float64)
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= 1e-4 * (1 + np.max(np.abs(a))), y
+    assert whole(rec, cf) == [(d.bn, d.proof) for d in rec.decisions if d.is_folded]
+
+
+def test_a_candidate_that_cannot_output_its_intermediates_falls_back_and_ends():
+    """The original ran with its intermediates (the proofs started on them); the candidate cannot give its
+    intermediates (planted in bnfold's own _run_all): verify compares the outputs only, and the proofs that
+    wait for the candidate's values get the plain run's, never hang, never pass on another model's values."""
+    r = run_script(PRELUDE + """
+from bnfold.onnx.protos import WithOutputs
+real_run_all = verify._run_all
+def run_all(model, provider, feeds, label, *a, **k):
+    if label == "candidate" and isinstance(model, WithOutputs) and model.names:
+        raise bnfold.BnfoldError("onnxruntime cannot load the candidate: (planted) an intermediate cannot be an output")
+    return real_run_all(model, provider, feeds, label, *a, **k)
+verify._run_all = run_all
+ds = [copy.deepcopy(d) for d in decisions]
+outs = {o.name for o in orig.graph.output}
+v = verify.verify_onnx(orig, folded, Options.of(), ds)
+print("VERDICT", v.verdict, v.proofs, v.providers["CPUExecutionProvider"].notes.get("intermediates_compared"))
+ok = all(("not_run" in d.proof) != (d.site[1] in outs) for d in ds if d.is_folded)
+print("PROOFS_OK", ok, [(d.bn, d.site[1] in outs, sorted(d.proof)) for d in ds if d.is_folded])
+import time; time.sleep(0.3)
+print("THREADS", extra_threads())
+""")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "VERDICT passed" in r.stdout and "PROOFS_OK True" in r.stdout, r.stdout
+    assert "THREADS []" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("at", ["original", "candidate", "noise model"])
+def test_ctrl_c_at_any_run_exits_130_and_leaves_no_waiting_thread(at, tmp_path):
+    """A real SIGINT delivered as onnxruntime is about to run `at` (the proofs may be waiting for the
+    candidate's values, the noise weights may still be drawn): the command says 'interrupted', exits 130,
+    writes nothing, and the interpreter ends (no thread left waiting on a Future nobody sets)."""
+    out = tmp_path / "out.onnx"
+    r = run_script(f"""
+import os, signal, threading
+from bnfold.onnx import verify
+from bnfold.cli import main
+from tests.conftest import SAMPLES
+real_run_all = verify._run_all
+def run_all(model, provider, feeds, label, *a, **k):
+    if label == {at!r}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_run_all(model, provider, feeds, label, *a, **k)
+verify._run_all = run_all
+code = main([os.path.join(SAMPLES, "mobilenet_block.onnx"), "-o", {str(out)!r}])
+import time; time.sleep(0.3)
+print("CODE", code)
+print("THREADS", sorted(t.name for t in threading.enumerate() if t.name.startswith(("bnfold-proofs", "bnfold-noise"))))
+""")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CODE 130" in r.stdout and "THREADS []" in r.stdout, (r.stdout, r.stderr[-2000:])
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not out.exists()
