@@ -583,3 +583,32 @@ print("THREADS", sorted(t.name for t in threading.enumerate() if t.name.startswi
     assert "CODE 130" in r.stdout and "THREADS []" in r.stdout, (r.stdout, r.stderr[-2000:])
     assert "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("slow", ["candidate", "noise weights", "both"])
+def test_the_report_does_not_depend_on_which_thread_is_late(slow, monkeypatch):
+    """The candidate's run late (the proofs replay everything and wait) or the noise weights late (the noise
+    run waits for them): the same report, proof numbers, noise and tolerances, as with no delay."""
+    from bnfold.onnx import verify
+    model = merge_model(np.random.default_rng(21))
+
+    def report():
+        d = bnfold.fold(model, batches=2).report.to_dict()
+        d.pop("timing_s")
+        return json.dumps(d, sort_keys=True, default=str)
+    base = report()
+    real_run_all, real_noise = verify._run_all, verify._noise_model
+
+    def run_all(model, provider, feeds, label, *a, **k):
+        if label == "candidate" and slow in ("candidate", "both"):
+            time.sleep(0.15)
+        return real_run_all(model, provider, feeds, label, *a, **k)
+
+    def noise(*a, **k):
+        if slow in ("noise weights", "both"):
+            time.sleep(0.15)
+        return real_noise(*a, **k)
+    monkeypatch.setattr(verify, "_run_all", run_all)
+    monkeypatch.setattr(verify, "_noise_model", noise)
+    monkeypatch.setattr(proofs, "PENDING_BYTES", 0)
+    assert report() == base
