@@ -23,6 +23,7 @@ from ..core.decisions import Decision
 from ..core.errors import BnfoldError
 from ..core.files import remove_temp, temp_path
 from ..core.options import Options
+from ..core.later import Later
 from ..core.results import ProviderResult, Step, Verification
 from ..verify import compare
 from ..verify import inputs as inp
@@ -88,7 +89,7 @@ def _verify_on(original: onnx.ModelProto, candidate: onnx.ModelProto, opts: Opti
     original, candidate = loaded(original), loaded(candidate)  # onnxruntime runs them from memory
     # the nudged weights are drawn in a thread of their own while onnxruntime runs the original and the
     # candidate (it releases the GIL and leaves part of a core idle): the noise run waits for them
-    noise_model = _Later(_noise_model, original, opts.seed)
+    noise_model = Later(_noise_model, original, opts.seed, thread="bnfold-noise")
     plain = (original, candidate, noise_model)
     models = (WithOutputs(original, tuple(want)), WithOutputs(candidate, tuple(plan.inner)),
               noise_model.then(lambda m: WithOutputs(m.model, tuple(want), m.weights)))
@@ -108,28 +109,6 @@ def _noise_model(original: onnx.ModelProto, seed: int) -> WithOutputs:
     if weights is None:
         return WithOutputs(perturbed(original, seed), ())
     return WithOutputs(original, (), weights)
-
-
-class _Later:
-    """A value computed in a thread of its own from now on; get() waits for it (and raises what it raised)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, _source: Any = None) -> None:
-        if _source is not None:
-            self._future, self._then = _source, fn
-            return
-        import concurrent.futures
-
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bnfold-noise")
-        self._future, self._then = pool.submit(fn, *args), None
-        pool.shutdown(wait=False)
-
-    def then(self, fn: Callable[[Any], Any]) -> "_Later":
-        """The value fn(this value), once this one is there."""
-        return _Later(fn, _source=self._future)
-
-    def get(self) -> Any:
-        value = self._future.result()
-        return value if self._then is None else self._then(value)
 
 
 SMALL = 256           # elements: a compared tensor smaller than this gets SMALL_NOISE_RUNS noise samples
@@ -434,7 +413,7 @@ def _options(provider: str, tf32: bool | None = None) -> dict[str, Any]:
 def _run_all(model: Any, provider: str, feeds: list[dict[str, np.ndarray]], label: str,
              options: Mapping[str, Any] | None = None, optimize: bool = False,
              tick: Callable[[str, int, int], None] | None = None) -> list[dict[str, np.ndarray]]:
-    if isinstance(model, _Later):
+    if isinstance(model, Later):
         model = model.get()
     r = runners.OrtRunner(model, provider, options, label, optimize=optimize)
     out = []

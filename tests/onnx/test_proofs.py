@@ -1,6 +1,6 @@
-"""The float64 replay the per-fold proofs run: its ConvTranspose matches onnxruntime on every explicit-pads
-layout (groups, strides, dilations, output_padding, 1-3-D), and every fold of a ConvTranspose decoder is
-proven, not merely 'not run'."""
+"""The float64 replay the per-fold proofs run (onnx/replay.py): its ConvTranspose matches onnxruntime on every
+explicit-pads layout (groups, strides, dilations, output_padding, 1-3-D), and every fold of a ConvTranspose
+decoder is proven, not merely 'not run'."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.onnx.proofs import conv_transpose
+from bnfold.onnx.replay import conv_transpose
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])

@@ -17,7 +17,7 @@ from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.core.errors import BnfoldError
 from bnfold.onnx import io as onnx_io
-from bnfold.onnx import batched, proofs, windows
+from bnfold.onnx import batched, proofs, replay, windows
 from bnfold.onnx.ondisk import tensor_value
 from bnfold.onnx.protos import copy_borrowing, fill_borrowed
 from tests.conftest import SAMPLES
@@ -223,11 +223,11 @@ def test_a_window_replays_exactly_that_part_of_the_whole(rng, kernel_shape, stri
     graph = proofs._Graph(m)
     nodes, inits = graph.region(("x",), "y")
     x = rng.normal(size=(2, 4, *spatial))
-    whole = proofs._run(m, nodes, inits, "y", {"x": x}, pads={})
+    whole = replay.run(m, nodes, inits, "y", {"x": x}, pads={})
     cut_x, cut, new_pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, whole)
     cut_whole = whole[cut]
     assert cut_x.shape[0] == 1 and new_pads and cut_x.size < x.size
-    part = proofs._run(m, nodes, inits, "y", {"x": cut_x}, pads=new_pads)
+    part = replay.run(m, nodes, inits, "y", {"x": cut_x}, pads=new_pads)
     assert part.shape == cut_whole.shape
     np.testing.assert_allclose(part, cut_whole, rtol=1e-12, atol=1e-12)
 
@@ -308,7 +308,7 @@ def test_no_window_when_x_also_reaches_the_output_around_the_conv(rng):
     m = g.model([("x", [2, 6, 8, 8])], [("z", None)])
     nodes, inits = proofs._Graph(m).region(("x",), "z")
     x = rng.normal(size=(2, 6, 8, 8))
-    whole = proofs._run(m, nodes, inits, "z", {"x": x}, pads={})
+    whole = replay.run(m, nodes, inits, "z", {"x": x}, pads={})
     cut_x, cut, pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, whole)
     assert cut_x.shape[2:] == (8, 8) and not pads
-    np.testing.assert_allclose(proofs._run(m, nodes, inits, "z", {"x": cut_x}, pads=pads), whole[cut], rtol=1e-12)
+    np.testing.assert_allclose(replay.run(m, nodes, inits, "z", {"x": cut_x}, pads=pads), whole[cut], rtol=1e-12)

@@ -1,5 +1,5 @@
 """Adversarial tests of the overlapped ONNX verification: the noise model's weights drawn in a thread
-(verify._Later) and the local proofs started after the original's run, judging each fold's folded side
+(core/later.py's Later) and the local proofs started after the original's run, judging each fold's folded side
 once the candidate's values arrive (proofs.prove with a Future).
 
 The deferred proofs must give exactly what the proofs with every value at hand give (the same proof dicts,
