@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from ..core import kernel, layouts
+from .layout import shape_reader
 from .nodes import EPSILON_DEFAULT, ONNX_DOMAINS, attr
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class Batch:
         self.f = f
         self.plans: dict[int, Plan] = {}
         self.taken = 0  # plans used (OnnxFolder counts them; the rest went the ordinary way)
-        self._layouts: dict[tuple, layouts.Layout | bool] = {}  # (group, weight shape) -> layout, False if refused
+        # (group, weight shape) -> (layout, weight bytes), layout False if refused
+        self._layouts: dict[tuple, tuple[layouts.Layout | bool, int]] = {}
         if not ENABLED or f.opset < 9:  # (before opset 9, is_test and spatial decide what a BN computes)
             return
         raws: list[list[bytes]] = [[], [], [], [], [], []]  # gamma, beta, mean, var, weight, bias
@@ -94,24 +96,30 @@ class Batch:
               has_bias: list[bool]) -> Plan | None:
         ix = self.f.ix
         ins = bn.input[:]
-        if len(ins) != 5 or len(bn.output) != 1:
+        if len(ins) != 5:
+            return None
+        outs = bn.output[:]
+        if len(outs) != 1:
             return None
         e = EPSILON_DEFAULT
         for a in bn.attribute[:]:
-            if a.name not in _BN_ATTRS or a.type != _FLOAT_ATTR:
+            if a.type != _FLOAT_ATTR:
                 return None
-            if a.name == "epsilon":
+            name = a.name
+            if name == "epsilon":
                 e = a.f
+            elif name != "momentum":
+                return None
         conv = ix.producer.get(ins[0])
-        if conv is None or conv.op_type != "Conv" or conv.domain not in ONNX_DOMAINS or conv.output[0] != ins[0]:
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ONNX_DOMAINS:
             return None
         cins = conv.input[:]
-        if len(cins) < 2 or not cins[1]:
+        if len(cins) < 2 or not cins[1] or conv.output[0] != ins[0]:
             return None
         weight, bias = cins[1], (cins[2] if len(cins) > 2 and cins[2] else None)
         names = (*ins[1:], weight, bias) if bias else (*ins[1:], weight)
         inits, borrowed = ix.inits, ix.borrowed
-        overridable = ix.ir_version >= 4 and ix.graph_inputs
+        overridable = ix.graph_inputs if ix.ir_version >= 4 else None
         tensors = []
         for name in names:
             t = inits.get(name)
@@ -123,30 +131,31 @@ class Batch:
         if not shape:
             return None
         n = shape[0]  # channels: every parameter and the bias hold exactly n values, in one axis
+        one = [n]
         for k in (0, 1, 2, 3, 5) if bias else (0, 1, 2, 3):
-            d = tensors[k].dims
-            if len(d) != 1 or d[0] != n:
+            if tensors[k].dims[:] != one:
                 return None
         group = attr(conv, "group", 1)  # (as the ordinary path reads it: the first, if given twice)
         if type(group) is not int:
             return None  # a malformed attribute: the ordinary path decides what it means
         key = (group, shape)
-        layout = self._layouts.get(key)
-        if layout is None:
+        cached = self._layouts.get(key)
+        if cached is None:
             layout = conv_layout("Conv", group)
-            if layout.check(shape) or not 0 < math.prod(shape) <= MAX_ELEMENTS:
-                layout = False
-            self._layouts[key] = layout
+            ok = not layout.check(shape) and 0 < math.prod(shape) <= MAX_ELEMENTS
+            cached = self._layouts[key] = (layout, 4 * math.prod(shape)) if ok else (False, 0)
+        layout, size = cached
         if layout is False:
             return None
         blobs = [t.raw_data for t in tensors]
-        sizes = [4 * n] * 4 + [4 * math.prod(shape)] + ([4 * n] if bias else [])
-        if any(len(r) != size for r, size in zip(blobs, sizes)):
+        c4 = 4 * n
+        if (len(blobs[0]) != c4 or len(blobs[1]) != c4 or len(blobs[2]) != c4 or len(blobs[3]) != c4
+                or len(blobs[4]) != size or (bias and len(blobs[5]) != c4)):
             return None  # data that does not fill its dims: the ordinary path reads it and says so
         for k, r in enumerate(blobs):
             raws[k].append(r)
         if not bias:
-            raws[5].append(bytes(4 * n))
+            raws[5].append(bytes(c4))
         eps.append(e)
         has_bias.append(bias is not None)
         return Plan(conv, weight, bias, tuple(ins[1:]), layout, shape, 0, 0)
@@ -160,26 +169,32 @@ class Batch:
                 plans[k].ok = False  # the ordinary path says why (kernel's Skip)
         self.s, self.t, self.w64, self.w32, self.b64, self.b32 = r.scale, r.shift, r.weight64, r.weight, r.bias64, r.bias
 
-    def take(self, bn: onnx.NodeProto) -> Plan | None:
-        """`bn`'s precomputed fold, if it still holds (see the module docstring); None: the ordinary path."""
+    def take(self, bn: onnx.NodeProto) -> tuple[Plan, str, str] | None:
+        """`bn`'s precomputed fold, if it still holds (see the module docstring), with the conv's data input and
+        the BN's output; None: the ordinary path (which also refuses a BN input that is a graph output or has
+        other readers, as OnnxFolder._single_use)."""
         p = self.plans.get(id(bn))
         if p is None or not p.ok:
             return None
         f, ix = self.f, self.f.ix
-        if ix.producer.get(bn.input[0]) is not p.conv or id(p.conv) in f.exact:
+        x = bn.input[0]
+        if ix.producer.get(x) is not p.conv or id(p.conv) in f.exact or x in ix.graph_outputs:
             return None
-        cins = p.conv.input
+        cins = p.conv.input[:]
         if cins[1] != p.weight or (cins[2] if len(cins) > 2 and cins[2] else None) != p.bias:
             return None
         written = f.written
         if written and (p.weight in written or p.bias in written or any(n in written for n in p.params)):
             return None
+        readers = ix.consumers.get(x, ())
+        if len(readers) > 1 and sum(not shape_reader(u) for u in readers) > 1:
+            return None
         out = bn.output[0]
         users = ix.consumers.get(out, ())
-        if (len(users) == 1 and out not in ix.graph_outputs and users[0].op_type in ("Mul", "Add")
-                and users[0].domain in ONNX_DOMAINS):
+        if (len(users) == 1 and users[0].op_type in ("Mul", "Add") and users[0].domain in ONNX_DOMAINS
+                and out not in ix.graph_outputs):
             return None  # absorb_affine_chain may take it into the BN's map
-        return p
+        return p, cins[0], out
 
     def scale_shift(self, p: Plan) -> tuple[np.ndarray, np.ndarray]:
         c = p.shape[0]

@@ -108,17 +108,13 @@ class GraphEdits:
                 if not raw and on_disk(t):  # the folded weight lives in memory from now on
                     del t.external_data[:]
                     t.data_location = onnx.TensorProto.DEFAULT
-                t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
-                if name in ix.borrowed:
-                    # a fold into a copy, beside the caller's model: its temporaries go back to the system
-                    # (a file's fold peaks at reading the file; there the trim would only cost time)
-                    release_freed(value.nbytes)
-            else:
-                t.CopyFrom(numpy_helper.from_array(value, name))
-                if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape
-                    for vi in ix.graph.input:
-                        if vi.name == name:
-                            vi.CopyFrom(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+                self.write_raw(t, name, value)
+                return name
+            t.CopyFrom(numpy_helper.from_array(value, name))
+            if name in ix.graph_inputs:  # IR < 4 declares every initializer as an input, with its shape
+                for vi in ix.graph.input:
+                    if vi.name == name:
+                        vi.CopyFrom(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
             self.written.add(name)
             ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
             ix.borrowed.pop(name, None)  # its data is its own now
@@ -133,6 +129,19 @@ class GraphEdits:
             ix.graph.input.append(helper.make_tensor_value_info(new, t.data_type, list(t.dims)))
             ix.graph_inputs.add(new)
         return new
+
+    def write_raw(self, t: onnx.TensorProto, name: str, value: np.ndarray) -> None:
+        """`value`, of `t`'s dtype and shape, as the raw data of initializer `t` (named `name`), in place: every
+        fold that rewrites a weight in place writes it here."""
+        ix = self.ix
+        t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
+        if name in ix.borrowed:
+            # a fold into a copy, beside the caller's model: its temporaries go back to the system
+            # (a file's fold peaks at reading the file; there the trim would only cost time)
+            release_freed(value.nbytes)
+            del ix.borrowed[name]  # its data is its own now
+        self.written.add(name)
+        ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held
 
     def _replace_input(self, node: onnx.NodeProto, slot: int, new: str) -> None:
         ix = self.ix
@@ -254,10 +263,16 @@ class GraphEdits:
         """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too)."""
         ix = self.ix
         self.dead_nodes.add(id(node))
+        consumers, maybe_dead = ix.consumers, self.maybe_dead_inits
         for name in node.input[:]:
             if name:
-                ix.unread(name, node)
-                self.maybe_dead_inits.add(name)
+                users = consumers.get(name)
+                if users:
+                    if users[0] is node:  # (ix.unread, inlined for its commonest case: a BN's own parameters)
+                        del users[0]
+                    else:
+                        ix.unread(name, node)
+                maybe_dead.add(name)
 
     def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
         """Mark the BN and its absorbed Mul/Add chain dead; `view.out` stays alive when someone now writes it."""

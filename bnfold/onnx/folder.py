@@ -260,14 +260,9 @@ class OnnxFolder(GraphEdits):
 
     # -- rewrite --------------------------------------------------------------------------------
     def _fold_one(self, bn: onnx.NodeProto, label: str) -> Decision:
-        plan = self.batch.take(bn) if self.batch is not None else None
-        if plan is not None:
-            try:
-                self._single_use(bn.input[0], plan.conv)
-            except Skip:
-                plan = None
-            else:
-                return self._fold_planned(bn, label, plan)
+        taken = self.batch.take(bn) if self.batch is not None else None
+        if taken is not None:
+            return self._fold_planned(bn, label, *taken)
         s, t, _ = self._bn_params(bn)
         view = absorb_affine_chain(self, bn, s, t)
         try:
@@ -290,17 +285,41 @@ class OnnxFolder(GraphEdits):
             return as_mul_add(self, bn, label, view, first)
         raise first
 
-    def _fold_planned(self, bn: onnx.NodeProto, label: str, plan: Plan) -> Decision:
-        """_fold_after with the arithmetic already done (batched.Batch): a plain Conv->BN, nothing after the BN."""
+    def _fold_planned(self, bn: onnx.NodeProto, label: str, plan: Plan, x: str, out: str) -> Decision:
+        """_fold_after with the arithmetic already done (batched.Batch): a plain Conv->BN, nothing after the BN;
+        `x` is the conv's data input, `out` the BN's output. The edits are _rewrite's for this one shape of
+        fold, written out: a weight and bias only the conv reads are rewritten in place (tests/onnx/
+        test_batched.py holds the result to the ordinary path's, byte for byte); anything else goes through
+        the general edits."""
         assert self.batch is not None
         self.batch.taken += 1
-        m = Match("Conv->BN", plan.conv, plan.conv, plan.layout, plan.weight, plan.bias, (plan.conv, 2))
-        view = BnView(bn, bn.output[0], *self.batch.scale_shift(plan))
-        folded = self.batch.folded(plan, keep_exact=self._may_chain(m.layer, view.out))
-        self._rewrite(bn, m, folded, view)
-        self.remember_exact(m.layer, folded)
-        d = Decision.folded(label, self.scope + node_label(m.layer), m.pattern, "after")
-        return self.located(d, m.layer.input[0], view.out)
+        ix, conv = self.ix, plan.conv
+        into = self.scope + node_label(conv)  # (before the conv writes `out`: an unnamed node's label names it)
+        folded = self.batch.folded(plan, keep_exact=self._may_chain(conv, out))
+        consumers, outputs, inits = ix.consumers, ix.graph_outputs, ix.inits
+        for slot, name, value in ((1, plan.weight, folded.weight), (2, plan.bias, folded.bias)):
+            users = consumers.get(name) if name else None
+            if users and len(users) == 1 and users[0] is conv and name not in outputs:
+                # float32 raw data of the same shape, no borrowed or on-disk data, not written yet (Batch._plan, take)
+                self.write_raw(inits[name], name, value)
+            else:
+                new = self._write_const(name or f"{node_label(conv)}_bias", value, conv)
+                self._replace_input(conv, slot, new)
+        old_out = conv.output[0]
+        if len(consumers.get(old_out, ())) > 1:
+            self._move_shape_readers(old_out, out)  # (Batch.take let only Shape/Size readers beside the BN)
+        conv.output[0] = out
+        producer = ix.producer
+        producer[out] = conv
+        self.unlink(bn)
+        producer.pop(old_out, None)
+        consumers.pop(old_out, None)
+        self.dead_values.add(old_out)
+        self.remember_exact(conv, folded)
+        d = Decision.folded(label, into, "Conv->BN", "after")
+        if not self.scope:
+            d.site = (x, out)
+        return d
 
     def _fold_after(self, bn: onnx.NodeProto, label: str, view: BnView) -> Decision:
         s, t = view.scale, view.shift

@@ -49,6 +49,9 @@ class GraphIndex:
     batchnorms: list[onnx.NodeProto] = field(default_factory=list)
     with_bodies: list[onnx.NodeProto] = field(default_factory=list)
     has_castlike: bool = False
+    # the op types of the graph's nodes as built (a pass adds nodes to the graph only when it sweeps:
+    # OnnxFolder.inserted), so a scan for ops the graph does not hold can be skipped
+    op_types: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, graph: onnx.GraphProto, ir_version: int,
@@ -57,14 +60,14 @@ class GraphIndex:
         ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts, opset=opset)
         if names is not None:
             ix.names = names  # shared across scopes: a name made here must not shadow or repeat another scope's
-        ix.inits = {t.name: t for t in graph.initializer}
+        ix.inits = {t.name: t for t in graph.initializer[:]}
         ix.graph_inputs = {i.name for i in graph.input}
         ix.graph_outputs = {o.name for o in graph.output}
         for vi in (*graph.input, *graph.value_info, *graph.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 ix.declared[vi.name] = vi.type.tensor_type.elem_type
         ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
-        producer, consumers, names = ix.producer, ix.consumers, ix.names
+        producer, consumers, names, op_types = ix.producer, ix.consumers, ix.names, ix.op_types
         # [:] copies a repeated field in one C call; iterating it ends with a raised and caught IndexError
         ix.nodes = graph.node[:]
         for n in ix.nodes:
@@ -80,6 +83,7 @@ class GraphIndex:
                         users.append(n)
             names.add(n.name)
             op, default = n.op_type, n.domain in ONNX_DOMAINS
+            op_types.add(op)
             if op == "BatchNormalization" and default:
                 ix.batchnorms.append(n)
             elif op == "CastLike":

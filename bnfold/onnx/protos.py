@@ -163,6 +163,11 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
+# the default-domain ops whose schemas allow a tensor or graph attribute (onnx.defs, every opset)
+_WITH_TENSORS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
+_DEFAULT = ("", "ai.onnx")
+
+
 def all_tensors(model: onnx.ModelProto):
     """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
     subgraphs and model-local functions as well."""
@@ -170,6 +175,8 @@ def all_tensors(model: onnx.ModelProto):
 
     def of_nodes(nodes):
         for n in nodes:
+            if n.op_type not in _WITH_TENSORS and n.domain in _DEFAULT:
+                continue  # its schema allows no tensor or graph attribute (the checker refuses any other)
             for a in n.attribute[:]:
                 if a.type == A.TENSOR:
                     yield a.t

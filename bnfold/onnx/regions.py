@@ -279,9 +279,9 @@ class Regions:
     # -- rewrite --------------------------------------------------------------------------------
     def merge_all(self) -> list[Decision]:
         """Merge every multi-branch region of the graph, latest first (so a region is taken whole)."""
-        nodes = self.ix.graph.node[:]
-        if not any(n.op_type in SUM_OPS for n in nodes):
+        if self.ix.op_types.isdisjoint(SUM_OPS):
             return []  # no region can close here (may_hold_sum would say so of every node, at ~40 us each)
+        nodes = self.ix.graph.node[:]
         claimed: set[int] = set(self.f.dead_nodes)
         decisions: list[Decision] = []
         for node in reversed(nodes):

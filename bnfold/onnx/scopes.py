@@ -19,8 +19,8 @@ from ..core.decisions import Decision
 from ..core.options import Options
 from .const import ConstEvaluator
 from .folder import OnnxFolder
-from .graph import CONTROL_FLOW, GraphIndex, subgraphs
-from .nodes import ONNX_DOMAINS, graphs_of, model_opset, node_label, subgraph_free_names
+from .graph import GraphIndex, subgraphs
+from .nodes import graphs_of, model_opset, node_label, subgraph_free_names
 from .shapes import needs_shapes, value_types
 
 Lookup = Callable[[str], "np.ndarray | None"]
@@ -84,9 +84,7 @@ def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer
     folder = OnnxFolder(model, graph, opset, outer, scope, names, opts, shapes) if prepared is None else prepared
     ix = folder.ix
     decisions: list[Decision] = []
-    for node in list(graph.node):
-        if node.op_type not in CONTROL_FLOW and node.domain in ONNX_DOMAINS:
-            continue
+    for node in list(ix.with_bodies):  # (gathered by the index's walk over the nodes)
         subs = [(a.name, g) for a in node.attribute for g in graphs_of(a)]
         if not subs or not any(_has_bn(g.node) for _, g in subs):
             continue

@@ -51,6 +51,23 @@ def test_a_chain_of_plain_pairs_is_all_batched(monkeypatch):
     check_outputs(model, res.model, (2, 4, 5, 5))
 
 
+def test_unnamed_nodes_are_named_alike_either_way(monkeypatch):
+    """A node without a name is labelled by its op and first output: the conv a BN folds into is named by the
+    output it had (the batch once named it by the BN's output, which the conv writes after the fold)."""
+    g = G(np.random.default_rng(7))
+    x = "x"
+    for i in range(3):
+        x = conv_bn(g, f"c{i}", x, 4, 4, bias=i != 1)
+    model = g.model([("x", [1, 4, 5, 5])], [(x, [1, 4, 5, 5])])
+    for n in model.graph.node:
+        n.name = ""
+    assert taken(model, monkeypatch) == 3
+    same_either_way(model, monkeypatch)
+    res = bnfold.fold(model, verify=False)
+    assert [(d.bn, d.producer) for d in res.report.folded] == [
+        (f"BatchNormalization:c{i}_bn_out", f"Conv:c{i}_y") for i in range(3)]
+
+
 def test_depthwise_grouped_and_biasless_convs(monkeypatch):
     g = G(np.random.default_rng(2))
     a = conv_bn(g, "dw", "x", 6, 6, group=6, bias=False)

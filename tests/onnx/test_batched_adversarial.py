@@ -482,19 +482,19 @@ def test_duplicate_node_names_and_an_excluded_one(monkeypatch):
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_wrong_batched_fold_is_caught_and_reverted_alike(strict, monkeypatch):
-    """A fold damaged where both paths write (GraphEdits._write_const: one output channel of one conv's weight
+    """A fold damaged where both paths write (GraphEdits.write_raw: one output channel of one conv's weight
     off by 1e-3): verification catches it with the batch on too, reverts that fold alone and re-runs the pass
     with it excluded; with strict=True it fails instead. Same bytes and reports either way."""
-    real = GraphEdits._write_const
+    real = GraphEdits.write_raw
 
-    def wrong(self, name, value, user):
+    def wrong(self, t, name, value):
         if name == "c1_w":
             value = value.astype(np.float64)
             value[1] *= 1.001
             value = value.astype(np.float32)
-        return real(self, name, value, user)
+        return real(self, t, name, value)
 
-    monkeypatch.setattr(GraphEdits, "_write_const", wrong)
+    monkeypatch.setattr(GraphEdits, "write_raw", wrong)
     g = G(np.random.default_rng(12))
     x = "x"
     for i in range(4):

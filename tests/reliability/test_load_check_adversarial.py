@@ -88,6 +88,14 @@ def variant(kind: str, extra: int = 0) -> onnx.ModelProto:
         m.training_info.add().algorithm.node.add(op_type="NoSuchOp")
     elif kind == "unknown_data_type":
         g.initializer[1].data_type = 99
+    elif kind == "tensor_attribute_on_conv":  # no schema allows it (the size check skips such attributes)
+        bad = numpy_helper.from_array(np.ones((2, 3), np.float32), "t")
+        bad.raw_data = bad.raw_data[:-4]
+        g.node[0].attribute.append(helper.make_attribute("extra", bad))
+    elif kind == "corrupt_constant":  # a Constant's value one float short: the size check reads it
+        bad = numpy_helper.from_array(np.ones((2, 3), np.float32), "t")
+        bad.raw_data = bad.raw_data[:-4]
+        g.node.insert(0, helper.make_node("Constant", [], ["unused"], value=bad))
     elif kind == "duplicate_metadata":
         helper.set_model_props(m, {"k": "1"})
         m.metadata_props.add(key="k", value="2")
@@ -98,7 +106,8 @@ def variant(kind: str, extra: int = 0) -> onnx.ModelProto:
 
 KINDS = ["good", "unknown_op", "bad_attr_type", "dup_output", "not_topological", "corrupt",
          "corrupt_and_unknown_op", "negative_dim", "ir3_initializer_not_input", "duplicate_metadata", "ir_too_new",
-         "duplicate_function", "custom_domain_without_opset", "bad_training_info"]
+         "duplicate_function", "custom_domain_without_opset", "bad_training_info", "tensor_attribute_on_conv",
+         "corrupt_constant"]
 
 
 def outcome(path: Path, threshold: int, monkeypatch) -> tuple[str, object]:
