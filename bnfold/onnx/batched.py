@@ -123,7 +123,7 @@ class Batch:
         tensors = []
         for name in names:
             t = inits.get(name)
-            if (t is None or t.data_type != _F32 or t.data_location == _EXTERNAL or not t.HasField("raw_data")
+            if (t is None or t.data_type != _F32 or t.data_location == _EXTERNAL
                     or (overridable and name in overridable) or (borrowed and name in borrowed)):
                 return None
             tensors.append(t)
@@ -147,8 +147,8 @@ class Batch:
         layout, size = cached
         if layout is False:
             return None
-        blobs = [t.raw_data for t in tensors]
-        c4 = 4 * n
+        blobs = [t.raw_data for t in tensors]  # (read once the weight's size is known to be small)
+        c4 = 4 * n  # raw data that does not fill the dims (none at all: other fields hold the values) goes below
         if (len(blobs[0]) != c4 or len(blobs[1]) != c4 or len(blobs[2]) != c4 or len(blobs[3]) != c4
                 or len(blobs[4]) != size or (bias and len(blobs[5]) != c4)):
             return None  # data that does not fill its dims: the ordinary path reads it and says so

@@ -20,7 +20,7 @@ import onnx
 
 from ..core.errors import BnfoldError
 from ..core.files import remove_temp, temp_path, write_error
-from .protos import ext_info, is_external, nbytes, structure_only, with_outputs
+from .protos import ext_info, is_external, nbytes, structure_only, total_nbytes, with_outputs
 
 
 TWO_GB = 2 ** 31 - 1
@@ -47,7 +47,8 @@ def on_disk(t: onnx.TensorProto) -> bool:
 
 
 def has_on_disk(model: onnx.ModelProto) -> bool:
-    return any(on_disk(t) for t in model.graph.initializer)
+    external = onnx.TensorProto.EXTERNAL  # (a look at the location first: a model may hold 100k initializers)
+    return any(on_disk(t) for t in model.graph.initializer[:] if t.data_location == external)
 
 
 def _stamp(file: str) -> str:
@@ -355,7 +356,7 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
 def over_two_gb(model: onnx.ModelProto) -> bool:
     """True when `model` cannot be serialised as one protobuf (over 2 GB)."""
     # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
-    raw = sum(nbytes(t) for t in model.graph.initializer)
+    raw = total_nbytes(model.graph.initializer[:])
     if has_on_disk(model):  # ByteSize() counts the in-memory part only
         return raw + model.ByteSize() > TWO_GB
     if raw < TWO_GB * 0.9:

@@ -210,6 +210,20 @@ def nbytes(t: onnx.TensorProto) -> int:
     return (n + 1) // 2 if size < 0 else n * size
 
 
+def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
+    """sum(nbytes(t) for t in tensors), one tensor at a time in this loop (a model may hold 100k)."""
+    items, total = _ITEMSIZE, 0
+    for t in tensors:
+        dt = t.data_type
+        size = items.get(dt)
+        if size is None:
+            size = itemsize(dt)
+        if size:
+            n = math.prod(t.dims[:])
+            total += (n + 1) // 2 if size < 0 else n * size
+    return total
+
+
 def itemsize(data_type: int) -> int:
     """Bytes per element of an ONNX data type in raw data: 0 for strings and unknown types, -1 for the
     packed 4-bit types (two elements per byte; numpy's ml_dtypes stand-ins take a whole byte each)."""

@@ -85,7 +85,8 @@ def needs_shapes(model: onnx.ModelProto, main: GraphIndex | None = None) -> bool
 
 def _conv_alone(bn: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], uses: Callable[[str], int]) -> bool:
     """Is the BN fed by a Conv that feeds nothing else? (It then folds forward without shapes.)"""
-    if not bn.input:
+    ins = bn.input[:]
+    if not ins:
         return True
-    src = producer.get(bn.input[0])
-    return src is not None and src.op_type in ("Conv", "ConvTranspose") and uses(bn.input[0]) == 1
+    src = producer.get(ins[0])
+    return src is not None and src.op_type in ("Conv", "ConvTranspose") and uses(ins[0]) == 1
