@@ -76,6 +76,18 @@ def _with_if(m: onnx.ModelProto, nodes, inits=()) -> None:
     m.graph.output[0].name = "y2"
 
 
+def _layer_norm(m: onnx.ModelProto, t: onnx.TensorProto) -> None:
+    """A LayerNormalization after the model's Relu carrying `t` as an attribute no schema names: the one
+    default-domain op (opset 17 on) whose schema lets the checker pass attributes it does not know."""
+    g = m.graph
+    g.initializer.append(numpy_helper.from_array(np.ones(C, np.float32), "ln_scale"))
+    n = helper.make_node("LayerNormalization", ["y", "ln_scale"], ["z"], name="ln", axis=1)
+    n.attribute.append(helper.make_attribute("extra", t))
+    g.node.append(n)
+    g.output[0].name = "z"
+    g.output[0].type.tensor_type.shape.dim[1].dim_value = C
+
+
 def variant(kind: str) -> onnx.ModelProto:
     m = base()
     g = m.graph
@@ -96,6 +108,30 @@ def variant(kind: str) -> onnx.ModelProto:
         v.ClearField("float_data")  # one value declared, none held
         g.initializer.append(numpy_helper.from_array(np.array([2, 2], np.int64), "shp"))
         g.node.insert(0, helper.make_node("ConstantOfShape", ["shp"], ["unused"], value=v))
+    elif kind == "constant_unknown_dtype":
+        t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
+        t.data_type = 99
+        g.node.insert(0, _const(t))
+    elif kind == "constant_two_fields":  # float values, and int64 values besides
+        t = helper.make_tensor("", T.FLOAT, [2, 3], [1.0] * 6)
+        t.int64_data.extend([1, 2])
+        g.node.insert(0, _const(t))
+    elif kind == "constant_huge_dims":
+        t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
+        t.dims[0] = 10 ** 12
+        g.node.insert(0, _const(t))
+    elif kind == "if_body_constant_unknown_dtype":
+        t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
+        t.data_type = 99
+        _with_if(m, [_const(t)])
+    elif kind == "layer_norm_attribute_short":
+        _layer_norm(m, short())
+    elif kind == "layer_norm_attribute_short_values":
+        _layer_norm(m, short_values())
+    elif kind == "layer_norm_attribute_unknown_dtype":
+        t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
+        t.data_type = 99
+        _layer_norm(m, t)
     elif kind == "constant_negative_dim":
         t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
         t.dims[0] = -2
@@ -199,7 +235,9 @@ def variant(kind: str) -> onnx.ModelProto:
     return m
 
 
-KINDS = ["good", "constant_short", "constant_short_values", "constant_ai_onnx_domain_short",
+KINDS = ["good", "constant_short", "constant_unknown_dtype", "constant_two_fields", "constant_huge_dims",
+         "if_body_constant_unknown_dtype", "layer_norm_attribute_short", "layer_norm_attribute_short_values",
+         "constant_short_values", "constant_ai_onnx_domain_short",
          "constant_of_shape_short", "constant_negative_dim", "constant_sparse_values_short",
          "constant_sparse_indices_short", "sparse_initializer_short", "if_body_constant_short",
          "if_body_initializer_short", "if_body_nested_if_constant_short", "if_body_relu_tensor_attribute",
