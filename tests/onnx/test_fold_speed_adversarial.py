@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, seed, settings
 from onnx import helper, numpy_helper
 
 import bnfold
@@ -35,6 +36,7 @@ from bnfold.onnx.graph import GraphIndex
 from bnfold.onnx.multi import AFFINE_OPS, SUM_OPS
 from tests.helpers import corrupt_models, fold_corpus
 from tests.helpers.batch_check import same_either_way, taken
+from tests.fuzz.strategies_onnx import cases
 from tests.helpers.onnx_build import run_ort
 
 NO_ORT = {"duplicate_names", "float64"}  # onnxruntime refuses two nodes of one name; has no float64 Conv
@@ -46,6 +48,16 @@ def fold_bytes(model: onnx.ModelProto, **kw) -> tuple[bytes, dict]:
     report = res.report.to_dict()
     report.pop("timing_s", None)
     return res.model.SerializeToString(), json.loads(json.dumps(report, default=str))
+
+
+def with_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the value_info an exporter writes (every inferred intermediate), as a copy."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inferred = onnx.shape_inference.infer_shapes(m)
+    m.graph.value_info.extend(inferred.graph.value_info)
+    assert len(m.graph.value_info) > 0
+    return m
 
 
 def agree(model: onnx.ModelProto, folded: onnx.ModelProto, feeds: dict) -> None:
@@ -75,8 +87,8 @@ def n_bns(model: onnx.ModelProto) -> int:
 @pytest.mark.parametrize("standalone", ["keep", "affine"])
 @pytest.mark.parametrize("name", NAMES)
 def test_the_corpus_folds_the_same_with_the_batch_on_and_off(name, standalone, monkeypatch):
-    for seed in (0, 1):
-        model, feeds = fold_corpus.CORPUS[name](seed)
+    for k in (0, 1):
+        model, feeds = fold_corpus.CORPUS[name](k)
         folded = same_either_way(model, monkeypatch, standalone=standalone)
         onnx.checker.check_model(folded)
         if name not in NO_ORT:
@@ -203,6 +215,20 @@ def test_weights_left_on_disk_fold_the_same(tmp_path, monkeypatch):
     assert (tmp_path / "m.data").read_bytes() == data  # the input's data file untouched
 
 
+@pytest.mark.parametrize("name", ["shape_readers", "bn_chain", "fan_out", "unnamed", "shared_bias",
+                                  "bn_then_mul_add", "matmul_bn", "repvgg_add", "ir3", "long_chain", "backward"])
+def test_value_info_of_folded_values_goes_the_same_either_way(name, monkeypatch):
+    model, feeds = fold_corpus.CORPUS[name]()
+    model = with_value_info(model)
+    for sa in ("keep", "affine"):
+        folded = same_either_way(model, monkeypatch, standalone=sa)
+        onnx.checker.check_model(folded, full_check=True)
+        described = {v.name for v in folded.graph.value_info}
+        written = {o for n in folded.graph.node for o in n.output}
+        assert described <= written  # no value_info of a value nobody writes any more
+        agree(model, folded, feeds)
+
+
 # -- the census: skipping a scan never misses a fold --------------------------------------------
 
 def _full_census(monkeypatch) -> None:
@@ -220,8 +246,8 @@ def _full_census(monkeypatch) -> None:
 @pytest.mark.parametrize("standalone", ["keep", "affine"])
 def test_the_census_skips_no_fold_the_full_scans_make(standalone, monkeypatch):
     for name in NAMES:
-        for seed in (0, 1):
-            model, _ = fold_corpus.CORPUS[name](seed)
+        for k in (0, 1):
+            model, _ = fold_corpus.CORPUS[name](k)
             with monkeypatch.context() as m:
                 _full_census(m)
                 want = fold_bytes(model, standalone=standalone)
@@ -244,6 +270,18 @@ def test_folds_that_make_affine_ops_leave_them_for_the_next_pass(monkeypatch):
         with monkeypatch.context() as m:
             _full_census(m)
             assert fold_bytes(once, standalone=sa) == twice
+
+
+@seed(20261130)
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(case=cases(max_blocks=4))
+def test_random_models_fold_alike_with_full_scans_and_the_old_sweep(case, monkeypatch):
+    got = fold_bytes(case.model)
+    with monkeypatch.context() as m:
+        _full_census(m)
+        m.setattr(sweep_mod, "_dead_constants", _walk_only)
+        assert fold_bytes(case.model) == got
 
 
 # -- the sweep: bulk settling against the walk it replaced ----------------------------------------
