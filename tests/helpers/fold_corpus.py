@@ -461,3 +461,47 @@ CORPUS = {
     "if_bodies": if_bodies, "if_bodies_affine": lambda s=0: if_bodies(s, True), "loop_body": loop_body,
     "function": function_model, "long_chain": long_chain,
 }
+
+
+def if_bodies_ir3(seed=0):
+    """IR 3: the bodies' Conv -> BN read outer initializers (declared as graph inputs); a body cannot hold
+    initializers, so what a fold writes there becomes Constant nodes."""
+    b = B(seed)
+    y = b.bn("bn", b.conv("c", "x"))
+    for tag in ("t_", "e_"):
+        b.w(f"{tag}w")
+        st = random_bn(b.rng, C)
+        for k in ("gamma", "beta", "mean", "var"):
+            b.init(f"{tag}{k}", st[k])
+    bodies = []
+    for tag in ("t_", "e_"):
+        nodes = [helper.make_node("Conv", [y, f"{tag}w"], [f"{tag}c"], name=f"{tag}conv", pads=[1, 1, 1, 1]),
+                 helper.make_node("BatchNormalization", [f"{tag}c"] + [f"{tag}{k}" for k in
+                                  ("gamma", "beta", "mean", "var")], [f"{tag}out"], name=f"{tag}bn", epsilon=1e-3)]
+        bodies.append(helper.make_graph(nodes, f"{tag}body", [],
+                                        [helper.make_tensor_value_info(f"{tag}out", F, list(X))]))
+    cond = b.init("cond", np.array(True), np.bool_)
+    b.node("If", [cond], ["yy"], name="if", then_branch=bodies[0], else_branch=bodies[1])
+    b.out("yy", list(X))
+    return b.model([], ir=3, opset=9, inits_as_inputs="all"), b.feeds()
+
+
+def weight_read_by_body(seed=0):
+    """An outer conv weight and BN statistic also read inside an If body: both stay, with their values."""
+    b = B(seed)
+    y = b.bn("bn", b.conv("c", "x", b=b.vec("c_b")))
+    body = helper.make_graph(
+        [helper.make_node("ReduceSum", ["c_w"], ["t_sw"], name="t_sw"),
+         helper.make_node("ReduceSum", ["bn_mean"], ["t_sm"], name="t_sm"),
+         helper.make_node("Add", ["t_sw", "t_sm"], ["t_s"], name="t_s"),
+         helper.make_node("Add", [y, "t_s"], ["t_out"], name="t_add")], "then", [],
+        [helper.make_tensor_value_info("t_out", F, list(X))])
+    other = helper.make_graph([helper.make_node("Identity", [y], ["e_out"], name="e_id")], "else", [],
+                              [helper.make_tensor_value_info("e_out", F, list(X))])
+    cond = b.init("cond", np.array(True), np.bool_)
+    b.node("If", [cond], ["yy"], name="if", then_branch=body, else_branch=other)
+    b.out("yy", list(X))
+    return b.model([]), b.feeds()
+
+
+CORPUS.update({"if_bodies_ir3": if_bodies_ir3, "weight_read_by_body": weight_read_by_body})

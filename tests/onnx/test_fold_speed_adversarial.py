@@ -468,3 +468,28 @@ def test_a_tensor_of_unknown_type_on_a_layer_norm_is_refused(threshold, tmp_path
     err = capsys.readouterr().err
     assert "data type 99" in err and str(path) in err
     assert not out.exists()
+
+
+def test_a_conv_weight_read_by_a_body_keeps_its_value(monkeypatch):
+    model, feeds = fold_corpus.weight_read_by_body()
+    folded = same_either_way(model, monkeypatch)
+    assert taken(model, monkeypatch) == 1  # the planned fold: its weight goes under a new name
+    orig = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    now = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    for k in ("c_w", "bn_mean"):
+        np.testing.assert_array_equal(now[k], orig[k])
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    assert conv.input[1] != "c_w"
+    agree(model, folded, feeds)
+
+
+def test_ir3_bodies_get_constants_the_same_way_either_way(monkeypatch):
+    model, feeds = fold_corpus.if_bodies_ir3()
+    folded = same_either_way(model, monkeypatch)
+    onnx.checker.check_model(folded)
+    for a in next(n for n in folded.graph.node if n.op_type == "If").attribute:
+        assert not a.g.initializer  # (IR 3: a body holds no initializers)
+        assert not any(n.op_type == "BatchNormalization" for n in a.g.node)
+    inputs = {i.name for i in folded.graph.input}
+    assert all(t.name in inputs for t in folded.graph.initializer)  # IR 3: every initializer an input
+    agree(model, folded, feeds)
