@@ -132,6 +132,23 @@ def variant(kind: str) -> onnx.ModelProto:
         t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
         t.data_type = 99
         _layer_norm(m, t)
+    elif kind == "function_layer_norm_attribute_unknown_dtype":  # the same, inside a model-local function
+        t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
+        t.data_type = 99
+        ln = helper.make_node("LayerNormalization", ["a", "s"], ["b"], axis=1)
+        ln.attribute.append(helper.make_attribute("extra", t))
+        scale = _const(numpy_helper.from_array(np.ones(C, np.float32), ""), out="s")
+        m.functions.append(helper.make_function("local", "F", ["a"], ["b"], [scale, ln],
+                                                [helper.make_opsetid("", 17)]))
+        m.opset_import.append(helper.make_opsetid("local", 1))
+        g.node[2].op_type, g.node[2].domain = "F", "local"
+    elif kind == "function_attribute_default_short":  # a function's default attribute value, one float short
+        fn = helper.make_function("local", "F", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                  [helper.make_opsetid("", 17)])
+        fn.attribute_proto.append(helper.make_attribute("t", short()))
+        m.functions.append(fn)
+        m.opset_import.append(helper.make_opsetid("local", 1))
+        g.node[2].op_type, g.node[2].domain = "F", "local"
     elif kind == "constant_negative_dim":
         t = numpy_helper.from_array(np.ones((2, 3), np.float32), "")
         t.dims[0] = -2
