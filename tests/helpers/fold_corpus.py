@@ -72,8 +72,13 @@ class B:
         known = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output)}
         for o in m.graph.output:
             v = known.get(o.name)
-            if not o.type.tensor_type.HasField("shape") and v is not None and v.type.tensor_type.HasField("shape"):
+            if o.type.tensor_type.HasField("shape"):
+                continue
+            if v is not None and v.type.tensor_type.HasField("shape"):
                 o.type.tensor_type.shape.CopyFrom(v.type.tensor_type.shape)
+            else:  # (not inferred, as after a Reshape to a Shape's output: rank 4, sizes unknown)
+                for k in range(len(X)):
+                    o.type.tensor_type.shape.dim.add().dim_param = f"{o.name}_d{k}"
         return m
 
     def feeds(self):

@@ -515,3 +515,55 @@ def test_a_corrupt_default_attribute_of_a_function_is_refused(threshold, tmp_pat
     path.write_bytes(corrupt_models.variant("function_attribute_default_short").SerializeToString())
     verdict, msg = _outcome(path, threshold, monkeypatch)
     assert verdict == "error" and str(path) in msg
+
+
+# -- random chains that share names across roles --------------------------------------------------
+
+def _random_chain(r: np.random.Generator) -> tuple[onnx.ModelProto, dict]:
+    """Conv -> BN pairs (some BNs doubled, some convs without bias) whose weights, biases and statistics are
+    drawn from small shared pools (a name may be a weight of two convs, a bias and a BN statistic at once),
+    with Shape readers, graph outputs, Mul/Add/Sub/Div by constants, unnamed nodes and IR 3 or 8."""
+    b = fold_corpus.B(int(r.integers(1 << 30)))
+    c = fold_corpus.C
+    weights = [b.w(f"w{k}") for k in range(int(r.integers(1, 4)))]
+    vecs = [b.init(f"v{k}", b.rng.uniform(0.5, 2.0, c)) for k in range(int(r.integers(2, 6)))]
+    outs, y = [], "x"
+    for k in range(int(r.integers(2, 7))):
+        bias = vecs[int(r.integers(len(vecs)))] if r.random() < 0.6 else None
+        conv = b.conv(f"c{k}", y, w=weights[int(r.integers(len(weights)))], b=bias, named=r.random() < 0.7)
+        params = [vecs[int(r.integers(len(vecs)))] for _ in range(4)] if r.random() < 0.5 else None
+        y = b.bn(f"bn{k}", conv, params=params, named=r.random() < 0.7)
+        if r.random() < 0.2:
+            y = b.bn(f"bn{k}b", y)
+        roll = r.random()
+        if roll < 0.15:
+            s = b.node("Shape", [conv], [f"s{k}"], name=f"shape{k}")
+            y = b.node("Reshape", [y, s], [f"r{k}"], name=f"reshape{k}")
+        elif roll < 0.3:
+            outs.append(y)
+        elif roll < 0.45:
+            op = ("Mul", "Add", "Sub", "Div")[int(r.integers(4))]
+            k3 = b.init(f"k{k}", b.rng.uniform(0.5, 2.0, (c, 1, 1)))
+            y = b.node(op, [y, k3], [f"a{k}"], name=f"aff{k}")
+        elif roll < 0.55:
+            outs.append(conv)  # the conv's own output a graph output too: no fold
+        if r.random() < 0.3:
+            y = b.node("Relu", [y], [f"relu{k}"], name=f"relu{k}")
+    outs.append(y)
+    outs = list(dict.fromkeys(outs))
+    ir = 3 if r.random() < 0.2 else 8
+    m = b.model(outs, ir=ir, opset=9 if ir == 3 else 17, inits_as_inputs="all" if ir == 3 else ())
+    return m, b.feeds()
+
+
+@pytest.mark.parametrize("k", range(40))
+def test_random_shared_name_chains(k, monkeypatch):
+    model, feeds = _random_chain(np.random.default_rng(1000 + k))
+    folded = same_either_way(model, monkeypatch)
+    onnx.checker.check_model(folded)
+    got = fold_bytes(model)
+    with monkeypatch.context() as m:
+        _full_census(m)
+        m.setattr(sweep_mod, "_dead_constants", _walk_only)
+        assert fold_bytes(model) == got
+    agree(model, folded, feeds)
