@@ -14,6 +14,10 @@
 * the load checks after all_tensors skips the attributes no schema allows: every corrupt model of
   tests/helpers/corrupt_models.py is refused on both load-check paths, one line naming the file, the CLI
   exits 2 and writes nothing.
+
+Found: LayerNormalization (opset 17 on) is the one default-domain op whose schema lets onnx's checker pass
+attributes it does not know, so a tensor attribute of an unknown data type on it, which all_tensors now
+skips, loads (strict xfails below); a model-local function's default attribute values were never checked.
 """
 from __future__ import annotations
 
