@@ -163,32 +163,29 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
-# the default-domain ops whose schemas allow a tensor or graph attribute (onnx.defs, every opset)
-_WITH_TENSORS = frozenset({"Constant", "ConstantOfShape", "If", "Loop", "Scan", "SequenceMap"})
-_DEFAULT = ("", "ai.onnx")
-
-
 def all_tensors(model: onnx.ModelProto):
     """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
     subgraphs and model-local functions as well."""
     A = onnx.AttributeProto
 
+    def of_attributes(attributes):
+        for a in attributes:
+            if a.type == A.TENSOR:
+                yield a.t
+            elif a.type == A.TENSORS:
+                yield from a.tensors
+            elif a.type == A.SPARSE_TENSOR:
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            elif a.type == A.GRAPH:
+                yield from of_graph(a.g)
+            elif a.type == A.GRAPHS:
+                for g in a.graphs:
+                    yield from of_graph(g)
+
     def of_nodes(nodes):
+        # (every node's attributes: onnx's checker lets some schemas, LayerNormalization's, hold unknown ones)
         for n in nodes:
-            if n.op_type not in _WITH_TENSORS and n.domain in _DEFAULT:
-                continue  # its schema allows no tensor or graph attribute (the checker refuses any other)
-            for a in n.attribute[:]:
-                if a.type == A.TENSOR:
-                    yield a.t
-                elif a.type == A.TENSORS:
-                    yield from a.tensors
-                elif a.type == A.SPARSE_TENSOR:
-                    yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
-                elif a.type == A.GRAPH:
-                    yield from of_graph(a.g)
-                elif a.type == A.GRAPHS:
-                    for g in a.graphs:
-                        yield from of_graph(g)
+            yield from of_attributes(n.attribute[:])
 
     def of_graph(g):
         yield from g.initializer
@@ -198,6 +195,7 @@ def all_tensors(model: onnx.ModelProto):
 
     yield from of_graph(model.graph)
     for f in model.functions:
+        yield from of_attributes(f.attribute_proto)  # default attribute values (the checker reads none)
         yield from of_nodes(f.node)
 
 

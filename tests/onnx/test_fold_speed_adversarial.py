@@ -15,9 +15,10 @@
   tests/helpers/corrupt_models.py is refused on both load-check paths, one line naming the file, the CLI
   exits 2 and writes nothing.
 
-Found: LayerNormalization (opset 17 on) is the one default-domain op whose schema lets onnx's checker pass
-attributes it does not know, so a tensor attribute of an unknown data type on it, which all_tensors now
-skips, loads (strict xfails below); a model-local function's default attribute values were never checked.
+Found (fixed): LayerNormalization (opset 17 on) is the one default-domain op whose schema lets onnx's checker
+pass attributes it does not know, so a tensor attribute of an unknown data type on it loaded once all_tensors
+skipped the attributes of other ops than Constant/ConstantOfShape/If/Loop/Scan/SequenceMap (it reads every
+node's again); a model-local function's default attribute values were never checked (they are now).
 """
 from __future__ import annotations
 
@@ -456,12 +457,6 @@ def test_a_layer_norm_model_without_the_odd_attribute_loads(tmp_path, monkeypatc
     assert [_outcome(path, t, monkeypatch)[0] for t in (10 ** 9, 0)] == ["ok", "ok"]
 
 
-@pytest.mark.xfail(strict=True, reason="all_tensors skips the attributes of default-domain ops other than "
-                   "Constant/ConstantOfShape/If/Loop/Scan/SequenceMap, trusting the checker to refuse them; but "
-                   "LayerNormalization's schema (opset 17+) lets the checker pass attributes it does not know, "
-                   "and the checker does not refuse a tensor of an unknown data type: such a model was refused "
-                   "before the change (check_sizes: 'has data type 99, which onnx ... does not know') and is "
-                   "accepted and folded now")
 @pytest.mark.parametrize("threshold", [0, 10 ** 9])
 def test_a_tensor_of_unknown_type_on_a_layer_norm_is_refused(threshold, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(onnx_io, "STRUCTURE_CHECK_MAX", threshold)
@@ -499,8 +494,6 @@ def test_ir3_bodies_get_constants_the_same_way_either_way(monkeypatch):
     agree(model, folded, feeds)
 
 
-@pytest.mark.xfail(strict=True, reason="as above, inside a model-local function: a LayerNormalization node's "
-                   "tensor attribute of unknown data type was refused before all_tensors skipped it, is accepted now")
 @pytest.mark.parametrize("threshold", [0, 10 ** 9])
 def test_a_tensor_of_unknown_type_on_a_layer_norm_in_a_function_is_refused(threshold, tmp_path, monkeypatch):
     path = tmp_path / "fn_ln.onnx"
@@ -509,10 +502,6 @@ def test_a_tensor_of_unknown_type_on_a_layer_norm_in_a_function_is_refused(thres
     assert verdict == "error" and "data type 99" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="not from this change (the checks before it accepted it too): "
-                   "all_tensors never looks at FunctionProto.attribute_proto, the default attribute values of a "
-                   "model-local function, and onnx's checker does not check them either, so a default tensor "
-                   "whose raw data is short of its dims loads")
 @pytest.mark.parametrize("threshold", [0, 10 ** 9])
 def test_a_corrupt_default_attribute_of_a_function_is_refused(threshold, tmp_path, monkeypatch):
     path = tmp_path / "fn_default.onnx"
