@@ -17,7 +17,7 @@ from bnfold.core import kernel
 from bnfold.core.decisions import Reason
 from bnfold.core.errors import BnfoldError
 from bnfold.onnx import io as onnx_io
-from bnfold.onnx import batched, proofs, replay, windows
+from bnfold.onnx import batched, proofs, protos, replay, windows
 from bnfold.onnx.ondisk import tensor_value
 from bnfold.onnx.protos import copy_borrowing, fill_borrowed
 from tests.conftest import SAMPLES
@@ -312,3 +312,30 @@ def test_no_window_when_x_also_reaches_the_output_around_the_conv(rng):
     cut_x, cut, pads = windows.shrink((nodes, inits), (nodes, inits), "x", x, whole)
     assert cut_x.shape[2:] == (8, 8) and not pads
     np.testing.assert_allclose(replay.run(m, nodes, inits, "z", {"x": cut_x}, pads=pads), whole[cut], rtol=1e-12)
+
+
+# -- the attributes the load check skips -------------------------------------------------------------
+
+@pytest.mark.parametrize("op", sorted(protos.SCHEMA_CHECKED))
+def test_the_checker_refuses_an_unknown_attribute_on_every_op_the_size_check_skips(op):
+    """protos.all_tensors skips the attributes of these ops, trusting onnx's checker (which load_onnx runs after
+    the size check) to refuse any tensor among them: it must, in every opset where the op has a schema."""
+    from onnx import defs
+
+    seen = 0
+    for version in range(1, defs.onnx_opset_version() + 1):
+        try:
+            schema = defs.get_schema(op, version, "")
+        except defs.SchemaError:
+            continue
+        if schema.since_version != version or schema.deprecated:
+            continue
+        seen += 1
+        node = helper.make_node(op, [f"i{k}" for k in range(schema.min_input)],
+                                [f"o{k}" for k in range(max(1, schema.min_output))])
+        node.attribute.append(helper.make_attribute("bnfold_unknown", numpy_helper.from_array(np.zeros(2, np.float32))))
+        ctx = onnx.checker.C.CheckerContext()
+        ctx.ir_version, ctx.opset_imports = 8, {"": version}
+        with pytest.raises(onnx.checker.ValidationError, match="Unrecognized attribute"):
+            onnx.checker.check_node(node, ctx, onnx.checker.C.LexicalScopeContext())
+    assert seen, op
