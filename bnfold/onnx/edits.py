@@ -288,4 +288,5 @@ class GraphEdits:
             ix.producer.pop(old_out, None)
             ix.consumers.pop(old_out, None)
             self.dead_values.add(old_out)
+            self.maybe_dead_inits.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
 

@@ -315,6 +315,7 @@ class OnnxFolder(GraphEdits):
         producer.pop(old_out, None)
         consumers.pop(old_out, None)
         self.dead_values.add(old_out)
+        self.maybe_dead_inits.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
         self.remember_exact(conv, folded)
         d = Decision.folded(label, into, "Conv->BN", "after")
         if not self.scope:

@@ -7,12 +7,14 @@ from typing import TYPE_CHECKING
 from .nodes import ONNX_DOMAINS
 
 if TYPE_CHECKING:
+    import onnx
+
     from .folder import OnnxFolder
 
 
-def _dead_constants(f: "OnnxFolder", dead: set[int]) -> set[str]:
+def _dead_constants(f: "OnnxFolder", dead: set[int]) -> dict[str, "onnx.TensorProto"]:
     """Add to `dead` every constant-only node nobody reads any more (transitively, starting from the
-    names folding released); return the initializers nobody reads any more."""
+    names folding released); return the initializers nobody reads any more, by name."""
     ix = f.ix
     const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
     readers, outputs, inits = ix.consumers, ix.graph_outputs, ix.inits  # (ix.uses, inlined: 100k names and more)
@@ -20,9 +22,10 @@ def _dead_constants(f: "OnnxFolder", dead: set[int]) -> set[str]:
     # the released names nobody reads: initializers are settled here in bulk (a BN leaves four), the rest
     # (values a node writes) go through the walk, which follows constant nodes back to their inputs
     free = {n for n in f.maybe_dead_inits if not readers.get(n)} - outputs
-    seen = {n for n in free if n in inits}
-    dead_inits = {n for n in seen if n not in overridable}  # a caller may feed an overridable one: it stays an input
-    work = [n for n in free if n not in seen]
+    settled = {n: t for n in free if (t := inits.get(n)) is not None}
+    dead_inits = {n: t for n, t in settled.items() if n not in overridable}  # (an overridable one stays an input)
+    seen = set(settled)
+    work = [n for n in free if n not in settled]
     while work:
         n = work.pop()
         if n in seen or readers.get(n) or n in outputs:
@@ -30,7 +33,7 @@ def _dead_constants(f: "OnnxFolder", dead: set[int]) -> set[str]:
         seen.add(n)
         if n in inits:
             if n not in overridable:  # a caller may feed an overridable one: it stays an input
-                dead_inits.add(n)
+                dead_inits[n] = inits[n]
             continue
         src = ix.producer.get(n)
         if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
@@ -65,16 +68,16 @@ def sweep(f: "OnnxFolder") -> None:
     if dead:
         del g.node[len(g.node) - len(dead):]
     if dead_inits:
-        dead_ids = {id(ix.inits[n]) for n in dead_inits}  # by identity, as above: a name costs a lookup
+        dead_ids = {id(t) for t in dead_inits.values()}  # by identity, as above: a name costs a lookup
         g.initializer.sort(key=lambda t: id(t) in dead_ids)
         del g.initializer[len(g.initializer) - len(dead_inits):]
-    declared_dead = dead_inits & ix.graph_inputs  # IR < 4: the initializer's own input entry
+    declared_dead = ix.graph_inputs.intersection(dead_inits)  # IR < 4: the initializer's own input entry
     if declared_dead:
         g.input.sort(key=lambda v: v.name in declared_dead)
         del g.input[len(g.input) - len(declared_dead):]
         ix.graph_inputs -= declared_dead
-    gone = f.dead_values | dead_inits
-    if gone:
+    if len(g.value_info) and (f.dead_values or dead_inits):
+        gone = f.dead_values.union(dead_inits)
         stale = {v.name for v in g.value_info if v.name in gone}
         if stale:
             g.value_info.sort(key=lambda v: v.name in stale)

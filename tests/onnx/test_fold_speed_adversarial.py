@@ -317,7 +317,7 @@ def _walk_only(f, dead):
             if i:
                 ix.unread(i, src)
                 work.append(i)
-    return dead_inits
+    return {n: inits[n] for n in dead_inits}  # (the sweep takes the tensors by name)
 
 
 @pytest.mark.parametrize("standalone", ["keep", "affine"])
