@@ -175,13 +175,29 @@ def check_output(out: str, inputs: Sequence[str], framework: str | None = None) 
     companions: set[str] = set()
     if Path(out).is_file():
         for i in inputs:
-            try:
-                fw = framework_of(i)
-            except BnfoldError:
-                continue
-            if Path(i).is_file():
-                companions |= importlib.import_module(REGISTRY[fw]).FRONTEND.companion_files(i)
+            companions |= companion_files(i)
     check_output_path(out, list(inputs), framework, companions)
+
+
+_COMPANIONS: dict[tuple[str, int, int], set[str]] = {}
+
+
+def companion_files(path: str) -> set[str]:
+    """The files a model file reads besides itself (ONNX external data), asked once per file version (path,
+    modification time, size): for a model with its weights inside, finding out reads the whole file, and a
+    fold asks before it starts, for its mark, its report and again before writing. Empty for what is no
+    model file."""
+    try:
+        fw = framework_of(path)
+        st = os.stat(path)
+    except (BnfoldError, OSError):
+        return set()
+    if not os.path.isfile(path):
+        return set()
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key not in _COMPANIONS:
+        _COMPANIONS[key] = importlib.import_module(REGISTRY[fw]).FRONTEND.companion_files(path)
+    return set(_COMPANIONS[key])
 
 
 def save(result: FoldResult | Any, path: str) -> None:
@@ -195,4 +211,5 @@ def save(result: FoldResult | Any, path: str) -> None:
         result.report.output = os.fspath(path)
 
 
-__all__ = ["fold", "check", "save", "load", "frontend", "frontend_of", "fold_with", "check_with", "check_output"]
+__all__ = ["fold", "check", "save", "load", "frontend", "frontend_of", "fold_with", "check_with", "check_output",
+           "companion_files"]

@@ -302,24 +302,8 @@ def _up_to_date(j: Job, opts: Options, st: Settings) -> bool:
     return mark.get("source_sha256") == marks.digest(j.source, _companions(j.source))
 
 
-_COMPANIONS: dict[tuple[str, int, int], set[str]] = {}
-
-
 def _companions(path: str) -> set[str]:
-    """The files a model reads besides itself (ONNX external data), asked once per file version: for a
-    model with its weights inside, finding out parses the whole file."""
-    try:
-        fw = framework_of(path)
-        st = os.stat(path)
-    except (BnfoldError, OSError):
-        return set()
-    if not os.path.isfile(path):
-        return set()
-    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    if key not in _COMPANIONS:
-        import importlib
-        _COMPANIONS[key] = importlib.import_module(api.REGISTRY[fw]).FRONTEND.companion_files(path)
-    return _COMPANIONS[key]
+    return api.companion_files(path)
 
 
 def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
