@@ -202,8 +202,9 @@ def _varint_at(buf: bytes, i: int, pos: int) -> tuple[int, int]:
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
+    """Does any tensor (an initializer, a Constant's value, one in a body or a function) live in a data file?"""
     external = onnx.TensorProto.EXTERNAL
-    return any(t.data_location == external for t in model.graph.initializer)
+    return any(t.data_location == external for t in all_tensors(model))
 
 
 def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = None, *, location: str | None = None,

@@ -424,10 +424,24 @@ def test_external_data_in_odd_places_is_refused_without_reading_outside(kind, tm
     path = corrupt_models.external_variant(kind, folder)
     got = [_outcome(path, t, monkeypatch) for t in (10 ** 9, 0)]
     assert got[0] == got[1]
-    # (a Constant with external data beside a model without external initializers was refused before the
-    # change too: the data is never loaded for the checker)
     verdict, msg = got[0]
+    if kind == "constant_external_ok":  # (refused once: only initializers were asked whether they lived in a file)
+        assert verdict == "ok", got
+        return
     assert verdict == "error" and str(path) in msg and "\n" not in msg, got
+
+
+def test_a_constant_whose_value_lives_in_a_data_file_is_read_and_the_model_folds(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    path = corrupt_models.external_variant("constant_external_ok", folder)
+    model = onnx_io.load_onnx(str(path))
+    const = next(n for n in model.graph.node if n.op_type == "Constant")
+    np.testing.assert_array_equal(numpy_helper.to_array(const.attribute[0].t).reshape(-1), np.arange(6))
+    out = tmp_path / "out.onnx"
+    assert main([str(path), "-o", str(out)]) == 0
+    folded = onnx.load(str(out))
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
 
 
 @pytest.mark.parametrize("kind", ["conv_tensor_attribute_short", "if_body_relu_tensor_attribute",
