@@ -180,11 +180,14 @@ _HOLDERS = frozenset({onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, o
 
 def all_tensors(model: onnx.ModelProto):
     """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
-    subgraphs and model-local functions as well."""
+    subgraphs and model-local functions as well (functions' default attribute values too); not the
+    attributes of SCHEMA_CHECKED ops, where onnx's checker refuses any tensor."""
     A = onnx.AttributeProto
 
     def of_attributes(attributes):
         for a in attributes:
+            if a.type not in _HOLDERS:
+                continue
             if a.type == A.TENSOR:
                 yield a.t
             elif a.type == A.TENSORS:
@@ -193,28 +196,14 @@ def all_tensors(model: onnx.ModelProto):
                 yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
             elif a.type == A.GRAPH:
                 yield from of_graph(a.g)
-            elif a.type == A.GRAPHS:
+            else:
                 for g in a.graphs:
                     yield from of_graph(g)
 
     def of_nodes(nodes):
         for n in nodes:
-            if n.op_type in SCHEMA_CHECKED and n.domain in _DEFAULT:
-                continue
-            for a in n.attribute[:]:  # (inlined of_attributes: a generator a node costs on 100k nodes)
-                if a.type not in _HOLDERS:
-                    continue
-                if a.type == A.TENSOR:
-                    yield a.t
-                elif a.type == A.TENSORS:
-                    yield from a.tensors
-                elif a.type == A.SPARSE_TENSOR:
-                    yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
-                elif a.type == A.GRAPH:
-                    yield from of_graph(a.g)
-                else:
-                    for g in a.graphs:
-                        yield from of_graph(g)
+            if n.op_type not in SCHEMA_CHECKED or n.domain not in _DEFAULT:
+                yield from of_attributes(n.attribute[:])
 
     def of_graph(g):
         yield from g.initializer
