@@ -167,7 +167,7 @@ class Batch:
             plans = list(self.plans.values())
             for k in np.flatnonzero(r.failed):
                 plans[k].ok = False  # the ordinary path says why (kernel's Skip)
-        self.s, self.t, self.w64, self.w32, self.b64, self.b32 = r.scale, r.shift, r.weight64, r.weight, r.bias64, r.bias
+        self.w64, self.w32, self.b64, self.b32 = r.weight64, r.weight, r.bias64, r.bias
 
     def take(self, bn: onnx.NodeProto) -> tuple[Plan, str, str] | None:
         """`bn`'s precomputed fold, if it still holds (see the module docstring), with the conv's data input and
@@ -195,10 +195,6 @@ class Batch:
                 and out not in ix.graph_outputs):
             return None  # absorb_affine_chain may take it into the BN's map
         return p, cins[0], out
-
-    def scale_shift(self, p: Plan) -> tuple[np.ndarray, np.ndarray]:
-        c = p.shape[0]
-        return self.s[p.at:p.at + c], self.t[p.at:p.at + c]
 
     def folded(self, p: Plan, keep_exact: bool) -> kernel.Folded:
         c, n = p.shape[0], math.prod(p.shape)

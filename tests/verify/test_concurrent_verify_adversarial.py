@@ -414,12 +414,13 @@ print("THREADS", extra_threads())
     assert "THREADS []" in r.stdout, r.stdout
 
 
-@pytest.mark.parametrize("error", ["ValueError", "KeyboardInterrupt", "BnfoldError"])
-def test_the_noise_model_raising_ends_the_verification(error):
-    r = run_script(PRELUDE + f"""
+def verify_with_a_fault(target: str, raise_: str):
+    """verify_onnx in a fresh interpreter with `target` (a module attribute) replaced by a function that runs
+    `raise_`; prints what reached the caller and the bnfold threads left after it."""
+    return run_script(PRELUDE + f"""
 def boom(*a, **k):
-    raise {'bnfold.BnfoldError' if error == 'BnfoldError' else error}("nudges failed")
-verify._noise_model = boom
+    {raise_}
+{target} = boom
 try:
     verify.verify_onnx(orig, folded, Options.of(), [copy.deepcopy(d) for d in decisions])
     print("NO ERROR")
@@ -428,24 +429,19 @@ except BaseException as e:
 import time; time.sleep(0.3)
 print("THREADS", extra_threads())
 """)
+
+
+@pytest.mark.parametrize("error", ["ValueError", "KeyboardInterrupt", "BnfoldError"])
+def test_the_noise_model_raising_ends_the_verification(error):
+    exc = "bnfold.BnfoldError" if error == "BnfoldError" else error
+    r = verify_with_a_fault("verify._noise_model", f'raise {exc}("nudges failed")')
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"RAISED {error} nudges failed" in r.stdout, r.stdout
     assert "THREADS []" in r.stdout, r.stdout
 
 
 def test_the_proofs_raising_ends_the_verification():
-    r = run_script(PRELUDE + """
-def boom(*a, **k):
-    raise KeyboardInterrupt("stop")
-proofs._replay = boom
-try:
-    verify.verify_onnx(orig, folded, Options.of(), [copy.deepcopy(d) for d in decisions])
-    print("NO ERROR")
-except BaseException as e:
-    print("RAISED", type(e).__name__, e)
-import time; time.sleep(0.3)
-print("THREADS", extra_threads())
-""")
+    r = verify_with_a_fault("proofs._replay", 'raise KeyboardInterrupt("stop")')
     assert r.returncode == 0, r.stderr[-3000:]
     assert "RAISED KeyboardInterrupt stop" in r.stdout, r.stdout
     assert "THREADS []" in r.stdout, r.stdout
