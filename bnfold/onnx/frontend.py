@@ -65,7 +65,10 @@ def _require_loaded_external_data(model: Any) -> None:
 
     from .ondisk import on_disk
     external = onnx.TensorProto.EXTERNAL
-    for t in model.graph.initializer[:]:  # (onnx's uses_external_data, inlined: a call per tensor adds up)
+    inits = model.graph.initializer[:]
+    if external not in {t.data_location for t in inits}:  # (one attribute a tensor: a model may hold 100k)
+        return
+    for t in inits:  # (onnx's uses_external_data, inlined: a call per tensor adds up)
         if t.data_location == external and not t.HasField("raw_data") and not on_disk(t):
             raise BnfoldError(f"initializer {t.name!r} lives in external data that is not loaded; pass the file "
                               "path instead, or onnx.load() the model with its external data")

@@ -27,19 +27,21 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         raise BnfoldError(f"not a valid ONNX model (cannot parse: {_short(e)})", path) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError("not a valid ONNX model (no graph or IR version; truncated or not ONNX?)", path)
-    external = _has_external(model)
+    # (the size check first: it also says whether some tensor lives in a data file, in the same walk; it skips
+    # those, and a tensor in the file must fit in the file whatever else the model reads)
+    external = check_sizes(model, path, len(data))
     if external:
         for t in all_tensors(model):  # a file never speaks for bnfold's bookkeeping (onnx.save of a lazy model)
             if t.external_data and any(e.key.startswith("bnfold.") for e in t.external_data):
                 ondisk.drop_private(t)
         if load_external:
             _load_external(model, path)
+            check_sizes(model, path, None)  # what was read from data files is in memory now: its sizes too
     # The verdict is the checker's on the structure alone (initializers as typed graph inputs), as bnfold
     # has always judged a model. Building that costs ~10 us of Python per initializer; a model with
     # many has its own bytes checked by onnx's C++ instead (a few us each, no second encoding). A model
     # that passes that check passes the structure check too; one that fails it gets the structure check's
     # verdict (it may accept what the full check refuses: an IR 3 initializer not listed as an input, for one).
-    check_sizes(model, path, None if external else len(data))
     if not external and len(model.graph.initializer) > STRUCTURE_CHECK_MAX and passes_checker(data):
         return model
     del data
@@ -199,12 +201,6 @@ def _varint_at(buf: bytes, i: int, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
-
-
-def _has_external(model: onnx.ModelProto) -> bool:
-    """Does any tensor (an initializer, a Constant's value, one in a body or a function) live in a data file?"""
-    external = onnx.TensorProto.EXTERNAL
-    return any(t.data_location == external for t in all_tensors(model))
 
 
 def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = None, *, location: str | None = None,

@@ -182,6 +182,13 @@ def all_tensors(model: onnx.ModelProto):
     """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
     subgraphs and model-local functions as well (functions' default attribute values too); not the
     attributes of SCHEMA_CHECKED ops, where onnx's checker refuses any tensor."""
+    for group in tensor_groups(model):
+        yield from group
+
+
+def tensor_groups(model: onnx.ModelProto):
+    """all_tensors, a group at a time: each graph's initializers come as one list (a loop over a model's
+    100k initializers then runs in the caller, not through three nested generators)."""
     A = onnx.AttributeProto
 
     def of_attributes(attributes):
@@ -189,11 +196,11 @@ def all_tensors(model: onnx.ModelProto):
             if a.type not in _HOLDERS:
                 continue
             if a.type == A.TENSOR:
-                yield a.t
+                yield (a.t,)
             elif a.type == A.TENSORS:
-                yield from a.tensors
+                yield a.tensors[:]
             elif a.type == A.SPARSE_TENSOR:
-                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+                yield (a.sparse_tensor.values, a.sparse_tensor.indices)
             elif a.type == A.GRAPH:
                 yield from of_graph(a.g)
             else:
@@ -206,10 +213,10 @@ def all_tensors(model: onnx.ModelProto):
                 yield from of_attributes(n.attribute[:])
 
     def of_graph(g):
-        yield from g.initializer
+        yield g.initializer[:]
         for sp in g.sparse_initializer:
-            yield from (sp.values, sp.indices)
-        yield from of_nodes(g.node)
+            yield (sp.values, sp.indices)
+        yield from of_nodes(g.node[:])
 
     yield from of_graph(model.graph)
     for f in model.functions:

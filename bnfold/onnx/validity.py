@@ -7,7 +7,7 @@ import math
 import onnx
 
 from ..core.errors import BnfoldError
-from .protos import all_tensors, itemsize
+from .protos import itemsize, tensor_groups
 
 
 def passes_checker(data: bytes) -> bool:
@@ -23,44 +23,58 @@ _KNOWN = frozenset(onnx.TensorProto.DataType.values())
 _EXACT_RAW = 8 << 20  # reading raw_data's length copies the bytes: bigger tensors are checked when read
 
 
-def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> None:
+def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
     """Each tensor holds as much data as its dims declare (a mismatch would crash, or allocate what the
-    dims claim, later); on-disk tensors were checked against their files when left there. A tensor over
-    _EXACT_RAW bytes is only checked against `size`, the file's, here (ondisk.tensor_value checks it
-    exactly)."""
-    external = onnx.TensorProto.EXTERNAL
-    items = _ITEMS  # (itemsize(), looked up in place: a model may hold hundreds of thousands of tensors)
-    for t in all_tensors(model):  # ~1 us each
-        dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
-        if dims and min(dims) < 0:
-            raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
-        dt = t.data_type
-        item = items.get(dt)
-        if item is None:
-            item = items[dt] = itemsize(dt)
-        if not item:
-            if dt not in _KNOWN:
-                raise BnfoldError(f"tensor {t.name!r} has data type {dt}, which onnx {onnx.__version__} "
-                                  "does not know (a newer ONNX type? a newer onnx package may read it)", path)
-            continue  # strings and undefined: nothing to count
-        if t.data_location == external:
-            continue  # checked when read
-        n = math.prod(dims)
-        if t.HasField("raw_data"):
-            want, unit = (n + 1) // 2 if item < 0 else n * item, "bytes"
-            if size is not None and want > size:
-                raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} bytes), more than the "
-                                  f"whole file holds ({size}); the file is corrupt", path)
-            if want > _EXACT_RAW or len(t.raw_data) == want:
-                continue
-            have = len(t.raw_data)
-        else:
-            have = len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
-            want = 2 * n if dt in _TWO_FLOATS else (n + 1) // 2 if item < 0 else n
-            unit = "values"
-        if have != want:
-            raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} {unit}) but holds {have} "
-                              f"{unit}; the file is corrupt", path)
+    dims claim, later); on-disk tensors are checked against their files when read or left there. A
+    tensor over _EXACT_RAW bytes is only checked against `size`, the file's, here (ondisk.tensor_value
+    checks it exactly). Returns whether some tensor lives in a data file (io.load_onnx then reads it)."""
+    external, found = onnx.TensorProto.EXTERNAL, False
+    items, prod, exact = _ITEMS, math.prod, _EXACT_RAW  # (looked up in place: a model may hold 100k tensors)
+    for group in tensor_groups(model):
+        for t in group:  # ~1 us each
+            dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
+            if dims and min(dims) < 0:
+                raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
+            dt = t.data_type
+            item = items.get(dt)
+            if item is None:
+                item = items[dt] = itemsize(dt)
+            if t.data_location == external:
+                found = True
+                if item:
+                    continue  # checked when read
+            if item > 0:
+                want = prod(dims) * item
+                if 0 < want <= exact and len(t.raw_data) == want:
+                    continue  # the common case: raw data that fills its dims
+            _check_tensor(t, dims, item, path, size)
+    return found
+
+
+def _check_tensor(t: onnx.TensorProto, dims: list[int], item: int, path: str, size: int | None) -> None:
+    """check_sizes for one tensor that is not plainly raw data filling its dims."""
+    dt = t.data_type
+    if not item:
+        if dt not in _KNOWN:
+            raise BnfoldError(f"tensor {t.name!r} has data type {dt}, which onnx {onnx.__version__} "
+                              "does not know (a newer ONNX type? a newer onnx package may read it)", path)
+        return  # strings and undefined: nothing to count
+    n = math.prod(dims)
+    if t.HasField("raw_data"):
+        want, unit = (n + 1) // 2 if item < 0 else n * item, "bytes"
+        if size is not None and want > size:
+            raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} bytes), more than the "
+                              f"whole file holds ({size}); the file is corrupt", path)
+        if want > _EXACT_RAW or len(t.raw_data) == want:
+            return
+        have = len(t.raw_data)
+    else:
+        have = len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
+        want = 2 * n if dt in _TWO_FLOATS else (n + 1) // 2 if item < 0 else n
+        unit = "values"
+    if have != want:
+        raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} {unit}) but holds {have} "
+                          f"{unit}; the file is corrupt", path)
 
 
 _ITEMS: dict[int, int] = {}  # data type -> itemsize()
