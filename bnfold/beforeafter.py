@@ -55,6 +55,9 @@ def compare(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str, A
 
 # default-domain ops with graph attributes (the ONNX checker refuses one on any other default-domain op)
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_HOLDERS = _CONTROL_FLOW | {"Constant"}
+_DEFAULT = frozenset({"", "ai.onnx"})
+
 
 def _onnx(model: Any) -> dict[str, Any]:
     ops: Counter = Counter()
@@ -64,12 +67,18 @@ def _onnx(model: Any) -> dict[str, Any]:
         nonlocal params
         params += sum(math.prod(t.dims[:]) for t in graph.initializer[:])
         nodes = graph.node[:]  # ([:] copies a repeated field in one call: a graph may hold 100k nodes)
-        kinds = [(n.domain, n.op_type) for n in nodes]
-        ops.update(op if dom in ("", "ai.onnx") else f"{dom}.{op}" for dom, op in kinds)
-        for n, (dom, op) in zip(nodes, kinds):
+        types = [n.op_type for n in nodes]
+        domains = [n.domain for n in nodes]
+        if _DEFAULT.issuperset(domains):
+            ops.update(types)  # (a list: counted in C)
+            if _HOLDERS.isdisjoint(types):
+                return  # no Constant and no body: nothing more to count
+        else:
+            ops.update(op if dom in _DEFAULT else f"{dom}.{op}" for dom, op in zip(domains, types))
+        for n, dom, op in zip(nodes, domains, types):
             # only Constant holds a counted tensor, and only control flow (or another domain's op) a graph:
             # the attributes of every other node need no look
-            if op != "Constant" and op not in _CONTROL_FLOW and dom in ("", "ai.onnx"):
+            if op != "Constant" and op not in _CONTROL_FLOW and dom in _DEFAULT:
                 continue
             for a in n.attribute:
                 if op == "Constant" and a.HasField("t"):

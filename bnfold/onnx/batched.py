@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,19 +42,17 @@ _BN_ATTRS = frozenset({"epsilon", "momentum"})
 _FLOAT_ATTR = onnx.AttributeProto.FLOAT
 
 
-@dataclass
 class Plan:
     """One BN's precomputed fold into the Conv `conv` (offsets into Batch's flat arrays)."""
 
-    conv: onnx.NodeProto
-    weight: str
-    bias: str | None
-    params: tuple[str, ...]
-    layout: layouts.Layout
-    shape: tuple[int, ...]
-    at: int  # first channel
-    w_at: int  # first weight element
-    ok: bool = True
+    __slots__ = ("conv", "weight", "bias", "params", "names", "layout", "shape", "at", "w_at", "size", "ok")
+
+    def __init__(self, conv: onnx.NodeProto, weight: str, bias: str | None, params: tuple[str, ...],
+                 names: tuple[str, ...], layout: layouts.Layout, shape: tuple[int, ...], size: int) -> None:
+        self.conv, self.weight, self.bias, self.params, self.names = conv, weight, bias, params, names
+        self.layout, self.shape, self.size = layout, shape, size  # size: weight elements
+        self.at = self.w_at = 0  # first channel, first weight element
+        self.ok = True
 
 
 class Batch:
@@ -84,9 +81,9 @@ class Batch:
             c = p.shape[0]
             p.at, p.w_at = at, w_at
             at += c
-            w_at += math.prod(p.shape)
+            w_at += p.size
             channels.append(c)
-            rests.append(math.prod(p.shape) // c)
+            rests.append(p.size // c)
             self.plans[id(bn)] = p
         if not self.plans:
             return
@@ -143,8 +140,9 @@ class Batch:
         if cached is None:
             layout = conv_layout("Conv", group)
             ok = not layout.check(shape) and 0 < math.prod(shape) <= MAX_ELEMENTS
-            cached = self._layouts[key] = (layout, 4 * math.prod(shape)) if ok else (False, 0)
-        layout, size = cached
+            cached = self._layouts[key] = (layout, math.prod(shape)) if ok else (False, 0)
+        layout, elements = cached
+        size = 4 * elements
         if layout is False:
             return None
         blobs = [t.raw_data for t in tensors]  # (read once the weight's size is known to be small)
@@ -158,7 +156,7 @@ class Batch:
             raws[5].append(bytes(c4))
         eps.append(e)
         has_bias.append(bias is not None)
-        return Plan(conv, weight, bias, tuple(ins[1:]), layout, shape, 0, 0)
+        return Plan(conv, weight, bias, tuple(ins[1:]), names, layout, shape, elements)
 
     def _compute(self, raws, eps, channels, rests, has_bias) -> None:
         g, b, m, v, w, bias = (np.frombuffer(b"".join(r), np.float32) for r in raws)
@@ -168,6 +166,8 @@ class Batch:
             for k in np.flatnonzero(r.failed):
                 plans[k].ok = False  # the ordinary path says why (kernel's Skip)
         self.w64, self.w32, self.b64, self.b32 = r.weight64, r.weight, r.bias64, r.bias
+        # the float32 results as bytes, once: a fold that needs no float64 values writes slices of these
+        self.w_raw, self.b_raw = self.w32.tobytes(), self.b32.tobytes()
 
     def take(self, bn: onnx.NodeProto) -> tuple[Plan, str, str] | None:
         """`bn`'s precomputed fold, if it still holds (see the module docstring), with the conv's data input and
@@ -184,7 +184,7 @@ class Batch:
         if cins[1] != p.weight or (cins[2] if len(cins) > 2 and cins[2] else None) != p.bias:
             return None
         written = f.written
-        if written and (p.weight in written or p.bias in written or any(n in written for n in p.params)):
+        if written and not written.isdisjoint(p.names):
             return None
         readers = ix.consumers.get(x, ())
         if len(readers) > 1 and sum(not shape_reader(u) for u in readers) > 1:
@@ -197,9 +197,15 @@ class Batch:
         return p, cins[0], out
 
     def folded(self, p: Plan, keep_exact: bool) -> kernel.Folded:
-        c, n = p.shape[0], math.prod(p.shape)
+        c, n = p.shape[0], p.size
         w = self.w32[p.w_at:p.w_at + n].reshape(p.shape)
         b = self.b32[p.at:p.at + c]
         if not keep_exact:
             return kernel.Folded(w, b)
         return kernel.Folded(w, b, self.w64[p.w_at:p.w_at + n].reshape(p.shape), self.b64[p.at:p.at + c].copy())
+
+    def raw(self, p: Plan) -> tuple[bytes, bytes]:
+        """The folded float32 weight and bias of `p` as raw data (folded()'s values, without arrays)."""
+        w = 4 * p.w_at
+        b = 4 * p.at
+        return self.w_raw[w:w + 4 * p.size], self.b_raw[b:b + 4 * p.shape[0]]

@@ -130,15 +130,15 @@ class GraphEdits:
             ix.graph_inputs.add(new)
         return new
 
-    def write_raw(self, t: onnx.TensorProto, name: str, value: np.ndarray) -> None:
-        """`value`, of `t`'s dtype and shape, as the raw data of initializer `t` (named `name`), in place: every
-        fold that rewrites a weight in place writes it here."""
+    def write_raw(self, t: onnx.TensorProto, name: str, value: np.ndarray | bytes) -> None:
+        """`value`, of `t`'s dtype and shape (an array, or its bytes), as the raw data of initializer `t` (named
+        `name`), in place: every fold that rewrites a weight in place writes it here."""
         ix = self.ix
-        t.raw_data = value.tobytes()  # (C order always) one copy instead of three for big weights
+        t.raw_data = value if type(value) is bytes else value.tobytes()  # (C order) one copy, not three
         if name in ix.borrowed:
             # a fold into a copy, beside the caller's model: its temporaries go back to the system
             # (a file's fold peaks at reading the file; there the trim would only cost time)
-            release_freed(value.nbytes)
+            release_freed(len(value) if type(value) is bytes else value.nbytes)
             del ix.borrowed[name]  # its data is its own now
         self.written.add(name)
         ix.const_cache.pop(name, None)  # re-read from the initializer if ever needed: no second copy held

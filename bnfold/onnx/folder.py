@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from ..core import kernel, layouts
-from ..core.decisions import Decision, Reason, Skip
+from ..core.decisions import FOLDED, Decision, Reason, Skip
 from ..core.options import Options
 from .edits import GraphEdits
 from .graph import GraphIndex
@@ -86,27 +86,28 @@ class OnnxFolder(GraphEdits):
         else:
             bns = self.ix.batchnorms  # gathered by the index's one walk over the nodes
         decided: dict[int, Decision] = {}
-        pending = []
+        pending = []  # (BN, its label)
+        scope, reverted = self.scope, self.opts.reverted
         for node in bns:
-            label = self.scope + node_label(node)
-            why = self.opts.reverted(label)
+            label = scope + node_label(node)
+            why = reverted(label)
             if why is not None:
                 decided[id(node)] = Decision.skipped(label, Reason.VERIFICATION_FAILED, f"fold reverted: {why}")
             else:
-                pending.append(node)
-        self.batch = Batch(self, pending, _conv_layout)  # plain Conv->BN arithmetic of small layers, all at once
+                pending.append((node, label))
+        # plain Conv->BN arithmetic of small layers, all at once
+        self.batch = Batch(self, [node for node, _ in pending], _conv_layout)
         # A skipped BN may fold once a neighbour has: BN -> BN -> Conv folds the second BN into the conv
         # first, then the first one into the conv too. Retry the skipped ones while folds keep coming.
         while pending:
             again = []
-            for node in pending:
-                label = self.scope + node_label(node)
+            for node, label in pending:
                 try:
                     decided[id(node)] = self._fold_one(node, label)
                 except Skip as s:
                     s = regions.explain(label, s)
                     decided[id(node)] = Decision.skipped(label, s.reason, s.detail, s.producer)
-                    again.append(node)
+                    again.append((node, label))
             if len(again) == len(pending):
                 break
             pending = again
@@ -291,33 +292,56 @@ class OnnxFolder(GraphEdits):
         fold, written out: a weight and bias only the conv reads are rewritten in place (tests/onnx/
         test_batched.py holds the result to the ordinary path's, byte for byte); anything else goes through
         the general edits."""
-        assert self.batch is not None
-        self.batch.taken += 1
+        batch = self.batch
+        assert batch is not None
+        batch.taken += 1
         ix, conv = self.ix, plan.conv
         into = self.scope + node_label(conv)  # (before the conv writes `out`: an unnamed node's label names it)
-        folded = self.batch.folded(plan, keep_exact=self._may_chain(conv, out))
+        keep_exact = self._may_chain(conv, out)
         consumers, outputs, inits = ix.consumers, ix.graph_outputs, ix.inits
-        for slot, name, value in ((1, plan.weight, folded.weight), (2, plan.bias, folded.bias)):
+        folded = None
+        raw = None if keep_exact else batch.raw(plan)  # (no arrays at all for the commonest fold)
+        for slot, name in ((1, plan.weight), (2, plan.bias)):
             users = consumers.get(name) if name else None
-            if users and len(users) == 1 and users[0] is conv and name not in outputs:
-                # float32 raw data of the same shape, no borrowed or on-disk data, not written yet (Batch._plan, take)
+            # float32 raw data of the same shape, no borrowed or on-disk data, not written yet (Batch._plan, take)
+            in_place = users and len(users) == 1 and users[0] is conv and name not in outputs
+            if in_place and raw is not None:
+                self.write_raw(inits[name], name, raw[slot - 1])
+                continue
+            if folded is None:
+                folded = batch.folded(plan, keep_exact)
+            value = folded.weight if slot == 1 else folded.bias
+            if in_place:
                 self.write_raw(inits[name], name, value)
             else:
                 new = self._write_const(name or f"{node_label(conv)}_bias", value, conv)
                 self._replace_input(conv, slot, new)
-        old_out = conv.output[0]
+        old_out, x_bn = conv.output[0], bn.input[0]  # the same name (Batch.take: the conv writes the BN's input)
         if len(consumers.get(old_out, ())) > 1:
             self._move_shape_readers(old_out, out)  # (Batch.take let only Shape/Size readers beside the BN)
         conv.output[0] = out
         producer = ix.producer
         producer[out] = conv
-        self.unlink(bn)
+        # unlink(bn), for its one shape: the BN's input goes with the conv's old output below
+        self.dead_nodes.add(id(bn))
+        maybe_dead = self.maybe_dead_inits
+        for name in plan.params if x_bn == old_out else bn.input[:]:
+            users = consumers.get(name)
+            if users:
+                if users[0] is bn:
+                    del users[0]
+                else:
+                    ix.unread(name, bn)
+            maybe_dead.add(name)
         producer.pop(old_out, None)
         consumers.pop(old_out, None)
         self.dead_values.add(old_out)
-        self.maybe_dead_inits.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
-        self.remember_exact(conv, folded)
-        d = Decision.folded(label, into, "Conv->BN", "after")
+        maybe_dead.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
+        if keep_exact:
+            self.remember_exact(conv, folded if folded is not None else batch.folded(plan, True))
+        else:
+            self.exact.pop(id(conv), None)
+        d = Decision(label, FOLDED, into, "Conv->BN", "after")
         if not self.scope:
             d.site = (x, out)
         return d

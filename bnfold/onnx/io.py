@@ -224,7 +224,7 @@ def write_inline(model: onnx.ModelProto, path: str) -> None:
     plan = _frame_plan(model)
     if plan is None:
         inline = ondisk.loaded(model)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inline.graph.initializer):
+        if onnx.TensorProto.EXTERNAL in {t.data_location for t in inline.graph.initializer[:]}:
             onnx.save_model(inline, path)  # tensors marked external but held in memory: onnx's own rules
             return
         with open(path, "wb") as fh:

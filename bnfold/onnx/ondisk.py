@@ -47,8 +47,10 @@ def on_disk(t: onnx.TensorProto) -> bool:
 
 
 def has_on_disk(model: onnx.ModelProto) -> bool:
-    external = onnx.TensorProto.EXTERNAL  # (a look at the location first: a model may hold 100k initializers)
-    return any(on_disk(t) for t in model.graph.initializer[:] if t.data_location == external)
+    external = onnx.TensorProto.EXTERNAL  # (a look at the locations first: a model may hold 100k initializers)
+    inits = model.graph.initializer[:]
+    return external in {t.data_location for t in inits} and any(on_disk(t) for t in inits
+                                                                 if t.data_location == external)
 
 
 def _stamp(file: str) -> str:
