@@ -27,6 +27,7 @@ from .beforeafter import anatomy, compare, file_bytes
 from .core.errors import BnfoldError
 from .core.files import (KERAS_EXTS, ONNX_EXTS, TORCH_EXTS, default_output, framework_of, remove_temp, temp_path,
                           write_error)
+from .core.later import Later
 from .core.options import Options
 from .core.pause import paused_gc
 from .core.results import FoldResult, Report
@@ -73,6 +74,7 @@ class Outcome:
     result: FoldResult | None = None  # held until written (a run that delivers all or nothing)
     seconds: float = 0.0
     version: list[tuple] | None = None  # the input's files as loaded (see _version)
+    digest: Later | None = None  # their SHA-256 for the output's mark, computed while the model folds
 
     def row(self) -> dict[str, Any]:
         """The summary's line for this model."""
@@ -318,6 +320,12 @@ def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
         with paused_gc():  # (the fold pauses it too, verification does not)
             model = api.load(j.source, trust=opts.trust)
             t_load = time.perf_counter() - t0
+            digest = None
+            if j.output is not None and not opts.dry_run and marks.read(j.source) is None:
+                # The output's mark names the input's digest: hashlib reads and hashes the files beside the
+                # fold (it lets go of the GIL) instead of after it, a fifth of a 100 MB model's run. Only
+                # once loaded: loading refuses a data file outside the model's folder before anything reads it.
+                digest = Later(marks.digest, j.source, _companions(j.source), thread="bnfold-digest", daemon=True)
             before = anatomy(model, fe.name)
         # the model is this job's own: an ONNX fold without verification changes it in place, no copy
         res = api.fold_with(model, opts, fe.example_inputs(model, opts), owned=True)
@@ -334,7 +342,7 @@ def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
         return Outcome(j, EXIT_DIFFERENT, f"{(verdict or 'not verified').upper()}: not written", rep)
     if opts.dry_run:
         return Outcome(j, EXIT_OK, "dry run: nothing written", rep, result=None)
-    return Outcome(j, EXIT_OK, "pending", rep, result=res, version=version)
+    return Outcome(j, EXIT_OK, "pending", rep, result=res, version=version, digest=digest)
 
 
 def _version(path: str) -> list[tuple]:
@@ -364,7 +372,7 @@ def _deliver(o: Outcome, opts: Options, st: Settings) -> None:
     _unchanged(o)
     t = time.perf_counter()
     with paused_gc():
-        write(res, j.source, j.output, st.fingerprint)
+        write(res, j.source, j.output, st.fingerprint, o.digest)
     res.report.timing_s["save"] = time.perf_counter() - t
     ba = res.report.before_after
     if ba is not None:
@@ -375,16 +383,18 @@ def _deliver(o: Outcome, opts: Options, st: Settings) -> None:
     o.result = None  # a batch holds one folded model at a time
 
 
-def write(res: FoldResult, source: str, out: str, options_fingerprint: str) -> None:
+def write(res: FoldResult, source: str, out: str, options_fingerprint: str, digest: Later | None = None) -> None:
     """Save a fold result at `out` with bnfold's mark in its metadata, atomically; folders of a mirrored
-    tree are made as needed. A source that carries a mark passes it on (a re-fold is the same output)."""
+    tree are made as needed. A source that carries a mark passes it on (a re-fold is the same output).
+    `digest`: the source's marks.digest, computed since it was loaded (the caller saw it unchanged since)."""
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise write_error(e, out) from None
     api.check_output(out, [source], res.report.framework)
     ver = res.report.verification
-    mark = marks.read(source) or marks.make(source, marks.digest(source, _companions(source)), options_fingerprint,
+    mark = marks.read(source) or marks.make(source, digest.get() if digest is not None else
+                                            marks.digest(source, _companions(source)), options_fingerprint,
                                             ver.verdict if ver is not None else None)
     if res.report.framework == "onnx":
         marks.stamp_onnx(res.model, mark)

@@ -129,9 +129,9 @@ class Batch:
             return None
         n = shape[0]  # channels: every parameter and the bias hold exactly n values, in one axis
         one = [n]
-        for k in (0, 1, 2, 3, 5) if bias else (0, 1, 2, 3):
-            if tensors[k].dims[:] != one:
-                return None
+        if (tensors[0].dims[:] != one or tensors[1].dims[:] != one or tensors[2].dims[:] != one
+                or tensors[3].dims[:] != one or (bias and tensors[5].dims[:] != one)):
+            return None
         group = attr(conv, "group", 1)  # (as the ordinary path reads it: the first, if given twice)
         if type(group) is not int:
             return None  # a malformed attribute: the ordinary path decides what it means

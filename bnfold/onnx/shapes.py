@@ -64,8 +64,16 @@ def needs_shapes(model: onnx.ModelProto, main: GraphIndex | None = None) -> bool
 
     `main`: the main graph, already indexed (its BatchNorms and CastLike are known without a walk)."""
     if main is not None:
-        if main.has_castlike or not all(_conv_alone(n, main.producer, main.uses) for n in main.batchnorms):
+        if main.has_castlike:
             return True
+        producer, consumers, outputs = main.producer, main.consumers, main.graph_outputs
+        for n in main.batchnorms:  # (_conv_alone, inlined: a long graph holds 100k BNs)
+            ins = n.input[:]
+            if ins:
+                src = producer.get(ins[0])
+                if (src is None or src.op_type not in _CONVS
+                        or len(consumers.get(ins[0], ())) + (ins[0] in outputs) != 1):
+                    return True
         graphs = [sub for n in main.with_bodies for body in subgraphs(n) for sub in _graphs(body)]
     else:
         graphs = list(_graphs(model.graph))
@@ -89,4 +97,7 @@ def _conv_alone(bn: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], uses
     if not ins:
         return True
     src = producer.get(ins[0])
-    return src is not None and src.op_type in ("Conv", "ConvTranspose") and uses(ins[0]) == 1
+    return src is not None and src.op_type in _CONVS and uses(ins[0]) == 1
+
+
+_CONVS = ("Conv", "ConvTranspose")
