@@ -22,7 +22,7 @@ def _dead_constants(f: "OnnxFolder", dead: set[int]) -> dict[str, "onnx.TensorPr
     # the released names nobody reads: initializers are settled here in bulk (a BN leaves four), the rest
     # (values a node writes) go through the walk, which follows constant nodes back to their inputs
     dead_inits: dict[str, onnx.TensorProto] = {}
-    seen: set[str] = set()
+    kept: list[str] = []  # released overridable initializers: they stay inputs
     work = []
     for n in f.maybe_dead_inits:  # (one loop, two lookups a name: a long graph releases 100k and more)
         if readers.get(n) or n in outputs:
@@ -30,10 +30,11 @@ def _dead_constants(f: "OnnxFolder", dead: set[int]) -> dict[str, "onnx.TensorPr
         t = inits.get(n)
         if t is None:
             work.append(n)
-            continue
-        seen.add(n)
-        if n not in overridable:  # (an overridable one stays an input)
+        elif n in overridable:
+            kept.append(n)
+        else:
             dead_inits[n] = t
+    seen = set(dead_inits).union(kept) if work else set()  # (the walk's: initializers settled already)
     while work:
         n = work.pop()
         if n in seen or readers.get(n) or n in outputs:

@@ -30,15 +30,18 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
     checks it exactly). Returns whether some tensor lives in a data file (io.load_onnx then reads it)."""
     external, found = onnx.TensorProto.EXTERNAL, False
     items, prod, exact = _ITEMS, math.prod, _EXACT_RAW  # (looked up in place: a model may hold 100k tensors)
+    last_type = item = None  # (most tensors share their neighbour's type: no lookup then)
     for group in tensor_groups(model):
         for t in group:  # ~1 us each
             dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
             if dims and min(dims) < 0:
                 raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
             dt = t.data_type
-            item = items.get(dt)
-            if item is None:
-                item = items[dt] = itemsize(dt)
+            if dt != last_type:
+                item = items.get(dt)
+                if item is None:
+                    item = items[dt] = itemsize(dt)
+                last_type = dt
             if t.data_location == external:
                 found = True
                 if item:
