@@ -169,10 +169,11 @@ class Batch:
         # the float32 results as bytes, once: a fold that needs no float64 values writes slices of these
         self.w_raw, self.b_raw = self.w32.tobytes(), self.b32.tobytes()
 
-    def take(self, bn: onnx.NodeProto) -> tuple[Plan, str, str, str] | None:
+    def take(self, bn: onnx.NodeProto) -> tuple[Plan, str, str, str, list, list] | None:
         """`bn`'s precomputed fold, if it still holds (see the module docstring), with the conv's data input,
-        the BN's input (the conv's output) and the BN's output; None: the ordinary path (which also refuses a
-        BN input that is a graph output or has other readers, as OnnxFolder._single_use)."""
+        the BN's input (the conv's output), the BN's output, and the readers of each of those two (the index's
+        lists); None: the ordinary path (which also refuses a BN input that is a graph output or has other
+        readers, as OnnxFolder._single_use)."""
         p = self.plans.get(id(bn))
         if p is None or not p.ok:
             return None
@@ -194,7 +195,7 @@ class Batch:
         if (len(users) == 1 and users[0].op_type in ("Mul", "Add") and users[0].domain in ONNX_DOMAINS
                 and out not in ix.graph_outputs):
             return None  # absorb_affine_chain may take it into the BN's map
-        return p, cins[0], x, out
+        return p, cins[0], x, out, readers, users
 
     def folded(self, p: Plan, keep_exact: bool) -> kernel.Folded:
         c, n = p.shape[0], p.size

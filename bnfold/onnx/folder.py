@@ -286,9 +286,11 @@ class OnnxFolder(GraphEdits):
             return as_mul_add(self, bn, label, view, first)
         raise first
 
-    def _fold_planned(self, bn: onnx.NodeProto, label: str, plan: Plan, x: str, x_bn: str, out: str) -> Decision:
+    def _fold_planned(self, bn: onnx.NodeProto, label: str, plan: Plan, x: str, x_bn: str, out: str,
+                      beside: list, after: list) -> Decision:
         """_fold_after with the arithmetic already done (batched.Batch): a plain Conv->BN, nothing after the BN;
-        `x` is the conv's data input, `x_bn` the BN's, `out` the BN's output. The edits are _rewrite's for this one shape of
+        `x` is the conv's data input, `x_bn` the BN's, `out` the BN's output; `beside` and `after` read x_bn
+        and `out` (Batch.take looked them up). The edits are _rewrite's for this one shape of
         fold, written out: a weight and bias only the conv reads are rewritten in place (tests/onnx/
         test_batched.py holds the result to the ordinary path's, byte for byte); anything else goes through
         the general edits."""
@@ -302,7 +304,7 @@ class OnnxFolder(GraphEdits):
         before = producer.get(x)
         keep_exact = not self.scope and (
             (before is not None and before.op_type == "BatchNormalization")
-            or any(u.op_type == "BatchNormalization" for u in consumers.get(out, ())))
+            or any(u.op_type == "BatchNormalization" for u in after))
         folded = None
         raw = None if keep_exact else batch.raw(plan)  # (no arrays at all for the commonest fold)
         for slot, name in ((1, plan.weight), (2, plan.bias)):
@@ -321,7 +323,7 @@ class OnnxFolder(GraphEdits):
                 new = self._write_const(name or f"{node_label(conv)}_bias", value, conv)
                 self._replace_input(conv, slot, new)
         old_out = conv.output[0]  # x_bn (Batch.take: the conv writes the BN's input)
-        if len(consumers.get(old_out, ())) > 1:
+        if len(beside) > 1:
             self._move_shape_readers(old_out, out)  # (Batch.take let only Shape/Size readers beside the BN)
         conv.output[0] = out
         producer[out] = conv
