@@ -82,9 +82,10 @@ def fold(model_or_path: Any, example_inputs: Any = None, verify: bool = True, pr
 
 
 def fold_with(model_or_path: Any, opts: Options, example_inputs: Any = None, *, owned: bool = False) -> FoldResult:
-    """fold() with its options already gathered in one Options. `owned`: the caller hands an in-memory model
-    over and never reads it again, so an ONNX fold that needs no original (no verification, no dry run) may
-    change it in place instead of folding a copy."""
+    """fold() with its options already gathered in one Options. `owned`: the caller hands over an in-memory
+    model that load() gave it and never reads it again, so an ONNX fold that needs no original (no
+    verification, no dry run) may change it in place instead of folding a copy (and need not ask whether its
+    external data was read: load() read it, or left it where the fold reads it)."""
     t0 = time.perf_counter()
     path = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
     if opts.standalone not in ("keep", "affine"):

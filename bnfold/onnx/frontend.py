@@ -40,7 +40,7 @@ class OnnxFrontend:
         nothing needs the original (fold_onnx copies it anyway for verification or a dry run)."""
         from ..core.pause import paused_gc
         from .fold import fold_onnx
-        if path is None:
+        if path is None and not owned:  # (an owned model comes from load_onnx, which read its external data)
             with paused_gc():
                 _require_loaded_external_data(model)
         try:
