@@ -1,0 +1,542 @@
+"""Adversarial tests of the load, fold, sweep, mark and count speed-ups since 7ce0cad, each held to what the
+code said before them (the package at OLD, extracted from git into a temporary folder; the tests skip where
+that commit is not in the checkout's history):
+
+- load: the size check's fast path and its first walk (which now also says whether a tensor lives in a data
+  file) refuse every corrupt tensor the former check refused, in the file and in data files;
+- fold: the batch's byte-slice writes and its BN unlink give the same bytes and reports as the ordinary path
+  on graphs where names are shared, and the folded models compute what the originals do;
+- sweep: the one-loop settling of released names leaves the graph the former comprehensions left;
+- marks: the digest computed in a thread from the load on names exactly the source's bytes;
+- counts: anatomy() and readable_names() say what they said at OLD.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from bnfold.core.errors import BnfoldError
+from bnfold.onnx.io import load_onnx
+from tests.conftest import random_bn
+from tests.helpers import corrupt_models as cm
+from tests.helpers.batch_check import same_either_way, taken
+from tests.helpers.old_code import extract, run_json
+from tests.helpers.onnx_build import G, count_ops, run_ort
+
+OLD = "7ce0cad"
+T = onnx.TensorProto
+
+
+@pytest.fixture(scope="module")
+def old_tree(tmp_path_factory) -> Path:
+    return extract(OLD, tmp_path_factory.mktemp("old"))
+
+
+# -- load: the size check --------------------------------------------------------------------------
+
+def _tensor(name: str, dt: int, dims, raw: bytes | None = None, **fields) -> onnx.TensorProto:
+    t = onnx.TensorProto(name=name, data_type=dt, dims=list(dims))
+    if raw is not None:
+        t.raw_data = raw
+    for k, v in fields.items():
+        getattr(t, k).extend(v)
+    return t
+
+
+def _ext(name: str, location: str | None, dims=(2, 3), dt: int = T.FLOAT, offset: int = 0,
+         length: int | None = None, raw: bytes | None = None) -> onnx.TensorProto:
+    t = onnx.TensorProto(name=name, data_type=dt, dims=list(dims))
+    t.data_location = T.EXTERNAL
+    if location is not None:
+        t.external_data.add(key="location", value=location)
+    if offset:
+        t.external_data.add(key="offset", value=str(offset))
+    if length is not None:
+        t.external_data.add(key="length", value=str(length))
+    if raw is not None:
+        t.raw_data = raw
+    return t
+
+
+F24 = np.arange(6, dtype=np.float32).tobytes()  # 2x3 float32
+
+
+def _in_graph(t: onnx.TensorProto):
+    def put(m, folder):
+        m.graph.initializer.append(t)
+    return put
+
+
+def _in_constant(t: onnx.TensorProto):
+    def put(m, folder):
+        m.graph.node.insert(0, helper.make_node("Constant", [], ["k_unused"], name="k", value=t))
+    return put
+
+
+def _in_body(t: onnx.TensorProto, as_init: bool):
+    def put(m, folder):
+        if as_init:
+            cm._with_if(m, [], [t])
+        else:
+            cm._with_if(m, [helper.make_node("Constant", [], ["k_body"], name="kb", value=t)])
+    return put
+
+
+def _in_function_default(t: onnx.TensorProto):
+    def put(m, folder):
+        fn = helper.make_function("local", "F", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                  [helper.make_opsetid("", 17)])
+        a = helper.make_attribute("extra", t)
+        fn.attribute_proto.append(a)
+        m.functions.append(fn)
+        m.opset_import.append(helper.make_opsetid("local", 1))
+        m.graph.node[2].op_type, m.graph.node[2].domain = "F", "local"
+    return put
+
+
+def _sparse(values: onnx.TensorProto, n: int = 3):
+    def put(m, folder):
+        sp = helper.make_sparse_tensor(values, numpy_helper.from_array(np.arange(n, dtype=np.int64), ""), [9])
+        m.graph.sparse_initializer.append(sp)
+    return put
+
+
+def _with_data(data: bytes, *puts, name: str = "data.bin"):
+    def put(m, folder):
+        (folder / name).write_bytes(data)
+        for p in puts:
+            p(m, folder)
+    return put
+
+
+def _bn_gamma_external(data: bytes, length: int | None = None):
+    """The BN's gamma (6 floats) moved to a data file."""
+    def put(m, folder):
+        (folder / "g.bin").write_bytes(data)
+        g = next(t for t in m.graph.initializer if t.name == "bn_gamma")
+        g.ClearField("raw_data")
+        g.ClearField("float_data")
+        g.data_location = T.EXTERNAL
+        g.external_data.add(key="location", value="g.bin")
+        if length is not None:
+            g.external_data.add(key="length", value=str(length))
+    return put
+
+
+def _short_in_file(m, folder):
+    t = next(t for t in m.graph.initializer if t.name == "bn_var")
+    t.raw_data = t.raw_data[:-4]
+
+
+def _private_key(m, folder):
+    (folder / "data.bin").write_bytes(F24)
+    t = _ext("pk", "data.bin")
+    t.external_data.add(key="bnfold.stamp", value="bogus")
+    m.graph.initializer.append(t)
+
+
+G6 = np.linspace(0.5, 2, 6, dtype=np.float32).tobytes()
+
+LOAD_CASES = {
+    # raw data in the file
+    "raw_exact": _in_graph(_tensor("t", T.FLOAT, [2, 3], F24)),
+    "raw_short": _in_graph(_tensor("t", T.FLOAT, [2, 3], F24[:-1])),
+    "raw_long": _in_graph(_tensor("t", T.FLOAT, [2, 3], F24 + b"\0")),
+    "raw_empty_scalar": _in_graph(_tensor("t", T.FLOAT, [], b"")),
+    "raw_scalar": _in_graph(_tensor("t", T.FLOAT, [], F24[:4])),
+    "negative_dim": _in_graph(_tensor("t", T.FLOAT, [-2, 3], F24)),
+    "two_negative_dims_fill": _in_graph(_tensor("t", T.FLOAT, [-2, -3], F24)),  # |prod| * 4 == 24 bytes
+    "two_negative_dims_values": _in_graph(_tensor("t", T.FLOAT, [-2, -3], float_data=[1.0] * 6)),
+    "zero_dim_float_data": _in_graph(_tensor("t", T.FLOAT, [0, 3], float_data=[1.0, 2.0])),
+    "zero_dim_raw": _in_graph(_tensor("t", T.FLOAT, [0, 3], b"\0" * 4)),
+    "zero_dim_empty": _in_graph(_tensor("t", T.FLOAT, [0, 3], b"")),
+    "int4_exact": _in_graph(_tensor("t", T.INT4, [5], b"\x11\x22\x03")),
+    "int4_short": _in_graph(_tensor("t", T.INT4, [5], b"\x11\x22")),
+    "int4_long": _in_graph(_tensor("t", T.INT4, [5], b"\x11\x22\x03\x00")),
+    "int4_values_short": _in_graph(_tensor("t", T.INT4, [5], int32_data=[1, 2])),
+    "uint4_exact_even": _in_graph(_tensor("t", T.UINT4, [4], b"\x11\x22")),
+    "unknown_dtype_raw": _in_graph(_tensor("t", 99, [2, 3], F24)),
+    "unknown_dtype_empty": _in_graph(_tensor("t", 99, [2, 3])),
+    "undefined_dtype_raw": _in_graph(_tensor("t", T.UNDEFINED, [2, 3], F24)),
+    "string_ok": _in_graph(_tensor("t", T.STRING, [2], string_data=[b"a", b"b"])),
+    "string_short": _in_graph(_tensor("t", T.STRING, [3], string_data=[b"a"])),
+    "string_raw": _in_graph(_tensor("t", T.STRING, [2], b"xyz")),
+    "raw_and_values_raw_ok": _in_graph(_tensor("t", T.FLOAT, [2, 3], F24, float_data=[1.0])),
+    "raw_and_values_raw_short": _in_graph(_tensor("t", T.FLOAT, [2, 3], F24[:-4], float_data=[1.0] * 6)),
+    "fp16_int32_data_short": _in_graph(_tensor("t", T.FLOAT16, [2, 3], int32_data=[1] * 5)),
+    "complex64_float_data_ok": _in_graph(_tensor("t", T.COMPLEX64, [3], float_data=[1.0] * 6)),
+    "complex64_float_data_short": _in_graph(_tensor("t", T.COMPLEX64, [3], float_data=[1.0] * 3)),
+    "complex64_raw_short": _in_graph(_tensor("t", T.COMPLEX64, [3], F24[:-8])),
+    "double_values_long": _in_graph(_tensor("t", T.DOUBLE, [2], double_data=[1.0] * 3)),
+    "uint64_values_short": _in_graph(_tensor("t", T.UINT64, [2], uint64_data=[1])),
+    "bf16_raw_short": _in_graph(_tensor("t", T.BFLOAT16, [3], b"\0" * 5)),
+    "fp8_raw_long": _in_graph(_tensor("t", T.FLOAT8E4M3FN, [3], b"\0" * 4)),
+    "huge_dims_raw": _in_graph(_tensor("t", T.FLOAT, [1 << 20, 1 << 10], F24)),
+    "huge_dims_exactly_8mib_short": _in_graph(_tensor("t", T.FLOAT, [2 << 20], F24)),
+    "just_over_8mib_short": _in_graph(_tensor("t", T.FLOAT, [(2 << 20) + 1], F24)),
+    # elsewhere in the model
+    "constant_short": _in_constant(_tensor("", T.FLOAT, [2, 3], F24[:-4])),
+    "constant_two_negative_dims": _in_constant(_tensor("", T.FLOAT, [-2, -3], F24)),
+    "constant_int4_short": _in_constant(_tensor("", T.INT4, [5], b"\x11")),
+    "body_init_short": _in_body(_tensor("bi", T.FLOAT, [2, 3], F24[:-4]), as_init=True),
+    "body_init_two_negative_dims": _in_body(_tensor("bi", T.FLOAT, [-2, -3], F24), as_init=True),
+    "body_constant_long": _in_body(_tensor("", T.FLOAT, [2, 3], F24 + F24), as_init=False),
+    "sparse_values_short": _sparse(_tensor("sv", T.FLOAT, [3], F24[:8])),
+    "sparse_values_two_negative_dims": _sparse(_tensor("sv", T.FLOAT, [-1, -3], F24[:12])),
+    "function_default_short": _in_function_default(_tensor("d", T.FLOAT, [2, 3], F24[:-4])),
+    "function_default_two_negative_dims": _in_function_default(_tensor("d", T.FLOAT, [-2, -3], F24)),
+    "function_default_unknown_dtype": _in_function_default(_tensor("d", 99, [2], b"\0" * 8)),
+    # external data
+    "ext_ok": _with_data(F24, _in_graph(_ext("e", "data.bin"))),
+    "ext_no_location": _with_data(F24, _in_graph(_ext("e", None))),
+    "ext_missing_file": _in_graph(_ext("e", "nothere.bin")),
+    "ext_short_file": _with_data(F24[:-4], _in_graph(_ext("e", "data.bin"))),
+    "ext_long_file": _with_data(F24 + F24, _in_graph(_ext("e", "data.bin"))),
+    "ext_length_short": _with_data(F24, _in_graph(_ext("e", "data.bin", length=20))),
+    "ext_offset_past_end": _with_data(F24, _in_graph(_ext("e", "data.bin", offset=400, length=24))),
+    "ext_negative_dim": _with_data(F24, _in_graph(_ext("e", "data.bin", dims=(-2, 3)))),
+    "ext_two_negative_dims": _with_data(F24, _in_graph(_ext("e", "data.bin", dims=(-2, -3)))),
+    "ext_unknown_dtype": _with_data(F24, _in_graph(_ext("e", "data.bin", dt=99))),
+    "ext_string": _with_data(F24, _in_graph(_ext("e", "data.bin", dt=T.STRING))),
+    "ext_int4_short": _with_data(b"\x11", _in_graph(_ext("e", "data.bin", dims=(5,), dt=T.INT4))),
+    "ext_with_raw_too": _with_data(F24, _in_graph(_ext("e", "data.bin", raw=F24[:-4]))),
+    "ext_constant_short": _with_data(F24[:-4], _in_constant(_ext("", "data.bin"))),
+    "ext_body_init_short": _with_data(F24[:-4], _in_body(_ext("bi", "data.bin"), as_init=True)),
+    "ext_function_default_short": _with_data(F24[:-4], _in_function_default(_ext("d", "data.bin"))),
+    "ext_private_key": _private_key,
+    "bn_gamma_ext_ok": _bn_gamma_external(G6),
+    "bn_gamma_ext_short": _bn_gamma_external(G6[:-4]),
+    "bn_gamma_ext_long": _bn_gamma_external(G6 + G6),
+    "bn_gamma_ext_length_short": _bn_gamma_external(G6, length=20),
+    # mixed: a corrupt tensor in the file beside good external data, and the other way round
+    "mixed_in_file_short_ext_ok": _with_data(F24, _in_graph(_ext("e", "data.bin")), _short_in_file),
+    "mixed_in_file_two_negative_ext_ok": _with_data(F24, _in_graph(_ext("e", "data.bin")),
+                                                    _in_graph(_tensor("t", T.FLOAT, [-2, -3], F24))),
+    "mixed_in_file_huge_dims_ext_ok": _with_data(F24, _in_graph(_ext("e", "data.bin")),
+                                                 _in_graph(_tensor("t", T.FLOAT, [4 << 20], F24))),
+    "mixed_ext_short_constant_ok": _with_data(F24[:-4], _in_graph(_ext("e", "data.bin")),
+                                              _in_constant(_tensor("", T.FLOAT, [2, 3], F24))),
+}
+
+
+def _write_load_cases(folder: Path) -> dict[str, str]:
+    paths = {}
+    for kind, put in LOAD_CASES.items():
+        d = folder / kind
+        d.mkdir()
+        m = cm.base()
+        put(m, d)
+        p = d / "model.onnx"
+        p.write_bytes(m.SerializeToString())
+        paths[kind] = str(p)
+    for kind in cm.KINDS:
+        d = folder / f"cm_{kind}"
+        d.mkdir()
+        p = d / "model.onnx"
+        p.write_bytes(cm.variant(kind).SerializeToString())
+        paths[f"cm_{kind}"] = str(p)
+    for kind in cm.EXTERNAL_KINDS:
+        d = folder / f"cmx_{kind}" / "in"
+        d.mkdir(parents=True)
+        paths[f"cmx_{kind}"] = str(cm.external_variant(kind, d))
+    return paths
+
+
+_LOAD_SCRIPT = r"""
+import json, sys
+from bnfold.core.errors import BnfoldError
+from bnfold.onnx.io import load_onnx
+out = {}
+for kind, path in json.loads(sys.argv[1]).items():
+    for ext in (True, False):
+        try:
+            load_onnx(path, load_external=ext)
+            v = "ok"
+        except BnfoldError as e:
+            v = "refused: " + str(e)
+        except Exception as e:
+            v = "crash: " + type(e).__name__ + ": " + str(e)[:200]
+        out[kind + ("" if ext else "|lazy")] = v
+print(json.dumps(out))
+"""
+
+
+def _verdicts_here(paths: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for kind, path in paths.items():
+        for ext in (True, False):
+            try:
+                load_onnx(path, load_external=ext)
+                v = "ok"
+            except BnfoldError as e:
+                v = "refused: " + str(e)
+            except Exception as e:  # noqa: BLE001
+                v = "crash: " + type(e).__name__ + ": " + str(e)[:200]
+            out[kind + ("" if ext else "|lazy")] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def load_verdicts(old_tree, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("load_cases")
+    paths = _write_load_cases(folder)
+    before = {p: Path(p).read_bytes() for p in paths.values()}
+    old = run_json(old_tree, _LOAD_SCRIPT, paths)
+    new = _verdicts_here(paths)
+    assert {p: Path(p).read_bytes() for p in paths.values()} == before  # nothing rewritten
+    return paths, old, new
+
+
+def test_no_tensor_the_former_check_refused_is_accepted_now(load_verdicts):
+    _, old, new = load_verdicts
+    assert set(old) == set(new)
+    loosened = {k: old[k] for k in old if old[k].startswith("refused") and not new[k].startswith("refused")}
+    assert not loosened, loosened
+    crashes = {k: v for k, v in new.items() if v.startswith("crash")}
+    assert not crashes, crashes
+
+
+def test_the_cases_really_tell_good_from_corrupt(load_verdicts):
+    """(a harness that refused or accepted everything would prove nothing)"""
+    _, old, new = load_verdicts
+    for k in ("raw_exact", "raw_scalar", "int4_exact", "string_ok", "ext_ok", "bn_gamma_ext_ok",
+              "raw_and_values_raw_ok", "complex64_float_data_ok", "cm_good", "cmx_constant_external_ok"):
+        assert new[k] == "ok" == old[k], (k, new[k], old[k])
+    for k in ("raw_short", "raw_long", "two_negative_dims_fill", "int4_short", "unknown_dtype_raw",
+              "zero_dim_float_data", "function_default_two_negative_dims", "sparse_values_two_negative_dims",
+              "mixed_in_file_two_negative_ext_ok", "body_init_two_negative_dims"):
+        assert new[k].startswith("refused"), (k, new[k])
+        assert new[k + "|lazy"].startswith("refused"), (k, new[k + "|lazy"])
+
+
+def test_what_was_accepted_before_and_is_refused_now_is_only_stricter_bounds(load_verdicts):
+    """The first walk bounds in-file tensors by the file's size even when the model has data files: the
+    only verdicts that may go from accepted to refused are such dims."""
+    _, old, new = load_verdicts
+    tightened = {k for k in old if old[k] == "ok" and new[k].startswith("refused")}
+    for k in tightened:
+        assert "more than the whole file holds" in new[k], (k, new[k])
+
+
+def test_the_command_line_refuses_what_the_fast_path_must_not_let_through(load_verdicts, tmp_path):
+    """One line naming the file, exit 2, nothing written: two negative dims whose product fills the raw
+    data exactly (the fast path's arithmetic alone would take it), beside good external data."""
+    from tests.reliability.conftest import assert_one_line_error, snapshot
+    from tests.reliability.conftest import bnfold as cli
+    paths, _, _ = load_verdicts
+    for kind, words in (("mixed_in_file_two_negative_ext_ok", "negative dimension"),
+                        ("bn_gamma_ext_short", "")):
+        src = Path(paths[kind])
+        folder = tmp_path / kind
+        folder.mkdir()
+        for f in src.parent.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        before = snapshot(folder)
+        r = cli(folder / "model.onnx", "--no-verify", timeout=120)
+        assert_one_line_error(r, folder / "model.onnx", *([words] if words else []))
+        assert snapshot(folder) == before
+
+
+# -- fold: the batch's byte slices and unlink, on graphs that share names --------------------------
+
+def _vi(name: str, elem: int = T.FLOAT, shape=(4,)) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+FULL = (1, 4, 5, 5)
+
+
+def _random_chain(seed: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Conv->BN pairs (and BN->BN, Conv->BN->Conv->BN) on 4 channels whose names are shared every way a
+    graph may share them; the second value lists the features drawn (for failure messages)."""
+    r = np.random.default_rng(seed)
+    g = G(r)
+    feats: list[str] = []
+    outputs: list[tuple[str, int, tuple]] = []
+    ir = int(r.choice([3, 4, 8]))
+    names = ["", "dup", None]
+    weights: list[str] = []
+    bns: list[dict[str, str]] = []
+    biases: list[str] = []
+    param_inputs: list[str] = []
+    x = "x"
+
+    def name_of(default: str) -> str:
+        pick = names[int(r.integers(3))]
+        return default if pick is None else pick
+
+    for i in range(int(r.integers(3, 7))):
+        k = int(r.choice([1, 3]))
+        if weights and r.random() < 0.3:
+            w = weights[int(r.integers(len(weights)))]
+            k = 1 if "_k1" in w else 3
+            feats.append(f"{i}:shared weight")
+        else:
+            w = g.weight(f"w{i}_k{k}", (4, 4, k, k))
+            weights.append(w)
+        ins = [x, w]
+        if r.random() < 0.6:
+            if biases and r.random() < 0.3:
+                b = biases[int(r.integers(len(biases)))]
+                feats.append(f"{i}:shared bias")
+            else:
+                b = g.init(f"b{i}", r.normal(0, 1, 4))
+                biases.append(b)
+                if r.random() < 0.3:
+                    g.node("Add", [b, b], [f"bsum{i}"], name=name_of(f"add{i}"))
+                    outputs.append((f"bsum{i}", T.FLOAT, (4,)))
+                    feats.append(f"{i}:bias read elsewhere")
+            ins.append(b)
+        x = y = g.node("Conv", ins, [f"c{i}"], name=name_of(f"conv{i}"), pads=[k // 2] * 4)
+        if r.random() < 0.15:
+            outputs.append((y, T.FLOAT, FULL))
+            feats.append(f"{i}:conv output is a graph output")
+        if r.random() < 0.2:
+            g.node("Shape", [y], [f"shape{i}"], name=name_of(f"shape{i}"))
+            outputs.append((f"shape{i}", T.INT64, (4,)))
+            feats.append(f"{i}:shape reader")
+        for j in range(1 + int(r.random() < 0.25)):  # BN, or BN->BN
+            st = random_bn(r, 4)
+            if bns and r.random() < 0.35:
+                prev = bns[int(r.integers(len(bns)))]
+                p = dict(prev)
+                p.update({kk: g.init(f"bn{i}_{j}_{kk}", st[kk]) for kk in ("beta", "mean")
+                          if r.random() < 0.5})
+                feats.append(f"{i}.{j}:params shared with an earlier BN")
+            else:
+                p = {kk: g.init(f"bn{i}_{j}_{kk}", st[kk]) for kk in ("gamma", "beta", "mean", "var")}
+                if r.random() < 0.2:
+                    p["mean"] = p["var"]
+                    feats.append(f"{i}.{j}:mean is var")
+                if r.random() < 0.15:
+                    # gamma made by a constant subgraph
+                    c = g.node("Constant", [], [f"k{i}_{j}"], name=name_of(f"kc{i}_{j}"),
+                               value=numpy_helper.from_array(np.float32(r.uniform(0.5, 2)), ""))
+                    p["gamma"] = g.node("Mul", [p["gamma"], c], [f"gm{i}_{j}"], name=name_of(f"gm{i}_{j}"))
+                    feats.append(f"{i}.{j}:gamma from a constant subgraph")
+                if r.random() < 0.1:
+                    g.node("If", ["cond"], [f"if{i}_{j}"], name=f"if{i}_{j}",
+                           then_branch=helper.make_graph([helper.make_node("Identity", [p["beta"]], ["t"])], "t",
+                                                         [], [_vi("t")]),
+                           else_branch=helper.make_graph([helper.make_node("Identity", [p["var"]], ["e"])], "e",
+                                                         [], [_vi("e")]))
+                    outputs.append((f"if{i}_{j}", T.FLOAT, (4,)))
+                    feats.append(f"{i}.{j}:params read by a body")
+                if r.random() < 0.1:
+                    param_inputs.append(p["beta"])
+                    feats.append(f"{i}.{j}:beta is a graph input")
+            if r.random() < 0.1:
+                g.node("Mul", [p["gamma"], p["gamma"]], [f"gg{i}_{j}"], name=name_of(f"gg{i}_{j}"))
+                outputs.append((f"gg{i}_{j}", T.FLOAT, (4,)))
+                feats.append(f"{i}.{j}:gamma read by a Mul")
+            bns.append(p)
+            x = g.node("BatchNormalization", [x, p["gamma"], p["beta"], p["mean"], p["var"]], [f"n{i}_{j}"],
+                       name=name_of(f"bn{i}_{j}"), epsilon=float(r.choice([1e-5, 1e-3])))
+            if r.random() < 0.2:
+                outputs.append((x, T.FLOAT, FULL))
+                feats.append(f"{i}.{j}:BN output is a graph output")
+    if any(n.op_type == "If" for n in g.nodes):
+        g.init("cond", np.array(bool(r.integers(2))), dtype=np.bool_)
+    outputs.append((x, T.FLOAT, FULL))
+    seen: set[str] = set()
+    outs = [_vi(n, e, sh) for n, e, sh in outputs if not (n in seen or seen.add(n))]
+    ins = [_vi("x", T.FLOAT, FULL)]
+    inits = list(g.inits)
+    init_names = {t.name for t in inits}
+    if ir == 3:
+        ins += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+        feats.append("IR 3")
+    else:
+        ins += [helper.make_tensor_value_info(n, T.FLOAT, [4]) for n in dict.fromkeys(param_inputs) if n in init_names]
+    graph = helper.make_graph(g.nodes, "chain", ins, outs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="bnfold-tests")
+    m.ir_version = ir
+    onnx.checker.check_model(m)
+    return m, feats
+
+
+def _runnable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy onnxruntime loads: node names made unique (names compute nothing)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for i, n in enumerate(m.graph.node):
+        n.name = f"{n.name}#{i}"
+    return m
+
+
+def _agree(model: onnx.ModelProto, folded: onnx.ModelProto) -> None:
+    x = np.random.default_rng(3).normal(0, 1, (1, 4, 5, 5)).astype(np.float32)
+    model, folded = _runnable(model), _runnable(folded)
+    want = dict(zip([o.name for o in model.graph.output], run_ort(model, {"x": x})))
+    have = dict(zip([o.name for o in folded.graph.output], run_ort(folded, {"x": x})))
+    assert set(want) == set(have)
+    for k, a in want.items():
+        b = have[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(a).max())), err_msg=k)
+
+
+SEEDS = range(150)
+
+
+@pytest.mark.parametrize("standalone", ["keep", "affine"])
+def test_random_shared_name_chains_fold_alike_with_the_batch_on_and_off(standalone, monkeypatch):
+    n_taken = n_folded = 0
+    for seed in SEEDS:
+        model, feats = _random_chain(seed)
+        try:
+            folded = same_either_way(model, monkeypatch, standalone=standalone)
+            _agree(model, folded)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}, {feats}: {e}") from None
+        n_taken += taken(model, monkeypatch)
+        n_folded += sum(n.op_type == "BatchNormalization" for n in model.graph.node) - count_ops(
+            folded, "BatchNormalization")
+    assert n_taken > 300 and n_folded >= n_taken  # (the batch really took many of these folds)
+
+
+def test_verified_folds_of_shared_name_chains_match_either_way(monkeypatch):
+    """With verification the model is borrowed (the fold works on a copy): same bytes, same report."""
+    for seed in range(6):
+        model, feats = _random_chain(1000 + seed)
+        model = _runnable(model)  # (onnxruntime refuses two nodes of one name)
+        try:
+            same_either_way(model, monkeypatch, verify=True)
+        except AssertionError as e:
+            raise AssertionError(f"seed {1000 + seed}, {feats}: {e}") from None
+
+
+def test_two_bns_with_one_gamma_and_mean_is_var(monkeypatch):
+    g = G(np.random.default_rng(5))
+    st = random_bn(g.rng, 4)
+    for k in ("gamma", "beta", "var"):
+        g.init(f"p_{k}", st[k])
+    x = "x"
+    for i in range(3):
+        w = g.weight(f"w{i}", (4, 4, 3, 3))
+        y = g.node("Conv", [x, w, g.init(f"b{i}", g.rng.normal(0, 1, 4))], [f"c{i}"], name=f"conv{i}", pads=[1] * 4)
+        x = g.node("BatchNormalization", [y, "p_gamma", "p_beta", "p_var", "p_var"], [f"n{i}"], name=f"bn{i}")
+    model = g.model([("x", [1, 4, 5, 5])], [(x, [1, 4, 5, 5])])
+    assert taken(model, monkeypatch) == 3
+    folded = same_either_way(model, monkeypatch)
+    assert count_ops(folded, "BatchNormalization") == 0
+    assert not {"p_gamma", "p_beta", "p_var"} & {t.name for t in folded.graph.initializer}
+    _agree(model, folded)
+
+
+def test_convs_sharing_a_weight_and_a_bias_fold_into_copies(monkeypatch):
+    g = G(np.random.default_rng(6))
+    w = g.weight("w", (4, 4, 1, 1))
+    b = g.init("b", g.rng.normal(0, 1, 4))
+    x = "x"
+    for i in range(3):
+        y = g.node("Conv", [x, w, b], [f"c{i}"], name=f"conv{i}")
+        x = g.bn(f"bn{i}", y, 4)
+    model = g.model([("x", [1, 4, 5, 5])], [(x, [1, 4, 5, 5])])
+    folded = same_either_way(model, monkeypatch)
+    assert count_ops(folded, "BatchNormalization") == 0
+    _agree(model, folded)
