@@ -12,6 +12,7 @@ that commit is not in the checkout's history):
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import bnfold
 from bnfold.core.errors import BnfoldError
+from bnfold.onnx import sweep as sweep_mod
 from bnfold.onnx.io import load_onnx
 from tests.conftest import random_bn
 from tests.helpers import corrupt_models as cm
@@ -540,3 +543,231 @@ def test_convs_sharing_a_weight_and_a_bias_fold_into_copies(monkeypatch):
     folded = same_either_way(model, monkeypatch)
     assert count_ops(folded, "BatchNormalization") == 0
     _agree(model, folded)
+
+
+# -- sweep: the one-loop settling against 7ce0cad's comprehensions ---------------------------------
+
+def _dead_constants_at_old(f, dead):
+    """sweep._dead_constants as it was at 7ce0cad (git show 7ce0cad:bnfold/onnx/sweep.py)."""
+    from bnfold.onnx.nodes import ONNX_DOMAINS
+    ix = f.ix
+    const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
+    readers, outputs, inits = ix.consumers, ix.graph_outputs, ix.inits
+    overridable = ix.graph_inputs if ix.ir_version >= 4 else ()
+    free = {n for n in f.maybe_dead_inits if not readers.get(n)} - outputs
+    settled = {n: t for n in free if (t := inits.get(n)) is not None}
+    dead_inits = {n: t for n, t in settled.items() if n not in overridable}
+    seen = set(settled)
+    work = [n for n in free if n not in settled]
+    while work:
+        n = work.pop()
+        if n in seen or readers.get(n) or n in outputs:
+            continue
+        seen.add(n)
+        if n in inits:
+            if n not in overridable:
+                dead_inits[n] = inits[n]
+            continue
+        src = ix.producer.get(n)
+        if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
+            continue
+        if id(src) not in const_nodes and not (src.op_type == "Constant" and src.domain in ONNX_DOMAINS):
+            continue
+        dead.add(id(src))
+        f.dead_values.update(o for o in src.output if o)
+        for i in src.input:
+            if i:
+                ix.unread(i, src)
+                work.append(i)
+    return dead_inits
+
+
+def _fold_bytes(model: onnx.ModelProto, **kw) -> tuple[bytes, str]:
+    res = bnfold.fold(model, **{"verify": False, **kw})
+    report = res.report.to_dict()
+    report.pop("timing_s", None)
+    return res.model.SerializeToString(), json.dumps(report, default=str, sort_keys=True)
+
+
+def _const_chain_into_gamma(ir: int, output_at: str | None, body_reads: str | None) -> onnx.ModelProto:
+    """Conv->BN whose gamma and beta come out of constant subgraphs (Constant -> Mul -> Abs, Constant ->
+    Identity), a released value at `output_at` a graph output, `body_reads` read by an If's body, and (IR
+    4) the BN's mean an overridable initializer."""
+    g = G(np.random.default_rng(9))
+    st = random_bn(g.rng, 4)
+    w = g.weight("w", (4, 4, 3, 3))
+    y = g.node("Conv", ["x", w], ["c"], name="conv", pads=[1] * 4)
+    g.node("Constant", [], ["k"], name="k", value=numpy_helper.from_array(st["gamma"].astype(np.float32), ""))
+    g.init("two", np.full(4, 2.0))
+    gm = g.node("Mul", ["k", "two"], ["gm"], name="gm")
+    ga = g.node("Abs", [gm], ["ga"], name="ga")
+    kb = g.node("Constant", [], ["kb"], name="kb", value=numpy_helper.from_array(st["beta"].astype(np.float32), ""))
+    be = g.node("Identity", [kb], ["be"], name="be")
+    mean, var = g.init("mean", st["mean"]), g.init("var", st["var"])
+    out = g.node("BatchNormalization", [y, ga, be, mean, var], ["n"], name="bn")
+    outs = [("n", [1, 4, 5, 5])]
+    if output_at:
+        outs.append((output_at, [4]))
+    if body_reads:
+        g.init("cond", np.array(True), dtype=np.bool_)
+        g.node("If", ["cond"], ["iff"], name="if",
+               then_branch=helper.make_graph([helper.make_node("Identity", [body_reads], ["t"])], "t", [],
+                                             [_vi("t")]),
+               else_branch=helper.make_graph([helper.make_node("Identity", [body_reads], ["e"])], "e", [],
+                                             [_vi("e")]))
+        outs.append(("iff", [4]))
+    m = g.model([("x", [1, 4, 5, 5])], [(out, [1, 4, 5, 5])] + [o for o in outs[1:]], opset=13, ir=max(ir, 4))
+    if ir == 4:
+        m.graph.input.append(helper.make_tensor_value_info("mean", T.FLOAT, [4]))
+    elif ir == 3:
+        m.ir_version = ir
+        m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in m.graph.initializer)
+    onnx.checker.check_model(m)
+    return m
+
+
+SWEEP_CASES = [(ir, at, body) for ir in (3, 4, 8) for at in (None, "gm", "ga", "two", "var", "kb")
+               for body in (None, "gm", "two", "var", "k")]
+
+
+def test_the_sweep_leaves_what_the_former_settling_left(monkeypatch):
+    n_removed = 0
+    for ir, at, body in SWEEP_CASES:
+        model = _const_chain_into_gamma(ir, at, body)
+        for standalone in ("keep", "affine"):
+            got = _fold_bytes(model, standalone=standalone)
+            with monkeypatch.context() as m:
+                m.setattr(sweep_mod, "_dead_constants", _dead_constants_at_old)
+                want = _fold_bytes(model, standalone=standalone)
+            assert got == want, (ir, at, body, standalone)
+        folded = onnx.load_from_string(got[0])
+        n_removed += len(model.graph.node) - len(folded.graph.node)
+        if ir != 4 and at is None and body is None:  # (the walk really ran: the constant subgraphs went)
+            assert not {"k", "gm", "ga", "kb", "be"} & {n.name for n in folded.graph.node}, (ir, standalone)
+            assert "two" not in {t.name for t in folded.graph.initializer}
+        _agree(model, folded)
+    assert n_removed > 2 * len(SWEEP_CASES)
+
+
+def test_random_chains_sweep_as_before(monkeypatch):
+    for seed in SEEDS:
+        model, feats = _random_chain(seed)
+        got = _fold_bytes(model)
+        with monkeypatch.context() as m:
+            m.setattr(sweep_mod, "_dead_constants", _dead_constants_at_old)
+            want = _fold_bytes(model)
+        assert got == want, (seed, feats)
+
+
+# -- counts and readable names against 7ce0cad -----------------------------------------------------
+
+def _meta(n: onnx.NodeProto, *scopes: str, key: str = "pkg.torch.onnx.name_scopes") -> onnx.NodeProto:
+    e = n.metadata_props.add()
+    e.key, e.value = key, repr(list(scopes)) if key == "pkg.torch.onnx.name_scopes" else scopes[0]
+    return n
+
+
+def _names_model(variant: int) -> onnx.ModelProto:
+    """Constants (tensors, in both spellings of the default domain and another domain), If/Loop bodies
+    holding Constants and scoped nodes, another domain's op with a graph, a model-local function with
+    scoped nodes; `variant` moves the If before or after a main-graph node whose name spells a body label."""
+    mk = helper.make_node
+    f4 = numpy_helper.from_array(np.arange(4, dtype=np.float32), "")
+    body_nodes = [_meta(mk("Constant", [], ["bk"], name="bk", value=f4), "", "blk", "blk.const", "aten.c"),
+                  _meta(mk("Relu", ["bk"], ["t"], name="bn"), "", "blk", "blk.act", "aten.relu")]
+    then_g = helper.make_graph(body_nodes, "then", [], [_vi("t")])
+    inner = helper.make_graph([_meta(mk("Constant", [], ["ik"], name="ik", value=f4), "", "deep", "deep.k", "c"),
+                               mk("Identity", ["ik"], ["ie"])], "inner", [], [_vi("ie")])
+    else_g = helper.make_graph([mk("If", ["cond"], ["e"], name="nested", then_branch=inner, else_branch=inner)],
+                               "else", [], [_vi("e")])
+    iff = _meta(mk("If", ["cond"], ["iff"], name="if"), "", "top", "top.if", "aten.if")
+    iff.attribute.extend([helper.make_attribute("then_branch", then_g), helper.make_attribute("else_branch", else_g)])
+    loop_body = helper.make_graph(
+        [_meta(mk("Constant", [], ["lk"], name="lk", value=f4), "", "loop", "loop.k", "c"),
+         mk("Identity", ["cin"], ["cout"]), mk("Add", ["v", "lk"], ["vout"])], "loop",
+        [_vi("i", T.INT64, []), _vi("cin", T.BOOL, []), _vi("v")], [_vi("cout", T.BOOL, []), _vi("vout")])
+    loop = mk("Loop", ["trip", "", "iff"], ["lout"], name="loop", body=loop_body)
+    clash = _meta(mk("Relu", ["x"], ["clash"], name="if/then_branch/bn"), "", "other", "other.act", "aten.relu")
+    dup = [_meta(mk("Neg", ["x"], [f"d{i}"], name=""), "", "same", "same.neg", "aten.neg") for i in range(2)]
+    consts = [mk("Constant", [], ["c1"], name="c1", value=numpy_helper.from_array(np.ones((2, 3), np.float32), "")),
+              mk("Constant", [], ["c2"], name="c2", domain="ai.onnx",
+                 value=numpy_helper.from_array(np.ones(5, np.int64), "")),
+              mk("Constant", [], ["c3"], name="c3", value_float=1.0)]
+    custom = mk("Custom", ["x"], ["cu"], name="cu", domain="com.example",
+                g=helper.make_graph([_meta(mk("Constant", [], ["gk"], name="gk", value=f4), "", "cust", "cust.k", "c")],
+                                    "cg", [], [_vi("gk")]),
+                t=numpy_helper.from_array(np.ones(7, np.float32), ""))
+    fcall = _meta(mk("F", ["x"], ["fo"], name="call", domain="local"), "", "fn", "fn.call", "f")
+    main = consts + dup + [custom, fcall, loop]
+    main = ([clash, iff] if variant % 2 == 0 else [iff, clash]) + main if variant < 2 else main + [iff, clash]
+    g = helper.make_graph(main, "g", [_vi("x", T.FLOAT, [4])],
+                          [_vi(o) for o in ("clash", "d0", "d1", "cu", "fo")] + [_vi("lout")],
+                          [numpy_helper.from_array(np.array(True), "cond"),
+                           numpy_helper.from_array(np.array(2, np.int64), "trip"),
+                           numpy_helper.from_array(np.ones((3, 4), np.float32), "p")])
+    fn = helper.make_function("local", "F", ["a"], ["b"],
+                              [_meta(mk("Constant", [], ["fk"], name="fk", value=f4), "", "fnb", "fnb.k", "c"),
+                               _meta(mk("Add", ["a", "fk"], ["b"], name="fadd"), "", "fnb", "fnb.add", "aten.add")],
+                              [helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1),
+                                            helper.make_opsetid("com.example", 1)], functions=[fn])
+    m.ir_version = 8
+    return m
+
+
+_COUNT_SCRIPT = r"""
+import json, sys
+import onnx
+from bnfold.beforeafter import anatomy
+from bnfold.onnx.names import readable_names
+out = {}
+for kind, path in json.loads(sys.argv[1]).items():
+    m = onnx.load(path)
+    a = anatomy(m, "onnx")
+    out[kind] = {"ops": dict(a["ops"]), "parameters": a["parameters"], "names": list(readable_names(m).items())}
+print(json.dumps(out))
+"""
+
+
+def _count_models() -> dict[str, onnx.ModelProto]:
+    models = {f"names{v}": _names_model(v) for v in (1, 2)}  # (0: see the xfail below)
+    models.update({f"chain{s}": _random_chain(s)[0] for s in range(0, 150, 10)})
+    models.update({f"sweep{i}": _const_chain_into_gamma(*SWEEP_CASES[i]) for i in range(0, len(SWEEP_CASES), 7)})
+    models["corrupt_good"] = cm.variant("good")
+    return models
+
+
+def test_counts_and_readable_names_say_what_they_said(old_tree, tmp_path):
+    from bnfold.beforeafter import anatomy
+    from bnfold.onnx.names import readable_names
+    models = _count_models()
+    paths = {}
+    for k, m in models.items():
+        p = tmp_path / f"{k}.onnx"
+        p.write_bytes(m.SerializeToString())
+        paths[k] = str(p)
+    old = run_json(old_tree, _COUNT_SCRIPT, paths)
+    for k, m in models.items():
+        a = anatomy(m, "onnx")
+        new = {"ops": dict(a["ops"]), "parameters": a["parameters"]}
+        assert new == {"ops": old[k]["ops"], "parameters": old[k]["parameters"]}, k
+        assert dict(readable_names(m)) == dict(old[k]["names"]), k
+    assert old["names1"]["ops"]["Constant"] >= 3 and old["names1"]["ops"]["com.example.Custom"] == 1
+    assert len(old["names1"]["names"]) >= 6  # (scoped nodes in bodies, the function and the main graph)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "readable_names walks a graph's bodies before its own scoped nodes since 1f76869/c33d6e2 (holders first): "
+    "when a main-graph node's name spells a body node's label ('if/then_branch/bn', a node named so before "
+    "the If 'if' whose then_branch holds a node 'bn'), both land on one label and the last one found wins; "
+    "7ce0cad walked in node order and gave the body node's path ('blk.act'), the walk now gives the "
+    "main-graph node's ('other.act')"))
+def test_a_label_spelled_by_two_nodes_names_what_it_named_before(old_tree, tmp_path):
+    from bnfold.onnx.names import readable_names
+    m = _names_model(0)
+    p = tmp_path / "m.onnx"
+    p.write_bytes(m.SerializeToString())
+    old = run_json(old_tree, _COUNT_SCRIPT, {"m": str(p)})
+    assert dict(old["m"]["names"])["if/then_branch/bn"] == "blk.act"
+    assert readable_names(m)["if/then_branch/bn"] == "blk.act"
