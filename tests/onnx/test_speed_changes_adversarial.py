@@ -12,7 +12,11 @@ that commit is not in the checkout's history):
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -771,3 +775,171 @@ def test_a_label_spelled_by_two_nodes_names_what_it_named_before(old_tree, tmp_p
     old = run_json(old_tree, _COUNT_SCRIPT, {"m": str(p)})
     assert dict(old["m"]["names"])["if/then_branch/bn"] == "blk.act"
     assert readable_names(m)["if/then_branch/bn"] == "blk.act"
+
+
+# -- the output's mark: the digest computed in a thread from the load on ------------------------------
+
+_HOOKED_CLI = r"""
+import atexit, json, os, sys
+import bnfold.batch as b
+from bnfold.core import later
+started = []
+real = later.Later.__init__
+def init(self, fn, *args, thread="bnfold", **kw):
+    if thread == "bnfold-digest":
+        started.append([str(a) for a in args[:1]])
+    real(self, fn, *args, thread=thread, **kw)
+later.Later.__init__ = init
+touch = os.environ.get("ADV_TOUCH_BEFORE_WRITE")
+if touch:
+    deliver = b._deliver
+    def _deliver(o, *a, **kw):
+        with open(touch, "ab") as fh:  # the source rewritten once folded, before its output is written
+            fh.write(b"")
+        st = os.stat(touch)
+        os.utime(touch, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+        return deliver(o, *a, **kw)
+    b._deliver = _deliver
+atexit.register(lambda: open(os.environ["ADV_LOG"], "w").write(json.dumps(started)))
+sys.argv = ["bnfold", *sys.argv[1:]]
+from bnfold.cli import entry
+entry()
+"""
+
+
+def _cli(tmp: Path, *args, touch: Path | None = None, timeout: float = 120):
+    from tests.reliability.early import ENV
+    for a, b in zip(args, args[1:]):
+        if a == "-o" and not str(b).endswith("/"):
+            Path(b).parent.mkdir(parents=True, exist_ok=True)
+    log = tmp / f".log{len(list(tmp.glob('.log*')))}.json"
+    env = {**ENV, "ADV_LOG": str(log), **({"ADV_TOUCH_BEFORE_WRITE": str(touch)} if touch else {})}
+    r = subprocess.run([sys.executable, "-c", _HOOKED_CLI, *map(str, args)], capture_output=True, text=True,
+                       env=env, timeout=timeout)
+    started = json.loads(log.read_text()) if log.exists() else None
+    return r, started
+
+
+def _sha(path: Path, companions=()) -> str:
+    """marks.digest, spelled out: the file's bytes, then each data file's name, a zero byte and its bytes."""
+    h = hashlib.sha256(path.read_bytes())
+    for c in sorted(str(c) for c in companions):
+        h.update(Path(c).name.encode() + b"\0" + Path(c).read_bytes())
+    return h.hexdigest()
+
+
+def _mark(path: Path) -> dict:
+    from bnfold import marks
+    m = marks.read(str(path))
+    assert m is not None, path
+    return m
+
+
+def _model_file(folder: Path, name: str, seed: int, external: bool = False) -> Path:
+    m = cm.base()
+    rng = np.random.default_rng(seed)
+    for t in m.graph.initializer:
+        a = numpy_helper.to_array(t)
+        t.raw_data = (a * rng.uniform(0.9, 1.1, a.shape)).astype(a.dtype).tobytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    if external:
+        onnx.save(m, str(p), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    else:
+        p.write_bytes(m.SerializeToString())
+    return p
+
+
+def test_the_mark_names_the_sources_digest_verified_or_not(tmp_path):
+    src = _model_file(tmp_path / "in", "m.onnx", 1)
+    ext = _model_file(tmp_path / "ext", "e.onnx", 2, external=True)
+    datas = [p for p in ext.parent.iterdir() if p != ext]
+    assert len(datas) >= 2  # (one file a tensor: the digest's order over them counts)
+    for args in ([], ["--no-verify"]):
+        for s, comp in ((src, ()), (ext, datas)):
+            out = tmp_path / f"out{len(args)}" / s.name
+            r, started = _cli(tmp_path, s, "-o", out, "-q", *args)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert started == [[str(s)]], started
+            mark = _mark(out)
+            assert mark["source_sha256"] == _sha(s, comp), (args, s)
+            assert mark["verdict"] == (None if args else mark["verdict"])
+
+
+def test_a_folder_run_with_a_bad_model_marks_every_good_output_and_exits(tmp_path):
+    src = tmp_path / "in"
+    good = [_model_file(src, f"m{i}.onnx", 10 + i) for i in range(3)]
+    good.append(_model_file(src / "sub", "x.onnx", 20, external=True))
+    bad = src / "bad.onnx"
+    m = cm.variant("good")
+    m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:-4]
+    bad.write_bytes(m.SerializeToString())
+    out = tmp_path / "out"
+    r, started = _cli(tmp_path, src, "-r", "-o", f"{out}/", "--keep-going", "-q")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and str(bad) in r.stdout + r.stderr
+    assert sorted(s[0] for s in started) == sorted(map(str, good))  # (never for the bad one)
+    for g in good:
+        o = out / g.relative_to(src)
+        comp = [p for p in g.parent.iterdir() if p.suffix != ".onnx"] if g.name == "x.onnx" else ()
+        assert _mark(o)["source_sha256"] == _sha(g, comp), g
+    assert not (out / "bad.onnx").exists()
+    # without --keep-going: all or nothing, and the digests started for the good ones do not hold the exit
+    out2 = tmp_path / "out2"
+    r, started = _cli(tmp_path, src, "-r", "-o", f"{out2}/", "-q", "--no-verify")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not out2.exists() or not any(out2.rglob("*.onnx"))
+
+
+def test_a_source_rewritten_between_fold_and_write_is_refused(tmp_path):
+    src = _model_file(tmp_path / "in", "m.onnx", 3)
+    before = src.read_bytes()
+    out = tmp_path / "out" / "m.onnx"
+    r, started = _cli(tmp_path, src, "-o", out, "--no-verify", touch=src)
+    from tests.reliability.conftest import assert_one_line_error
+    assert started == [[str(src)]]
+    assert_one_line_error(r, src, "changed while bnfold was running")
+    assert not out.exists() and src.read_bytes() == before
+
+
+def test_a_dry_run_and_a_marked_source_start_no_digest(tmp_path):
+    src = _model_file(tmp_path / "in", "m.onnx", 4)
+    r, started = _cli(tmp_path, src, "--dry-run", "-q", "--no-verify")
+    assert r.returncode == 0 and started == [], (r.stderr[-2000:], started)
+    assert sorted(p.name for p in src.parent.iterdir()) == ["m.onnx"]
+    first = tmp_path / "a" / "m.onnx"
+    r, _ = _cli(tmp_path, src, "-o", first, "-q", "--no-verify")
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = tmp_path / "b" / "m.onnx"
+    r, started = _cli(tmp_path, first, "-o", again, "-q")
+    assert r.returncode == 0 and started == [], (r.stderr[-2000:], started)
+    assert _mark(again) == _mark(first) and _mark(first)["source_sha256"] == _sha(src)
+
+
+def test_a_hostile_data_location_is_never_read_for_the_digest(tmp_path):
+    """Loading refuses it before the digest thread starts: the file outside the folder keeps its access
+    time (where the file system records reads) and no digest is started."""
+    import time
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(6 * 3 * 3 * 3, dtype=np.float32).tobytes())
+    folder = tmp_path / "deep" / "model"
+    src = _model_file(folder, "m.onnx", 5)
+    m = onnx.load(str(src))
+    w = m.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = T.EXTERNAL
+    w.external_data.add(key="location", value="../../secret.bin")
+    src.write_bytes(m.SerializeToString())
+    old = time.time() - 3 * 86400
+    st = secret.stat()
+    os.utime(secret, (old, st.st_mtime))
+    secret.read_bytes()
+    records = secret.stat().st_atime > old + 1
+    os.utime(secret, (old, st.st_mtime))
+    r, started = _cli(tmp_path, src, "-o", tmp_path / "out.onnx", "--no-verify")
+    from tests.reliability.conftest import assert_one_line_error
+    assert_one_line_error(r, src, "outside the model's folder")
+    assert started == []
+    if records:
+        assert secret.stat().st_atime <= old + 1, "the file outside the model's folder was read"
+    assert not (tmp_path / "out.onnx").exists()
