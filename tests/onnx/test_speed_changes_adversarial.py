@@ -377,6 +377,11 @@ def _random_chain(seed: int) -> tuple[onnx.ModelProto, list[str]]:
         return default if pick is None else pick
 
     for i in range(int(r.integers(3, 7))):
+        if r.random() < 0.2:  # a BN with no conv before it: folds backward into the conv after it, if alone
+            x = g.bn(f"pre{i}", x, 4, eps=1e-3)
+            feats.append(f"{i}:a BN before the conv")
+            if r.random() < 0.3:
+                x = g.node("Relu", [x], [f"r{i}"], name=name_of(f"relu{i}"))
         k = int(r.choice([1, 3]))
         if weights and r.random() < 0.3:
             w = weights[int(r.integers(len(weights)))]
@@ -387,7 +392,10 @@ def _random_chain(seed: int) -> tuple[onnx.ModelProto, list[str]]:
             weights.append(w)
         ins = [x, w]
         if r.random() < 0.6:
-            if biases and r.random() < 0.3:
+            if bns and r.random() < 0.12:
+                b = bns[int(r.integers(len(bns)))][str(r.choice(["gamma", "beta", "mean"]))]
+                feats.append(f"{i}:bias is an earlier BN's parameter")
+            elif biases and r.random() < 0.3:
                 b = biases[int(r.integers(len(biases)))]
                 feats.append(f"{i}:shared bias")
             else:
@@ -419,6 +427,9 @@ def _random_chain(seed: int) -> tuple[onnx.ModelProto, list[str]]:
                 if r.random() < 0.2:
                     p["mean"] = p["var"]
                     feats.append(f"{i}.{j}:mean is var")
+                if len(ins) > 2 and r.random() < 0.15:
+                    p[str(r.choice(["gamma", "beta", "mean"]))] = ins[2]
+                    feats.append(f"{i}.{j}:a parameter is the conv's bias")
                 if r.random() < 0.15:
                     # gamma made by a constant subgraph
                     c = g.node("Constant", [], [f"k{i}_{j}"], name=name_of(f"kc{i}_{j}"),
@@ -900,6 +911,14 @@ def test_a_source_rewritten_between_fold_and_write_is_refused(tmp_path):
     assert started == [[str(src)]]
     assert_one_line_error(r, src, "changed while bnfold was running")
     assert not out.exists() and src.read_bytes() == before
+    # a data file the model reads, rewritten the same way: the digest read it long before
+    ext = _model_file(tmp_path / "ext", "e.onnx", 6, external=True)
+    data = sorted(p for p in ext.parent.iterdir() if p != ext)[-1]
+    out = tmp_path / "out" / "e.onnx"
+    r, started = _cli(tmp_path, ext, "-o", out, "--no-verify", touch=data)
+    assert started == [[str(ext)]]
+    assert_one_line_error(r, ext, "changed while bnfold was running")
+    assert not out.exists()
 
 
 def test_a_dry_run_and_a_marked_source_start_no_digest(tmp_path):
