@@ -962,3 +962,24 @@ def test_a_hostile_data_location_is_never_read_for_the_digest(tmp_path):
     if records:
         assert secret.stat().st_atime <= old + 1, "the file outside the model's folder was read"
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_torchscript_source_is_digested_the_same_way(tmp_path):
+    torch = pytest.importorskip("torch")
+    import warnings
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].weight.uniform_(0.5, 2)
+    src = tmp_path / "in" / "m.pt"
+    src.parent.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(m, torch.randn(1, 3, 8, 8)), str(src))
+    out = tmp_path / "out" / "m.pt"
+    r, started = _cli(tmp_path, src, "-o", out, "-q", "--input", "x:1x3x8x8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert started == [[str(src)]]
+    mark = _mark(out)
+    assert mark["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() and mark["verdict"] == "passed"
