@@ -325,6 +325,7 @@ def test_what_was_accepted_before_and_is_refused_now_is_only_stricter_bounds(loa
     only verdicts that may go from accepted to refused are such dims."""
     _, old, new = load_verdicts
     tightened = {k for k in old if old[k] == "ok" and new[k].startswith("refused")}
+    assert "mixed_in_file_huge_dims_ext_ok" in tightened  # (16 MiB of dims, 24 bytes of raw data, in the file)
     for k in tightened:
         assert "more than the whole file holds" in new[k], (k, new[k])
 
@@ -773,7 +774,7 @@ def test_counts_and_readable_names_say_what_they_said(old_tree, tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "readable_names walks a graph's bodies before its own scoped nodes since 1f76869/c33d6e2 (holders first): "
+    "readable_names walks a graph's bodies before its own scoped nodes since c33d6e2 (holders first): "
     "when a main-graph node's name spells a body node's label ('if/then_branch/bn', a node named so before "
     "the If 'if' whose then_branch holds a node 'bn'), both land on one label and the last one found wins; "
     "7ce0cad walked in node order and gave the body node's path ('blk.act'), the walk now gives the "
