@@ -1,0 +1,35 @@
+"""The package as it was at an earlier commit, extracted from git, to hold today's code to its verdicts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import io
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def extract(commit: str, dest: Path) -> Path:
+    """`bnfold/` at `commit` under dest (skips the test where git or the commit is not at hand)."""
+    try:
+        blob = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "bnfold"],
+                              capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        pytest.skip(f"commit {commit} is not in this checkout's history")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+        tf.extractall(dest, filter="data")
+    return dest
+
+
+def run_json(tree: Path, script: str, arg: object, timeout: float = 120) -> object:
+    """Run `script` (reads json from argv[1], prints json) with the package at `tree` on the path."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    p = subprocess.run([sys.executable, "-c", script, json.dumps(arg)], capture_output=True, text=True,
+                       env=env, timeout=timeout, cwd=str(tree))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
