@@ -49,14 +49,17 @@ def readable_names(model: onnx.ModelProto) -> dict[str, str]:
 
     def walk(graph: onnx.GraphProto, scope: str) -> None:
         nodes = graph.node[:]
-        # (a look at each field for all nodes at once, and at the rest only where needed: 100k nodes and more)
-        holders = [n for n, op, dom in zip(nodes, [n.op_type for n in nodes], [n.domain for n in nodes])
-                   if op in CONTROL_FLOW or dom not in ONNX_DOMAINS]  # (only these hold bodies)
-        for n in holders:
-            for a in n.attribute:
-                for sub in graphs_of(a):
-                    walk(sub, f"{scope}{node_label(n)}/{a.name}/")
-        for n in [n for n in nodes if n.metadata_props]:
+        # (each field read for all nodes at once, then a closer look at the few that need one, in graph order:
+        # a label two nodes spell goes to the later one, as it always has)
+        picked = [n for n, op, dom in zip(nodes, [n.op_type for n in nodes], [n.domain for n in nodes])
+                  if op in CONTROL_FLOW or dom not in ONNX_DOMAINS or n.metadata_props]
+        for n in picked:
+            if n.op_type in CONTROL_FLOW or n.domain not in ONNX_DOMAINS:  # (only these hold bodies)
+                for a in n.attribute:
+                    for sub in graphs_of(a):
+                        walk(sub, f"{scope}{node_label(n)}/{a.name}/")
+            if not n.metadata_props:
+                continue
             scopes = scopes_of(n)
             path = _module_path(scopes) if scopes else None
             if path and path != n.name:

@@ -747,7 +747,7 @@ print(json.dumps(out))
 
 
 def _count_models() -> dict[str, onnx.ModelProto]:
-    models = {f"names{v}": _names_model(v) for v in (1, 2)}  # (0: see the xfail below)
+    models = {f"names{v}": _names_model(v) for v in (0, 1, 2)}
     models.update({f"chain{s}": _random_chain(s)[0] for s in range(0, 150, 10)})
     models.update({f"sweep{i}": _const_chain_into_gamma(*SWEEP_CASES[i]) for i in range(0, len(SWEEP_CASES), 7)})
     models["corrupt_good"] = cm.variant("good")
@@ -773,12 +773,8 @@ def test_counts_and_readable_names_say_what_they_said(old_tree, tmp_path):
     assert len(old["names1"]["names"]) >= 6  # (scoped nodes in bodies, the function and the main graph)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "readable_names walks a graph's bodies before its own scoped nodes since c33d6e2 (holders first): "
-    "when a main-graph node's name spells a body node's label ('if/then_branch/bn', a node named so before "
-    "the If 'if' whose then_branch holds a node 'bn'), both land on one label and the last one found wins; "
-    "7ce0cad walked in node order and gave the body node's path ('blk.act'), the walk now gives the "
-    "main-graph node's ('other.act')"))
+# (c33d6e2 walked a graph's bodies before its own scoped nodes: a main-graph node named like a body node's
+# label took that label's path; the walk keeps graph order again)
 def test_a_label_spelled_by_two_nodes_names_what_it_named_before(old_tree, tmp_path):
     from bnfold.onnx.names import readable_names
     m = _names_model(0)
