@@ -175,7 +175,7 @@ SCHEMA_CHECKED = frozenset({
     "Pow", "Sqrt", "Where", "Expand", "Neg", "Exp", "Abs", "Max", "Min", "InstanceNormalization"})
 _DEFAULT = ("", "ai.onnx")
 _HOLDERS = frozenset({onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR,
-                      onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS})
+                      onnx.AttributeProto.SPARSE_TENSORS, onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS})
 
 
 def all_tensors(model: onnx.ModelProto):
@@ -201,6 +201,9 @@ def tensor_groups(model: onnx.ModelProto):
                 yield a.tensors[:]
             elif a.type == A.SPARSE_TENSOR:
                 yield (a.sparse_tensor.values, a.sparse_tensor.indices)
+            elif a.type == A.SPARSE_TENSORS:
+                for sp in a.sparse_tensors:
+                    yield (sp.values, sp.indices)
             elif a.type == A.GRAPH:
                 yield from of_graph(a.g)
             else:

@@ -226,6 +226,20 @@ def variant(kind: str) -> onnx.ModelProto:
         n.attribute.append(helper.make_attribute("ts", [numpy_helper.from_array(np.ones(2, np.float32), ""),
                                                        short()]))
         g.node.insert(0, n)
+    elif kind in ("custom_domain_sparse_tensors_values_short", "custom_domain_sparse_tensors_indices_short"):
+        # a list of sparse tensors (AttributeProto.SPARSE_TENSORS) on an op the checker knows nothing of
+        m.opset_import.append(helper.make_opsetid("com.example", 1))
+        good = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(3, np.float32), ""),
+                                         numpy_helper.from_array(np.arange(3, dtype=np.int64), ""), [9])
+        idx = numpy_helper.from_array(np.arange(3, dtype=np.int64), "")
+        idx.raw_data = idx.raw_data[:-8]
+        bad = (helper.make_sparse_tensor(short((3,)), numpy_helper.from_array(np.arange(3, dtype=np.int64), ""), [9])
+               if kind.endswith("values_short") else
+               helper.make_sparse_tensor(numpy_helper.from_array(np.ones(3, np.float32), ""), idx, [9]))
+        n = helper.make_node("Custom", [], ["unused"], domain="com.example")
+        n.attribute.append(onnx.AttributeProto(name="sts", type=onnx.AttributeProto.SPARSE_TENSORS,
+                                               sparse_tensors=[good, bad]))
+        g.node.insert(0, n)
     elif kind == "custom_domain_graph_attribute_short":
         m.opset_import.append(helper.make_opsetid("com.example", 1))
         sub = helper.make_graph([_const(short(), out="s")], "sub", [],
@@ -260,7 +274,8 @@ KINDS = ["good", "constant_short", "constant_unknown_dtype", "constant_two_field
          "if_body_initializer_short", "if_body_nested_if_constant_short", "if_body_relu_tensor_attribute",
          "loop_body_constant_short", "scan_body_constant_short", "function_constant_short",
          "function_node_custom_attribute_short", "custom_domain_attribute_short",
-         "custom_domain_tensors_attribute_short", "custom_domain_graph_attribute_short", "ml_label_encoder_short",
+         "custom_domain_tensors_attribute_short", "custom_domain_sparse_tensors_values_short",
+         "custom_domain_sparse_tensors_indices_short", "custom_domain_graph_attribute_short", "ml_label_encoder_short",
          "conv_tensor_attribute_short", "conv_ai_onnx_domain_tensor_attribute_short", "conv_graph_attribute"]
 
 
