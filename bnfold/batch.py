@@ -27,6 +27,7 @@ from .beforeafter import anatomy, compare, file_bytes
 from .core.errors import BnfoldError
 from .core.files import (KERAS_EXTS, ONNX_EXTS, TORCH_EXTS, default_output, framework_of, remove_temp, temp_path,
                           write_error)
+from .core.hold import holding
 from .core.later import Later
 from .core.options import Options
 from .core.pause import paused_gc
@@ -309,6 +310,11 @@ def _companions(path: str) -> set[str]:
 
 
 def _fold(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
+    with holding():  # (the load's wrappers serve the counts and the fold: core/hold.py)
+        return _fold_held(j, pl, opts, st)
+
+
+def _fold_held(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
     if st.keep_going:
         _precheck(j, opts)
     if pl.walked and _up_to_date(j, opts, st):
@@ -397,8 +403,9 @@ def write(res: FoldResult, source: str, out: str, options_fingerprint: str, dige
                                             marks.digest(source, _companions(source)), options_fingerprint,
                                             ver.verdict if ver is not None else None)
     if res.report.framework == "onnx":
-        marks.stamp_onnx(res.model, mark)
-        api.save(res, out)
+        with holding():  # (the save's passes over the initializers share their wrappers)
+            marks.stamp_onnx(res.model, mark)
+            api.save(res, out)
         return
     p = Path(out)
     if not p.suffix:  # a Keras SavedModel folder: replaced as a whole by the saver, then marked

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from ..core.decisions import Reason, Skip
+from ..core.hold import hold
 from .ondisk import tensor_value
 from .const import ConstEvaluator
 from .nodes import CONTROL_FLOW, ONNX_DOMAINS, graphs_of, subgraph_free_names
@@ -60,7 +61,7 @@ class GraphIndex:
         ix = cls(graph=graph, ir_version=ir_version, outer_consts=outer_consts, opset=opset)
         if names is not None:
             ix.names = names  # shared across scopes: a name made here must not shadow or repeat another scope's
-        ix.inits = {t.name: t for t in graph.initializer[:]}
+        ix.inits = {t.name: t for t in hold(graph.initializer[:])}  # (hold: core/hold.py)
         ix.graph_inputs = {i.name for i in graph.input}
         ix.graph_outputs = {o.name for o in graph.output}
         for vi in (*graph.input, *graph.value_info, *graph.output):
@@ -69,7 +70,7 @@ class GraphIndex:
         ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
         producer, consumers, names, op_types = ix.producer, ix.consumers, ix.names, ix.op_types
         # [:] copies a repeated field in one C call; iterating it ends with a raised and caught IndexError
-        ix.nodes = graph.node[:]
+        ix.nodes = hold(graph.node[:])
         for n in ix.nodes:
             for o in n.output[:]:
                 if o:

@@ -20,6 +20,7 @@ import onnx
 
 from ..core.errors import BnfoldError
 from ..core.files import remove_temp, temp_path, write_error
+from ..core.hold import hold
 from .protos import ext_info, is_external, nbytes, structure_only, total_nbytes, with_outputs
 
 
@@ -358,7 +359,7 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
 def over_two_gb(model: onnx.ModelProto) -> bool:
     """True when `model` cannot be serialised as one protobuf (over 2 GB)."""
     # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
-    raw = total_nbytes(model.graph.initializer[:])
+    raw = total_nbytes(hold(model.graph.initializer[:]))  # (kept for the save's later passes: core/hold.py)
     if has_on_disk(model):  # ByteSize() counts the in-memory part only
         return raw + model.ByteSize() > TWO_GB
     if raw < TWO_GB * 0.9:

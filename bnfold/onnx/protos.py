@@ -9,6 +9,8 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
+from ..core.hold import hold
+
 
 def structure_only(model: onnx.ModelProto, keep_up_to: int = 0) -> onnx.ModelProto:
     """A copy of `model` without weight data, for the checker and shape inference: initializers with
@@ -216,10 +218,10 @@ def tensor_groups(model: onnx.ModelProto):
                 yield from of_attributes(n.attribute[:])
 
     def of_graph(g):
-        yield g.initializer[:]
+        yield hold(g.initializer[:])  # (kept for the job's later passes, when one holds them: core/hold.py)
         for sp in g.sparse_initializer:
             yield (sp.values, sp.indices)
-        yield from of_nodes(g.node[:])
+        yield from of_nodes(hold(g.node[:]))
 
     yield from of_graph(model.graph)
     for f in model.functions:
