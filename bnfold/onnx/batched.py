@@ -61,6 +61,7 @@ class Batch:
     def __init__(self, f: "OnnxFolder", bns: list[onnx.NodeProto], conv_layout) -> None:
         self.f = f
         self.plans: dict[int, Plan] = {}
+        self._raw: tuple[bytes, bytes] | None = None  # w32 and b32 as bytes, made at the first raw()
         self.taken = 0  # plans used (OnnxFolder counts them; the rest went the ordinary way)
         # (group, weight shape) -> (layout, weight bytes), layout False if refused
         self._layouts: dict[tuple, tuple[layouts.Layout | bool, int]] = {}
@@ -166,8 +167,6 @@ class Batch:
             for k in np.flatnonzero(r.failed):
                 plans[k].ok = False  # the ordinary path says why (kernel's Skip)
         self.w64, self.w32, self.b64, self.b32 = r.weight64, r.weight, r.bias64, r.bias
-        # the float32 results as bytes, once: a fold that needs no float64 values writes slices of these
-        self.w_raw, self.b_raw = self.w32.tobytes(), self.b32.tobytes()
 
     def take(self, bn: onnx.NodeProto) -> tuple[Plan, str, str, str, list, list] | None:
         """`bn`'s precomputed fold, if it still holds (see the module docstring), with the conv's data input,
@@ -207,6 +206,8 @@ class Batch:
 
     def raw(self, p: Plan) -> tuple[bytes, bytes]:
         """The folded float32 weight and bias of `p` as raw data (folded()'s values, without arrays)."""
-        w = 4 * p.w_at
-        b = 4 * p.at
-        return self.w_raw[w:w + 4 * p.size], self.b_raw[b:b + 4 * p.shape[0]]
+        if self._raw is None:  # once: a fold that needs no float64 values writes slices of these
+            self._raw = self.w32.tobytes(), self.b32.tobytes()
+        w_raw, b_raw = self._raw
+        w, b = 4 * p.w_at, 4 * p.at
+        return w_raw[w:w + 4 * p.size], b_raw[b:b + 4 * p.shape[0]]
