@@ -439,3 +439,75 @@ def test_external_data_model_same_files_with_and_without_holding(tmp_path, rng, 
     assert any(f.endswith(".data") for f in outs[True][1]) == split
     feeds = {"x": rng.normal(size=(2, 3, 8, 8)).astype(np.float32)}
     check_saved(str(tmp_path / "out_True" / "m.onnx"), model, feeds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fold corpus's odd corners (bodies, functions, shared and unused initializers, IR 3...) through the CLI
+
+def corpus_folder(root):
+    from tests.helpers.fold_corpus import CORPUS, if_bodies_ir3, weight_read_by_body
+    os.makedirs(root)
+    builders = {**CORPUS, "if_bodies_ir3": if_bodies_ir3, "weight_read_by_body": weight_read_by_body}
+    for name, build in builders.items():
+        onnx.save(build(11)[0], os.path.join(root, f"{name}.onnx"))
+    return len(builders)
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-verify"], ["--dry-run"], ["--standalone", "affine"]],
+                         ids=["verified", "no-verify", "dry-run", "affine"])
+def test_corpus_folder_same_files_and_report_with_and_without_holding(tmp_path, mode):
+    src = str(tmp_path / "src")
+    n = corpus_folder(src)
+    outs = {}
+    for on in (True, False):
+        out = str(tmp_path / f"out_{on}")
+        code, doc = cli([src, "-o", out + "/", "--keep-going", *mode], hold_on=on)
+        outs[on] = (code, scrub(doc, out, src), digest(out) if os.path.isdir(out) else {})
+    assert outs[True] == outs[False]
+    # onnxruntime cannot load two of them (same-named nodes; float64 Conv): refused when verified
+    refused = {"duplicate_names.onnx", "float64.onnx"} if mode != ["--no-verify"] else set()
+    doc = outs[True][1]
+    assert {os.path.basename(e["path"]) for e in doc.get("errors", [])} == refused
+    assert len(outs[True][2]) == (0 if mode == ["--dry-run"] else n - len(refused))
+    assert held() is None
+
+
+def test_self_healing_run_same_with_and_without_holding(tmp_path, rng, monkeypatch):
+    """A damaged fold is reverted and the rest re-verified (self-healing folds the held model again)."""
+    from bnfold.core import kernel
+    from bnfold.onnx import batched
+    from tests.helpers.fold_damage import damage
+    monkeypatch.setattr(batched, "ENABLED", False)
+    real = kernel.fold_after
+    src = tmp_path / "m.onnx"
+    onnx.save(branchy(rng), str(src))
+    outs = {}
+    for on in (True, False):
+        calls = []
+
+        def wrong(*a, **k):
+            f = real(*a, **k)
+            calls.append(1)
+            return damage(f, "scale") if len(calls) == 2 else f
+        monkeypatch.setattr(kernel, "fold_after", wrong)
+        out = tmp_path / f"o_{on}.onnx"
+        code, doc = cli([str(src), "-o", str(out)], hold_on=on)
+        monkeypatch.setattr(kernel, "fold_after", real)
+        outs[on] = (code, scrub(doc, str(out)), out.read_bytes())
+    assert outs[True][0] == 0
+    assert "VERIFICATION_FAILED" in json.dumps(outs[True][1])
+    assert outs[True] == outs[False]
+
+
+def test_one_model_folded_twice_in_one_block_as_outside(rng):
+    """The second fold finds the first's wrappers (and those of the copies it made) held."""
+    model = branchy(rng)
+    ref = model.SerializeToString()
+    outside = [bnfold.fold(model, verify=False).model.SerializeToString() for _ in range(2)]
+    with holding():
+        inside = [bnfold.fold(model, verify=False).model.SerializeToString() for _ in range(2)]
+        verified = bnfold.fold(model)
+    assert inside == outside and outside[0] == outside[1]
+    assert model.SerializeToString() == ref  # the input is never changed
+    assert verified.report.verification.passed is True
+    assert verified.model.SerializeToString() == outside[0]
