@@ -333,9 +333,10 @@ def test_keep_going_beside_a_bad_model_same_files_and_report(tmp_path):
     assert outs[True] == outs[False]
 
 
-def test_job_ones_wrappers_are_gone_when_job_two_starts(tmp_path, monkeypatch):
-    """--keep-going writes each model once proven: by the next job's start nothing of the 1800
-    initializers of the first is alive (the job's and the save's held lists went with their blocks)."""
+@pytest.mark.parametrize("keep_going", [True, False], ids=["keep-going", "all-or-nothing"])
+def test_job_ones_wrappers_are_gone_when_job_two_starts(tmp_path, monkeypatch, keep_going):
+    """By the next job's start nothing of the 1800 initializers of the first is alive: the job's held
+    lists went with its block (without --keep-going its folded model waits for the write, unwrapped)."""
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(5)
@@ -350,8 +351,9 @@ def test_job_ones_wrappers_are_gone_when_job_two_starts(tmp_path, monkeypatch):
         counts.append(live_tensors())
         return out
     monkeypatch.setattr(bnfold.batch, "_fold", counting)
-    code, _ = cli([str(src), "-o", str(tmp_path / "out") + "/", "--keep-going", "--no-verify"])
+    code, _ = cli([str(src), "-o", str(tmp_path / "out") + "/", "--no-verify", *(["--keep-going"] * keep_going)])
     assert code == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.onnx", "b.onnx"]
     start1, end1, start2, _ = counts
     assert start2 - start1 < 50, counts
     assert end1 - start1 < 2000, counts  # the job's block ended before the count after it
@@ -511,3 +513,28 @@ def test_one_model_folded_twice_in_one_block_as_outside(rng):
     assert model.SerializeToString() == ref  # the input is never changed
     assert verified.report.verification.passed is True
     assert verified.model.SerializeToString() == outside[0]
+
+
+@pytest.mark.parametrize("keep_going", [True, False], ids=["keep-going", "all-or-nothing"])
+def test_an_interrupt_in_a_job_releases_its_held_lists(tmp_path, monkeypatch, keep_going):
+    """Ctrl-C while job 1 counts its model: exit 130, and nothing the job's block held stays alive."""
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(chain(np.random.default_rng(6), 300), str(src / "a.onnx"))
+    real = bnfold.batch.anatomy
+    seen = []
+
+    def interrupted(model, fw):
+        out = real(model, fw)
+        seen.append(len(held() or []))
+        if len(seen) == 2:  # the count of the folded model, after the fold
+            raise KeyboardInterrupt
+        return out
+    monkeypatch.setattr(bnfold.batch, "anatomy", interrupted)
+    base = live_tensors()
+    code, doc = cli([str(src), "-o", str(tmp_path / "out") + "/", "--no-verify", *(["--keep-going"] * keep_going)])
+    assert code == 130 and "interrupted" in doc["error"]["message"]
+    assert seen[0] > 0  # the block held the load's lists when it was interrupted
+    assert held() is None
+    assert live_tensors() - base < 50
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
