@@ -538,3 +538,21 @@ def test_an_interrupt_in_a_job_releases_its_held_lists(tmp_path, monkeypatch, ke
     assert held() is None
     assert live_tensors() - base < 50
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_the_switch_the_comparisons_use_turns_holding_off(tmp_path, rng, monkeypatch):
+    """The runs compared above differ in what they hold: the job's counts find the load's lists held with
+    holding on and nothing with it off (else the comparisons would compare a run with itself)."""
+    p = str(tmp_path / "m.onnx")
+    onnx.save(branchy(rng), p)
+    real = bnfold.batch.anatomy
+    seen = []
+
+    def spy(model, fw):
+        seen.append(None if held() is None else len(held()))
+        return real(model, fw)
+    monkeypatch.setattr(bnfold.batch, "anatomy", spy)
+    for on in (True, False):
+        code, _ = cli([p, "-o", str(tmp_path / f"o_{on}.onnx"), "--no-verify"], hold_on=on)
+        assert code == 0
+    assert len(seen) == 4 and all(n and n > 0 for n in seen[:2]) and seen[2:] == [None, None], seen
