@@ -43,6 +43,7 @@ from tests.helpers import corrupt_models, fold_corpus
 from tests.helpers.batch_check import same_either_way, taken
 from tests.fuzz.strategies_onnx import cases
 from tests.helpers.onnx_build import run_ort
+from tests.helpers.sweep_reference import walk_only as _walk_only
 
 NO_ORT = {"duplicate_names", "float64"}  # onnxruntime refuses two nodes of one name; has no float64 Conv
 NAMES = sorted(fold_corpus.CORPUS)
@@ -289,36 +290,7 @@ def test_random_models_fold_alike_with_full_scans_and_the_old_sweep(case, monkey
         assert fold_bytes(case.model) == got
 
 
-# -- the sweep: bulk settling against the walk it replaced ----------------------------------------
-
-def _walk_only(f, dead):
-    """sweep._dead_constants as it was before the bulk settling (1089169^): a walk over every released name."""
-    ix = f.ix
-    const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
-    work, seen, dead_inits = list(f.maybe_dead_inits), set(), set()
-    readers, outputs, inits = ix.consumers, ix.graph_outputs, ix.inits
-    while work:
-        n = work.pop()
-        if n in seen or readers.get(n) or n in outputs:
-            continue
-        seen.add(n)
-        if n in inits:
-            if not ix.overridable(n):
-                dead_inits.add(n)
-            continue
-        src = ix.producer.get(n)
-        if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
-            continue
-        if id(src) not in const_nodes and not (src.op_type == "Constant" and src.domain in ("", "ai.onnx")):
-            continue
-        dead.add(id(src))
-        f.dead_values.update(o for o in src.output if o)
-        for i in src.input:
-            if i:
-                ix.unread(i, src)
-                work.append(i)
-    return {n: inits[n] for n in dead_inits}  # (the sweep takes the tensors by name)
-
+# -- the sweep: bulk settling against the walk it replaced (tests/helpers/sweep_reference.py) -------
 
 @pytest.mark.parametrize("standalone", ["keep", "affine"])
 def test_the_sweep_keeps_and_drops_what_the_walk_did(standalone, monkeypatch):

@@ -1,12 +1,12 @@
 """Adversarial tests of the load, fold, sweep, mark and count speed-ups since 7ce0cad, each held to what the
-code said before them (the package at OLD, extracted from git into a temporary folder; the tests skip where
-that commit is not in the checkout's history):
+code said before them (the package at OLD, extracted from git into a temporary folder: these tests need
+that commit in the checkout's history, as a full clone has it):
 
 - load: the size check's fast path and its first walk (which now also says whether a tensor lives in a data
   file) refuse every corrupt tensor the former check refused, in the file and in data files;
 - fold: the batch's byte-slice writes and its BN unlink give the same bytes and reports as the ordinary path
   on graphs where names are shared, and the folded models compute what the originals do;
-- sweep: the one-loop settling of released names leaves the graph the former comprehensions left;
+- sweep: the one-loop settling of released names leaves the graph the plain walk over them leaves;
 - marks: the digest computed in a thread from the load on names exactly the source's bytes;
 - counts: anatomy() and readable_names() say what they said at OLD.
 """
@@ -25,13 +25,12 @@ import pytest
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold.core.errors import BnfoldError
 from bnfold.onnx import sweep as sweep_mod
-from bnfold.onnx.io import load_onnx
 from tests.conftest import random_bn
 from tests.helpers import corrupt_models as cm
 from tests.helpers.batch_check import same_either_way, taken
-from tests.helpers.old_code import extract, run_json
+from tests.helpers.old_code import ROOT, extract, run_json
+from tests.helpers.sweep_reference import walk_only
 from tests.helpers.onnx_build import G, count_ops, run_ort
 
 OLD = "7ce0cad"
@@ -272,28 +271,13 @@ print(json.dumps(out))
 """
 
 
-def _verdicts_here(paths: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for kind, path in paths.items():
-        for ext in (True, False):
-            try:
-                load_onnx(path, load_external=ext)
-                v = "ok"
-            except BnfoldError as e:
-                v = "refused: " + str(e)
-            except Exception as e:  # noqa: BLE001
-                v = "crash: " + type(e).__name__ + ": " + str(e)[:200]
-            out[kind + ("" if ext else "|lazy")] = v
-    return out
-
-
 @pytest.fixture(scope="module")
 def load_verdicts(old_tree, tmp_path_factory):
     folder = tmp_path_factory.mktemp("load_cases")
     paths = _write_load_cases(folder)
     before = {p: Path(p).read_bytes() for p in paths.values()}
     old = run_json(old_tree, _LOAD_SCRIPT, paths)
-    new = _verdicts_here(paths)
+    new = run_json(ROOT, _LOAD_SCRIPT, paths)  # (the same script, on this checkout)
     assert {p: Path(p).read_bytes() for p in paths.values()} == before  # nothing rewritten
     return paths, old, new
 
@@ -561,42 +545,7 @@ def test_convs_sharing_a_weight_and_a_bias_fold_into_copies(monkeypatch):
     _agree(model, folded)
 
 
-# -- sweep: the one-loop settling against 7ce0cad's comprehensions ---------------------------------
-
-def _dead_constants_at_old(f, dead):
-    """sweep._dead_constants as it was at 7ce0cad (git show 7ce0cad:bnfold/onnx/sweep.py)."""
-    from bnfold.onnx.nodes import ONNX_DOMAINS
-    ix = f.ix
-    const_nodes = ix.evaluator.const_nodes if ix.evaluator is not None else set()
-    readers, outputs, inits = ix.consumers, ix.graph_outputs, ix.inits
-    overridable = ix.graph_inputs if ix.ir_version >= 4 else ()
-    free = {n for n in f.maybe_dead_inits if not readers.get(n)} - outputs
-    settled = {n: t for n in free if (t := inits.get(n)) is not None}
-    dead_inits = {n: t for n, t in settled.items() if n not in overridable}
-    seen = set(settled)
-    work = [n for n in free if n not in settled]
-    while work:
-        n = work.pop()
-        if n in seen or readers.get(n) or n in outputs:
-            continue
-        seen.add(n)
-        if n in inits:
-            if n not in overridable:
-                dead_inits[n] = inits[n]
-            continue
-        src = ix.producer.get(n)
-        if src is None or id(src) in dead or any(ix.uses(o) for o in src.output if o):
-            continue
-        if id(src) not in const_nodes and not (src.op_type == "Constant" and src.domain in ONNX_DOMAINS):
-            continue
-        dead.add(id(src))
-        f.dead_values.update(o for o in src.output if o)
-        for i in src.input:
-            if i:
-                ix.unread(i, src)
-                work.append(i)
-    return dead_inits
-
+# -- sweep: the one-loop settling against the plain walk (tests/helpers/sweep_reference.py) -------
 
 def _fold_bytes(model: onnx.ModelProto, **kw) -> tuple[bytes, str]:
     res = bnfold.fold(model, **{"verify": False, **kw})
@@ -654,7 +603,7 @@ def test_the_sweep_leaves_what_the_former_settling_left(monkeypatch):
         for standalone in ("keep", "affine"):
             got = _fold_bytes(model, standalone=standalone)
             with monkeypatch.context() as m:
-                m.setattr(sweep_mod, "_dead_constants", _dead_constants_at_old)
+                m.setattr(sweep_mod, "_dead_constants", walk_only)
                 want = _fold_bytes(model, standalone=standalone)
             assert got == want, (ir, at, body, standalone)
         folded = onnx.load_from_string(got[0])
@@ -671,7 +620,7 @@ def test_random_chains_sweep_as_before(monkeypatch):
         model, feats = _random_chain(seed)
         got = _fold_bytes(model)
         with monkeypatch.context() as m:
-            m.setattr(sweep_mod, "_dead_constants", _dead_constants_at_old)
+            m.setattr(sweep_mod, "_dead_constants", walk_only)
             want = _fold_bytes(model)
         assert got == want, (seed, feats)
 

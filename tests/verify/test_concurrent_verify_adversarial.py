@@ -362,6 +362,16 @@ folded = res.model
 def extra_threads():
     return sorted(t.name for t in threading.enumerate() if t.name.startswith(("bnfold-proofs", "bnfold-noise")))
 """
+# verify `bad` against the original with the fold's decisions, then list the verification threads still alive
+VERIFY_BAD = """
+try:
+    verify.verify_onnx(orig, bad, Options.of(), [copy.deepcopy(d) for d in decisions])
+    print("NO ERROR")
+except bnfold.BnfoldError as e:
+    print("ERROR", e)
+import time; time.sleep(0.3)
+print("THREADS", extra_threads())
+"""
 
 
 def test_a_candidate_that_fails_to_run_with_proofs_waiting_ends():
@@ -379,14 +389,7 @@ bad.graph.node.append(onnx.helper.make_node("Reshape", ["pre_out", "odd_shape"],
 bad.graph.node.append(onnx.helper.make_node("Reshape", ["pre_out2", "shape_back"], [out]))
 bad.graph.initializer.append(onnx.numpy_helper.from_array(np.array(
     [d.dim_value for d in orig.graph.output[0].type.tensor_type.shape.dim], np.int64), "shape_back"))
-try:
-    verify.verify_onnx(orig, bad, Options.of(), [copy.deepcopy(d) for d in decisions])
-    print("NO ERROR")
-except bnfold.BnfoldError as e:
-    print("ERROR", e)
-import time; time.sleep(0.3)
-print("THREADS", extra_threads())
-""")
+""" + VERIFY_BAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ERROR onnxruntime failed to run the candidate" in r.stdout, r.stdout
     assert "THREADS []" in r.stdout, r.stdout
@@ -401,14 +404,7 @@ try:
     print("NO ERROR")
 except bnfold.BnfoldError as e:
     print("ERROR", e)
-try:
-    verify.verify_onnx(orig, bad, Options.of(), [copy.deepcopy(d) for d in decisions])
-    print("NO ERROR")
-except bnfold.BnfoldError as e:
-    print("ERROR", e)
-import time; time.sleep(0.3)
-print("THREADS", extra_threads())
-""")
+""" + VERIFY_BAD)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ERROR onnxruntime cannot load the candidate") == 2, r.stdout
     assert "THREADS []" in r.stdout, r.stdout
