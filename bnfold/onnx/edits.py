@@ -56,14 +56,20 @@ class GraphEdits:
         bias = self.ix.const(bias_name, f"{label} bias") if bias_name else None
         return weight, bias, weight.dtype
 
-    def _may_chain(self, layer: onnx.NodeProto, out: str) -> bool:
+    def _may_chain(self, layer: onnx.NodeProto, out: str, *, readers: list | None = None,
+                   x: str | None = None) -> bool:
         """Whether another BN may fold into `layer` in this pass (worth keeping float64 values): a Conv, Gemm
-        or MatMul whose new output, or data input, is a BatchNorm's."""
+        or MatMul whose new output, or data input, is a BatchNorm's. `readers` (of `out`) and `x` (the layer's
+        data input): what the caller has looked up already."""
         if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or self.scope:
             return False
-        after = [u for u in self.ix.consumers.get(out, []) if u.op_type == "BatchNormalization"]
-        before = self.ix.producer.get(layer.input[0]) if layer.input else None
-        return bool(after) or (before is not None and before.op_type == "BatchNormalization")
+        if any(u.op_type == "BatchNormalization" for u in (self.ix.consumers.get(out, ()) if readers is None
+                                                          else readers)):
+            return True
+        if x is None:
+            x = layer.input[0] if layer.input else None
+        before = self.ix.producer.get(x) if x is not None else None
+        return before is not None and before.op_type == "BatchNormalization"
 
     def remember_exact(self, layer: onnx.NodeProto, folded: kernel.Folded) -> None:
         """Keep a fold's float64 weight and bias for a later fold into the same layer (see layer_params)."""
@@ -259,12 +265,13 @@ class GraphEdits:
         ix.producer[out] = add
         return add
 
-    def unlink(self, node: onnx.NodeProto) -> None:
-        """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too)."""
+    def unlink(self, node: onnx.NodeProto, inputs: tuple[str, ...] | None = None) -> None:
+        """Mark `node` dead and stop counting it as a reader of its inputs (which may now be dead too);
+        `inputs`: only these (a caller that settles the others itself)."""
         ix = self.ix
         self.dead_nodes.add(id(node))
         consumers, maybe_dead = ix.consumers, self.maybe_dead_inits
-        for name in node.input[:]:
+        for name in node.input[:] if inputs is None else inputs:
             if name:
                 users = consumers.get(name)
                 if users:

@@ -300,11 +300,7 @@ class OnnxFolder(GraphEdits):
         ix, conv = self.ix, plan.conv
         into = self.scope + node_label(conv)  # (before the conv writes `out`: an unnamed node's label names it)
         consumers, outputs, inits, producer = ix.consumers, ix.graph_outputs, ix.inits, ix.producer
-        # (_may_chain for a conv whose data input is `x`: another BN may fold into it, before or after)
-        before = producer.get(x)
-        keep_exact = not self.scope and (
-            (before is not None and before.op_type == "BatchNormalization")
-            or any(u.op_type == "BatchNormalization" for u in after))
+        keep_exact = self._may_chain(conv, out, readers=after, x=x)
         folded = None
         raw = None if keep_exact else batch.raw(plan)  # (no arrays at all for the commonest fold)
         for slot, name in ((1, plan.weight), (2, plan.bias)):
@@ -327,21 +323,11 @@ class OnnxFolder(GraphEdits):
             self._move_shape_readers(old_out, out)  # (Batch.take let only Shape/Size readers beside the BN)
         conv.output[0] = out
         producer[out] = conv
-        # unlink(bn), for its one shape: the BN's input goes with the conv's old output below
-        self.dead_nodes.add(id(bn))
-        maybe_dead = self.maybe_dead_inits
-        for name in plan.params if x_bn == old_out else bn.input[:]:
-            users = consumers.get(name)
-            if users:
-                if users[0] is bn:
-                    del users[0]
-                else:
-                    ix.unread(name, bn)
-            maybe_dead.add(name)
+        self.unlink(bn, plan.params if x_bn == old_out else None)  # (its input goes with the conv's old output)
         producer.pop(old_out, None)
         consumers.pop(old_out, None)
         self.dead_values.add(old_out)
-        maybe_dead.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
+        self.maybe_dead_inits.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
         if keep_exact:
             self.remember_exact(conv, folded if folded is not None else batch.folded(plan, True))
         else:
