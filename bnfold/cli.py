@@ -377,6 +377,11 @@ def _fail(json_wanted: bool, message: str, path: str | None, code: int) -> int:
     return code
 
 
+# the packages every install has (pyproject's dependencies), by the module name an import of them fails on
+_CORE_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "numpy": "numpy", "ml_dtypes": "ml_dtypes",
+                  "google": "protobuf"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "check":
@@ -402,6 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
     except OSError as e:  # the file system said no (a folder gone, a disk full...): not a bug in bnfold
         return _fail(json_wanted, f"{e.strerror or e}", e.filename, EXIT_BAD_INPUT)
+    except ModuleNotFoundError as e:
+        package = _CORE_PACKAGES.get((e.name or "").split(".")[0])
+        if package is None:
+            raise  # not one of bnfold's own dependencies: a bug (the frameworks' extras are MissingExtraError)
+        return _fail(json_wanted, f"this needs {package}, which bnfold depends on, but it cannot be imported "
+                                  f"({e}): pip install {package}", None, EXIT_BAD_INPUT)
     except Exception as e:
         if a.json:  # a bug: its traceback follows on stderr, and --json still gets its one document
             from .report import json_safe, to_json
