@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
     except OSError as e:  # the file system said no (a folder gone, a disk full...): not a bug in bnfold
         return _fail(json_wanted, f"{e.strerror or e}", e.filename, EXIT_BAD_INPUT)
-    except ModuleNotFoundError as e:
+    except ImportError as e:  # (ModuleNotFoundError: not installed; ImportError: installed but broken)
         package = _CORE_PACKAGES.get((e.name or "").split(".")[0])
         if package is None:
             raise  # not one of bnfold's own dependencies: a bug (the frameworks' extras are MissingExtraError)

@@ -67,6 +67,28 @@ def test_a_missing_core_package_with_json_is_one_document(tmp_path):
     assert not out.exists()
 
 
+_BROKEN = """
+import sys
+class Broken:  # an installed package whose compiled part does not load (built for another numpy or CPU)
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnx.onnx_cpp2py_export":
+            raise ImportError("undefined symbol: _ZN4onnx7checker", name=name)
+sys.meta_path.insert(0, Broken())
+from bnfold.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_broken_core_package_is_one_line_too(tmp_path):
+    out = tmp_path / "out.onnx"
+    r = subprocess.run([sys.executable, "-c", _BROKEN, str(SAMPLE), "-o", str(out), "--no-verify"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "this needs onnx" in lines[0] and "undefined symbol" in lines[0], r.stderr
+    assert not out.exists()
+
+
 def test_a_missing_module_that_is_not_a_dependency_is_still_a_bug(tmp_path):
     """bnfold's own module gone (a broken install of bnfold itself, or a bug): not dressed up as bad input."""
     out = tmp_path / "out.onnx"
