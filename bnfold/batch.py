@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from . import api, marks
 from .beforeafter import anatomy, compare, file_bytes
-from .core.errors import BnfoldError
+from .core.errors import BnfoldError, core_dependency_error
 from .core.files import (KERAS_EXTS, ONNX_EXTS, TORCH_EXTS, default_output, framework_of, remove_temp, temp_path,
                           write_error)
 from .core.hold import holding
@@ -239,11 +239,15 @@ def run(pl: Plan, opts: Options, st: Settings, progress: Progress,
         except Exception as e:  # noqa: BLE001 - a bug met on one model must not stop the others
             if not st.keep_going:
                 raise
-            import traceback
-            traceback.print_exc()  # for whoever fixes it; the summary carries the one line
-            o = Outcome(j, EXIT_BAD_INPUT, "error", error={
-                "message": f"internal error (a bug in bnfold; please report it): {type(e).__name__}: {e}",
-                "path": j.source, "code": EXIT_BAD_INPUT, "internal": True})
+            missing = core_dependency_error(e)
+            if missing is not None:  # about the machine, not the model: one line, no traceback
+                o = Outcome(j, EXIT_BAD_INPUT, "error", error=error_doc(missing))
+            else:
+                import traceback
+                traceback.print_exc()  # for whoever fixes it; the summary carries the one line
+                o = Outcome(j, EXIT_BAD_INPUT, "error", error={
+                    "message": f"internal error (a bug in bnfold; please report it): {type(e).__name__}: {e}",
+                    "path": j.source, "code": EXIT_BAD_INPUT, "internal": True})
         o.seconds = time.perf_counter() - t0
         progress.done(j.source, o.status if o.error is None else f"error: {o.error['message']}")
         outcomes.append(o)

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Sequence
 
 from . import __version__
-from .core.errors import BnfoldError
+from .core.errors import BnfoldError, core_dependency_error
 from .core.options import Options
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT = 0, 1, 2
@@ -377,11 +377,6 @@ def _fail(json_wanted: bool, message: str, path: str | None, code: int) -> int:
     return code
 
 
-# the packages every install has (pyproject's dependencies), by the module name an import of them fails on
-_CORE_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "numpy": "numpy", "ml_dtypes": "ml_dtypes",
-                  "google": "protobuf"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "check":
@@ -407,12 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
     except OSError as e:  # the file system said no (a folder gone, a disk full...): not a bug in bnfold
         return _fail(json_wanted, f"{e.strerror or e}", e.filename, EXIT_BAD_INPUT)
-    except ImportError as e:  # (ModuleNotFoundError: not installed; ImportError: installed but broken)
-        package = _CORE_PACKAGES.get((e.name or "").split(".")[0])
-        if package is None:
+    except ImportError as e:
+        missing = core_dependency_error(e)
+        if missing is None:
             raise  # not one of bnfold's own dependencies: a bug (the frameworks' extras are MissingExtraError)
-        return _fail(json_wanted, f"this needs {package}, which bnfold depends on, but it cannot be imported "
-                                  f"({e}): pip install {package}", None, EXIT_BAD_INPUT)
+        return _fail(json_wanted, str(missing), None, EXIT_BAD_INPUT)
     except Exception as e:
         if a.json:  # a bug: its traceback follows on stderr, and --json still gets its one document
             from .report import json_safe, to_json

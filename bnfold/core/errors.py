@@ -19,6 +19,23 @@ class MissingExtraError(BnfoldError):
         )
 
 
+# the packages every install has (pyproject's dependencies), by the module name an import of them fails on
+CORE_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "numpy": "numpy", "ml_dtypes": "ml_dtypes",
+                 "google": "protobuf"}
+
+
+def core_dependency_error(e: BaseException) -> BnfoldError | None:
+    """A failed import of one of bnfold's own dependencies (not installed: ModuleNotFoundError; installed but
+    broken: ImportError naming it) as the one-line error it is, about the machine; None for anything else."""
+    if not isinstance(e, ImportError):
+        return None
+    package = CORE_PACKAGES.get((e.name or "").split(".")[0])
+    if package is None:
+        return None
+    return BnfoldError(f"this needs {package}, which bnfold depends on, but it cannot be imported ({e}): "
+                       f"pip install {package}")
+
+
 class VerificationFailed(AssertionError):
     """Raised by library helpers (bnfold.testing) when two models are not the same function."""
 

@@ -95,3 +95,18 @@ def test_a_missing_module_that_is_not_a_dependency_is_still_a_bug(tmp_path):
     r = _run("bnfold.onnx.sweep", str(SAMPLE), "-o", str(out), "--no-verify")
     assert r.returncode == 1 and "Traceback" in r.stderr and "bnfold.onnx.sweep" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_keep_going_reports_a_missing_core_package_per_model_without_a_traceback(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.onnx", "b.onnx"):
+        shutil.copy(SAMPLE, src / name)
+    out = tmp_path / "out"
+    r = _run("onnxruntime", str(src), "-o", str(out), "--keep-going", "--json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    errors = [m.get("error") for m in doc["summary"]["models"]]
+    assert len(errors) == 2 and all(e and "this needs onnxruntime" in e["message"] for e in errors), doc
+    assert not any("internal" in e for e in errors), errors
+    assert not out.exists() or not any(out.rglob("*.onnx"))
