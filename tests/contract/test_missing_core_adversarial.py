@@ -8,6 +8,7 @@ that says what is wrong."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -298,3 +299,16 @@ def test_a_multi_line_import_error_is_still_one_line(src, tmp_path):
     r = _run({"raise": [[ext, "libcudart.so.12: cannot open shared object file\nPlease install CUDA 12", ext,
                          "ImportError"]]}, src, "-o", tmp_path / "o.onnx")
     assert "libcudart.so.12" in _one_line(r, "onnxruntime")
+
+
+def test_the_real_entry_point_with_a_broken_onnxruntime_on_the_path(src, tmp_path):
+    """`python -m bnfold`, no test harness in the process: an onnxruntime package earlier on sys.path whose
+    compiled part is absent (a half-removed install) is the one line too."""
+    shadow = tmp_path / "shadow" / "onnxruntime"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("from . import _pybind_state_absent\n")
+    env = {**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"}
+    r = subprocess.run([sys.executable, "-m", "bnfold", str(src), "-o", str(tmp_path / "o.onnx")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert "_pybind_state_absent" in _one_line(r, "onnxruntime")
+    assert not (tmp_path / "o.onnx").exists()
