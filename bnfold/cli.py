@@ -402,12 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(True, d["message"], d["path"], EXIT_BAD_INPUT)
     except OSError as e:  # the file system said no (a folder gone, a disk full...): not a bug in bnfold
         return _fail(json_wanted, f"{e.strerror or e}", e.filename, EXIT_BAD_INPUT)
-    except ImportError as e:
-        missing = core_dependency_error(e)
-        if missing is None:
-            raise  # not one of bnfold's own dependencies: a bug (the frameworks' extras are MissingExtraError)
-        return _fail(json_wanted, str(missing), None, EXIT_BAD_INPUT)
     except Exception as e:
+        missing = core_dependency_error(e)  # (the frameworks' extras are MissingExtraError, a BnfoldError)
+        if missing is not None:
+            return _fail(json_wanted, str(missing), None, EXIT_BAD_INPUT)
         if a.json:  # a bug: its traceback follows on stderr, and --json still gets its one document
             from .report import json_safe, to_json
             print(to_json(json_safe({"schema": 1, "error": {

@@ -19,21 +19,33 @@ class MissingExtraError(BnfoldError):
         )
 
 
-# the packages every install has (pyproject's dependencies), by the module name an import of them fails on
+# the packages every install has (pyproject's dependencies), by the modules an import of them fails on
 CORE_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "numpy": "numpy", "ml_dtypes": "ml_dtypes",
-                 "google": "protobuf"}
+                 "google.protobuf": "protobuf", "google._upb": "protobuf"}  # ("google" alone is a shared namespace)
 
 
 def core_dependency_error(e: BaseException) -> BnfoldError | None:
     """A failed import of one of bnfold's own dependencies (not installed: ModuleNotFoundError; installed but
-    broken: ImportError naming it) as the one-line error it is, about the machine; None for anything else."""
-    if not isinstance(e, ImportError):
-        return None
-    package = CORE_PACKAGES.get((e.name or "").split(".")[0])
-    if package is None:
-        return None
-    return BnfoldError(f"this needs {package}, which bnfold depends on, but it cannot be imported ({e}): "
-                       f"pip install {package}")
+    broken: an ImportError naming it, here or in what caused it, as numpy's own re-raise of a compiled part
+    that does not load) as the one-line error it is, about the machine; None for anything else."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = e
+    while isinstance(cause, ImportError) and not any(cause is c for c in seen):
+        package = _core_package(cause.name or "")
+        if package is not None:
+            why = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), type(cause).__name__)
+            return BnfoldError(f"this needs {package}, which bnfold depends on, but it cannot be imported "
+                               f"({why}): pip install {package}")
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _core_package(module: str) -> str | None:
+    for prefix, package in CORE_PACKAGES.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return package
+    return None
 
 
 class VerificationFailed(AssertionError):

@@ -3,8 +3,9 @@ the CLI and --keep-going batches): every command, the --json contract, packages 
 break (a compiled part that does not load, an ImportError without a name, a submodule failing in the middle of a
 run), and modules whose names only look like a core package's. Real processes: the package is blocked before
 bnfold starts, by None in sys.modules (what a missing package looks like to `import`) or by a meta-path finder
-that raises the ImportError a broken install raises. Where the behaviour is wrong the test is a strict xfail
-that says what is wrong."""
+that raises the ImportError a broken install raises. Four cases were wrong when these were written (numpy's
+nameless re-raise, any google.* taken for protobuf, no JSON document for a non-core ImportError, a multi-line
+message); each is fixed and pinned here."""
 from __future__ import annotations
 
 import json
@@ -186,12 +187,9 @@ def test_a_broken_onnxruntime_extension_is_one_line(src, tmp_path):
     assert _tree(tmp_path) == ["m.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "numpy whose C extension does not load (built for another Python/CPU) is raised by numpy/_core/__init__.py as "
-    "a plain ImportError(msg) from exc, with name=None; core_dependency_error looks only at e.name, so the CLI "
-    "prints numpy's traceback and exits 1 instead of 'this needs numpy ... pip install numpy' and exit 2 (the "
-    "cause chain, e.__cause__.name == 'numpy._core._multiarray_umath', does name the package)"))
 def test_numpy_with_a_broken_compiled_part_is_one_line(src, tmp_path):
+    """numpy re-raises its compiled part's failure as ImportError(advice) with no name, from the error that
+    names the module: the cause names the package."""
     ext = "numpy._core._multiarray_umath"
     r = _run({"raise": [[ext, "undefined symbol: PyFoo", ext, "ImportError"]]}, src, "-o", tmp_path / "o.onnx")
     _one_line(r, "numpy")
@@ -231,21 +229,14 @@ def test_a_name_that_only_starts_like_a_core_package_is_a_bug(missing, src, tmp_
     assert _tree(tmp_path) == ["m.onnx"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CORE_PACKAGES maps the root 'google' to protobuf, but google is a namespace shared by many distributions: "
-    "ModuleNotFoundError for 'google.cloud' (not protobuf) is reported as 'this needs protobuf ... pip install "
-    "protobuf', exit 2, hiding the bug; only google.protobuf (and google._upb) are protobuf's"))
 def test_a_google_module_that_is_not_protobuf_is_a_bug(src, tmp_path):
+    """google is a namespace many distributions share: only google.protobuf (and google._upb) are protobuf's."""
     r = _run({"raise": [["bnfold.onnx.sweep", "No module named 'google.cloud'", "google.cloud",
                          "ModuleNotFoundError"]]}, src, "-o", tmp_path / "o.onnx", "--no-verify")
     assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr
     assert "pip install protobuf" not in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with --json, an ImportError that is not a core dependency is re-raised from main's `except ImportError` "
-    "branch, which skips the `except Exception` branch that prints the internal-error JSON document: stdout is "
-    "empty (any other bug still gets {'error': {'code': 1, 'internal': true}} on stdout)"))
 def test_a_missing_module_that_is_a_bug_still_gets_its_json_document(src, tmp_path):
     r = _run({"none": ["bnfold.onnx.sweep"]}, src, "-o", tmp_path / "o.onnx", "--no-verify", "--json")
     assert r.returncode == 1 and "Traceback" in r.stderr, r.stderr
@@ -291,9 +282,6 @@ def test_the_library_raises_the_import_error_itself_and_never_returns_a_result(s
     assert r.stdout.splitlines() == ["RAISED ModuleNotFoundError onnxruntime"] * 2 + ["NOVERIFY 3"], r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the ImportError's own message is pasted into the error as it is: a multi-line one (a loader's message plus "
-    "advice, as numpy's and CUDA builds of onnxruntime give) makes the 'one line' several lines on stderr"))
 def test_a_multi_line_import_error_is_still_one_line(src, tmp_path):
     ext = "onnxruntime.capi.onnxruntime_pybind11_state"
     r = _run({"raise": [[ext, "libcudart.so.12: cannot open shared object file\nPlease install CUDA 12", ext,
