@@ -336,7 +336,7 @@ def _fold_held(j: Job, pl: Plan, opts: Options, st: Settings) -> Outcome:
                 # fold (it lets go of the GIL) instead of after it, a fifth of a 100 MB model's run. Only
                 # once loaded: loading refuses a data file outside the model's folder before anything reads it.
                 digest = Later(marks.digest, j.source, _companions(j.source), thread="bnfold-digest", daemon=True)
-            before = anatomy(model, fe.name)
+            before = anatomy(model, fe.name, as_loaded=True)
         # the model is this job's own: an ONNX fold without verification changes it in place, no copy
         res = api.fold_with(model, opts, fe.example_inputs(model, opts), owned=True)
     rep = res.report

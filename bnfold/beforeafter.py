@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def anatomy(model: Any, framework: str) -> dict[str, Any]:
-    """{"ops": Counter of op kinds, "parameters": stored weight elements} of one in-memory model."""
+def anatomy(model: Any, framework: str, *, as_loaded: bool = False) -> dict[str, Any]:
+    """{"ops": Counter of op kinds, "parameters": stored weight elements} of one in-memory model. `as_loaded`:
+    `model` is exactly what this job's load returned (ONNX: the load check's sums serve, core/hold.py)."""
     if framework == "onnx":
-        return _onnx(model)
+        return _onnx(model, as_loaded)
     if framework == "torch":
         return _torch(model)
     if framework == "keras":
@@ -59,13 +60,20 @@ _HOLDERS = _CONTROL_FLOW | {"Constant"}
 _DEFAULT = frozenset({"", "ai.onnx"})
 
 
-def _onnx(model: Any) -> dict[str, Any]:
+def _onnx(model: Any, as_loaded: bool = False) -> dict[str, Any]:
     ops: Counter = Counter()
-    params = 0
+    params = None
+    if as_loaded:  # the elements of every graph's initializers, summed by the load check as it read their dims
+        from .core.hold import noted
+        from .onnx.validity import INITIALIZER_ELEMENTS
+        params = noted(model, INITIALIZER_ELEMENTS)
+    count_initializers = params is None
+    params = params or 0
 
     def walk(graph: Any) -> None:
         nonlocal params
-        params += sum(math.prod(t.dims[:]) for t in graph.initializer[:])
+        if count_initializers:
+            params += sum(math.prod(t.dims[:]) for t in graph.initializer[:])
         nodes = graph.node[:]  # ([:] copies a repeated field in one call: a graph may hold 100k nodes)
         types = [n.op_type for n in nodes]
         domains = [n.domain for n in nodes]

@@ -6,6 +6,10 @@ again (~0.4 us a tensor, more than most passes spend reading it): the load check
 counts, the index and the save each paid for that. Within `holding()`, the lists the first passes make
 (protos.tensor_groups, GraphIndex.build) are kept until the job ends, so the later passes find every
 wrapper made. Outside it nothing is kept (a library caller's model is never held longer than its call).
+
+A block also keeps what a pass noted about an object for the ones after it (`note`, `noted`): the load check
+sums the elements of a model's initializers as it reads their dims, and the count of the model as loaded uses
+that sum instead of reading every tensor's dims again.
 """
 from __future__ import annotations
 
@@ -15,16 +19,33 @@ from typing import Iterator, TypeVar
 
 T = TypeVar("T")
 _HELD: contextvars.ContextVar[list | None] = contextvars.ContextVar("bnfold_held", default=None)
+_NOTES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("bnfold_notes", default=None)
 
 
 @contextlib.contextmanager
 def holding() -> Iterator[None]:
     """Keep what hold() is given until the block ends (nested blocks keep theirs to themselves)."""
-    token = _HELD.set([])
+    token, notes = _HELD.set([]), _NOTES.set({})
     try:
         yield
     finally:
+        _NOTES.reset(notes)
         _HELD.reset(token)
+
+
+def note(owner: object, key: str, value: object) -> None:
+    """Remember `value` about `owner` until the innermost holding() block ends (outside one: nothing). A later
+    note of the same key replaces it. Only for what stays true of `owner` until the reader asks."""
+    notes = _NOTES.get()
+    if notes is not None:
+        notes[id(owner), key] = (owner, value)  # (owner kept: its id() stays its own)
+
+
+def noted(owner: object, key: str) -> object | None:
+    """What note() remembered about `owner` under `key` in this block, or None."""
+    notes = _NOTES.get()
+    entry = notes.get((id(owner), key)) if notes else None
+    return entry[1] if entry is not None and entry[0] is owner else None
 
 
 def hold(items: T) -> T:

@@ -184,13 +184,13 @@ def all_tensors(model: onnx.ModelProto):
     """Every TensorProto of the model: initializers (sparse ones too) and attribute values, in
     subgraphs and model-local functions as well (functions' default attribute values too); not the
     attributes of SCHEMA_CHECKED ops, where onnx's checker refuses any tensor."""
-    for group in tensor_groups(model):
+    for group, _ in tensor_groups(model):
         yield from group
 
 
 def tensor_groups(model: onnx.ModelProto):
-    """all_tensors, a group at a time: each graph's initializers come as one list (a loop over a model's
-    100k initializers then runs in the caller, not through three nested generators)."""
+    """all_tensors, a group at a time, as (tensors, initializers?): each graph's initializers come as one list
+    (a loop over a model's 100k initializers then runs in the caller, not through three nested generators)."""
     A = onnx.AttributeProto
 
     def of_attributes(attributes):
@@ -198,14 +198,14 @@ def tensor_groups(model: onnx.ModelProto):
             if a.type not in _HOLDERS:
                 continue
             if a.type == A.TENSOR:
-                yield (a.t,)
+                yield (a.t,), False
             elif a.type == A.TENSORS:
-                yield a.tensors[:]
+                yield a.tensors[:], False
             elif a.type == A.SPARSE_TENSOR:
-                yield (a.sparse_tensor.values, a.sparse_tensor.indices)
+                yield (a.sparse_tensor.values, a.sparse_tensor.indices), False
             elif a.type == A.SPARSE_TENSORS:
                 for sp in a.sparse_tensors:
-                    yield (sp.values, sp.indices)
+                    yield (sp.values, sp.indices), False
             elif a.type == A.GRAPH:
                 yield from of_graph(a.g)
             else:
@@ -218,9 +218,9 @@ def tensor_groups(model: onnx.ModelProto):
                 yield from of_attributes(n.attribute[:])
 
     def of_graph(g):
-        yield hold(g.initializer[:])  # (kept for the job's later passes, when one holds them: core/hold.py)
+        yield hold(g.initializer[:]), True  # (kept for the job's later passes, when one holds them: core/hold.py)
         for sp in g.sparse_initializer:
-            yield (sp.values, sp.indices)
+            yield (sp.values, sp.indices), False
         yield from of_nodes(g.node[:])  # (not held: the nodes' wrappers kept from here raised a 32k chain's peak by a quarter)
 
     yield from of_graph(model.graph)

@@ -7,6 +7,7 @@ import math
 import onnx
 
 from ..core.errors import BnfoldError
+from ..core.hold import note
 from .protos import itemsize, tensor_groups
 
 
@@ -31,11 +32,15 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
     external, found = onnx.TensorProto.EXTERNAL, False
     items, prod, exact = _ITEMS, math.prod, _EXACT_RAW  # (looked up in place: a model may hold 100k tensors)
     last_type = item = None  # (most tensors share their neighbour's type: no lookup then)
-    for group in tensor_groups(model):
+    elements = 0  # of every graph's initializers (the count of the model as loaded reads it: core/hold.py)
+    for group, initializers in tensor_groups(model):
         for t in group:  # ~1 us each
             dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
             if dims and min(dims) < 0:
                 raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
+            n = prod(dims)
+            if initializers:
+                elements += n
             dt = t.data_type
             if dt != last_type:
                 item = items.get(dt)
@@ -47,11 +52,15 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
                 if item:
                     continue  # checked when read
             if item > 0:
-                want = prod(dims) * item
+                want = n * item
                 if 0 < want <= exact and len(t.raw_data) == want:
                     continue  # the common case: raw data that fills its dims
             _check_tensor(t, dims, item, path, size)
+    note(model, INITIALIZER_ELEMENTS, elements)
     return found
+
+
+INITIALIZER_ELEMENTS = "onnx initializer elements"  # (the note check_sizes leaves: beforeafter's count reads it)
 
 
 def _check_tensor(t: onnx.TensorProto, dims: list[int], item: int, path: str, size: int | None) -> None:

@@ -524,8 +524,8 @@ def test_an_interrupt_in_a_job_releases_its_held_lists(tmp_path, monkeypatch, ke
     real = bnfold.batch.anatomy
     seen = []
 
-    def interrupted(model, fw):
-        out = real(model, fw)
+    def interrupted(model, fw, **kw):
+        out = real(model, fw, **kw)
         seen.append(len(held() or []))
         if len(seen) == 2:  # the count of the folded model, after the fold
             raise KeyboardInterrupt
@@ -548,9 +548,9 @@ def test_the_switch_the_comparisons_use_turns_holding_off(tmp_path, rng, monkeyp
     real = bnfold.batch.anatomy
     seen = []
 
-    def spy(model, fw):
+    def spy(model, fw, **kw):
         seen.append(None if held() is None else len(held()))
-        return real(model, fw)
+        return real(model, fw, **kw)
     monkeypatch.setattr(bnfold.batch, "anatomy", spy)
     for on in (True, False):
         code, _ = cli([p, "-o", str(tmp_path / f"o_{on}.onnx"), "--no-verify"], hold_on=on)

@@ -1,0 +1,132 @@
+"""The load check's sum of a model's initializer elements (core/hold.py: note/noted), which the count of the
+model as loaded uses instead of reading every tensor's dims again: the same numbers as a count that reads them,
+on every kind of tensor a load meets (bodies' initializers, Constant nodes, sparse initializers, strings,
+external data read in or left on disk, a tensor too big for the exact raw-size check, a scalar), and never
+used for anything but the very model that load returned, in that job."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.beforeafter import anatomy
+from bnfold.core.hold import holding, note, noted
+from bnfold.onnx import ondisk
+from bnfold.onnx.io import load_onnx
+from bnfold.onnx.validity import INITIALIZER_ELEMENTS
+from tests.helpers.fold_corpus import CORPUS, if_bodies_ir3, weight_read_by_body
+
+
+def _counted_as_loaded(path: str) -> tuple[dict, dict]:
+    """(the count a job makes of the loaded model, the count that reads every tensor) of one file."""
+    with holding():
+        m = load_onnx(path)
+        fast = anatomy(m, "onnx", as_loaded=True)
+        assert noted(m, INITIALIZER_ELEMENTS) is not None
+    slow = anatomy(load_onnx(path), "onnx")
+    return fast, slow
+
+
+@pytest.mark.parametrize("name", [*CORPUS, "if_bodies_ir3", "weight_read_by_body"])
+def test_the_fold_corpus_counts_the_same(name, tmp_path):
+    build = {**CORPUS, "if_bodies_ir3": if_bodies_ir3, "weight_read_by_body": weight_read_by_body}[name]
+    p = str(tmp_path / "m.onnx")
+    onnx.save(build(5)[0], p)
+    fast, slow = _counted_as_loaded(p)
+    assert fast == slow
+    assert slow["parameters"] > 0
+
+
+def _odd_tensors_model() -> onnx.ModelProto:
+    """Every kind of tensor the size check meets, in the main graph and in an If body."""
+    rng = np.random.default_rng(3)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    body_init = numpy_helper.from_array(f(4), "body_w")
+    then = helper.make_graph([helper.make_node("Add", ["big_row", "body_w"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])], [body_init])
+    els = helper.make_graph([helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(f(4), "c"))],
+                            "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [4])])
+    nodes = [
+        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(f(2, 3), "k")),
+        helper.make_node("ReduceSum", ["k"], ["ks"], keepdims=0),
+        helper.make_node("Greater", ["ks", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=els),
+        helper.make_node("Add", ["y", "big_row"], ["z"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.float32(0.0), "zero"),                       # a scalar: no dims, one element
+        numpy_helper.from_array(f(4), "big_row"),
+        numpy_helper.from_array(f(3 << 20), "big"),                            # 12 MiB: over the exact raw-size check
+        helper.make_tensor("typed", TensorProto.FLOAT, [2, 2], [1.0, 2.0, 3.0, 4.0]),  # typed fields, no raw data
+        helper.make_tensor("names", TensorProto.STRING, [3], [b"a", b"bc", b""]),     # strings: no item size
+        numpy_helper.from_array(np.zeros((0, 5), np.float32), "empty"),         # zero elements
+    ]
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(f(2), "sp"),
+                                       numpy_helper.from_array(np.array([1, 3], np.int64), "sp_i"), [6])
+    g = helper.make_graph(nodes, "odd", [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4])], inits,
+                          sparse_initializer=[sparse])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_every_kind_of_tensor_counts_the_same(tmp_path):
+    p = str(tmp_path / "odd.onnx")
+    onnx.save(_odd_tensors_model(), p)
+    fast, slow = _counted_as_loaded(p)
+    assert fast == slow
+    # initializers of both graphs (1 + 4 + 3M + 4 + 3 + 0, and the body's 4) and the two Constants (6 + 4);
+    # the sparse initializer is not a stored dense weight in either count
+    assert slow["parameters"] == 1 + 4 + (3 << 20) + 4 + 3 + 0 + 4 + 6 + 4
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["read-in", "left-on-disk"])
+def test_external_data_counts_the_same(tmp_path, monkeypatch, lazy):
+    """Tensors in a data file: read in after the first size check (which skips them), or left on disk."""
+    m = _odd_tensors_model()
+    p = str(tmp_path / "ext.onnx")
+    onnx.save(m, p, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=16)
+    assert os.path.exists(tmp_path / "ext.data")
+    if lazy:
+        monkeypatch.setattr(ondisk, "LAZY_TOTAL", 1)  # every external tensor stays in its file
+    fast, slow = _counted_as_loaded(p)
+    assert fast == slow
+    assert slow["parameters"] == 1 + 4 + (3 << 20) + 4 + 3 + 0 + 4 + 6 + 4
+
+
+def test_the_note_is_for_that_model_in_that_block_only(tmp_path):
+    p = str(tmp_path / "m.onnx")
+    onnx.save(CORPUS["bn_chain"](1)[0], p)
+    m = load_onnx(p)  # outside a block: nothing noted, the count reads the tensors
+    assert noted(m, INITIALIZER_ELEMENTS) is None
+    with holding():
+        a = load_onnx(p)
+        b = onnx.ModelProto()
+        b.CopyFrom(a)  # another model with the same contents, never loaded in this block
+        assert noted(a, INITIALIZER_ELEMENTS) is not None and noted(b, INITIALIZER_ELEMENTS) is None
+        with holding():  # a nested block (a job inside a job) sees only its own notes
+            assert noted(a, INITIALIZER_ELEMENTS) is None
+        del b.graph.initializer[:]  # the copy changed: its count reads what it holds now
+        assert anatomy(b, "onnx", as_loaded=True)["parameters"] == anatomy(b, "onnx")["parameters"]
+    assert noted(a, INITIALIZER_ELEMENTS) is None  # the block is over
+
+
+def test_notes_survive_only_for_their_owner():
+    """An id() is reused once its object is gone: the block keeps the owner, so a note is never read for
+    another object that got the same id()."""
+    class Owner:
+        pass
+    with holding():
+        o = Owner()
+        note(o, "k", 1)
+        ident = id(o)
+        del o
+        others = [Owner() for _ in range(1000)]
+        assert all(noted(x, "k") is None for x in others)
+        assert not any(id(x) == ident for x in others)  # the owner is still alive: its id() is not reused
+    note(Owner(), "k", 2)  # outside a block: nothing is kept
+    assert noted(Owner(), "k") is None
