@@ -189,11 +189,13 @@ def all_tensors(model: onnx.ModelProto):
 
 
 def tensor_groups(model: onnx.ModelProto):
-    """all_tensors, a group at a time, as (tensors, initializers?): each graph's initializers come as one list
-    (a loop over a model's 100k initializers then runs in the caller, not through three nested generators)."""
+    """all_tensors, a group at a time, as (tensors, counted): each graph's initializers come as one list (a loop
+    over a model's 100k initializers then runs in the caller, not through three nested generators); counted:
+    the initializers of the main graph and of the bodies within it, what beforeafter counts as a model's
+    parameters (not a model-local function's bodies, not attribute or sparse tensors)."""
     A = onnx.AttributeProto
 
-    def of_attributes(attributes):
+    def of_attributes(attributes, main):
         for a in attributes:
             if a.type not in _HOLDERS:
                 continue
@@ -207,26 +209,26 @@ def tensor_groups(model: onnx.ModelProto):
                 for sp in a.sparse_tensors:
                     yield (sp.values, sp.indices), False
             elif a.type == A.GRAPH:
-                yield from of_graph(a.g)
+                yield from of_graph(a.g, main)
             else:
                 for g in a.graphs:
-                    yield from of_graph(g)
+                    yield from of_graph(g, main)
 
-    def of_nodes(nodes):
+    def of_nodes(nodes, main):
         for n in nodes:
             if n.op_type not in SCHEMA_CHECKED or n.domain not in _DEFAULT:
-                yield from of_attributes(n.attribute[:])
+                yield from of_attributes(n.attribute[:], main)
 
-    def of_graph(g):
-        yield hold(g.initializer[:]), True  # (kept for the job's later passes, when one holds them: core/hold.py)
+    def of_graph(g, main):
+        yield hold(g.initializer[:]), main  # (kept for the job's later passes, when one holds them: core/hold.py)
         for sp in g.sparse_initializer:
             yield (sp.values, sp.indices), False
-        yield from of_nodes(g.node[:])  # (not held: the nodes' wrappers kept from here raised a 32k chain's peak by a quarter)
+        yield from of_nodes(g.node[:], main)  # (not held: the nodes' wrappers kept from here raised a 32k chain's peak by a quarter)
 
-    yield from of_graph(model.graph)
+    yield from of_graph(model.graph, True)
     for f in model.functions:
-        yield from of_attributes(f.attribute_proto)  # default attribute values (the checker reads none)
-        yield from of_nodes(f.node)
+        yield from of_attributes(f.attribute_proto, False)  # default attribute values (the checker reads none)
+        yield from of_nodes(f.node, False)
 
 
 def nbytes(t: onnx.TensorProto) -> int:

@@ -32,14 +32,14 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
     external, found = onnx.TensorProto.EXTERNAL, False
     items, prod, exact = _ITEMS, math.prod, _EXACT_RAW  # (looked up in place: a model may hold 100k tensors)
     last_type = item = None  # (most tensors share their neighbour's type: no lookup then)
-    elements = 0  # of every graph's initializers (the count of the model as loaded reads it: core/hold.py)
-    for group, initializers in tensor_groups(model):
+    elements = 0  # of the initializers beforeafter counts (the count of the model as loaded reads it: core/hold.py)
+    for group, counted in tensor_groups(model):
         for t in group:  # ~1 us each
             dims = t.dims[:]  # (a list: iterating the repeated field itself ends in a raised IndexError)
             if dims and min(dims) < 0:
                 raise BnfoldError(f"tensor {t.name!r} has a negative dimension {dims}", path)
             n = prod(dims)
-            if initializers:
+            if counted:
                 elements += n
             dt = t.data_type
             if dt != last_type:

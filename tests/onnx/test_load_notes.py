@@ -130,3 +130,28 @@ def test_notes_survive_only_for_their_owner():
         assert not any(id(x) == ident for x in others)  # the owner is still alive: its id() is not reused
     note(Owner(), "k", 2)  # outside a block: nothing is kept
     assert noted(Owner(), "k") is None
+
+
+def test_a_functions_bodies_are_not_counted_by_either(tmp_path):
+    """A model-local function whose If holds a body with an initializer: the load check reads that tensor too,
+    but neither count takes a function's insides for the model's parameters."""
+    rng = np.random.default_rng(9)
+    body_w = numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "fw")
+    then = helper.make_graph([helper.make_node("Identity", ["fw"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [5])], [body_w])
+    els = helper.make_graph([helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(
+        np.zeros(5, np.float32), "e"))], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, [5])])
+    fn = helper.make_function("local", "pick", ["c"], ["y"],
+                              [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els)],
+                              [helper.make_opsetid("", 17)])
+    g = helper.make_graph([helper.make_node("pick", ["c"], ["y"], domain="local")], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+                          [numpy_helper.from_array(np.ones((2, 3), np.float32), "unused")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                          functions=[fn])
+    m.ir_version = 8
+    p = str(tmp_path / "fn.onnx")
+    onnx.save(m, p)
+    fast, slow = _counted_as_loaded(p)
+    assert fast == slow and slow["parameters"] == 6
