@@ -266,9 +266,17 @@ def test_graph_attribute_on_a_plain_op_counts_the_same(how, tmp_path):
 @pytest.mark.skipif(not _TWO_BIT, reason="this onnx has no 2-bit types")
 @pytest.mark.xfail(strict=True, reason="the load check refuses valid INT2/UINT2 tensors as corrupt: protos.itemsize "
                    "packs only INT4/UINT4/FLOAT4E2M1 (_PACKED), so a [3, 2] UINT2 tensor that onnx's own helper "
-                   "packs into 2 values (4 elements each) is 'declares dims [3, 2] (6 values) but holds 2 values'")
-def test_two_bit_tensors_load(tmp_path):
-    p = _saved(_every_dtype_model(only=_TWO_BIT), tmp_path)
+                   "packs into 2 values (4 elements each) is 'declares dims [3, 2] (6 values) but holds 2 values' (as raw data, "
+                   "2 bytes: '(6 bytes) but holds 2 bytes')")
+@pytest.mark.parametrize("raw", [False, True], ids=["typed", "raw"])
+def test_two_bit_tensors_load(raw, tmp_path):
+    m = _every_dtype_model(only=_TWO_BIT)
+    if raw:  # the same tensors as raw data: 6 elements, 4 a byte, 2 bytes
+        for t in m.graph.initializer:
+            n = int(np.prod(t.dims))
+            t.ClearField("int32_data")
+            t.raw_data = bytes((n + 3) // 4)
+    p = _saved(m, tmp_path)
     assert onnx.numpy_helper.to_array(onnx.load(p).graph.initializer[0]).shape == (3, 2)
     fast, slow = _counts(p)
     assert fast == slow
