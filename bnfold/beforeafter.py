@@ -54,13 +54,8 @@ def compare(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str, A
 
 # -- ONNX ------------------------------------------------------------------------------------------
 
-# default-domain ops with graph attributes (the ONNX checker refuses one on any other default-domain op)
-_CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-_HOLDERS = _CONTROL_FLOW | {"Constant"}
-_DEFAULT = frozenset({"", "ai.onnx"})
-
-
 def _onnx(model: Any, as_loaded: bool = False) -> dict[str, Any]:
+    from .onnx.nodes import COUNTED_HOLDERS as holders, ONNX_DOMAINS as default, counts_bodies_of
     ops: Counter = Counter()
     params = None
     if as_loaded:  # the elements of every graph's initializers, summed by the load check as it read their dims
@@ -77,16 +72,16 @@ def _onnx(model: Any, as_loaded: bool = False) -> dict[str, Any]:
         nodes = graph.node[:]  # ([:] copies a repeated field in one call: a graph may hold 100k nodes)
         types = [n.op_type for n in nodes]
         domains = [n.domain for n in nodes]
-        if _DEFAULT.issuperset(domains):
+        if set(default).issuperset(domains):
             ops.update(types)  # (a list: counted in C)
-            if _HOLDERS.isdisjoint(types):
+            if holders.isdisjoint(types):
                 return  # no Constant and no body: nothing more to count
         else:
-            ops.update(op if dom in _DEFAULT else f"{dom}.{op}" for dom, op in zip(domains, types))
+            ops.update(op if dom in default else f"{dom}.{op}" for dom, op in zip(domains, types))
         for n, dom, op in zip(nodes, domains, types):
             # only Constant holds a counted tensor, and only control flow (or another domain's op) a graph:
             # the attributes of every other node need no look
-            if op != "Constant" and op not in _CONTROL_FLOW and dom in _DEFAULT:
+            if not counts_bodies_of(op, dom):
                 continue
             for a in n.attribute:
                 if op == "Constant" and a.HasField("t"):

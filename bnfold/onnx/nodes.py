@@ -10,6 +10,15 @@ from onnx import helper
 ONNX_DOMAINS = ("", "ai.onnx")
 # default-domain ops with graph attributes (the checker refuses one on any other default-domain op)
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+# the default-domain ops whose attributes beforeafter counts (bodies' initializers, a Constant's tensor); the
+# checker lets any op hold a body in an attribute named "__...", which no runtime runs: not counted
+COUNTED_HOLDERS = CONTROL_FLOW | {"Constant"}
+
+
+def counts_bodies_of(op: str, domain: str) -> bool:
+    """Are the initializers of the bodies a node holds counted among a model's parameters (beforeafter, and
+    the load check's sum of them: protos.tensor_groups)?"""
+    return op in COUNTED_HOLDERS or domain not in ONNX_DOMAINS
 # The epsilon attribute is a float32: its default 1e-5 is float32(1e-5), which is what runtimes use (for
 # double BatchNorms too); the Python double 1e-5 would be off by 2.5e-14, millions of ulp at var ~ 1e-4.
 EPSILON_DEFAULT = float(np.float32(1e-5))

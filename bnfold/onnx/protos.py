@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from ..core.hold import hold
+from .nodes import counts_bodies_of
 
 
 def structure_only(model: onnx.ModelProto, keep_up_to: int = 0) -> onnx.ModelProto:
@@ -217,7 +218,9 @@ def tensor_groups(model: onnx.ModelProto):
     def of_nodes(nodes, main):
         for n in nodes:
             if n.op_type not in SCHEMA_CHECKED or n.domain not in _DEFAULT:
-                yield from of_attributes(n.attribute[:], main)
+                # (a body counts where beforeafter counts it: onnx's checker lets any op hold one in an
+                # attribute named "__...", which no runtime runs)
+                yield from of_attributes(n.attribute[:], main and counts_bodies_of(n.op_type, n.domain))
 
     def of_graph(g, main):
         yield hold(g.initializer[:]), main  # (kept for the job's later passes, when one holds them: core/hold.py)
@@ -237,7 +240,7 @@ def nbytes(t: onnx.TensorProto) -> int:
     if not size:
         return 0
     n = math.prod(t.dims[:])  # ([:] is one call; iterating a repeated field ends in a raised IndexError)
-    return (n + 1) // 2 if size < 0 else n * size
+    return packed_bytes(n, size) if size < 0 else n * size
 
 
 def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
@@ -250,20 +253,21 @@ def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
             size = itemsize(dt)
         if size:
             n = math.prod(t.dims[:])
-            total += (n + 1) // 2 if size < 0 else n * size
+            total += packed_bytes(n, size) if size < 0 else n * size
     return total
 
 
 def itemsize(data_type: int) -> int:
-    """Bytes per element of an ONNX data type in raw data: 0 for strings and unknown types, -1 for the
-    packed 4-bit types (two elements per byte; numpy's ml_dtypes stand-ins take a whole byte each)."""
+    """Bytes per element of an ONNX data type in raw data: 0 for strings and unknown types; for the types
+    under a byte, minus their bits (-4, -2, -6: packed without gaps, packed_bytes; numpy's ml_dtypes stand-ins
+    take a whole byte each)."""
     size = _ITEMSIZE.get(data_type)
     if size is not None:
         return size
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         size = 0
-    elif data_type in _PACKED:
-        size = -1
+    elif data_type in _BITS:
+        size = -_BITS[data_type]
     else:
         try:
             size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
@@ -274,7 +278,22 @@ def itemsize(data_type: int) -> int:
 
 
 _ITEMSIZE: dict[int, int] = {}  # data type -> itemsize(), filled as types are met (a lookup per tensor, not a dtype)
-_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+# the types under a byte (as this onnx knows them), by their bits per element
+_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+    if hasattr(onnx.TensorProto, name)}
+
+
+def packed_bytes(n: int, size: int) -> int:
+    """Raw bytes of `n` elements of a type under a byte (`size`: itemsize(), minus its bits)."""
+    return (n * -size + 7) // 8
+
+
+def typed_values(n: int, size: int) -> int:
+    """How many entries of int32_data (or another typed field) hold `n` elements of a type of itemsize `size`:
+    one an element, but one packed byte an entry for the 4- and 2-bit types (the 6-bit floats keep one value
+    an entry), as onnx's helper.make_tensor writes them."""
+    return packed_bytes(n, size) if size in (-4, -2) else n
 
 
 def is_external(t: onnx.TensorProto) -> bool:

@@ -8,7 +8,7 @@ import onnx
 
 from ..core.errors import BnfoldError
 from ..core.hold import note
-from .protos import itemsize, tensor_groups
+from .protos import itemsize, packed_bytes, tensor_groups, typed_values
 
 
 def passes_checker(data: bytes) -> bool:
@@ -73,7 +73,7 @@ def _check_tensor(t: onnx.TensorProto, dims: list[int], item: int, path: str, si
         return  # strings and undefined: nothing to count
     n = math.prod(dims)
     if t.HasField("raw_data"):
-        want, unit = (n + 1) // 2 if item < 0 else n * item, "bytes"
+        want, unit = packed_bytes(n, item) if item < 0 else n * item, "bytes"
         if size is not None and want > size:
             raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} bytes), more than the "
                               f"whole file holds ({size}); the file is corrupt", path)
@@ -82,7 +82,7 @@ def _check_tensor(t: onnx.TensorProto, dims: list[int], item: int, path: str, si
         have = len(t.raw_data)
     else:
         have = len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data) + len(t.uint64_data)
-        want = 2 * n if dt in _TWO_FLOATS else (n + 1) // 2 if item < 0 else n
+        want = 2 * n if dt in _TWO_FLOATS else typed_values(n, item)
         unit = "values"
     if have != want:
         raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} {unit}) but holds {have} "
