@@ -41,6 +41,14 @@ def note(owner: object, key: str, value: object) -> None:
         notes[id(owner), key] = (owner, value)  # (owner kept: its id() stays its own)
 
 
+def forget(owner: object) -> None:
+    """Drop every note about `owner` in this block (it is about to change: a fold in place)."""
+    notes = _NOTES.get()
+    if notes:
+        for k in [k for k, (o, _) in notes.items() if o is owner]:
+            del notes[k]
+
+
 def noted(owner: object, key: str) -> object | None:
     """What note() remembered about `owner` under `key` in this block, or None."""
     notes = _NOTES.get()

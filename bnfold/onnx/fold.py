@@ -5,6 +5,7 @@ import time
 
 import onnx
 
+from ..core.hold import forget
 from ..core.options import Options
 from ..core.pause import paused_gc
 from ..core.results import FoldResult, Report, Verification
@@ -28,6 +29,7 @@ def fold_onnx(model: onnx.ModelProto, opts: Options, *, original_path: str | Non
             folded, borrowed = copy_borrowing(model)  # the weights a fold replaces are never copied
         else:
             folded = model
+            forget(model)  # what the load noted of it stops being true here (core/hold.py)
         decisions = fold_all_scopes(folded, opts, borrowed)
         fill_borrowed(folded, borrowed)
         _name_readably(names, decisions)

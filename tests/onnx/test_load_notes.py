@@ -155,3 +155,23 @@ def test_a_functions_bodies_are_not_counted_by_either(tmp_path):
     onnx.save(m, p)
     fast, slow = _counted_as_loaded(p)
     assert fast == slow and slow["parameters"] == 6
+
+
+def test_a_fold_in_place_forgets_what_the_load_noted(tmp_path):
+    """The command line's fold without verification changes the loaded model itself: from there on its notes
+    would be stale, so the fold drops them (and only them)."""
+    from bnfold.core.hold import forget
+    from bnfold.core.options import Options
+    from bnfold.onnx.fold import fold_onnx
+    p, q = str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")
+    onnx.save(CORPUS["bn_chain"](2)[0], p)
+    onnx.save(CORPUS["shared_weight"](2)[0], q)
+    with holding():
+        a, b = load_onnx(p), load_onnx(q)
+        assert noted(a, INITIALIZER_ELEMENTS) is not None and noted(b, INITIALIZER_ELEMENTS) is not None
+        res = fold_onnx(a, Options(verify=False), copy=False)
+        assert res.model is a and noted(a, INITIALIZER_ELEMENTS) is None
+        assert noted(b, INITIALIZER_ELEMENTS) is not None
+        assert anatomy(a, "onnx", as_loaded=True) == anatomy(a, "onnx")
+        forget(b)
+        assert noted(b, INITIALIZER_ELEMENTS) is None
