@@ -118,11 +118,16 @@ def test_check_without_a_core_package_is_one_line_and_writes_no_report(blocked, 
     assert _tree(tmp_path) == ["m.onnx"]
 
 
-def test_a_folder_without_keep_going_stops_at_the_first_model_and_writes_nothing(tmp_path):
+def _two_model_folder(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     shutil.copy(SAMPLE, d / "a.onnx")
     shutil.copy(MLP, d / "b.onnx")
+    return d
+
+
+def test_a_folder_without_keep_going_stops_at_the_first_model_and_writes_nothing(tmp_path):
+    d = _two_model_folder(tmp_path)
     r = _run({"none": ["onnxruntime"]}, d, "-o", tmp_path / "out", "--json")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
@@ -132,10 +137,7 @@ def test_a_folder_without_keep_going_stops_at_the_first_model_and_writes_nothing
 
 
 def test_keep_going_without_json_names_the_package_once_per_model(tmp_path):
-    d = tmp_path / "in"
-    d.mkdir()
-    shutil.copy(SAMPLE, d / "a.onnx")
-    shutil.copy(MLP, d / "b.onnx")
+    d = _two_model_folder(tmp_path)
     r = _run({"none": ["numpy"]}, d, "-o", tmp_path / "out", "--keep-going")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("this needs numpy, which bnfold depends on") == 2, r.stderr
