@@ -58,7 +58,7 @@ def _onnx(model: Any, as_loaded: bool = False) -> dict[str, Any]:
     from .onnx.nodes import COUNTED_HOLDERS as holders, ONNX_DOMAINS as default, counts_bodies_of
     ops: Counter = Counter()
     params = None
-    if as_loaded:  # the elements of every graph's initializers, summed by the load check as it read their dims
+    if as_loaded:  # the elements of the initializers counted below, summed by the load check as it read their dims
         from .core.hold import noted
         from .onnx.validity import INITIALIZER_ELEMENTS
         params = noted(model, INITIALIZER_ELEMENTS)

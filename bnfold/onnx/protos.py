@@ -240,7 +240,7 @@ def nbytes(t: onnx.TensorProto) -> int:
     if not size:
         return 0
     n = math.prod(t.dims[:])  # ([:] is one call; iterating a repeated field ends in a raised IndexError)
-    return packed_bytes(n, size) if size < 0 else n * size
+    return raw_bytes(n, size)
 
 
 def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
@@ -253,13 +253,13 @@ def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
             size = itemsize(dt)
         if size:
             n = math.prod(t.dims[:])
-            total += packed_bytes(n, size) if size < 0 else n * size
+            total += raw_bytes(n, size)
     return total
 
 
 def itemsize(data_type: int) -> int:
     """Bytes per element of an ONNX data type in raw data: 0 for strings and unknown types; for the types
-    under a byte, minus their bits (-4, -2, -6: packed without gaps, packed_bytes; numpy's ml_dtypes stand-ins
+    under a byte, minus their bits (-4, -2, -6: packed without gaps, raw_bytes; numpy's ml_dtypes stand-ins
     take a whole byte each)."""
     size = _ITEMSIZE.get(data_type)
     if size is not None:
@@ -284,16 +284,16 @@ _BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
     if hasattr(onnx.TensorProto, name)}
 
 
-def packed_bytes(n: int, size: int) -> int:
-    """Raw bytes of `n` elements of a type under a byte (`size`: itemsize(), minus its bits)."""
-    return (n * -size + 7) // 8
+def raw_bytes(n: int, size: int) -> int:
+    """Raw bytes of `n` elements of a type of itemsize() `size` (under a byte: minus its bits, packed)."""
+    return (n * -size + 7) // 8 if size < 0 else n * size
 
 
 def typed_values(n: int, size: int) -> int:
     """How many entries of int32_data (or another typed field) hold `n` elements of a type of itemsize `size`:
     one an element, but one packed byte an entry for the 4- and 2-bit types (the 6-bit floats keep one value
     an entry), as onnx's helper.make_tensor writes them."""
-    return packed_bytes(n, size) if size in (-4, -2) else n
+    return raw_bytes(n, size) if size in (-4, -2) else n
 
 
 def is_external(t: onnx.TensorProto) -> bool:

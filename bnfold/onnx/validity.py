@@ -8,7 +8,7 @@ import onnx
 
 from ..core.errors import BnfoldError
 from ..core.hold import note
-from .protos import itemsize, packed_bytes, tensor_groups, typed_values
+from .protos import itemsize, raw_bytes, tensor_groups, typed_values
 
 
 def passes_checker(data: bytes) -> bool:
@@ -55,7 +55,7 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
                 want = n * item
                 if 0 < want <= exact and len(t.raw_data) == want:
                     continue  # the common case: raw data that fills its dims
-            _check_tensor(t, dims, item, path, size)
+            _check_tensor(t, dims, n, item, path, size)
     note(model, INITIALIZER_ELEMENTS, elements)
     return found
 
@@ -63,7 +63,7 @@ def check_sizes(model: onnx.ModelProto, path: str, size: int | None) -> bool:
 INITIALIZER_ELEMENTS = "onnx initializer elements"  # (the note check_sizes leaves: beforeafter's count reads it)
 
 
-def _check_tensor(t: onnx.TensorProto, dims: list[int], item: int, path: str, size: int | None) -> None:
+def _check_tensor(t: onnx.TensorProto, dims: list[int], n: int, item: int, path: str, size: int | None) -> None:
     """check_sizes for one tensor that is not plainly raw data filling its dims."""
     dt = t.data_type
     if not item:
@@ -71,9 +71,8 @@ def _check_tensor(t: onnx.TensorProto, dims: list[int], item: int, path: str, si
             raise BnfoldError(f"tensor {t.name!r} has data type {dt}, which onnx {onnx.__version__} "
                               "does not know (a newer ONNX type? a newer onnx package may read it)", path)
         return  # strings and undefined: nothing to count
-    n = math.prod(dims)
     if t.HasField("raw_data"):
-        want, unit = packed_bytes(n, item) if item < 0 else n * item, "bytes"
+        want, unit = raw_bytes(n, item), "bytes"
         if size is not None and want > size:
             raise BnfoldError(f"tensor {t.name!r} declares dims {dims} ({want} bytes), more than the "
                               f"whole file holds ({size}); the file is corrupt", path)
