@@ -10,6 +10,7 @@ import onnx
 from ..core.errors import BnfoldError
 from ..core.files import atomic_write, check_input_file
 from . import ondisk
+from .names import note_recorded
 from .protos import all_tensors, copy_fields, ext_info, has_unknown_fields, is_external, nbytes, structure_only
 from .validity import check_sizes, passes_checker
 
@@ -27,6 +28,7 @@ def load_onnx(path: str, load_external: bool = True) -> onnx.ModelProto:
         raise BnfoldError(f"not a valid ONNX model (cannot parse: {_short(e)})", path) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise BnfoldError("not a valid ONNX model (no graph or IR version; truncated or not ONNX?)", path)
+    note_recorded(model, data)  # (module paths: none to look for in a file that never names them)
     # The verdict is the checker's on the structure alone (initializers as typed graph inputs), as bnfold
     # has always judged a model. Building that costs ~10 us of Python per initializer; a model with
     # many has its own bytes checked by onnx's C++ instead (a few us each, no second encoding). A model

@@ -12,10 +12,22 @@ from collections import Counter
 
 import onnx
 
+from ..core.hold import note, noted
 from .nodes import CONTROL_FLOW, ONNX_DOMAINS, graphs_of, node_label
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 NAMESPACE_KEY = "namespace"
+_NONE_RECORDED = "onnx: no module paths recorded"  # (the note note_recorded leaves when the file spells neither key)
+_SEARCH_BYTES_PER_NODE = 2048  # a search reads ~3 bytes a ns, readable_names ~1 node a us: longer files are walked
+
+
+def note_recorded(model: onnx.ModelProto, data: bytes) -> None:
+    """Note for readable_names whether the serialised `model`, `data`, records module paths at all: a file that
+    never spells either key has no node (in any body or function) that holds one. Searched only where that is
+    cheaper than the walk it saves (many nodes for their bytes: a long graph of small layers)."""
+    if len(data) < _SEARCH_BYTES_PER_NODE * len(model.graph.node):
+        if SCOPES_KEY.encode() not in data and NAMESPACE_KEY.encode() not in data:
+            note(model, _NONE_RECORDED, True)
 
 
 def scopes_of(node: onnx.NodeProto) -> list[str] | None:
@@ -45,6 +57,8 @@ def _module_path(scopes: list[str]) -> str | None:
 def readable_names(model: onnx.ModelProto) -> dict[str, str]:
     """Node label (as decisions spell it, scope included) -> module path, for nodes whose exporter recorded
     one that differs from the node's name. Two nodes of one op in one module are told apart by the op."""
+    if noted(model, _NONE_RECORDED):  # (the load searched the file: note_recorded)
+        return {}
     found: list[tuple[str, str, str, str]] = []  # (label, op_type, path, op scope)
 
     def walk(graph: onnx.GraphProto, scope: str) -> None:

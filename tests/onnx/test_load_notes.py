@@ -15,7 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.beforeafter import anatomy
 from bnfold.core.hold import holding, note, noted
 from bnfold.onnx import ondisk
+from bnfold.onnx import names as names_mod
 from bnfold.onnx.io import load_onnx
+from bnfold.onnx.names import NAMESPACE_KEY, SCOPES_KEY, readable_names
 from bnfold.onnx.validity import INITIALIZER_ELEMENTS
 from tests.helpers.fold_corpus import CORPUS, if_bodies_ir3, weight_read_by_body
 
@@ -175,3 +177,82 @@ def test_a_fold_in_place_forgets_what_the_load_noted(tmp_path):
         assert anatomy(a, "onnx", as_loaded=True) == anatomy(a, "onnx")
         forget(b)
         assert noted(b, INITIALIZER_ELEMENTS) is None
+
+
+# -- module paths: the load's search of the file for the keys readable_names reads ---------------------
+
+def _scoped(n: onnx.NodeProto, path: str, key: str = SCOPES_KEY) -> onnx.NodeProto:
+    e = n.metadata_props.add()
+    e.key = key
+    e.value = repr(["", path, "aten.op"]) if key == SCOPES_KEY else f": pkg.M/{path}: pkg.Mod/op: aten.op"
+    return n
+
+
+def _paths_model(where: str, key: str = SCOPES_KEY) -> onnx.ModelProto:
+    """A chain of Relus with one node that records a module path, `where`: in the main graph, in a Loop's body,
+    in a model-local function, or nowhere (only another metadata key)."""
+    vi = lambda n, s=(4,), t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, list(s))  # noqa: E731
+    nodes = [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"], name=f"r{i}") for i in range(40)]
+    nodes[0].input[0] = "x"
+    functions = []
+    if where == "main":
+        _scoped(nodes[7], "blocks.7.act", key)
+    elif where == "nowhere":
+        e = nodes[7].metadata_props.add()
+        e.key, e.value = "source", "blocks.7.act"
+    elif where == "body":
+        body = helper.make_graph([_scoped(helper.make_node("Relu", ["lv"], ["lo"], name="inner"), "loop.act", key),
+                                  helper.make_node("Identity", ["cin"], ["cout"])], "body",
+                                 [vi("i", (), TensorProto.INT64), vi("cin", (), TensorProto.BOOL), vi("lv")],
+                                 [vi("cout", (), TensorProto.BOOL), vi("lo")])
+        nodes.append(helper.make_node("Loop", ["trip", "", "v40"], ["v41"], name="loop", body=body))
+    elif where == "function":
+        functions.append(helper.make_function("local", "F", ["a"], ["b"],
+                                              [_scoped(helper.make_node("Relu", ["a"], ["b"], name="fr"), "fn.act", key)],
+                                              [helper.make_opsetid("", 17)]))
+        nodes.append(helper.make_node("F", ["v40"], ["v41"], name="call", domain="local"))
+    last = nodes[-1].output[0]
+    g = helper.make_graph(nodes, "g", [vi("x")], [vi(last)],
+                          [numpy_helper.from_array(np.array(2, np.int64), "trip")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                          functions=functions)
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("key", [SCOPES_KEY, NAMESPACE_KEY])
+@pytest.mark.parametrize("where", ["main", "body", "function", "nowhere"])
+def test_module_paths_of_a_loaded_file_are_the_walks(tmp_path, where, key):
+    p = str(tmp_path / "m.onnx")
+    onnx.save(_paths_model(where, key), p)
+    walked = readable_names(onnx.load(p))  # (no block: no note, every node looked at)
+    assert bool(walked) == (where != "nowhere"), walked
+    with holding():
+        m = load_onnx(p)
+        assert readable_names(m) == walked
+        assert (noted(m, names_mod._NONE_RECORDED) is True) == (where == "nowhere")  # (a 40-node file is searched)
+
+
+def test_module_paths_are_found_in_a_long_file_with_few_nodes(tmp_path):
+    # a file too long for its nodes is not searched: the walk still finds the path
+    m = _paths_model("main")
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros(200_000, np.float32), "big"))
+    p = str(tmp_path / "m.onnx")
+    onnx.save(m, p)
+    with holding():
+        loaded = load_onnx(p)
+        assert noted(loaded, names_mod._NONE_RECORDED) is None
+        assert readable_names(loaded) == readable_names(onnx.load(p)) != {}
+
+
+def test_the_no_module_paths_note_is_for_that_model_only(tmp_path):
+    plain, scoped = str(tmp_path / "plain.onnx"), str(tmp_path / "scoped.onnx")
+    onnx.save(_paths_model("nowhere"), plain)
+    onnx.save(_paths_model("main"), scoped)
+    with holding():
+        a = load_onnx(plain)
+        b = onnx.load(scoped)  # the same graph with a path, never loaded by load_onnx
+        b.graph.node[7].ClearField("metadata_props")
+        _scoped(b.graph.node[9], "blocks.9.act")
+        assert readable_names(a) == {}
+        assert readable_names(b) == {"r9": "blocks.9.act"}
