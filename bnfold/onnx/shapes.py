@@ -66,15 +66,14 @@ def needs_shapes(model: onnx.ModelProto, main: GraphIndex | None = None) -> bool
     if main is not None:
         if main.has_castlike:
             return True
-        # (_conv_alone for every BN, a field at a time: a long graph holds 100k BNs)
-        firsts = [ins[0] for ins in [n.input[:] for n in main.batchnorms] if ins]
-        if firsts:
-            srcs = list(map(main.producer.get, firsts))
-            if any(s is None for s in srcs) or not _CONV_SET.issuperset([s.op_type for s in srcs]):
-                return True
-            # (each has a producer, so a name: the BN is among its readers)
-            if not main.graph_outputs.isdisjoint(firsts) or {1} != set(map(len, map(main.consumers.__getitem__, firsts))):
-                return True
+        producer, consumers, outputs = main.producer, main.consumers, main.graph_outputs
+        for n in main.batchnorms:  # (_conv_alone, inlined: a long graph holds 100k BNs)
+            ins = n.input[:]
+            if ins:
+                src = producer.get(ins[0])
+                if (src is None or src.op_type not in _CONVS
+                        or len(consumers.get(ins[0], ())) + (ins[0] in outputs) != 1):
+                    return True
         graphs = [sub for n in main.with_bodies for body in subgraphs(n) for sub in _graphs(body)]
     else:
         graphs = list(_graphs(model.graph))
@@ -102,4 +101,3 @@ def _conv_alone(bn: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], uses
 
 
 _CONVS = ("Conv", "ConvTranspose")
-_CONV_SET = frozenset(_CONVS)

@@ -1,6 +1,6 @@
-"""Passes over a long graph's nodes written a field at a time (a list comprehension or map per field instead of
-one loop over the nodes): each must answer what the node-by-node walk answers, on every shape of graph the
-fold corpus holds and on graphs built to hit each of its conditions."""
+"""needs_shapes asked with the main graph's index (its BNs and their producers looked up, no walk) answers what
+its walk over the graph answers, on every shape of graph the fold corpus holds and on graphs built to hit
+each of its conditions."""
 from __future__ import annotations
 
 import pytest
