@@ -4,7 +4,7 @@ whole constant subgraphs via onnx_const, and constants of enclosing scopes for s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -23,6 +23,18 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
         return []
     return [g for a in node.attribute for g in graphs_of(a)]
 
+MARK = "_bnfold"  # in every name GraphIndex.unique makes
+
+
+def could_collide(*groups: Iterable[str]) -> list[str]:
+    """The names of `groups` (each a collection of names, read twice) that a name GraphIndex.unique makes could
+    equal: those holding MARK. A model bnfold never wrote has none, and one search of all its names joined
+    tells so (a set of every name of a long graph cost more than anything the index does with it)."""
+    if not any(MARK in "\n".join(g) for g in groups):
+        return []
+    return [name for g in groups for name in g if MARK in name]
+
+
 @dataclass
 class GraphIndex:
     """Producer and consumer maps of one graph, kept current while rewriting."""
@@ -35,7 +47,7 @@ class GraphIndex:
     inits: dict[str, onnx.TensorProto] = field(default_factory=dict)
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
-    names: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)  # the names a made one could equal (could_collide), every scope's
     const_cache: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 13
     evaluator: ConstEvaluator | None = None
@@ -67,8 +79,7 @@ class GraphIndex:
         for vi in (*graph.input, *graph.value_info, *graph.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 ix.declared[vi.name] = vi.type.tensor_type.elem_type
-        ix.names.update(ix.inits, ix.graph_inputs, ix.graph_outputs, (v.name for v in graph.value_info))
-        producer, consumers, names, op_types = ix.producer, ix.consumers, ix.names, ix.op_types
+        producer, consumers, op_types = ix.producer, ix.consumers, ix.op_types
         # [:] copies a repeated field in one C call; iterating it ends with a raised and caught IndexError
         ix.nodes = hold(graph.node[:])
         for n in ix.nodes:
@@ -82,7 +93,6 @@ class GraphIndex:
                         consumers[i] = [n]
                     else:
                         users.append(n)
-            names.add(n.name)
             op, default = n.op_type, n.domain in ONNX_DOMAINS
             op_types.add(op)
             if op == "BatchNormalization" and default:
@@ -96,8 +106,8 @@ class GraphIndex:
                 for g in subs:  # a body reads outer values: the node depends on them
                     for name in subgraph_free_names(g):
                         consumers.setdefault(name, []).append(n)
-        names.update(producer)
-        names.discard("")
+        ix.names.update(could_collide(ix.inits, ix.graph_inputs, ix.graph_outputs, [v.name for v in graph.value_info],
+                                      [n.name for n in ix.nodes], producer))
         return ix
 
     def unread(self, name: str, node: onnx.NodeProto) -> None:
@@ -114,10 +124,11 @@ class GraphIndex:
         return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
 
     def unique(self, base: str) -> str:
-        name, k = f"{base}_bnfold", 1
+        """A new name from `base` (holding MARK, as could_collide assumes) that no scope of the model has."""
+        name, k = f"{base}{MARK}", 1
         while name in self.names:
             k += 1
-            name = f"{base}_bnfold{k}"
+            name = f"{base}{MARK}{k}"
         self.names.add(name)
         return name
 
