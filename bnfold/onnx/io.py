@@ -215,24 +215,28 @@ def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = No
               size_threshold: int = 1024, all_tensors_to_one_file: bool = True) -> None:
     """Write `model` atomically; models over 2 GB (or when asked) keep their weights in external data
     files (`<name>.data` unless `location` says otherwise), with onnx's layout options."""
-    big = ondisk.over_two_gb(model) if external_data is None else external_data
+    locations = ondisk.locations_of(model)  # (asked by each step below: read once)
+    big = ondisk.over_two_gb(model, locations) if external_data is None else external_data
     if not big:
-        atomic_write(path, lambda tmp: write_inline(model, tmp))
+        atomic_write(path, lambda tmp: write_inline(model, tmp, locations))
         return
     ondisk.save_external(model, path, location or Path(path).name + ".data", size_threshold, all_tensors_to_one_file)
 
 
-def write_inline(model: onnx.ModelProto, path: str) -> None:
+def write_inline(model: onnx.ModelProto, path: str, locations: set[int] | None = None) -> None:
     """Write `model` as one self-contained file: the bytes `model.SerializeToString()` would give.
 
     protobuf encodes a 100 MB model at a few hundred MB/s and holds the whole encoding in memory.
     Here everything but the big tensors' data is encoded by protobuf, and that data goes from each
-    tensor (or its file on disk) straight to `path`, framed by hand: one tensor in flight.
+    tensor (or its file on disk) straight to `path`, framed by hand: one tensor in flight. `locations`:
+    ondisk.locations_of(model), if known.
     """
     plan = _frame_plan(model)
     if plan is None:
-        inline = ondisk.loaded(model)
-        if onnx.TensorProto.EXTERNAL in {t.data_location for t in inline.graph.initializer[:]}:
+        inline = ondisk.loaded(model, locations)
+        if locations is None or inline is not model:
+            locations = ondisk.locations_of(inline)
+        if onnx.TensorProto.EXTERNAL in locations:
             onnx.save_model(inline, path)  # tensors marked external but held in memory: onnx's own rules
             return
         with open(path, "wb") as fh:

@@ -47,11 +47,17 @@ def on_disk(t: onnx.TensorProto) -> bool:
     return is_external(t) and any(e.key == _BASE_KEY for e in t.external_data)
 
 
-def has_on_disk(model: onnx.ModelProto) -> bool:
+def has_on_disk(model: onnx.ModelProto, locations: set[int] | None = None) -> bool:
+    """Does some initializer of `model` still live in its file? `locations`: locations_of(model), if known."""
     external = onnx.TensorProto.EXTERNAL  # (a look at the locations first: a model may hold 100k initializers)
-    inits = model.graph.initializer[:]
-    return external in {t.data_location for t in inits} and any(on_disk(t) for t in inits
-                                                                 if t.data_location == external)
+    if external not in (locations_of(model) if locations is None else locations):
+        return False
+    return any(on_disk(t) for t in model.graph.initializer[:] if t.data_location == external)
+
+
+def locations_of(model: onnx.ModelProto) -> set[int]:
+    """The data locations of `model`'s initializers (one read a tensor: the save asks three times)."""
+    return {t.data_location for t in model.graph.initializer[:]}
 
 
 def _stamp(file: str) -> str:
@@ -148,10 +154,11 @@ def tensor_value(t: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(plain)
 
 
-def loaded(model: onnx.ModelProto) -> onnx.ModelProto:
+def loaded(model: onnx.ModelProto, locations: set[int] | None = None) -> onnx.ModelProto:
     """`model` itself when every weight is in memory, else a copy with the on-disk tensors read in
-    (for what needs a self-contained proto: onnxruntime from memory, onnx.save_model)."""
-    if not has_on_disk(model):
+    (for what needs a self-contained proto: onnxruntime from memory, onnx.save_model). `locations`:
+    locations_of(model), if known."""
+    if not has_on_disk(model, locations):
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -356,11 +363,12 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             remove_temp(tmp)
 
 
-def over_two_gb(model: onnx.ModelProto) -> bool:
-    """True when `model` cannot be serialised as one protobuf (over 2 GB)."""
+def over_two_gb(model: onnx.ModelProto, locations: set[int] | None = None) -> bool:
+    """True when `model` cannot be serialised as one protobuf (over 2 GB). `locations`: locations_of(model),
+    if known."""
     # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
     raw = total_nbytes(hold(model.graph.initializer[:]))  # (kept for the save's later passes: core/hold.py)
-    if has_on_disk(model):  # ByteSize() counts the in-memory part only
+    if has_on_disk(model, locations):  # ByteSize() counts the in-memory part only
         return raw + model.ByteSize() > TWO_GB
     if raw < TWO_GB * 0.9:
         return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and model.ByteSize() > TWO_GB
