@@ -159,14 +159,15 @@ def text(report: Report) -> str:
     out.append(f"{src} -> {dst}   [{report.framework}]")
     n = len(report.decisions)
     out.append(f"BatchNorm      {n} found")
-    by_pattern = Counter(d.pattern for d in report.folded)
-    dirs = Counter(d.direction for d in report.folded)
+    folded, skipped = report.folded, report.skipped  # (each a pass over every decision: asked once)
+    by_pattern = Counter(d.pattern for d in folded)
+    dirs = Counter(d.direction for d in folded)
     extra = "" if set(dirs) <= {"after"} else f" ({', '.join(f'{k} {v}' for k, v in dirs.items())})"
-    out.append(f"folded         {len(report.folded)}" + (
+    out.append(f"folded         {len(folded)}" + (
         "   " + " · ".join(f"{p} {c}" for p, c in by_pattern.most_common()) if by_pattern else "") + extra)
-    out.append(f"skipped        {len(report.skipped)}")
+    out.append(f"skipped        {len(skipped)}")
     by_reason: dict[str, list] = {}
-    for d in report.skipped:
+    for d in skipped:
         by_reason.setdefault(d.reason.value if d.reason else "?", []).append(d)
     for reason, ds in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         shown = "; ".join(f"{name(d)}: {d.detail}" for d in ds[:3])
