@@ -67,7 +67,7 @@ class Batch:
         self._layouts: dict[tuple, tuple[layouts.Layout | bool, int]] = {}
         if not ENABLED or f.opset < 9:  # (before opset 9, is_test and spatial decide what a BN computes)
             return
-        raws: list[list[bytes]] = [[], [], [], [], [], []]  # gamma, beta, mean, var, weight, bias
+        raws = [bytearray() for _ in range(6)]  # gamma, beta, mean, var, weight, bias (each tensor's bytes appended)
         eps: list[float] = []
         channels: list[int] = []
         rests: list[int] = []
@@ -90,7 +90,7 @@ class Batch:
             return
         self._compute(raws, np.array(eps, np.float64), np.array(channels), np.array(rests), np.array(has_bias))
 
-    def _plan(self, bn: onnx.NodeProto, conv_layout, raws: list[list[bytes]], eps: list[float],
+    def _plan(self, bn: onnx.NodeProto, conv_layout, raws: list[bytearray], eps: list[float],
               has_bias: list[bool]) -> Plan | None:
         ix = self.f.ix
         ins = bn.input[:]
@@ -152,15 +152,15 @@ class Batch:
                 or len(blobs[4]) != size or (bias and len(blobs[5]) != c4)):
             return None  # data that does not fill its dims: the ordinary path reads it and says so
         for k, r in enumerate(blobs):
-            raws[k].append(r)
+            raws[k] += r  # (no bytes object kept a tensor: a long chain's plans held 192k)
         if not bias:
-            raws[5].append(bytes(c4))
+            raws[5] += bytes(c4)
         eps.append(e)
         has_bias.append(bias is not None)
         return Plan(conv, weight, bias, tuple(ins[1:]), names, layout, shape, elements)
 
     def _compute(self, raws, eps, channels, rests, has_bias) -> None:
-        g, b, m, v, w, bias = (np.frombuffer(b"".join(r), np.float32) for r in raws)
+        g, b, m, v, w, bias = (np.frombuffer(memoryview(r).toreadonly(), np.float32) for r in raws)
         r = kernel.fold_after_many(g, b, m, v, eps, channels, w, rests, bias, has_bias, np.dtype(np.float32))
         if r.failed.any():
             plans = list(self.plans.values())
