@@ -94,10 +94,7 @@ class Batch:
               has_bias: list[bool]) -> Plan | None:
         ix = self.f.ix
         ins = bn.input[:]
-        if len(ins) != 5:
-            return None
-        outs = bn.output[:]
-        if len(outs) != 1:
+        if len(ins) != 5 or len(bn.output) != 1:
             return None
         e = EPSILON_DEFAULT
         for a in bn.attribute[:]:
@@ -115,14 +112,16 @@ class Batch:
         if len(cins) < 2 or not cins[1] or conv.output[0] != ins[0]:
             return None
         weight, bias = cins[1], (cins[2] if len(cins) > 2 and cins[2] else None)
-        names = (*ins[1:], weight, bias) if bias else (*ins[1:], weight)
-        inits, borrowed = ix.inits, ix.borrowed
-        overridable = ix.graph_inputs if ix.ir_version >= 4 else None
+        params = tuple(ins[1:])
+        names = (*params, weight, bias) if bias else (*params, weight)
+        if ((ix.ir_version >= 4 and not ix.graph_inputs.isdisjoint(names))  # (overridable: ix.overridable)
+                or (ix.borrowed and not ix.borrowed.keys().isdisjoint(names))):
+            return None
+        inits = ix.inits
         tensors = []
         for name in names:
             t = inits.get(name)
-            if (t is None or t.data_type != _F32 or t.data_location == _EXTERNAL
-                    or (overridable and name in overridable) or (borrowed and name in borrowed)):
+            if t is None or t.data_type != _F32 or t.data_location == _EXTERNAL:
                 return None
             tensors.append(t)
         shape = tuple(tensors[4].dims[:])
@@ -151,13 +150,13 @@ class Batch:
         if (len(blobs[0]) != c4 or len(blobs[1]) != c4 or len(blobs[2]) != c4 or len(blobs[3]) != c4
                 or len(blobs[4]) != size or (bias and len(blobs[5]) != c4)):
             return None  # data that does not fill its dims: the ordinary path reads it and says so
-        for k, r in enumerate(blobs):
-            raws[k] += r  # (no bytes object kept a tensor: a long chain's plans held 192k)
+        for buf, r in zip(raws, blobs):
+            buf += r  # (no bytes object kept a tensor: a long chain's plans held 192k)
         if not bias:
             raws[5] += bytes(c4)
         eps.append(e)
         has_bias.append(bias is not None)
-        return Plan(conv, weight, bias, tuple(ins[1:]), names, layout, shape, elements)
+        return Plan(conv, weight, bias, params, names, layout, shape, elements)
 
     def _compute(self, raws, eps, channels, rests, has_bias) -> None:
         g, b, m, v, w, bias = (np.frombuffer(memoryview(r).toreadonly(), np.float32) for r in raws)
