@@ -41,7 +41,7 @@ class GraphEdits:
     inserted: list
     dead_nodes: set
     dead_values: set
-    maybe_dead_inits: set
+    maybe_dead_inits: dict[str, None]  # (an ordered set: the sweep reads the names in the order they were released)
     written: set
 
     # -- chains: Conv -> BN -> BN, BN -> BN -> Conv round once ------------------------------------
@@ -158,7 +158,7 @@ class GraphEdits:
             return
         if old:
             ix.unread(old, node)
-            self.maybe_dead_inits.add(old)
+            self.maybe_dead_inits[old] = None
         node.input[slot] = new
         ix.consumers.setdefault(new, []).append(node)
 
@@ -279,7 +279,7 @@ class GraphEdits:
                         del users[0]
                     else:
                         ix.unread(name, node)
-                maybe_dead.add(name)
+                maybe_dead[name] = None
 
     def drop_bn(self, bn: onnx.NodeProto, view: BnView, old_out: str | None) -> None:
         """Mark the BN and its absorbed Mul/Add chain dead; `view.out` stays alive when someone now writes it."""
@@ -295,5 +295,5 @@ class GraphEdits:
             ix.producer.pop(old_out, None)
             ix.consumers.pop(old_out, None)
             self.dead_values.add(old_out)
-            self.maybe_dead_inits.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
+            self.maybe_dead_inits.pop(old_out, None)  # (no producer, no reader: nothing for the sweep to look at)
 

@@ -62,7 +62,9 @@ class OnnxFolder(GraphEdits):
         self._nodes = self.ix.nodes
         self.decisions: list[Decision] = []
         self.dead_nodes: set[int] = set()
-        self.maybe_dead_inits: set[str] = set()
+        # initializers (and values) folds stopped reading, in the order they were released: the sweep looks each
+        # up in the index's big tables, faster in this order (their name strings were made in it) than in a set's
+        self.maybe_dead_inits: dict[str, None] = {}
         self.inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (after node, new node)
         self.dead_values: set[str] = set()
         self.created: list[str] = []  # initializers this fold added (IR < 4 bodies turn them into Constants)
@@ -327,7 +329,7 @@ class OnnxFolder(GraphEdits):
         producer.pop(old_out, None)
         consumers.pop(old_out, None)
         self.dead_values.add(old_out)
-        self.maybe_dead_inits.discard(old_out)  # (no producer, no reader: nothing for the sweep to look at)
+        self.maybe_dead_inits.pop(old_out, None)  # (no producer, no reader: nothing for the sweep to look at)
         if keep_exact:
             self.remember_exact(conv, folded if folded is not None else batch.folded(plan, True))
         else:

@@ -99,7 +99,7 @@ def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer
             # the bodies stopped reading this outer value: the parent's sweep may drop it
             users = ix.consumers.get(name, [])
             users[:] = [u for u in users if u is not node]
-            folder.maybe_dead_inits.add(name)
+            folder.maybe_dead_inits[name] = None
     decisions += folder.run()
     if scope and model.ir_version < 4 and folder.created:
         # before IR 4 a body's initializers would have to be its inputs, which If/Loop bodies cannot add
