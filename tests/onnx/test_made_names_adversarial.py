@@ -343,20 +343,27 @@ def test_could_collide_finds_every_marked_name_whatever_the_characters():
 
 # -- names one step away from a made one --------------------------------------------------------------------
 
+@pytest.mark.parametrize("role", ["initializer", "node_output", "node_name"])
 @pytest.mark.parametrize("standalone", ["keep", "affine"])
 @pytest.mark.parametrize("name", ["shared_weight", "matmul_bn", "standalone_then_layer", "if_bodies", "function"])
-def test_names_next_to_made_ones(name, standalone):
-    """The made names with a counter (x_bnfold2..4), cut short (x_bnfol) or grown (x_bnfold_), as initializers nobody
-    reads: the fold's own names skip exactly the taken counters."""
+def test_names_next_to_made_ones(name, standalone, role):
+    """The made names themselves and the same with a counter (x_bnfold2..4), cut short (x_bnfol) or grown
+    (x_bnfold_), as main-graph initializers nobody reads, outputs of Constant nodes (no value_info, no graph
+    output: only the node says so) or node names: the fold's own names skip exactly the taken ones."""
     model, feeds = CORPUS[name](4)
     made_v, made_n = _made(model, standalone)
-    near = sorted({v for m in made_v | made_n for v in (f"{m}2", f"{m}3", f"{m}4", m[:-1], f"{m}_", f"{m}22")})
+    near = sorted({v for m in made_v | made_n for v in (m, f"{m}2", f"{m}3", f"{m}4", m[:-1], f"{m}_", f"{m}22")})
     planted = _copy(model)
-    for nm in near:
-        planted.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), nm))
+    for k, nm in enumerate(near):
+        if role == "initializer":
+            planted.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), nm))
+        elif role == "node_output":
+            planted.graph.node.append(helper.make_node("Constant", [], [nm], value=_ones()))
+        else:
+            planted.graph.node.append(helper.make_node("Constant", [], [f"near_{k}"], name=nm, value=_ones()))
     out = _fold(planted, standalone)
-    _assert_sound(planted, out, feeds, (name, standalone))
-    _assert_made_are_new(planted, out, (name, standalone))
+    _assert_sound(planted, out, feeds, (name, standalone, role))
+    _assert_made_are_new(planted, out, (name, standalone, role))
 
 
 # -- bnfold's own output folded again ----------------------------------------------------------------------------
