@@ -214,10 +214,6 @@ def _plant(model: onnx.ModelProto, names: list[str], role: str) -> onnx.ModelPro
     raise AssertionError(role)
 
 
-def _opset_ok(m: onnx.ModelProto) -> bool:
-    return all(o.version >= 13 for o in m.opset_import if o.domain in ("", "ai.onnx")) and m.ir_version >= 7
-
-
 SUBSET = ["shared_weight", "matmul_bn", "standalone_then_layer", "bn_chain", "if_bodies", "loop_body", "function",
           "backward", "repvgg_add", "weight_is_output", "if_bodies_affine", "shared_params"]
 ROLES = ["function_value", "function_io", "function_node_name", "loop_input", "nested_body_value",
