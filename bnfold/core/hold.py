@@ -9,7 +9,10 @@ wrapper made. Outside it nothing is kept (a library caller's model is never held
 
 A block also keeps what a pass noted about an object for the ones after it (`note`, `noted`): the load check
 sums the elements of a model's initializers as it reads their dims, and the count of the model as loaded uses
-that sum instead of reading every tensor's dims again.
+that sum instead of reading every tensor's dims again; it also notes when a long graph's file records no module
+paths (onnx/names.py). A note describes its object as it was noted: code inside a block that changes a noted
+object in place forgets its notes first (a fold in place does). Blocks are bnfold's own: nothing a library caller
+gets back (bnfold.load's model included) carries a note.
 """
 from __future__ import annotations
 

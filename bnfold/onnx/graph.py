@@ -107,7 +107,8 @@ class GraphIndex:
                     for name in subgraph_free_names(g):
                         consumers.setdefault(name, []).append(n)
         ix.names.update(could_collide(ix.inits, ix.graph_inputs, ix.graph_outputs, [v.name for v in graph.value_info],
-                                      [n.name for n in ix.nodes], producer))
+                                      [sp.values.name for sp in graph.sparse_initializer], [n.name for n in ix.nodes],
+                                      producer))
         return ix
 
     def unread(self, name: str, node: onnx.NodeProto) -> None:

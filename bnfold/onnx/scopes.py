@@ -44,6 +44,7 @@ def all_names(model: onnx.ModelProto, main: GraphIndex | None = None) -> set[str
     for f in model.functions:
         names.update(f.input)
         names.update(f.output)
+        names.update(v.name for v in getattr(f, "value_info", ()))  # (a function's own, from IR 10)
         for n in f.node:
             names.update(n.output)
             names.add(n.name)
@@ -54,6 +55,7 @@ def all_names(model: onnx.ModelProto, main: GraphIndex | None = None) -> set[str
         names.update(v.name for v in g.output)
         names.update(v.name for v in g.value_info)
         names.update(t.name for t in g.initializer[:])
+        names.update(sp.values.name for sp in g.sparse_initializer)
         for n in g.node[:]:  # ([:] is one C call; iterating a repeated field ends in a caught IndexError)
             names.update(n.output[:])
             names.add(n.name)
@@ -104,15 +106,18 @@ def fold_graph(model: onnx.ModelProto, graph: onnx.GraphProto, opset: int, outer
     if scope and model.ir_version < 4 and folder.created:
         # before IR 4 a body's initializers would have to be its inputs, which If/Loop bodies cannot add
         created = set(folder.created)
-        _to_constants(graph, [t for t in graph.initializer if t.name in created])
+        _to_constants(graph, [t for t in graph.initializer if t.name in created], names)
     return decisions
 
 
-def _to_constants(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> None:
-    """Move `tensors` (initializers of `graph`) into Constant nodes placed first in `graph`."""
+def _to_constants(graph: onnx.GraphProto, tensors: list[onnx.TensorProto], taken: set[str]) -> None:
+    """Move `tensors` (initializers of `graph` a fold made) into Constant nodes placed first in `graph`, named
+    after them and unlike any name in `taken` (the model's names a made one could equal: each tensor's name, made
+    by GraphIndex.unique, holds its mark, and so does its node's)."""
     if not tensors:
         return
-    consts = [helper.make_node("Constant", [], [t.name], name=f"{t.name}_const", value=t) for t in tensors]
+    consts = [helper.make_node("Constant", [], [t.name], name=_fresh(taken, f"{t.name}_const"), value=t)
+              for t in tensors]
     for c in consts:
         c.attribute[0].t.name = ""
     names = {t.name for t in tensors}
@@ -122,6 +127,15 @@ def _to_constants(graph: onnx.GraphProto, tensors: list[onnx.TensorProto]) -> No
     nodes = consts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    taken.add(name)
+    return name
 
 
 def _function_opset(model: onnx.ModelProto, fn: onnx.FunctionProto) -> int:
@@ -141,7 +155,7 @@ def fold_function(model: onnx.ModelProto, fn: onnx.FunctionProto, names: set[str
     decisions = fold_graph(model, g, _function_opset(model, fn), None, f"{fn.domain}.{fn.name}/" if fn.domain
                            else f"{fn.name}/", names, opts, shapes)
     if any(d.is_folded for d in decisions):
-        _to_constants(g, list(g.initializer))
+        _to_constants(g, list(g.initializer), names)
         del fn.node[:]
         fn.node.extend(g.node)
     return decisions

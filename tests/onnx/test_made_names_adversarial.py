@@ -237,11 +237,7 @@ def test_made_names_avoid_names_in_functions_and_nested_bodies(name, standalone)
         _assert_made_are_new(planted, out, where)
 
 
-@pytest.mark.xfail(strict=True, reason="sparse_initializer names are in no name set: GraphIndex.build's "
-                   "could_collide groups and scopes.all_names both leave graph.sparse_initializer out, so a fold "
-                   "writes an initializer (or a node output) under a name a sparse initializer holds; the output "
-                   "fails onnx.checker ('sparse initializer name is not unique across initializers and "
-                   "sparse_initializers') and onnxruntime ('Duplicate definition of name')")
+# (sparse initializers hold names too: both the index's set and scopes.all_names read them)
 @pytest.mark.parametrize("name", ["matmul_bn", "bn_chain"])
 def test_made_names_avoid_sparse_initializer_names(name):
     model, feeds = CORPUS[name](5)
@@ -255,9 +251,7 @@ def test_made_names_avoid_sparse_initializer_names(name):
 
 # -- the Constant nodes a fold writes where no initializer can live ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="scopes._to_constants names each Constant node f'{tensor}_const' without "
-                   "GraphIndex.unique or any look at the model's names: a model that already has a node of that "
-                   "name (here in the same IR 3 If body, or the same function) gets a second node of that name")
+# (a fold that must write Constant nodes, in an IR 3 body or a function, names them like no node already there)
 @pytest.mark.parametrize("where", ["ir3_body", "function"])
 def test_constant_node_names_avoid_existing_node_names(where):
     name = "if_bodies_ir3" if where == "ir3_body" else "function"
@@ -456,10 +450,7 @@ def test_unnamed_nodes_and_empty_inputs(standalone):
         _assert_sound(planted, again, feeds, (standalone, role, "again"))
 
 
-@pytest.mark.xfail(strict=True, reason="a model-local function's value_info names are in no name set "
-                   "(scopes.all_names reads a function's inputs, outputs and nodes only): the fold in a function "
-                   "writes a Constant whose output is a name the function's value_info already declares (with "
-                   "another type); onnx's checker and onnxruntime let it pass, but the made name equals a taken one")
+# (a model-local function's own value_info names are taken too)
 def test_made_names_avoid_a_functions_value_info():
     model, feeds = CORPUS["function"](8)
     made_v, _ = _made(model, "keep")
