@@ -17,11 +17,11 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 
 from ..core.errors import BnfoldError
 from ..core.files import remove_temp, temp_path, write_error
-from ..core.hold import hold
-from .protos import ext_info, is_external, nbytes, structure_only, total_nbytes, with_outputs
+from .protos import ext_info, is_external, nbytes, structure_only, tensor_groups, total_nbytes, with_outputs
 
 
 TWO_GB = 2 ** 31 - 1
@@ -296,7 +296,10 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
         if os.path.realpath(folder / loc) in sources:
             raise BnfoldError(f"would overwrite {loc!r}, the external data file the model's weights are read from",
                               path)
-    light = structure_only(model)  # nodes, inputs, outputs; initializers come next, stubbed or small
+    try:
+        light = structure_only(model)  # nodes, inputs, outputs; initializers come next, stubbed or small
+    except EncodeError:  # (protobuf copies a message by encoding it: a node of 2 GB and more cannot be copied)
+        raise _too_big(path) from None
     del light.graph.input[len(model.graph.input):]
     light.graph.doc_string = model.graph.doc_string
     light.graph.sparse_initializer.extend(model.graph.sparse_initializer)
@@ -345,9 +348,13 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             os.fsync(fh.fileno())  # type: ignore[attr-defined]
             fh.close()  # type: ignore[attr-defined]
         files.clear()
+        try:
+            encoded = light.SerializeToString()
+        except EncodeError:  # (what is left beside the initializers' data is still too big for one protobuf)
+            raise _too_big(path) from None
         model_tmp = temp_path(target)
         with open(model_tmp, "wb") as fh:
-            fh.write(light.SerializeToString())
+            fh.write(encoded)
             fh.flush()
             os.fsync(fh.fileno())
         pending.append((model_tmp, target))
@@ -363,14 +370,29 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             remove_temp(tmp)
 
 
+def _too_big(path: str) -> BnfoldError:
+    return BnfoldError("cannot be written: over 2 GB of the model lies outside its initializers (in Constant nodes, "
+                       "other attributes or bodies), more than one protobuf can hold, and only initializers go to "
+                       "external data", path)
+
+
 def over_two_gb(model: onnx.ModelProto, locations: set[int] | None = None) -> bool:
     """True when `model` cannot be serialised as one protobuf (over 2 GB). `locations`: locations_of(model),
     if known."""
-    # ByteSize() encodes every byte of a large model; the weights' sizes decide it unless close to 2 GB.
-    raw = total_nbytes(hold(model.graph.initializer[:]))  # (kept for the save's later passes: core/hold.py)
+    # ByteSize() encodes every byte of a large model; the tensors' sizes decide it unless close to 2 GB: every
+    # tensor's, from its header, wherever it is held (a Constant node's value weighs as much as an initializer)
+    raw = sum(total_nbytes(group) for group, _ in tensor_groups(model))  # (the initializers are held: core/hold.py)
     if has_on_disk(model, locations):  # ByteSize() counts the in-memory part only
-        return raw + model.ByteSize() > TWO_GB
+        return raw + _encoded_size(model) > TWO_GB
     if raw < TWO_GB * 0.9:
-        return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and model.ByteSize() > TWO_GB
-    return raw > TWO_GB or model.ByteSize() > TWO_GB
+        return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and _encoded_size(model) > TWO_GB
+    return raw > TWO_GB or _encoded_size(model) > TWO_GB
+
+
+def _encoded_size(model: onnx.ModelProto) -> int:
+    """model.ByteSize(), or more than TWO_GB where protobuf refuses to encode the model at all."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return TWO_GB + 1
 
