@@ -34,7 +34,8 @@ def _scope_values(g: onnx.GraphProto) -> list[str]:
     return out
 
 
-def _node_names(g: onnx.GraphProto) -> list[str]:
+def _node_names(g: onnx.GraphProto | onnx.FunctionProto) -> list[str]:
+    """Node names of a graph or function and of every body below it."""
     out = []
     for n in g.node:
         out += [n.name] if n.name else []
@@ -53,12 +54,7 @@ def _fn_values(fn: onnx.FunctionProto) -> list[str]:
 
 
 def _fn_nodes(fn: onnx.FunctionProto) -> list[str]:
-    out = []
-    for n in fn.node:
-        out += [n.name] if n.name else []
-        for b in _bodies(n):
-            out += _node_names(b)
-    return out
+    return _node_names(fn)
 
 
 def _every_name(m: onnx.ModelProto) -> set[str]:
