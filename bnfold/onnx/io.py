@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from ..core.errors import BnfoldError
 from ..core.files import atomic_write, check_input_file
@@ -218,8 +219,11 @@ def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = No
     locations = ondisk.locations_of(model)  # (asked by each step below: read once)
     big = ondisk.over_two_gb(model, locations) if external_data is None else external_data
     if not big:
-        atomic_write(path, lambda tmp: write_inline(model, tmp, locations))
-        return
+        try:
+            atomic_write(path, lambda tmp: write_inline(model, tmp, locations))
+            return
+        except _TooBig:  # (the check reads tensors' headers: strings and varint values weigh more than they say)
+            pass
     ondisk.save_external(model, path, location or Path(path).name + ".data", size_threshold, all_tensors_to_one_file)
 
 
@@ -240,7 +244,7 @@ def write_inline(model: onnx.ModelProto, path: str, locations: set[int] | None =
             onnx.save_model(inline, path)  # tensors marked external but held in memory: onnx's own rules
             return
         with open(path, "wb") as fh:
-            fh.write(inline.SerializeToString())
+            fh.write(_encoded(inline))
         return
     with open(path, "wb") as fh:
         try:
@@ -248,7 +252,18 @@ def write_inline(model: onnx.ModelProto, path: str, locations: set[int] | None =
         except _SizeMismatch:
             fh.seek(0)  # a tensor whose data does not match its shape: protobuf writes it as it is
             fh.truncate()
-            fh.write(ondisk.loaded(model).SerializeToString())
+            fh.write(_encoded(ondisk.loaded(model)))
+
+
+class _TooBig(Exception):
+    """The model's encoding is over 2 GB: no protobuf reader takes it as one file (save_onnx: external data)."""
+
+
+def _encoded(model: onnx.ModelProto) -> bytes:
+    try:
+        return model.SerializeToString()
+    except EncodeError:  # (protobuf refuses to encode 2 GB and more)
+        raise _TooBig from None
 
 
 def serialize(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> bytes:
@@ -350,10 +365,15 @@ def _write_framed(model: onnx.ModelProto, plan: list[bool], fh) -> None:
         pieces.append((tail, None, 0))
     if len(run.initializer):
         pieces.append((run.SerializeToString(), None, 0))
-    graph_head = _fields(g, lambda k: k < 5)
-    graph_tail = _fields(g, lambda k: k > 5)
+    try:
+        graph_head, graph_tail = _fields(g, lambda k: k < 5), _fields(g, lambda k: k > 5)
+        model_head, model_tail = _fields(model, lambda k: k < 7), _fields(model, lambda k: k > 7)
+    except EncodeError:  # (a part protobuf encodes is itself over 2 GB)
+        raise _TooBig from None
     graph_size = len(graph_head) + sum(len(p) + n for p, _, n in pieces) + len(graph_tail)
-    fh.write(_fields(model, lambda k: k < 7))
+    if len(model_head) + len(_GRAPH_TAG + _varint(graph_size)) + graph_size + len(model_tail) > ondisk.TWO_GB:
+        raise _TooBig  # (before a byte is written: the file would hold one protobuf that no reader takes)
+    fh.write(model_head)
     fh.write(_GRAPH_TAG + _varint(graph_size) + graph_head)
     for encoded, t, length in pieces:
         fh.write(encoded)
@@ -368,7 +388,7 @@ def _write_framed(model: onnx.ModelProto, plan: list[bool], fh) -> None:
         fh.write(raw)
         del raw
     fh.write(graph_tail)
-    fh.write(_fields(model, lambda k: k > 7))
+    fh.write(model_tail)
 
 
 def _short(e: BaseException) -> str:

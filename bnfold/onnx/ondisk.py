@@ -21,7 +21,8 @@ from google.protobuf.message import EncodeError
 
 from ..core.errors import BnfoldError
 from ..core.files import remove_temp, temp_path, write_error
-from .protos import ext_info, is_external, nbytes, structure_only, tensor_groups, total_nbytes, with_outputs
+from .protos import (copy_fields, ext_info, is_external, nbytes, structure_only, tensor_groups, total_nbytes,
+                     with_outputs)
 
 
 TWO_GB = 2 ** 31 - 1
@@ -297,15 +298,13 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             raise BnfoldError(f"would overwrite {loc!r}, the external data file the model's weights are read from",
                               path)
     try:
-        light = structure_only(model)  # nodes, inputs, outputs; initializers come next, stubbed or small
+        light = structure_only(model)  # nodes, inputs, outputs, sparse initializers, functions; initializers next
+        del light.graph.input[len(model.graph.input):]
+        light.graph.doc_string = model.graph.doc_string
+        # every other field of the model as it is (producer, doc string, metadata, training_info, ...)
+        copy_fields(light, model, lambda k: k not in _BUILT)
     except EncodeError:  # (protobuf copies a message by encoding it: a node of 2 GB and more cannot be copied)
         raise _too_big(path) from None
-    del light.graph.input[len(model.graph.input):]
-    light.graph.doc_string = model.graph.doc_string
-    light.graph.sparse_initializer.extend(model.graph.sparse_initializer)
-    for f in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, f, getattr(model, f))
-    light.metadata_props.extend(model.metadata_props)
     pending: list[tuple[str, Path]] = []  # (temporary file, final name)
     files: dict[str, tuple[object, str, int]] = {}
     try:
@@ -370,6 +369,9 @@ def save_external(model: onnx.ModelProto, path: str, location: str, size_thresho
             remove_temp(tmp)
 
 
+_BUILT = frozenset({1, 7, 8, 25})  # the ModelProto fields structure_only sets: ir_version, graph, opset_import, functions
+
+
 def _too_big(path: str) -> BnfoldError:
     return BnfoldError("cannot be written: over 2 GB of the model lies outside its initializers (in Constant nodes, "
                        "other attributes or bodies), more than one protobuf can hold, and only initializers go to "
@@ -380,8 +382,10 @@ def over_two_gb(model: onnx.ModelProto, locations: set[int] | None = None) -> bo
     """True when `model` cannot be serialised as one protobuf (over 2 GB). `locations`: locations_of(model),
     if known."""
     # ByteSize() encodes every byte of a large model; the tensors' sizes decide it unless close to 2 GB: every
-    # tensor's, from its header, wherever it is held (a Constant node's value weighs as much as an initializer)
-    raw = sum(total_nbytes(group) for group, _ in tensor_groups(model))  # (the initializers are held: core/hold.py)
+    # tensor's, wherever it is held (a Constant node's value weighs as much as an initializer), training graphs too
+    groups = [group for group, _ in tensor_groups(model)]  # (the initializers are held: core/hold.py)
+    groups += [g.initializer[:] for ti in model.training_info for g in (ti.initialization, ti.algorithm)]
+    raw = sum(total_nbytes(group) for group in groups)  # (strings weigh 0 here: the writers catch what this misses)
     if has_on_disk(model, locations):  # ByteSize() counts the in-memory part only
         return raw + _encoded_size(model) > TWO_GB
     if raw < TWO_GB * 0.9:

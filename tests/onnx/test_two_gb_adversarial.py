@@ -107,8 +107,7 @@ def test_header_counts_in_every_place(where):
     assert not over_two_gb(_where(where, UNDER))
 
 
-@pytest.mark.xfail(strict=True, reason="over_two_gb does not walk model.training_info (protos.tensor_groups skips it):"
-                   " 2 GB of initializers in a training_info initialization graph are judged under the limit")
+# (training_info's graphs count toward the 2 GB too)
 def test_training_info_counts_too():
     """training_info's initialization graph holds initializers like any other graph, and the model's encoding
     carries them."""
@@ -124,10 +123,7 @@ def _tiny_float_model():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.xfail(strict=True, reason="save_external duplicates every sparse initializer: structure_only already "
-                   "copies graph.sparse_initializer and save_external extends light.graph.sparse_initializer with "
-                   "them again, so the file holds each twice and load_onnx/onnx.checker/onnxruntime refuse it "
-                   "('sparse initializer name is not unique')")
+# (a save with external data writes each sparse initializer once)
 def test_sparse_initializer_survives_external_save(tmp_path):
     m = _tiny_float_model()
     sp = helper.make_sparse_tensor(numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sp"),
@@ -142,9 +138,7 @@ def test_sparse_initializer_survives_external_save(tmp_path):
     assert [s.values.name for s in back.graph.sparse_initializer] == ["sp"]
 
 
-@pytest.mark.xfail(strict=True, reason="save_external builds its light proto from structure_only plus a fixed list "
-                   "of fields: model.training_info is silently dropped from a model written with external data "
-                   "(the inline write keeps it)")
+# (and keeps training_info, as the inline save does)
 def test_training_info_survives_external_save(tmp_path):
     m = _tiny_float_model()
     ti = m.training_info.add()
@@ -217,16 +211,10 @@ def _bytes_plus_strings() -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.xfail(strict=True, reason="string tensors weigh 0 in over_two_gb (itemsize 0) and no encoding check runs "
-                   "below 0.9 * 2 GB of counted tensors: a model holding 2.2 GB of string_data is judged small, "
-                   "write_inline calls SerializeToString and save_onnx raises protobuf's EncodeError "
-                   "('Failed to serialize proto') instead of a one-line BnfoldError")
+# (strings weigh nothing in the header count: the writers catch the encoding that is over 2 GB)
 def test_big_string_tensor_is_refused_cleanly(tmp_path):
     _leaves_clean_or_loads(tmp_path, _strings_only)
 
 
-@pytest.mark.xfail(strict=True, reason="over_two_gb counts 1.5 GiB of tensors (a string tensor's 700 MB counts 0) and, "
-                   "being under 0.9 * 2 GB, never asks the encoding: save_onnx writes one 2.34 GB protobuf inline "
-                   "(the big initializer framed by hand), which onnx.load, onnxruntime and load_onnx refuse")
 def test_initializer_plus_string_tensor_over_two_gb_gets_external_data(tmp_path):
     _leaves_clean_or_loads(tmp_path, _bytes_plus_strings)
