@@ -223,7 +223,9 @@ def save_onnx(model: onnx.ModelProto, path: str, external_data: bool | None = No
             atomic_write(path, lambda tmp: write_inline(model, tmp, locations))
             return
         except _TooBig:  # (the check reads tensors' headers: strings and varint values weigh more than they say)
-            pass
+            if external_data is not None:  # (asked for one file)
+                raise BnfoldError("cannot be written as one file: its encoding is over 2 GB, more than one protobuf "
+                                  "can hold (leave external data to bnfold)", path) from None
     ondisk.save_external(model, path, location or Path(path).name + ".data", size_threshold, all_tensors_to_one_file)
 
 

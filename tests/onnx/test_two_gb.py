@@ -91,3 +91,21 @@ def test_a_model_over_two_gb_outside_its_initializers_is_refused_cleanly(tmp_pat
     with pytest.raises(BnfoldError, match="outside its initializers"):
         save_onnx(m, str(out))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_file_asked_for_a_model_over_two_gb_is_refused_cleanly(tmp_path):
+    """external_data=False asks for one file: a 2.1 GB initializer cannot be one, and the framed writer knows it
+    before it writes a byte (it used to write a 2.1 GB protobuf no reader takes)."""
+    from bnfold.core.errors import BnfoldError
+    from bnfold.onnx.io import save_onnx
+    n = int(2.1 * (1 << 30))
+    m = onnx.ModelProto(ir_version=8)
+    m.opset_import.add(domain="", version=17)
+    t = m.graph.initializer.add()
+    t.name, t.data_type, t.raw_data = "w", TensorProto.UINT8, bytes(n)
+    t.dims.append(n)
+    m.graph.node.add(op_type="Identity", input=["w"], output=["y"])
+    m.graph.output.add(name="y")
+    with pytest.raises(BnfoldError, match="as one file"):
+        save_onnx(m, str(tmp_path / "big.onnx"), external_data=False)
+    assert list(tmp_path.iterdir()) == []
