@@ -385,7 +385,7 @@ def over_two_gb(model: onnx.ModelProto, locations: set[int] | None = None) -> bo
     # tensor's, wherever it is held (a Constant node's value weighs as much as an initializer), training graphs too
     groups = [group for group, _ in tensor_groups(model)]  # (the initializers are held: core/hold.py)
     groups += [g.initializer[:] for ti in model.training_info for g in (ti.initialization, ti.algorithm)]
-    raw = sum(total_nbytes(group) for group in groups)  # (strings weigh 0 here: the writers catch what this misses)
+    raw = sum(total_nbytes(group) for group in groups)  # (typed-field values as headers say: the writers check)
     if has_on_disk(model, locations):  # ByteSize() counts the in-memory part only
         return raw + _encoded_size(model) > TWO_GB
     if raw < TWO_GB * 0.9:

@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 
 from ..core.hold import hold
 from .nodes import counts_bodies_of
@@ -244,8 +245,9 @@ def nbytes(t: onnx.TensorProto) -> int:
 
 
 def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
-    """sum(nbytes(t) for t in tensors), one tensor at a time in this loop (a model may hold 100k)."""
-    items, total = _ITEMSIZE, 0
+    """sum(nbytes(t) for t in tensors), one tensor at a time in this loop (a model may hold 100k); a string
+    tensor, which no header sizes, counts its encoded bytes (read: strings are rare)."""
+    items, total, string = _ITEMSIZE, 0, onnx.TensorProto.STRING
     for t in tensors:
         dt = t.data_type
         size = items.get(dt)
@@ -254,7 +256,16 @@ def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
         if size:
             n = math.prod(t.dims[:])
             total += raw_bytes(n, size)
+        elif dt == string:
+            total += _encoded_bytes(t)
     return total
+
+
+def _encoded_bytes(t: onnx.TensorProto) -> int:
+    try:
+        return t.ByteSize()
+    except EncodeError:  # (protobuf refuses to encode 2 GB and more)
+        return 1 << 31
 
 
 def itemsize(data_type: int) -> int:

@@ -109,3 +109,12 @@ def test_one_file_asked_for_a_model_over_two_gb_is_refused_cleanly(tmp_path):
     with pytest.raises(BnfoldError, match="as one file"):
         save_onnx(m, str(tmp_path / "big.onnx"), external_data=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_string_tensors_weigh_what_they_hold():
+    """No header sizes a string tensor: its encoded bytes count (they used to weigh nothing)."""
+    from bnfold.onnx.protos import total_nbytes
+    t = TensorProto(name="s", data_type=TensorProto.STRING, dims=[3], string_data=[b"x" * 1000] * 3)
+    f = numpy_helper.from_array(np.ones(10, np.float32), "f")
+    assert 3000 <= total_nbytes([t]) < 3100
+    assert total_nbytes([t, f]) == total_nbytes([t]) + 40
