@@ -35,6 +35,16 @@ def could_collide(*groups: Iterable[str]) -> list[str]:
     return [name for g in groups for name in g if MARK in name]
 
 
+def fresh(taken: set[str], base: str) -> str:
+    """`base`, or `base` numbered 2, 3... if `taken` holds it; added to `taken`."""
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}{k}"
+    taken.add(name)
+    return name
+
+
 @dataclass
 class GraphIndex:
     """Producer and consumer maps of one graph, kept current while rewriting."""
@@ -126,12 +136,7 @@ class GraphIndex:
 
     def unique(self, base: str) -> str:
         """A new name from `base` (holding MARK, as could_collide assumes) that no scope of the model has."""
-        name, k = f"{base}{MARK}", 1
-        while name in self.names:
-            k += 1
-            name = f"{base}{MARK}{k}"
-        self.names.add(name)
-        return name
+        return fresh(self.names, f"{base}{MARK}")
 
     def elem_type(self, name: str) -> int:
         """ONNX element type of a value (initializer, inferred or declared), 0 when unknown."""

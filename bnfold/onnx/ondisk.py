@@ -21,8 +21,8 @@ from google.protobuf.message import EncodeError
 
 from ..core.errors import BnfoldError
 from ..core.files import remove_temp, temp_path, write_error
-from .protos import (copy_fields, ext_info, is_external, nbytes, structure_only, tensor_groups, total_nbytes,
-                     with_outputs)
+from .protos import (copy_fields, encoded_size, ext_info, is_external, nbytes, structure_only, tensor_groups,
+                     total_nbytes, with_outputs)
 
 
 TWO_GB = 2 ** 31 - 1
@@ -387,16 +387,7 @@ def over_two_gb(model: onnx.ModelProto, locations: set[int] | None = None) -> bo
     groups += [g.initializer[:] for ti in model.training_info for g in (ti.initialization, ti.algorithm)]
     raw = sum(total_nbytes(group) for group in groups)  # (typed-field values as headers say: the writers check)
     if has_on_disk(model, locations):  # ByteSize() counts the in-memory part only
-        return raw + _encoded_size(model) > TWO_GB
+        return raw + encoded_size(model) > TWO_GB
     if raw < TWO_GB * 0.9:
-        return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and _encoded_size(model) > TWO_GB
-    return raw > TWO_GB or _encoded_size(model) > TWO_GB
-
-
-def _encoded_size(model: onnx.ModelProto) -> int:
-    """model.ByteSize(), or more than TWO_GB where protobuf refuses to encode the model at all."""
-    try:
-        return model.ByteSize()
-    except EncodeError:
-        return TWO_GB + 1
-
+        return raw + 64 * len(model.graph.node) > TWO_GB * 0.9 and encoded_size(model) > TWO_GB
+    return raw > TWO_GB or encoded_size(model) > TWO_GB

@@ -257,13 +257,14 @@ def total_nbytes(tensors: list[onnx.TensorProto]) -> int:
             n = math.prod(t.dims[:])
             total += raw_bytes(n, size)
         elif dt == string:
-            total += _encoded_bytes(t)
+            total += encoded_size(t)
     return total
 
 
-def _encoded_bytes(t: onnx.TensorProto) -> int:
+def encoded_size(msg) -> int:
+    """msg.ByteSize(), or 2**31 (over any protobuf's limit) where protobuf refuses to encode it at all."""
     try:
-        return t.ByteSize()
+        return msg.ByteSize()
     except EncodeError:  # (protobuf refuses to encode 2 GB and more)
         return 1 << 31
 

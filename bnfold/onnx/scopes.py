@@ -19,7 +19,7 @@ from ..core.decisions import Decision
 from ..core.options import Options
 from .const import ConstEvaluator
 from .folder import OnnxFolder
-from .graph import GraphIndex, subgraphs
+from .graph import GraphIndex, fresh, subgraphs
 from .nodes import graphs_of, model_opset, node_label, subgraph_free_names
 from .shapes import needs_shapes, value_types
 
@@ -116,7 +116,7 @@ def _to_constants(graph: onnx.GraphProto, tensors: list[onnx.TensorProto], taken
     by GraphIndex.unique, holds its mark, and so does its node's)."""
     if not tensors:
         return
-    consts = [helper.make_node("Constant", [], [t.name], name=_fresh(taken, f"{t.name}_const"), value=t)
+    consts = [helper.make_node("Constant", [], [t.name], name=fresh(taken, f"{t.name}_const"), value=t)
               for t in tensors]
     for c in consts:
         c.attribute[0].t.name = ""
@@ -127,15 +127,6 @@ def _to_constants(graph: onnx.GraphProto, tensors: list[onnx.TensorProto], taken
     nodes = consts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}{k}"
-    taken.add(name)
-    return name
 
 
 def _function_opset(model: onnx.ModelProto, fn: onnx.FunctionProto) -> int:
