@@ -557,6 +557,7 @@ def test_ctrl_c_at_any_run_exits_130_and_leaves_no_waiting_thread(at, tmp_path):
     out = tmp_path / "out.onnx"
     r = run_script(f"""
 import os, signal, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a shell that started the suite in the background ignores it)
 from bnfold.onnx import verify
 from bnfold.cli import main
 from tests.conftest import SAMPLES
